@@ -1,0 +1,125 @@
+"""Site configuration: where the data and mapping are, the lifetime budget and the policy.
+
+    [site]
+    id = "cleveland"
+    dictionary = "dictionary.toml"      # paths are relative to this file
+    mapping = "sites/cleveland.toml"
+    state_dir = "state/cleveland"       # ledger + audit log (SQLite)
+    listen = "127.0.0.1:50051"          # loopback or a private interface of the site
+    [budget]                            # lifetime budget: epsilon + delta, or rho (zCDP)
+    epsilon = 10.0
+    delta = 1e-6
+    [policy]
+    max_rho_per_plan = 1.0
+    max_marginals = 500
+    max_width = 3
+    max_cells = 100000                  # per marginal
+    max_total_cells = 2000000           # per plan
+    max_plans_per_day = 50
+    allowed_variables = ["*"]           # or a list of dictionary variables
+    tier3 = "one-way"                   # tier-3 variables: "deny" | "one-way" | "allow"
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..common import accounting
+from ..common.errors import PpsehrError
+
+
+class ConfigError(PpsehrError):
+    """A site configuration file is malformed."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_rho_per_plan: float = 1.0
+    max_marginals: int = 500
+    max_width: int = 3
+    max_cells: int = 100_000
+    max_total_cells: int = 2_000_000
+    max_plans_per_day: int = 50
+    allowed_variables: tuple[str, ...] = ("*",)
+    tier3: str = "one-way"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site: str
+    dictionary: Path
+    mapping: Path
+    state_dir: Path
+    listen: str
+    rho_limit: float
+    delta: float
+    epsilon_limit: float | None
+    policy: Policy = field(default_factory=Policy)
+    source: str = ""
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: site configuration not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    where = str(path)
+    site = raw.get("site", {})
+    for key in ("id", "dictionary", "mapping", "state_dir"):
+        if not isinstance(site.get(key), str) or not site.get(key):
+            raise ConfigError(f"{where}: [site] needs '{key}'")
+    base = path.parent
+    budget = raw.get("budget", {})
+    delta = float(budget.get("delta", 1e-6))
+    try:
+        if "rho" in budget:
+            rho, eps = float(budget["rho"]), None
+            accounting.check_rho(rho)
+        elif "epsilon" in budget:
+            eps = float(budget["epsilon"])
+            rho = accounting.rho_for_epsilon(eps, delta)
+        else:
+            raise ConfigError(f"{where}: [budget] needs 'epsilon' (with 'delta') or 'rho'")
+    except ValueError as e:
+        raise ConfigError(f"{where}: [budget]: {e}") from None
+    return SiteConfig(site["id"], base / site["dictionary"], base / site["mapping"], base / site["state_dir"],
+                      site.get("listen", "127.0.0.1:50051"), rho, delta, eps,
+                      _parse_policy(raw.get("policy", {}), where), where)
+
+
+def _parse_policy(raw: dict[str, Any], where: str) -> Policy:
+    p = Policy()
+    kwargs: dict[str, Any] = {}
+    for key, default in p.__dict__.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if key == "allowed_variables":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: policy.allowed_variables must be a list of names")
+            value = tuple(value)
+        elif key == "tier3":
+            if value not in ("deny", "one-way", "allow"):
+                raise ConfigError(f"{where}: policy.tier3 must be deny, one-way or allow")
+        elif isinstance(default, float):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{where}: policy.{key} must be a positive number")
+            value = float(value)
+        elif not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{where}: policy.{key} must be a positive integer")
+        kwargs[key] = value
+    unknown = set(raw) - set(p.__dict__)
+    if unknown:
+        raise ConfigError(f"{where}: unknown policy key(s) {sorted(unknown)}")
+    return Policy(**kwargs)

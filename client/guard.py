@@ -1,0 +1,236 @@
+"""The site guard: the only process that reads a hospital's data, and its gRPC service.
+
+For each query plan: check it against the dictionary and the site policy (refusals cost
+nothing), build one OpenDP measurement per marginal (count by public cells, then discrete
+Gaussian noise), debit their exact privacy loss in the durable ledger, and only then run
+them and answer. Everything that leaves is a noisy table over public cells or a number the
+site's policy already makes public; refusals carry fixed codes and messages built from the
+plan and the policy, never from data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import opendp.prelude as dp
+
+from ..common import accounting
+from ..common.dictionary import Dictionary, load_dictionary
+from ..common.mapping import EncodedTable, load_mapping, load_site_table
+from ..protos import guard_pb2 as pb
+from ..protos import guard_pb2_grpc as pb_grpc
+from .config import SiteConfig
+from .ledger import BudgetExceeded, DuplicatePlan, Ledger
+
+log = logging.getLogger("ppsehr.guard")
+MAX_PLAN_BYTES = 4 * 1024 * 1024
+MAX_ID = 128
+
+# Refusal code -> gRPC status. The code travels in the status details as "CODE: message".
+REFUSALS = {
+    "MALFORMED_PLAN": grpc.StatusCode.INVALID_ARGUMENT,
+    "DICTIONARY_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
+    "UNKNOWN_VARIABLE": grpc.StatusCode.INVALID_ARGUMENT,
+    "VARIABLE_NOT_ALLOWED": grpc.StatusCode.PERMISSION_DENIED,
+    "BAD_RHO": grpc.StatusCode.INVALID_ARGUMENT,
+    "POLICY_LIMIT": grpc.StatusCode.PERMISSION_DENIED,
+    "RATE_LIMITED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "OVER_BUDGET": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "DUPLICATE_PLAN": grpc.StatusCode.ALREADY_EXISTS,
+    "INTERNAL": grpc.StatusCode.INTERNAL,
+}
+
+
+class Refusal(Exception):
+    """A plan the guard will not answer. The message must never carry data values."""
+
+    def __init__(self, code: str, message: str):
+        assert code in REFUSALS
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class CompiledMarginal:
+    variables: tuple[str, ...]
+    shape: tuple[int, ...]
+    scale: float
+    rho: float  # OpenDP's privacy map at d_in = 1, at most the requested rho
+    measurement: object
+
+
+def _short(name: str) -> str:
+    return repr(name if len(name) <= 64 else name[:61] + "...")
+
+
+def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig) -> list[CompiledMarginal]:
+    """Check a plan against dictionary and policy and build its OpenDP measurements. Raises Refusal."""
+    policy = config.policy
+    if not plan.plan_id or len(plan.plan_id) > MAX_ID or len(plan.coordinator) > MAX_ID or len(plan.purpose) > 2000:
+        raise Refusal("MALFORMED_PLAN", f"plan_id must be 1-{MAX_ID} characters, coordinator at most {MAX_ID}, purpose at most 2000")
+    if plan.dictionary_hash != dictionary.hash:
+        raise Refusal("DICTIONARY_MISMATCH", f"plan is for dictionary {plan.dictionary_hash[:80]!r}; "
+                      f"this site uses {dictionary.name} {dictionary.version} ({dictionary.hash})")
+    if not plan.marginals:
+        raise Refusal("MALFORMED_PLAN", "plan has no marginals")
+    if len(plan.marginals) > policy.max_marginals:
+        raise Refusal("POLICY_LIMIT", f"plan has {len(plan.marginals)} marginals; policy allows at most {policy.max_marginals}")
+    allowed = None if "*" in policy.allowed_variables else set(policy.allowed_variables)
+    total_rho, total_cells, specs = 0.0, 0, []
+    for i, m in enumerate(plan.marginals):
+        names = tuple(m.variables)
+        if not names or len(set(names)) != len(names):
+            raise Refusal("MALFORMED_PLAN", f"marginal {i}: needs 1 or more distinct variables")
+        if len(names) > policy.max_width:
+            raise Refusal("POLICY_LIMIT", f"marginal {i}: {len(names)} variables; policy allows at most {policy.max_width}")
+        for n in names:
+            if n not in dictionary.variables:
+                raise Refusal("UNKNOWN_VARIABLE", f"marginal {i}: variable {_short(n)} is not in dictionary {dictionary.name} {dictionary.version}")
+            if allowed is not None and n not in allowed:
+                raise Refusal("VARIABLE_NOT_ALLOWED", f"marginal {i}: variable {_short(n)} is not allowed by this site's policy")
+            if dictionary[n].tier == 3 and (policy.tier3 == "deny" or (policy.tier3 == "one-way" and len(names) > 1)):
+                raise Refusal("VARIABLE_NOT_ALLOWED", f"marginal {i}: tier-3 variable {_short(n)} is "
+                              + ("not released by this site" if policy.tier3 == "deny" else "only released in 1-way marginals"))
+        if not (isinstance(m.rho, float) and math.isfinite(m.rho) and m.rho > 0):
+            raise Refusal("BAD_RHO", f"marginal {i}: rho must be a positive finite number, got {m.rho!r}")
+        shape = tuple(dictionary[n].size for n in names)
+        cells = math.prod(shape)
+        if cells > policy.max_cells:
+            raise Refusal("POLICY_LIMIT", f"marginal {i}: {cells} cells; policy allows at most {policy.max_cells} per marginal")
+        total_cells += cells
+        total_rho += m.rho
+        specs.append((names, shape, m.rho))
+    if total_cells > policy.max_total_cells:
+        raise Refusal("POLICY_LIMIT", f"plan has {total_cells} cells in all; policy allows at most {policy.max_total_cells}")
+    if total_rho > policy.max_rho_per_plan * (1 + 1e-12):
+        raise Refusal("POLICY_LIMIT", f"plan asks for rho {total_rho:.6g}; policy allows at most {policy.max_rho_per_plan:.6g} per plan")
+    compiled = []
+    for names, shape, rho in specs:
+        scale = accounting.scale_for_rho(rho)
+        space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.symmetric_distance()
+        meas = space >> dp.t.then_count_by_categories(
+            categories=list(range(math.prod(shape))), null_category=False, MO=dp.L2Distance[int]) >> dp.m.then_gaussian(scale=scale)
+        actual = float(meas.map(1))
+        if actual > rho * (1 + 1e-9):
+            raise Refusal("INTERNAL", "noise calibration failed")
+        compiled.append(CompiledMarginal(names, shape, scale, actual, meas))
+    return compiled
+
+
+class SiteGuard:
+    """A site's data, dictionary, policy and ledger, and the logic that answers plans."""
+
+    def __init__(self, config: SiteConfig):
+        self.config = config
+        self.dictionary = load_dictionary(config.dictionary)
+        mapping = load_mapping(config.mapping, self.dictionary)
+        if mapping.site != config.site:
+            log.warning("mapping %s names site %r; the guard's configuration says %r", config.mapping, mapping.site, config.site)
+        self._table: EncodedTable
+        self._table, self.validation = load_site_table(mapping, self.dictionary)
+        self.ledger = Ledger(config.ledger_path, config.rho_limit, config.site)
+        self._rate_lock = threading.Lock()
+
+    def describe(self) -> pb.SiteDescription:
+        p = self.config.policy
+        return pb.SiteDescription(
+            site=self.config.site, dictionary_hash=self.dictionary.hash, rho_limit=self.config.rho_limit,
+            rho_spent=self.ledger.spent(),
+            limits=pb.PolicyLimits(max_rho_per_plan=p.max_rho_per_plan, max_marginals=p.max_marginals,
+                                   max_width=p.max_width, max_cells=p.max_cells, max_plans_per_day=p.max_plans_per_day))
+
+    def answer(self, plan: pb.QueryPlan) -> pb.Summary:
+        """Answer a plan, or raise Refusal. Refused plans are audited and cost nothing."""
+        plan_bytes = plan.SerializeToString(deterministic=True)
+        plan_sha = hashlib.sha256(plan_bytes).digest()
+        who = plan.coordinator[:MAX_ID]
+        try:
+            compiled = compile_plan(plan, self.dictionary, self.config)
+            with self._rate_lock:
+                if self.ledger.plans_since(86400) >= self.config.policy.max_plans_per_day:
+                    raise Refusal("RATE_LIMITED", f"policy allows at most {self.config.policy.max_plans_per_day} plans per day")
+                rho = sum(c.rho for c in compiled)
+                try:
+                    debit = self.ledger.debit(plan.plan_id, who, plan_sha, rho,
+                                              {"marginals": len(compiled), "purpose": plan.purpose[:200]})
+                except BudgetExceeded as e:
+                    raise Refusal("OVER_BUDGET", str(e)) from None
+                except DuplicatePlan:
+                    raise Refusal("DUPLICATE_PLAN", f"plan {plan.plan_id[:MAX_ID]!r} was already answered; plan ids are single-use") from None
+        except Refusal as r:
+            self.ledger.audit("refused", plan.plan_id[:MAX_ID], who, r.code, {"reason": r.message, "marginals": len(plan.marginals)})
+            log.info("refused plan %r from %r: %s", plan.plan_id[:MAX_ID], who, r)
+            raise
+        # The debit is durable: from here on, a failure wastes budget but never overspends it.
+        try:
+            tables = []
+            for c in compiled:
+                cells = self._table.cell_index(c.variables, c.shape)
+                counts = c.measurement(cells)
+                tables.append(pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=counts,
+                                               rho=c.rho, noise_scale=c.scale))
+        except Exception:
+            log.exception("measurement failed after debit of plan %r", plan.plan_id)
+            self.ledger.audit("failed", plan.plan_id, who, "INTERNAL", {"rho_wasted": debit.rho})
+            raise Refusal("INTERNAL", "measurement failed after the debit; the site admin has the details") from None
+        receipt = pb.BudgetReceipt(site=self.config.site, plan_id=plan.plan_id, plan_sha256=plan_sha, rho_debited=debit.rho,
+                                   rho_spent_total=debit.total_after, rho_limit=self.config.rho_limit,
+                                   debited_at=debit.at, ledger_seq=debit.seq)
+        self.ledger.audit("answered", plan.plan_id, who, "OK", {"rho": debit.rho, "marginals": len(tables)})
+        log.info("answered plan %r from %r: %d marginals, rho %.6g (site total %.6g of %.6g)", plan.plan_id, who,
+                 len(tables), debit.rho, debit.total_after, self.config.rho_limit)
+        return pb.Summary(site=self.config.site, plan_id=plan.plan_id, dictionary_hash=self.dictionary.hash,
+                          marginals=tables, receipt=receipt)
+
+
+class GuardServicer(pb_grpc.SiteGuardServicer):
+    """gRPC face of a SiteGuard. Every error leaves as a fixed code and a data-free message."""
+
+    def __init__(self, guard: SiteGuard):
+        self.guard = guard
+
+    def Describe(self, request, context):
+        return self.guard.describe()
+
+    def Answer(self, request, context):
+        try:
+            return self.guard.answer(request)
+        except Refusal as r:
+            context.abort(REFUSALS[r.code], str(r))
+        except Exception:  # never let exception text cross the boundary
+            log.exception("unexpected error answering a plan")
+            context.abort(grpc.StatusCode.INTERNAL, "INTERNAL: the guard failed; the site admin has the details")
+
+
+def serve(config: SiteConfig, address: str | None = None, ready=None) -> None:
+    """Run the guard until SIGINT/SIGTERM. `ready(port)` is called once it listens."""
+    import signal
+
+    guard = SiteGuard(config)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
+        ("grpc.max_receive_message_length", MAX_PLAN_BYTES),
+        ("grpc.max_send_message_length", 256 * 1024 * 1024)])
+    pb_grpc.add_SiteGuardServicer_to_server(GuardServicer(guard), server)
+    address = address or config.listen
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("site %s guard listening on %s (rho spent %.6g of %.6g)", config.site, address.rsplit(":", 1)[0] + f":{port}",
+             guard.ledger.spent(), config.rho_limit)
+    if ready:
+        ready(port)
+    while not stop.wait(0.5):
+        pass
+    server.stop(grace=2).wait()

@@ -1,0 +1,61 @@
+"""Flower ClientApp: a thin relay between the coordinator and this site's guard.
+
+It holds no data and no keys. It forwards the serialized query plan to the guard named in
+the SuperNode's `--node-config guard-address=...` and returns the guard's serialized summary.
+Whatever goes wrong, the reply carries a fixed error code and a data-free message: Flower
+would otherwise forward exception text to the coordinator word for word. Imports stay light
+(no numpy, no OpenDP) because Flower starts a fresh process for every message.
+"""
+
+from __future__ import annotations
+
+import grpc
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..protos import guard_pb2 as pb
+from ..protos import guard_pb2_grpc as pb_grpc
+
+app = ClientApp()
+
+REFUSAL_CODES = ("MALFORMED_PLAN", "DICTIONARY_MISMATCH", "UNKNOWN_VARIABLE", "VARIABLE_NOT_ALLOWED", "BAD_RHO",
+                 "POLICY_LIMIT", "RATE_LIMITED", "OVER_BUDGET", "DUPLICATE_PLAN", "INTERNAL")
+
+
+def _error(code: str, message: str) -> ConfigRecord:
+    return ConfigRecord({"error_code": code, "error": message})
+
+
+def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float) -> ConfigRecord:
+    """Send one plan to the guard; the reply record holds `summary` bytes or `error_code`/`error`."""
+    try:
+        plan = pb.QueryPlan.FromString(plan_bytes)
+    except Exception:
+        return _error("MALFORMED_PLAN", "the relay could not parse the query plan")
+    try:
+        with grpc.insecure_channel(guard_address) as channel:
+            summary = pb_grpc.SiteGuardStub(channel).Answer(plan, timeout=timeout)
+    except grpc.RpcError as e:
+        details = (e.details() or "") if hasattr(e, "details") else ""
+        code = details.split(":", 1)[0]
+        if code in REFUSAL_CODES:  # the guard's own refusal: fixed code, data-free message
+            return _error(code, details.split(":", 1)[1].strip()[:1000])
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return _error("GUARD_TIMEOUT", f"the site guard did not answer within {timeout:g} s")
+        return _error("GUARD_UNAVAILABLE", "the site guard could not be reached")
+    return ConfigRecord({"summary": summary.SerializeToString()})
+
+
+@app.query("summary")
+def summary(msg: Message, context: Context) -> Message:
+    try:
+        address = str(context.node_config.get("guard-address", ""))
+        if not address:
+            record = _error("RELAY_MISCONFIGURED", "the SuperNode has no guard-address in its --node-config")
+        else:
+            plan_bytes = msg.content.config_records["plan"]["plan"]
+            timeout = float(msg.content.config_records["plan"].get("guard-timeout", 600.0))
+            record = relay_plan(bytes(plan_bytes), address, timeout)
+    except Exception:
+        record = _error("RELAY_ERROR", "the relay could not process the message")
+    return Message(RecordDict({"result": record}), reply_to=msg)

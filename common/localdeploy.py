@@ -1,0 +1,129 @@
+"""A whole consortium on one machine: site guards, a Flower SuperLink and one SuperNode per site.
+
+Used by `ppsehr demo` and the integration tests. Each part is a separate process, as it would
+be at real hospitals; everything binds to 127.0.0.1 on free ports, and everything started is
+stopped by PID (process group) on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from .procs import ProcessGroup, flower_env, free_port, wait_for_port
+
+DEMO_SITES = ("cleveland", "hungarian", "switzerland", "va")
+HOST = "127.0.0.1"
+
+
+def demo_dir() -> Path:
+    """The packaged demo consortium (dictionary, site mappings, UCI Heart Disease data)."""
+    return Path(str(resources.files("ppsehr.common") / "demo"))
+
+
+def write_site_config(path: Path, site: str, dictionary: Path, mapping: Path, state_dir: Path, listen: str,
+                      epsilon: float, delta: float, policy: dict[str, object] | None = None) -> Path:
+    lines = [f'[site]\nid = "{site}"\ndictionary = "{dictionary}"\nmapping = "{mapping}"\n'
+             f'state_dir = "{state_dir}"\nlisten = "{listen}"\n',
+             f"[budget]\nepsilon = {epsilon!r}\ndelta = {delta!r}\n", "[policy]"]
+    for k, v in (policy or {}).items():
+        lines.append(f"{k} = {v!r}" if not isinstance(v, (list, tuple)) else f"{k} = {list(v)!r}".replace("'", '"'))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class LocalConsortium:
+    """Start/stop a loopback deployment. Site configs default to the packaged demo consortium."""
+
+    workdir: Path
+    sites: tuple[str, ...] = DEMO_SITES
+    lifetime_epsilon: float = 20.0
+    delta: float = 1e-6
+    policy: dict[str, object] = field(default_factory=dict)
+    progress: Callable[[str], None] = lambda msg: None
+    group: ProcessGroup = field(init=False)
+    guard_addresses: dict[str, str] = field(init=False, default_factory=dict)
+    control_address: str = field(init=False, default="")
+    connection: str = "local-deploy"
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.group = ProcessGroup(self.workdir / "logs")
+        self.flwr_home = self.workdir / "flwr-home"
+
+    def site_config(self, site: str) -> Path:
+        return self.workdir / "sites" / f"{site}.toml"
+
+    def start(self) -> "LocalConsortium":
+        from ..server.federation import write_flwr_home
+
+        demo = demo_dir()
+        env = flower_env(self.flwr_home)
+        guards = {}
+        for site in self.sites:
+            port = free_port()
+            cfg = self.site_config(site)
+            if not cfg.exists():
+                write_site_config(cfg, site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
+                                  self.workdir / "state" / site, f"{HOST}:{port}", self.lifetime_epsilon, self.delta, self.policy)
+            else:  # keep ledger and settings, take a fresh port
+                text = cfg.read_text().splitlines()
+                cfg.write_text("\n".join(f'listen = "{HOST}:{port}"' if t.startswith("listen") else t for t in text) + "\n")
+            guards[site] = (self.group.start(f"guard-{site}", [sys.executable, "-m", "ppsehr.common.cli", "site", "serve",
+                                                             "--config", str(cfg)], env=env), port)
+            self.guard_addresses[site] = f"{HOST}:{port}"
+        control, fleet = free_port(), free_port()
+        self.control_address = f"{HOST}:{control}"
+        superlink = self.group.start("superlink", [
+            "flower-superlink", "--insecure", "--host", HOST, "--port", str(control),
+            "--fleet-api-address", f"{HOST}:{fleet}", "--disable-runtime-dependency-installation"], env=env)
+        write_flwr_home(self.flwr_home, self.connection, self.control_address)
+        self.progress(f"starting {len(self.sites)} site guards and a Flower SuperLink on {HOST}")
+        for site, (proc, port) in guards.items():
+            wait_for_port(HOST, port, 60, proc)
+        wait_for_port(HOST, fleet, 60, superlink)
+        wait_for_port(HOST, control, 60, superlink)
+        for site in self.sites:
+            self.group.start(f"supernode-{site}", [
+                "flower-supernode", "--insecure", "--superlink", f"{HOST}:{fleet}", "--host", HOST,
+                "--port", str(free_port()), "--node-config",
+                f'guard-address="{self.guard_addresses[site]}" site="{site}"'], env=env)
+        self.progress(f"{len(self.sites)} guards ready; {len(self.sites)} SuperNodes connecting to the SuperLink")
+        return self
+
+    def stop(self) -> None:
+        self.group.stop()
+
+    def __enter__(self) -> "LocalConsortium":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def release(self, out: Path, epsilon: float | None = 1.0, rho: float | None = None, seed: int | None = None,
+                rows: int | None = None, timeout: float = 600, on_event: Callable[[dict], None] = lambda e: None,
+                min_sites: int | None = None) -> dict:
+        """Run one release through the SuperLink; return the final event (stage 'done')."""
+        from ..server.federation import follow, submit, write_app_dir
+        from ..server.pipeline import ReleaseJob
+
+        jobs = self.workdir / "jobs"
+        job_dir = jobs / time.strftime("%Y%m%d-%H%M%S") / str(time.monotonic_ns())
+        job_dir.mkdir(parents=True)
+        job = ReleaseJob(dictionary=str(demo_dir() / "dictionary.toml"), out=str(Path(out).resolve()), epsilon=epsilon,
+                         rho=rho, delta=self.delta, seed=seed, rows=rows, coordinator="demo-coordinator",
+                         min_sites=min_sites or len(self.sites), events=str(job_dir / "events.jsonl"))
+        job.save(job_dir / "job.json")
+        run_id = submit(job_dir / "job.json", write_app_dir(jobs / "app"), self.flwr_home, self.connection)
+        self.progress(f"run {run_id} submitted to the SuperLink")
+        return follow(job, run_id, self.flwr_home, self.connection, timeout, on_event)

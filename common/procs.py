@@ -1,0 +1,108 @@
+"""Start and stop the processes ppsehr runs locally (guards, SuperLink, SuperNodes, flwr CLI).
+
+Every Flower process gets telemetry and update checks switched off. Each child runs in its
+own process group, so stopping it by PID also stops what it spawned (flwr-serverapp,
+flwr-clientapp).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def flower_env(flwr_home: str | Path | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, **FLOWER_ENV, **extra)
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: "Managed | None" = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode}; see {proc.log}:\n{proc.tail()}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g} s" + (f"; see {proc.log}" if proc else ""))
+
+
+@dataclass
+class Managed:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class ProcessGroup:
+    """Processes started together and stopped together (reverse order), by PID."""
+
+    log_dir: Path
+    procs: list[Managed] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None) -> Managed:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        with open(log, "ab") as f:
+            popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=cwd, start_new_session=True)
+        m = Managed(name, popen, log)
+        self.procs.append(m)
+        return m
+
+    def stop(self, grace: float = 5.0) -> None:
+        for m in reversed(self.procs):
+            _signal_group(m.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for m in reversed(self.procs):
+            try:
+                m.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(m.pid, signal.SIGKILL)  # whatever is left of the group (children too)
+            try:
+                m.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+
+    def __enter__(self) -> "ProcessGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

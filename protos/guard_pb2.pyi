@@ -1,0 +1,109 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SiteDescription(_message.Message):
+    __slots__ = ("site", "dictionary_hash", "rho_limit", "rho_spent", "limits")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
+    RHO_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    RHO_SPENT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    dictionary_hash: str
+    rho_limit: float
+    rho_spent: float
+    limits: PolicyLimits
+    def __init__(self, site: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., rho_limit: _Optional[float] = ..., rho_spent: _Optional[float] = ..., limits: _Optional[_Union[PolicyLimits, _Mapping]] = ...) -> None: ...
+
+class PolicyLimits(_message.Message):
+    __slots__ = ("max_rho_per_plan", "max_marginals", "max_width", "max_cells", "max_plans_per_day")
+    MAX_RHO_PER_PLAN_FIELD_NUMBER: _ClassVar[int]
+    MAX_MARGINALS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_CELLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PLANS_PER_DAY_FIELD_NUMBER: _ClassVar[int]
+    max_rho_per_plan: float
+    max_marginals: int
+    max_width: int
+    max_cells: int
+    max_plans_per_day: int
+    def __init__(self, max_rho_per_plan: _Optional[float] = ..., max_marginals: _Optional[int] = ..., max_width: _Optional[int] = ..., max_cells: _Optional[int] = ..., max_plans_per_day: _Optional[int] = ...) -> None: ...
+
+class MarginalQuery(_message.Message):
+    __slots__ = ("variables", "rho")
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    RHO_FIELD_NUMBER: _ClassVar[int]
+    variables: _containers.RepeatedScalarFieldContainer[str]
+    rho: float
+    def __init__(self, variables: _Optional[_Iterable[str]] = ..., rho: _Optional[float] = ...) -> None: ...
+
+class QueryPlan(_message.Message):
+    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose")
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    MARGINALS_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    plan_id: str
+    dictionary_hash: str
+    coordinator: str
+    marginals: _containers.RepeatedCompositeFieldContainer[MarginalQuery]
+    purpose: str
+    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ...) -> None: ...
+
+class NoisyMarginal(_message.Message):
+    __slots__ = ("variables", "shape", "counts", "rho", "noise_scale")
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    RHO_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    variables: _containers.RepeatedScalarFieldContainer[str]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    rho: float
+    noise_scale: float
+    def __init__(self, variables: _Optional[_Iterable[str]] = ..., shape: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., rho: _Optional[float] = ..., noise_scale: _Optional[float] = ...) -> None: ...
+
+class Summary(_message.Message):
+    __slots__ = ("site", "plan_id", "dictionary_hash", "marginals", "receipt")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
+    MARGINALS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    plan_id: str
+    dictionary_hash: str
+    marginals: _containers.RepeatedCompositeFieldContainer[NoisyMarginal]
+    receipt: BudgetReceipt
+    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[NoisyMarginal, _Mapping]]] = ..., receipt: _Optional[_Union[BudgetReceipt, _Mapping]] = ...) -> None: ...
+
+class BudgetReceipt(_message.Message):
+    __slots__ = ("site", "plan_id", "plan_sha256", "rho_debited", "rho_spent_total", "rho_limit", "debited_at", "ledger_seq")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RHO_DEBITED_FIELD_NUMBER: _ClassVar[int]
+    RHO_SPENT_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RHO_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DEBITED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    plan_id: str
+    plan_sha256: bytes
+    rho_debited: float
+    rho_spent_total: float
+    rho_limit: float
+    debited_at: str
+    ledger_seq: int
+    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., rho_debited: _Optional[float] = ..., rho_spent_total: _Optional[float] = ..., rho_limit: _Optional[float] = ..., debited_at: _Optional[str] = ..., ledger_seq: _Optional[int] = ...) -> None: ...

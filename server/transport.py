@@ -1,0 +1,123 @@
+"""How a coordinator reaches the sites' guards: over Flower (deployment) or directly over gRPC.
+
+Both deliver one serialized QueryPlan to every site and return the parsed summaries plus a
+failure record per site that did not answer (a site that did not answer was not charged by
+this coordinator: its guard either refused, which costs nothing, or was never reached).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import grpc
+
+from ..protos import guard_pb2 as pb
+from ..protos import guard_pb2_grpc as pb_grpc
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SiteFailure:
+    site: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    site: str
+    summary: pb.Summary
+
+
+class Transport(Protocol):
+    def query(self, plan: pb.QueryPlan, timeout: float, progress: Progress) -> tuple[list[SiteReply], list[SiteFailure]]:
+        ...
+
+
+def parse_reply(where: str, summary_bytes: bytes | None, code: str | None, message: str | None) -> SiteReply | SiteFailure:
+    if summary_bytes is None:
+        return SiteFailure(where, code or "NO_REPLY", (message or "no summary in the reply")[:1000])
+    try:
+        summary = pb.Summary.FromString(summary_bytes)
+    except Exception:
+        return SiteFailure(where, "BAD_REPLY", "the reply is not a valid summary")
+    return SiteReply(summary.site or where, summary)
+
+
+class DirectTransport:
+    """Talk to guards over gRPC without Flower (tests, benchmarks, a single-host consortium)."""
+
+    def __init__(self, guards: dict[str, str]):
+        self.guards = guards
+
+    def _ask(self, name: str, address: str, plan: pb.QueryPlan, timeout: float) -> SiteReply | SiteFailure:
+        from ..client.relay import relay_plan  # the same relay logic the Flower ClientApp runs
+
+        record = relay_plan(plan.SerializeToString(), address, timeout)
+        return parse_reply(name, record.get("summary"), record.get("error_code"), record.get("error"))
+
+    def query(self, plan, timeout, progress):
+        progress(f"sending plan {plan.plan_id} to {len(self.guards)} site(s) directly")
+        with ThreadPoolExecutor(max_workers=max(1, len(self.guards))) as pool:
+            results = list(pool.map(lambda kv: self._ask(kv[0], kv[1], plan, timeout), self.guards.items()))
+        return [r for r in results if isinstance(r, SiteReply)], [r for r in results if isinstance(r, SiteFailure)]
+
+
+class FlowerTransport:
+    """Send the plan to every connected SuperNode through Flower's Grid, in one round."""
+
+    MESSAGE_TYPE = "query.summary"
+
+    def __init__(self, grid, min_sites: int, wait_timeout: float, poll: float = 0.25):
+        self.grid, self.min_sites, self.wait_timeout, self.poll = grid, min_sites, wait_timeout, poll
+
+    def wait_for_sites(self, progress: Progress) -> list[int]:
+        deadline = time.monotonic() + self.wait_timeout
+        last = -1
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) != last:
+                progress(f"{len(nodes)} of at least {self.min_sites} site(s) connected")
+                last = len(nodes)
+            if len(nodes) >= self.min_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} site(s) connected after {self.wait_timeout:g} s; "
+                                   f"the release needs at least {self.min_sites}")
+            time.sleep(self.poll * 2)
+
+    def query(self, plan, timeout, progress):
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        nodes = self.wait_for_sites(progress)
+        plan_bytes = plan.SerializeToString()
+        messages = [Message(RecordDict({"plan": ConfigRecord({"plan": plan_bytes, "guard-timeout": float(timeout)})}),
+                            dst_node_id=n, message_type=self.MESSAGE_TYPE, group_id=plan.plan_id, ttl=timeout + 60)
+                    for n in nodes]
+        pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes)}
+        progress(f"plan {plan.plan_id} sent to {len(nodes)} site(s); waiting for summaries")
+        replies: list[SiteReply] = []
+        failures: list[SiteFailure] = []
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for msg in self.grid.pull_messages(list(pending)):
+                node = pending.pop(msg.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                where = f"node {node}"
+                if msg.has_error():
+                    # Flower's own error (e.g. node unavailable); the reason text comes from Flower, not the site.
+                    r = SiteFailure(where, f"FLOWER_{msg.error.code}", "the site's node did not run the relay")
+                else:
+                    rec = msg.content.config_records.get("result", {})
+                    r = parse_reply(where, rec.get("summary"), rec.get("error_code"), rec.get("error"))
+                (replies if isinstance(r, SiteReply) else failures).append(r)
+                progress(f"{r.site}: " + ("summary received" if isinstance(r, SiteReply) else f"failed ({r.code})"))
+            if pending:
+                time.sleep(self.poll)
+        failures += [SiteFailure(f"node {n}", "TIMEOUT", f"no reply within {timeout:g} s") for n in pending.values()]
+        return replies, failures
