@@ -1,7 +1,7 @@
 """Regenerate the protobuf/gRPC modules of ppsehr.protos from the .proto files beside this script.
 
-Usage: python protos/generate.py [--out DIR]   (default: this folder; needs grpcio-tools, see the
-`dev` extra). The import path inside the generated code is `ppsehr.protos`, so the .proto files are
+Usage: python protos/generate.py [--out DIR]   (default: this folder; needs grpcio-tools from the
+`test` extra). The import path inside the generated code is `ppsehr.protos`, so the .proto files are
 compiled from a temporary tree where they sit under ppsehr/protos/.
 """
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: the packaged demo consortium, site configs in tmp dirs, real gRPC guards."""
+
+from __future__ import annotations
+
+import os
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+from ppsehr.client.config import load_site_config  # noqa: E402
+from ppsehr.client.guard import GuardServicer, SiteGuard  # noqa: E402
+from ppsehr.common.dictionary import load_dictionary  # noqa: E402
+from ppsehr.common.localdeploy import DEMO_SITES, demo_dir, write_site_config  # noqa: E402
+from ppsehr.protos import guard_pb2_grpc as pb_grpc  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo() -> Path:
+    return demo_dir()
+
+
+@pytest.fixture(scope="session")
+def dictionary(demo):
+    return load_dictionary(demo / "dictionary.toml")
+
+
+@pytest.fixture
+def site_config(tmp_path, demo):
+    """Factory: write a site config for a demo site into tmp_path and load it."""
+
+    def make(site="cleveland", epsilon=10.0, policy=None, state=None):
+        path = write_site_config(tmp_path / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
+                                 state or tmp_path / "state" / site, "127.0.0.1:0", epsilon, 1e-6, policy)
+        return load_site_config(path)
+
+    return make
+
+
+class RunningGuard:
+    def __init__(self, guard: SiteGuard):
+        self.guard = guard
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                                  options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+        pb_grpc.add_SiteGuardServicer_to_server(GuardServicer(guard), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{self.port}"
+        self.server.start()
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = pb_grpc.SiteGuardStub(self.channel)
+
+    def stop(self):
+        self.channel.close()
+        self.server.stop(grace=None).wait()
+
+
+@pytest.fixture
+def guards(site_config):
+    """Factory: start real gRPC guards (in this process) for demo sites; all stopped at teardown."""
+    running = []
+
+    def start(*sites, **kwargs):
+        out = [RunningGuard(SiteGuard(site_config(s, **kwargs))) for s in sites]
+        running.extend(out)
+        return out[0] if len(out) == 1 else out
+
+    yield start
+    for g in running:
+        g.stop()
+
+
+@pytest.fixture(scope="session")
+def all_sites():
+    return DEMO_SITES
