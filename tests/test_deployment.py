@@ -1,0 +1,86 @@
+"""The real Flower deployment engine on loopback: SuperLink, 3 SuperNodes, 3 guard processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from ppsehr.client.ledger import Ledger
+from ppsehr.client.config import load_site_config
+from ppsehr.common.localdeploy import LocalConsortium
+from ppsehr.server.federation import RunFailed
+from ppsehr.server.release import verify_release
+
+pytestmark = pytest.mark.deployment
+SITES = ("cleveland", "hungarian", "va")
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    c = LocalConsortium(tmp_path_factory.mktemp("consortium"), sites=SITES, lifetime_epsilon=3.0)
+    with c:
+        yield c
+
+
+def ledger_totals(c):
+    out = {}
+    for site in SITES:
+        cfg = load_site_config(c.site_config(site))
+        out[site] = Ledger(cfg.ledger_path, cfg.rho_limit, site).spent()
+    return out
+
+
+def test_releases_over_flower_match_the_ledgers(consortium, tmp_path):
+    events = []
+    final = consortium.release(tmp_path / "r1", epsilon=1.0, seed=11, on_event=events.append)
+    m1 = verify_release(final["out"])
+    assert set(m1["sites"]) == set(SITES) and m1["sites_not_included"] == []
+    assert any(e["stage"] == "aggregate" for e in events)
+    totals = ledger_totals(consortium)
+    for site in SITES:
+        assert m1["sites"][site]["rho_total"] == pytest.approx(totals[site], rel=1e-12)
+    # a second release spends more, and the manifest says so
+    m2 = verify_release(consortium.release(tmp_path / "r2", epsilon=1.0, seed=12)["out"])
+    totals2 = ledger_totals(consortium)
+    for site in SITES:
+        assert totals2[site] > totals[site]
+        assert m2["sites"][site]["rho_total"] == pytest.approx(totals2[site], rel=1e-12)
+    # beyond the lifetime budget: every guard refuses, nothing is debited, no release is written
+    with pytest.raises(RunFailed, match="OVER_BUDGET"):
+        consortium.release(tmp_path / "r3", epsilon=3.0)
+    assert ledger_totals(consortium) == totals2
+    assert not (tmp_path / "r3").exists()
+
+
+def test_a_dead_guard_is_reported_and_not_charged(consortium, tmp_path):
+    before = ledger_totals(consortium)
+    guard = next(p for p in consortium.group.procs if p.name == "guard-va")
+    os.kill(guard.pid, signal.SIGKILL)
+    guard.popen.wait(timeout=10)
+    m = verify_release(consortium.release(tmp_path / "r4", epsilon=0.5, seed=13)["out"])
+    assert set(m["sites"]) == {"cleveland", "hungarian"}
+    [missing] = m["sites_not_included"]
+    assert missing["code"] == "GUARD_UNAVAILABLE"
+    assert ledger_totals(consortium)["va"] == before["va"]
+
+
+def _flower_processes():
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return sorted(line for line in ps if "flower-super" in line or "flwr-" in line or "ppsehr-demo-" in line)
+
+
+def test_demo_command_end_to_end(tmp_path):
+    out = tmp_path / "release"
+    before = _flower_processes()
+    res = subprocess.run([sys.executable, "-m", "ppsehr.common.cli", "demo", "--json", "--out", str(out), "--seed", "5"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert set(summary["sites"]) == {"cleveland", "hungarian", "switzerland", "va"}
+    verify_release(out)
+    assert _flower_processes() == before  # every process the demo started is gone
