@@ -9,6 +9,10 @@
     [budget]                            # lifetime budget: epsilon + delta, or rho (zCDP)
     epsilon = 10.0
     delta = 1e-6
+    [trust]
+    signing_key = "keys/site.key"       # this site's Ed25519 key (signs summaries and receipts)
+    coordinators = ["keys/coordinator.pub"]   # coordinator keys whose signed plans are answered
+    max_plan_lifetime_s = 3600          # plans must expire within this many seconds
     [policy]
     max_rho_per_plan = 1.0
     max_marginals = 500
@@ -58,6 +62,9 @@ class SiteConfig:
     rho_limit: float
     delta: float
     epsilon_limit: float | None
+    signing_key: Path
+    coordinator_keys: tuple[Path, ...]
+    max_plan_lifetime_s: float = 3600.0
     policy: Policy = field(default_factory=Policy)
     source: str = ""
 
@@ -93,8 +100,17 @@ def load_site_config(path: str | Path) -> SiteConfig:
             raise ConfigError(f"{where}: [budget] needs 'epsilon' (with 'delta') or 'rho'")
     except ValueError as e:
         raise ConfigError(f"{where}: [budget]: {e}") from None
+    trust = raw.get("trust", {})
+    coordinators = trust.get("coordinators")
+    if not isinstance(trust.get("signing_key"), str) or not isinstance(coordinators, list) or not coordinators:
+        raise ConfigError(f"{where}: [trust] needs 'signing_key' (this site's Ed25519 key) and 'coordinators' "
+                          "(a non-empty list of allowlisted coordinator public keys); see `ppsehr keys init`")
+    lifetime = trust.get("max_plan_lifetime_s", 3600.0)
+    if not isinstance(lifetime, (int, float)) or not 0 < lifetime <= 30 * 86400:
+        raise ConfigError(f"{where}: trust.max_plan_lifetime_s must be between 0 and 30 days")
     return SiteConfig(site["id"], base / site["dictionary"], base / site["mapping"], base / site["state_dir"],
-                      site.get("listen", "127.0.0.1:50051"), rho, delta, eps,
+                      site.get("listen", "127.0.0.1:50051"), rho, delta, eps, base / trust["signing_key"],
+                      tuple(base / c for c in coordinators), float(lifetime),
                       _parse_policy(raw.get("policy", {}), where), where)
 
 

@@ -19,12 +19,12 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 import opendp.prelude as dp
 
-from ..common import accounting
+from ..common import accounting, keys
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.mapping import EncodedTable, load_mapping, load_site_table
+from ..common.refusals import REFUSAL_CODES
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
 from .config import SiteConfig
@@ -35,7 +35,7 @@ MAX_PLAN_BYTES = 4 * 1024 * 1024
 MAX_ID = 128
 
 # Refusal code -> gRPC status. The code travels in the status details as "CODE: message".
-REFUSALS = {
+GRPC_STATUS = {
     "MALFORMED_PLAN": grpc.StatusCode.INVALID_ARGUMENT,
     "DICTIONARY_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
     "UNKNOWN_VARIABLE": grpc.StatusCode.INVALID_ARGUMENT,
@@ -45,6 +45,10 @@ REFUSALS = {
     "RATE_LIMITED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "OVER_BUDGET": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "DUPLICATE_PLAN": grpc.StatusCode.ALREADY_EXISTS,
+    "UNTRUSTED_SIGNER": grpc.StatusCode.PERMISSION_DENIED,
+    "BAD_SIGNATURE": grpc.StatusCode.UNAUTHENTICATED,
+    "PLAN_EXPIRED": grpc.StatusCode.FAILED_PRECONDITION,
+    "REPLAYED_PLAN": grpc.StatusCode.ALREADY_EXISTS,
     "INTERNAL": grpc.StatusCode.INTERNAL,
 }
 
@@ -53,7 +57,7 @@ class Refusal(Exception):
     """A plan the guard will not answer. The message must never carry data values."""
 
     def __init__(self, code: str, message: str):
-        assert code in REFUSALS
+        assert code in GRPC_STATUS and code in REFUSAL_CODES
         super().__init__(f"{code}: {message}")
         self.code, self.message = code, message
 
@@ -75,7 +79,7 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig)
     """Check a plan against dictionary and policy and build its OpenDP measurements. Raises Refusal."""
     policy = config.policy
     if not plan.plan_id or len(plan.plan_id) > MAX_ID or len(plan.coordinator) > MAX_ID or len(plan.purpose) > 2000:
-        raise Refusal("MALFORMED_PLAN", f"plan_id must be 1-{MAX_ID} characters, coordinator at most {MAX_ID}, purpose at most 2000")
+        raise Refusal("MALFORMED_PLAN", f"plan_id must be 1-{MAX_ID} characters, coordinator name at most {MAX_ID}, purpose at most 2000")
     if plan.dictionary_hash != dictionary.hash:
         raise Refusal("DICTIONARY_MISMATCH", f"plan is for dictionary {plan.dictionary_hash[:80]!r}; "
                       f"this site uses {dictionary.name} {dictionary.version} ({dictionary.hash})")
@@ -137,6 +141,9 @@ class SiteGuard:
         self._table: EncodedTable
         self._table, self.validation = load_site_table(mapping, self.dictionary)
         self.ledger = Ledger(config.ledger_path, config.rho_limit, config.site)
+        self._signing_key = keys.load_signing_key(config.signing_key)
+        self.fingerprint = keys.fingerprint(self._signing_key.public_key())
+        self._coordinators = {keys.fingerprint(k): k for k in map(keys.load_public_key, config.coordinator_keys)}
         self._rate_lock = threading.Lock()
 
     def describe(self) -> pb.SiteDescription:
@@ -147,27 +154,51 @@ class SiteGuard:
             limits=pb.PolicyLimits(max_rho_per_plan=p.max_rho_per_plan, max_marginals=p.max_marginals,
                                    max_width=p.max_width, max_cells=p.max_cells, max_plans_per_day=p.max_plans_per_day))
 
-    def answer(self, plan: pb.QueryPlan) -> pb.Summary:
-        """Answer a plan, or raise Refusal. Refused plans are audited and cost nothing."""
-        plan_bytes = plan.SerializeToString(deterministic=True)
-        plan_sha = hashlib.sha256(plan_bytes).digest()
-        who = plan.coordinator[:MAX_ID]
+    def open_plan(self, signed: pb.SignedPlan) -> pb.QueryPlan:
+        """Check the coordinator's signature, expiry and freshness of a plan. Raises Refusal."""
+        key = self._coordinators.get(signed.signer)
+        if key is None:
+            raise Refusal("UNTRUSTED_SIGNER", f"plan signer {signed.signer[:80]!r} is not an allowlisted coordinator of this site")
+        if not keys.verify(key, signed.signature, signed.plan):
+            raise Refusal("BAD_SIGNATURE", "the plan's signature does not verify")
         try:
+            plan = pb.QueryPlan.FromString(signed.plan)
+        except Exception:
+            raise Refusal("MALFORMED_PLAN", "the signed bytes are not a query plan") from None
+        now = time.time()
+        if plan.expires_at < now:
+            raise Refusal("PLAN_EXPIRED", "the plan has expired")
+        if plan.expires_at > now + self.config.max_plan_lifetime_s:
+            raise Refusal("PLAN_EXPIRED", f"the plan expires more than {self.config.max_plan_lifetime_s:g} s from now")
+        if not plan.plan_id or len(plan.plan_id) > MAX_ID:
+            raise Refusal("MALFORMED_PLAN", f"plan_id must be 1-{MAX_ID} characters")
+        if not self.ledger.claim_plan(plan.plan_id):
+            raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was seen before; plan ids are single-use")
+        return plan
+
+    def answer(self, signed: pb.SignedPlan) -> pb.SignedSummary:
+        """Answer a signed plan, or raise Refusal. Refused plans are audited and cost nothing."""
+        plan_sha = hashlib.sha256(signed.plan).digest()
+        plan = pb.QueryPlan(plan_id="?", coordinator=signed.signer[:MAX_ID])
+        try:
+            plan = self.open_plan(signed)
             compiled = compile_plan(plan, self.dictionary, self.config)
             with self._rate_lock:
                 if self.ledger.plans_since(86400) >= self.config.policy.max_plans_per_day:
                     raise Refusal("RATE_LIMITED", f"policy allows at most {self.config.policy.max_plans_per_day} plans per day")
                 rho = sum(c.rho for c in compiled)
                 try:
-                    debit = self.ledger.debit(plan.plan_id, who, plan_sha, rho,
-                                              {"marginals": len(compiled), "purpose": plan.purpose[:200]})
+                    debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
+                                              {"marginals": len(compiled), "purpose": plan.purpose[:200],
+                                               "coordinator_name": plan.coordinator[:MAX_ID]})
                 except BudgetExceeded as e:
                     raise Refusal("OVER_BUDGET", str(e)) from None
                 except DuplicatePlan:
                     raise Refusal("DUPLICATE_PLAN", f"plan {plan.plan_id[:MAX_ID]!r} was already answered; plan ids are single-use") from None
         except Refusal as r:
-            self.ledger.audit("refused", plan.plan_id[:MAX_ID], who, r.code, {"reason": r.message, "marginals": len(plan.marginals)})
-            log.info("refused plan %r from %r: %s", plan.plan_id[:MAX_ID], who, r)
+            self.ledger.audit("refused", plan.plan_id[:MAX_ID], signed.signer[:MAX_ID], r.code,
+                              {"reason": r.message, "marginals": len(plan.marginals)})
+            log.info("refused plan %r from %r: %s", plan.plan_id[:MAX_ID], signed.signer[:MAX_ID], r)
             raise
         # The debit is durable: from here on, a failure wastes budget but never overspends it.
         try:
@@ -179,16 +210,19 @@ class SiteGuard:
                                                rho=c.rho, noise_scale=c.scale))
         except Exception:
             log.exception("measurement failed after debit of plan %r", plan.plan_id)
-            self.ledger.audit("failed", plan.plan_id, who, "INTERNAL", {"rho_wasted": debit.rho})
+            self.ledger.audit("failed", plan.plan_id, signed.signer, "INTERNAL", {"rho_wasted": debit.rho})
             raise Refusal("INTERNAL", "measurement failed after the debit; the site admin has the details") from None
         receipt = pb.BudgetReceipt(site=self.config.site, plan_id=plan.plan_id, plan_sha256=plan_sha, rho_debited=debit.rho,
                                    rho_spent_total=debit.total_after, rho_limit=self.config.rho_limit,
-                                   debited_at=debit.at, ledger_seq=debit.seq)
-        self.ledger.audit("answered", plan.plan_id, who, "OK", {"rho": debit.rho, "marginals": len(tables)})
-        log.info("answered plan %r from %r: %d marginals, rho %.6g (site total %.6g of %.6g)", plan.plan_id, who,
-                 len(tables), debit.rho, debit.total_after, self.config.rho_limit)
-        return pb.Summary(site=self.config.site, plan_id=plan.plan_id, dictionary_hash=self.dictionary.hash,
-                          marginals=tables, receipt=receipt)
+                                   debited_at=debit.at, ledger_seq=debit.seq, dictionary_hash=self.dictionary.hash,
+                                   coordinator=signed.signer, delta=self.config.delta).SerializeToString(deterministic=True)
+        summary = pb.Summary(site=self.config.site, plan_id=plan.plan_id, dictionary_hash=self.dictionary.hash,
+                             marginals=tables, receipt=receipt,
+                             receipt_signature=self._signing_key.sign(receipt)).SerializeToString(deterministic=True)
+        self.ledger.audit("answered", plan.plan_id, signed.signer, "OK", {"rho": debit.rho, "marginals": len(tables)})
+        log.info("answered plan %r from %r: %d marginals, rho %.6g (site total %.6g of %.6g)", plan.plan_id,
+                 plan.coordinator[:MAX_ID], len(tables), debit.rho, debit.total_after, self.config.rho_limit)
+        return pb.SignedSummary(summary=summary, signature=self._signing_key.sign(summary), signer=self.fingerprint)
 
 
 class GuardServicer(pb_grpc.SiteGuardServicer):
@@ -204,7 +238,7 @@ class GuardServicer(pb_grpc.SiteGuardServicer):
         try:
             return self.guard.answer(request)
         except Refusal as r:
-            context.abort(REFUSALS[r.code], str(r))
+            context.abort(GRPC_STATUS[r.code], str(r))
         except Exception:  # never let exception text cross the boundary
             log.exception("unexpected error answering a plan")
             context.abort(grpc.StatusCode.INTERNAL, "INTERNAL: the guard failed; the site admin has the details")

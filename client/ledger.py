@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS seen_plans (plan_id TEXT PRIMARY KEY, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 GENESIS = "0" * 64
@@ -138,6 +139,14 @@ class Ledger:
             return int(db.execute("SELECT COUNT(*) FROM debits WHERE at_unix >= ?", (time.time() - seconds,)).fetchone()[0])
         finally:
             db.close()
+
+    def claim_plan(self, plan_id: str) -> bool:
+        """Record a signed plan id as seen; False if it was seen before (a replay)."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM seen_plans WHERE plan_id = ?", (plan_id,)).fetchone():
+                return False
+            db.execute("INSERT INTO seen_plans VALUES (?, ?)", (plan_id, utcnow()))
+            return True
 
     def debit(self, plan_id: str, coordinator: str, plan_sha256: bytes, rho: float, detail: dict[str, Any]) -> Debit:
         """Durably debit rho for a plan and audit it, or raise BudgetExceeded / DuplicatePlan (nothing written)."""

@@ -13,13 +13,11 @@ import grpc
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..common.refusals import REFUSAL_CODES
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
 
 app = ClientApp()
-
-REFUSAL_CODES = ("MALFORMED_PLAN", "DICTIONARY_MISMATCH", "UNKNOWN_VARIABLE", "VARIABLE_NOT_ALLOWED", "BAD_RHO",
-                 "POLICY_LIMIT", "RATE_LIMITED", "OVER_BUDGET", "DUPLICATE_PLAN", "INTERNAL")
 
 
 def _error(code: str, message: str) -> ConfigRecord:
@@ -27,11 +25,11 @@ def _error(code: str, message: str) -> ConfigRecord:
 
 
 def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float) -> ConfigRecord:
-    """Send one plan to the guard; the reply record holds `summary` bytes or `error_code`/`error`."""
+    """Send one signed plan to the guard; the reply holds signed `summary` bytes or `error_code`/`error`."""
     try:
-        plan = pb.QueryPlan.FromString(plan_bytes)
+        plan = pb.SignedPlan.FromString(plan_bytes)
     except Exception:
-        return _error("MALFORMED_PLAN", "the relay could not parse the query plan")
+        return _error("MALFORMED_PLAN", "the relay could not parse the signed query plan")
     try:
         with grpc.insecure_channel(guard_address) as channel:
             summary = pb_grpc.SiteGuardStub(channel).Answer(plan, timeout=timeout)

@@ -12,9 +12,12 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .procs import ProcessGroup, flower_env, free_port, wait_for_port
+
+if TYPE_CHECKING:
+    from .keys import ConsortiumKeys
 
 DEMO_SITES = ("cleveland", "hungarian", "switzerland", "va")
 HOST = "127.0.0.1"
@@ -26,10 +29,13 @@ def demo_dir() -> Path:
 
 
 def write_site_config(path: Path, site: str, dictionary: Path, mapping: Path, state_dir: Path, listen: str,
-                      epsilon: float, delta: float, policy: dict[str, object] | None = None) -> Path:
+                      epsilon: float, delta: float, signing_key: Path, coordinator_keys: list[Path],
+                      policy: dict[str, object] | None = None) -> Path:
+    coords = ", ".join(f'"{c}"' for c in coordinator_keys)
     lines = [f'[site]\nid = "{site}"\ndictionary = "{dictionary}"\nmapping = "{mapping}"\n'
              f'state_dir = "{state_dir}"\nlisten = "{listen}"\n',
-             f"[budget]\nepsilon = {epsilon!r}\ndelta = {delta!r}\n", "[policy]"]
+             f"[budget]\nepsilon = {epsilon!r}\ndelta = {delta!r}\n",
+             f'[trust]\nsigning_key = "{signing_key}"\ncoordinators = [{coords}]\n', "[policy]"]
     for k, v in (policy or {}).items():
         lines.append(f"{k} = {v!r}" if not isinstance(v, (list, tuple)) else f"{k} = {list(v)!r}".replace("'", '"'))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,12 +45,17 @@ def write_site_config(path: Path, site: str, dictionary: Path, mapping: Path, st
 
 @dataclass
 class LocalConsortium:
-    """Start/stop a loopback deployment. Site configs default to the packaged demo consortium."""
+    """Start/stop a loopback deployment. Site configs default to the packaged demo consortium.
+
+    Secure by default: the SuperLink serves TLS with a consortium CA and admits only SuperNodes
+    whose EC keys were registered; plans, summaries, receipts and the release are signed.
+    """
 
     workdir: Path
     sites: tuple[str, ...] = DEMO_SITES
     lifetime_epsilon: float = 20.0
     delta: float = 1e-6
+    secure: bool = True
     policy: dict[str, object] = field(default_factory=dict)
     progress: Callable[[str], None] = lambda msg: None
     group: ProcessGroup = field(init=False)
@@ -60,18 +71,27 @@ class LocalConsortium:
     def site_config(self, site: str) -> Path:
         return self.workdir / "sites" / f"{site}.toml"
 
+    @property
+    def keys(self) -> "ConsortiumKeys":
+        from .keys import init_consortium, load_consortium
+
+        root = self.workdir / "keys"
+        return load_consortium(root, self.sites) if (root / "coordinator").exists() else init_consortium(root, list(self.sites), [HOST, "localhost"])
+
     def start(self) -> "LocalConsortium":
         from ..server.federation import write_flwr_home
 
         demo = demo_dir()
         env = flower_env(self.flwr_home)
+        keys = self.keys
         guards = {}
         for site in self.sites:
             port = free_port()
             cfg = self.site_config(site)
             if not cfg.exists():
                 write_site_config(cfg, site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
-                                  self.workdir / "state" / site, f"{HOST}:{port}", self.lifetime_epsilon, self.delta, self.policy)
+                                  self.workdir / "state" / site, f"{HOST}:{port}", self.lifetime_epsilon, self.delta,
+                                  keys.site_keys[site][0], [keys.coordinator_pub], self.policy)
             else:  # keep ledger and settings, take a fresh port
                 text = cfg.read_text().splitlines()
                 cfg.write_text("\n".join(f'listen = "{HOST}:{port}"' if t.startswith("listen") else t for t in text) + "\n")
@@ -80,22 +100,48 @@ class LocalConsortium:
             self.guard_addresses[site] = f"{HOST}:{port}"
         control, fleet = free_port(), free_port()
         self.control_address = f"{HOST}:{control}"
+        self.fleet_address = f"{HOST}:{fleet}"
+        tls = (["--ssl-ca-certfile", str(keys.tls.ca_cert), "--ssl-certfile", str(keys.tls.server_cert),
+                "--ssl-keyfile", str(keys.tls.server_key), "--enable-supernode-auth"] if self.secure else ["--insecure"])
         superlink = self.group.start("superlink", [
-            "flower-superlink", "--insecure", "--host", HOST, "--port", str(control),
-            "--fleet-api-address", f"{HOST}:{fleet}", "--disable-runtime-dependency-installation"], env=env)
-        write_flwr_home(self.flwr_home, self.connection, self.control_address)
-        self.progress(f"starting {len(self.sites)} site guards and a Flower SuperLink on {HOST}")
+            "flower-superlink", *tls, "--host", HOST, "--port", str(control),
+            "--fleet-api-address", self.fleet_address, "--disable-runtime-dependency-installation"], env=env)
+        write_flwr_home(self.flwr_home, self.connection, self.control_address,
+                        str(keys.tls.ca_cert) if self.secure else None)
+        self.progress(f"starting {len(self.sites)} site guards and a Flower SuperLink on {HOST}"
+                      + (" (TLS, SuperNode authentication)" if self.secure else " (insecure)"))
         for site, (proc, port) in guards.items():
             wait_for_port(HOST, port, 60, proc)
         wait_for_port(HOST, fleet, 60, superlink)
         wait_for_port(HOST, control, 60, superlink)
+        if self.secure:
+            self.register_supernodes([keys.supernode_keys[s][1] for s in self.sites])
         for site in self.sites:
-            self.group.start(f"supernode-{site}", [
-                "flower-supernode", "--insecure", "--superlink", f"{HOST}:{fleet}", "--host", HOST,
-                "--port", str(free_port()), "--node-config",
-                f'guard-address="{self.guard_addresses[site]}" site="{site}"'], env=env)
+            self.start_supernode(site, keys.supernode_keys[site][0])
         self.progress(f"{len(self.sites)} guards ready; {len(self.sites)} SuperNodes connecting to the SuperLink")
         return self
+
+    def register_supernodes(self, public_keys: list[Path]) -> None:
+        """Register SuperNode public keys with the SuperLink (`flwr supernode register`), in parallel."""
+        import subprocess
+
+        env = flower_env(self.flwr_home)
+        procs = [subprocess.Popen(["flwr", "supernode", "register", str(k), self.connection], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in public_keys]
+        for k, p in zip(public_keys, procs):
+            out, _ = p.communicate(timeout=120)
+            if p.returncode != 0:
+                raise RuntimeError(f"`flwr supernode register {k}` failed (exit {p.returncode}):\n{out[-2000:]}")
+
+    def start_supernode(self, site: str, auth_key: Path | None, name: str | None = None):
+        """Start one SuperNode for a site, authenticated with auth_key when the deployment is secure."""
+        keys = self.keys
+        security = (["--root-certificates", str(keys.tls.ca_cert)] + (["--auth-supernode-private-key", str(auth_key)] if auth_key else [])
+                    if self.secure else ["--insecure"])
+        return self.group.start(name or f"supernode-{site}", [
+            "flower-supernode", *security, "--superlink", self.fleet_address, "--host", HOST,
+            "--port", str(free_port()), "--node-config",
+            f'guard-address="{self.guard_addresses[site]}" site="{site}"'], env=flower_env(self.flwr_home))
 
     def stop(self) -> None:
         self.group.stop()
@@ -120,7 +166,10 @@ class LocalConsortium:
         jobs = self.workdir / "jobs"
         job_dir = jobs / time.strftime("%Y%m%d-%H%M%S") / str(time.monotonic_ns())
         job_dir.mkdir(parents=True)
-        job = ReleaseJob(dictionary=str(demo_dir() / "dictionary.toml"), out=str(Path(out).resolve()), epsilon=epsilon,
+        keys = self.keys
+        job = ReleaseJob(dictionary=str(demo_dir() / "dictionary.toml"), out=str(Path(out).resolve()),
+                         signing_key=str(keys.coordinator_key),
+                         site_keys={s: str(keys.site_keys[s][1]) for s in self.sites}, epsilon=epsilon,
                          rho=rho, delta=self.delta, seed=seed, rows=rows, coordinator="demo-coordinator",
                          min_sites=min_sites or len(self.sites), events=str(job_dir / "events.jsonl"))
         job.save(job_dir / "job.json")

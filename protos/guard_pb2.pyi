@@ -47,18 +47,30 @@ class MarginalQuery(_message.Message):
     def __init__(self, variables: _Optional[_Iterable[str]] = ..., rho: _Optional[float] = ...) -> None: ...
 
 class QueryPlan(_message.Message):
-    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose")
+    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     MARGINALS_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     dictionary_hash: str
     coordinator: str
     marginals: _containers.RepeatedCompositeFieldContainer[MarginalQuery]
     purpose: str
-    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ...) -> None: ...
+    expires_at: int
+    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
+class SignedPlan(_message.Message):
+    __slots__ = ("plan", "signature", "signer")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    plan: bytes
+    signature: bytes
+    signer: str
+    def __init__(self, plan: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
 
 class NoisyMarginal(_message.Message):
     __slots__ = ("variables", "shape", "counts", "rho", "noise_scale")
@@ -75,21 +87,33 @@ class NoisyMarginal(_message.Message):
     def __init__(self, variables: _Optional[_Iterable[str]] = ..., shape: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., rho: _Optional[float] = ..., noise_scale: _Optional[float] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("site", "plan_id", "dictionary_hash", "marginals", "receipt")
+    __slots__ = ("site", "plan_id", "dictionary_hash", "marginals", "receipt", "receipt_signature")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
     MARGINALS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     site: str
     plan_id: str
     dictionary_hash: str
     marginals: _containers.RepeatedCompositeFieldContainer[NoisyMarginal]
-    receipt: BudgetReceipt
-    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[NoisyMarginal, _Mapping]]] = ..., receipt: _Optional[_Union[BudgetReceipt, _Mapping]] = ...) -> None: ...
+    receipt: bytes
+    receipt_signature: bytes
+    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[NoisyMarginal, _Mapping]]] = ..., receipt: _Optional[bytes] = ..., receipt_signature: _Optional[bytes] = ...) -> None: ...
+
+class SignedSummary(_message.Message):
+    __slots__ = ("summary", "signature", "signer")
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    summary: bytes
+    signature: bytes
+    signer: str
+    def __init__(self, summary: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
 
 class BudgetReceipt(_message.Message):
-    __slots__ = ("site", "plan_id", "plan_sha256", "rho_debited", "rho_spent_total", "rho_limit", "debited_at", "ledger_seq")
+    __slots__ = ("site", "plan_id", "plan_sha256", "rho_debited", "rho_spent_total", "rho_limit", "debited_at", "ledger_seq", "dictionary_hash", "coordinator", "delta")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +122,9 @@ class BudgetReceipt(_message.Message):
     RHO_LIMIT_FIELD_NUMBER: _ClassVar[int]
     DEBITED_AT_FIELD_NUMBER: _ClassVar[int]
     LEDGER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     site: str
     plan_id: str
     plan_sha256: bytes
@@ -106,4 +133,7 @@ class BudgetReceipt(_message.Message):
     rho_limit: float
     debited_at: str
     ledger_seq: int
-    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., rho_debited: _Optional[float] = ..., rho_spent_total: _Optional[float] = ..., rho_limit: _Optional[float] = ..., debited_at: _Optional[str] = ..., ledger_seq: _Optional[int] = ...) -> None: ...
+    dictionary_hash: str
+    coordinator: str
+    delta: float
+    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., rho_debited: _Optional[float] = ..., rho_spent_total: _Optional[float] = ..., rho_limit: _Optional[float] = ..., debited_at: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., delta: _Optional[float] = ...) -> None: ...

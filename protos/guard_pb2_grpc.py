@@ -41,8 +41,8 @@ class SiteGuardStub:
                 _registered_method=True)
         self.Answer = channel.unary_unary(
                 '/ppsehr.guard.v1.SiteGuard/Answer',
-                request_serializer=ppsehr_dot_protos_dot_guard__pb2.QueryPlan.SerializeToString,
-                response_deserializer=ppsehr_dot_protos_dot_guard__pb2.Summary.FromString,
+                request_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+                response_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedSummary.FromString,
                 _registered_method=True)
 
 
@@ -57,7 +57,7 @@ class SiteGuardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Answer(self, request, context):
-        """Answer a query plan with differentially private marginals, or refuse it.
+        """Answer a signed query plan with differentially private marginals, or refuse it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,8 +73,8 @@ def add_SiteGuardServicer_to_server(servicer, server):
             ),
             'Answer': grpc.unary_unary_rpc_method_handler(
                     servicer.Answer,
-                    request_deserializer=ppsehr_dot_protos_dot_guard__pb2.QueryPlan.FromString,
-                    response_serializer=ppsehr_dot_protos_dot_guard__pb2.Summary.SerializeToString,
+                    request_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.FromString,
+                    response_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,8 +129,8 @@ class SiteGuard:
             request,
             target,
             '/ppsehr.guard.v1.SiteGuard/Answer',
-            ppsehr_dot_protos_dot_guard__pb2.QueryPlan.SerializeToString,
-            ppsehr_dot_protos_dot_guard__pb2.Summary.FromString,
+            ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+            ppsehr_dot_protos_dot_guard__pb2.SignedSummary.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,17 +1,23 @@
-"""Check the sites' summaries against the plan and sum them into measurements for the model.
+"""Verify the sites' signed summaries against the plan and sum them into measurements.
 
-A summed cell carries the sum of the sites' noise variances, so sites are weighted by their
-noise, never by an assumed size. A summary that does not match the plan (other dictionary,
-other plan, missing or reshaped tables, more rho than asked) is rejected whole, with a reason.
+A summary counts only if it is signed by a site key the coordinator trusts (the key, not the
+summary's own claim, decides which site it is), its receipt is signed by the same key and
+names this plan (by the hash of the exact signed plan bytes), and every table has the
+planned variables, the dictionary's shape and no more rho than planned. Summed cells carry
+the sum of the sites' noise variances, so sites are weighted by their noise, never by an
+assumed size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ..common import keys
 from ..common.dictionary import Dictionary
 from ..protos import guard_pb2 as pb
 from .model import Measurement
@@ -25,13 +31,31 @@ class SummaryRejected(Exception):
 class SiteResult:
     site: str
     summary: pb.Summary
+    receipt: pb.BudgetReceipt
+    signer: str
 
 
-def check_summary(summary: pb.Summary, plan: pb.QueryPlan, dictionary: Dictionary) -> None:
-    """Raise SummaryRejected unless the summary answers exactly this plan over the dictionary's domains."""
-    if summary.plan_id != plan.plan_id:
+def verify_summary(signed: pb.SignedSummary, signed_plan: pb.SignedPlan, dictionary: Dictionary,
+                   site_keys: dict[str, Ed25519PublicKey]) -> SiteResult:
+    """Check signatures, receipt and shapes; raise SummaryRejected with the reason."""
+    by_fp = {keys.fingerprint(k): (site, k) for site, k in site_keys.items()}
+    if signed.signer not in by_fp:
+        raise SummaryRejected(f"signed by an unknown key {signed.signer[:80]!r}")
+    site, key = by_fp[signed.signer]
+    if not keys.verify(key, signed.signature, signed.summary):
+        raise SummaryRejected("its signature does not verify (altered or forged)")
+    summary = pb.Summary.FromString(signed.summary)
+    if summary.site != site:
+        raise SummaryRejected(f"claims site {summary.site!r} but is signed with {site!r}'s key")
+    if not keys.verify(key, summary.receipt_signature, summary.receipt):
+        raise SummaryRejected("its budget receipt's signature does not verify")
+    receipt = pb.BudgetReceipt.FromString(summary.receipt)
+    plan = pb.QueryPlan.FromString(signed_plan.plan)
+    if summary.plan_id != plan.plan_id or receipt.plan_id != plan.plan_id:
         raise SummaryRejected(f"answers plan {summary.plan_id!r}, not {plan.plan_id!r}")
-    if summary.dictionary_hash != dictionary.hash:
+    if receipt.plan_sha256 != hashlib.sha256(signed_plan.plan).digest() or receipt.site != site:
+        raise SummaryRejected("its receipt is for other plan bytes or another site")
+    if summary.dictionary_hash != dictionary.hash or receipt.dictionary_hash != dictionary.hash:
         raise SummaryRejected(f"uses dictionary {summary.dictionary_hash!r}, not {dictionary.hash!r}")
     if len(summary.marginals) != len(plan.marginals):
         raise SummaryRejected(f"has {len(summary.marginals)} tables for {len(plan.marginals)} planned marginals")
@@ -45,9 +69,9 @@ def check_summary(summary: pb.Summary, plan: pb.QueryPlan, dictionary: Dictionar
         if not (0 < got.rho <= want.rho * (1 + 1e-9)) or not (got.noise_scale > 0 and math.isfinite(got.noise_scale)):
             raise SummaryRejected(f"table {i} reports rho {got.rho!r} / scale {got.noise_scale!r} for a planned rho of {want.rho!r}")
         total += got.rho
-    r = summary.receipt
-    if r.site != summary.site or r.plan_id != plan.plan_id or not math.isclose(r.rho_debited, total, rel_tol=1e-9):
-        raise SummaryRejected("its budget receipt does not match the summary")
+    if not math.isclose(receipt.rho_debited, total, rel_tol=1e-9):
+        raise SummaryRejected(f"its receipt debits rho {receipt.rho_debited!r} but its tables cost {total!r}")
+    return SiteResult(site, summary, receipt, signed.signer)
 
 
 def aggregate(plan: pb.QueryPlan, results: list[SiteResult]) -> list[Measurement]:

@@ -7,6 +7,7 @@ in-process over DirectTransport (tests, benchmarks).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import secrets
@@ -18,11 +19,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..common import accounting
+from ..common import accounting, keys
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.errors import PpsehrError
 from . import planner
-from .aggregate import SummaryRejected, aggregate, check_summary, SiteResult
+from .aggregate import SiteResult, SummaryRejected, aggregate, verify_summary
 from .model import estimate
 from .records import decode, to_csv
 from .release import write_release
@@ -37,6 +38,8 @@ class ReleaseJob:
 
     dictionary: str
     out: str
+    signing_key: str  # the coordinator's Ed25519 key: signs plans and the release
+    site_keys: dict[str, str]  # site -> public key file: which summaries count, and for which site
     epsilon: float | None = 1.0
     rho: float | None = None
     delta: float = 1e-6
@@ -47,6 +50,7 @@ class ReleaseJob:
     min_sites: int = 1
     reply_timeout: float = 300.0
     wait_sites_timeout: float = 120.0
+    plan_lifetime_s: float = 1800.0
     events: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -90,27 +94,34 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     t0 = time.perf_counter()
     dictionary = load_dictionary(job.dictionary)
     rho = job.rho_per_site()
+    coordinator_key = keys.load_signing_key(job.signing_key)
+    site_keys = {site: keys.load_public_key(path) for site, path in job.site_keys.items()}
     marginals = planner.one_round_plan(dictionary, rho)
-    plan = planner.to_proto(marginals, dictionary, job.coordinator, job.purpose)
+    plan = planner.to_proto(marginals, dictionary, job.coordinator, job.purpose, job.plan_lifetime_s)
+    signed_plan = planner.sign_plan(plan, coordinator_key)
     events(f"plan {plan.plan_id}: {len(marginals)} marginals, rho {rho:.4g} per site "
-           f"(epsilon {accounting.epsilon(rho, job.delta):.3g} at delta {job.delta:g})", stage="plan")
-    replies, failures = transport.query(plan, job.reply_timeout, events)
-    results = []
+           f"(epsilon {accounting.epsilon(rho, job.delta):.3g} at delta {job.delta:g}), signed by {signed_plan.signer}",
+           stage="plan")
+    replies, failures = transport.query(signed_plan, job.reply_timeout, events)
+    results: list[SiteResult] = []
     for r in replies:
         try:
-            check_summary(r.summary, plan, dictionary)
-            results.append(SiteResult(r.summary.site, r.summary))
+            result = verify_summary(r.signed, signed_plan, dictionary, site_keys)
         except SummaryRejected as e:
-            failures.append(SiteFailure(r.site, "REJECTED", f"summary rejected: {e}"))
-            events(f"{r.site}: summary rejected: {e}")
-    sites = sorted({r.site for r in results})
-    if len(sites) != len(results):
-        raise PpsehrError("two replies claim the same site; refusing to aggregate")
+            failures.append(SiteFailure(r.where, "REJECTED", f"summary rejected: {e}"))
+            events(f"{r.where}: summary rejected: {e}")
+            continue
+        if any(x.site == result.site for x in results):
+            failures.append(SiteFailure(r.where, "REJECTED", f"a second summary for site {result.site!r}"))
+            continue
+        results.append(result)
+    results.sort(key=lambda r: r.site)
+    sites = [r.site for r in results]
     if not results:
         raise PpsehrError("no site answered the plan: " + "; ".join(f"{f.site}: {f.code} {f.message}" for f in failures))
-    events(f"{len(results)} site(s) answered: {', '.join(sites)}" + (f"; {len(failures)} did not" if failures else ""),
-           stage="aggregate")
-    measurements = aggregate(plan, sorted(results, key=lambda r: r.site))
+    events(f"{len(results)} site(s) answered with verified signatures: {', '.join(sites)}"
+           + (f"; {len(failures)} did not" if failures else ""), stage="aggregate")
+    measurements = aggregate(plan, results)
     t_fit = time.perf_counter()
     cliques = planner.structure(dictionary)
     model = estimate(dictionary.domain(), measurements, cliques=[(n,) for n in dictionary.names] + cliques)
@@ -133,18 +144,23 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
         "dictionary": {"name": dictionary.name, "version": dictionary.version, "hash": dictionary.hash},
         "coordinator": job.coordinator,
         "privacy": _privacy(job, results),
-        "sites": {r.site: _site_entry(r, job.delta) for r in sorted(results, key=lambda r: r.site)},
+        "sites": {r.site: _site_entry(r) for r in results},
         "sites_not_included": [_failure_entry(f) for f in failures],
-        "receipts": [_receipt(r.summary.receipt) for r in sorted(results, key=lambda r: r.site)],
+        "receipts": [_receipt(r) for r in results],
+        "keys": {"coordinator": keys.public_pem(coordinator_key.public_key()),
+                 "coordinator_fingerprint": signed_plan.signer,
+                 "sites": {r.site: keys.public_pem(site_keys[r.site]) for r in results}},
         "plan": {"plan_id": plan.plan_id, "purpose": plan.purpose, "rho_per_site": rho,
-                 "marginals": [{"variables": list(m.variables), "rho": m.rho} for m in marginals]},
+                 "marginals": [{"variables": list(m.variables), "rho": m.rho} for m in marginals],
+                 "signed_plan": keys.b64(signed_plan.plan), "signature": keys.b64(signed_plan.signature),
+                 "sha256": hashlib.sha256(signed_plan.plan).hexdigest()},
         "generator": {"engine": "ppsehr graphical model (Private-PGM-style estimation, junction-tree sampling)",
                       "cliques": [list(c) for c in model.cliques], "estimated_total": model.total,
                       "rows": n_rows, "seed": seed, "fit_seconds": round(fit_seconds, 3),
                       "python": platform.python_version()},
         "llm": {"used": False, "reason": "no LLM endpoint configured; records come from the statistical engine alone"},
     }
-    out = write_release(job.out, files, manifest)
+    out = write_release(job.out, files, manifest, sign=coordinator_key.sign)
     events(f"release written to {out} in {time.perf_counter() - t0:.1f} s", stage="done", out=str(out))
     return manifest
 
@@ -154,25 +170,25 @@ def _json(obj: Any) -> bytes:
 
 
 def _privacy(job: ReleaseJob, results: list[SiteResult]) -> dict[str, Any]:
-    worst = max(results, key=lambda r: r.summary.receipt.rho_debited)
-    rho = worst.summary.receipt.rho_debited
+    rho = max(r.receipt.rho_debited for r in results)
+    eps = accounting.epsilon(rho, job.delta)
     return {
         "unit": PRIVACY_UNIT,
         "model": "zero-concentrated DP per site; rho composes additively across releases",
         "delta": job.delta,
         "release_rho_max": rho,
-        "release_epsilon_max": accounting.epsilon(rho, job.delta),
+        "release_epsilon_max": eps,
         "statement": (f"Each patient is protected by the budget of the site that holds them. In this release no "
-                      f"site spent more than rho = {rho:.4g}, i.e. ({accounting.epsilon(rho, job.delta):.3g}, {job.delta:g})-DP. "
+                      f"site spent more than rho = {rho:.4g}, i.e. ({eps:.3g}, {job.delta:g})-DP. "
                       "If a patient appears at k sites, their loss is at most the sum over those sites. "
-                      "Epsilon is OpenDP's zCDP-to-approximate-DP privacy profile."),
+                      "Epsilon is OpenDP's zCDP-to-approximate-DP privacy profile; each site's rho is in its signed receipt."),
     }
 
 
-def _site_entry(r: SiteResult, delta: float) -> dict[str, Any]:
-    rc = r.summary.receipt
-    return {"status": "answered", "rho": rc.rho_debited, "epsilon": accounting.epsilon(rc.rho_debited, delta),
-            "delta": delta, "rho_total": rc.rho_spent_total, "epsilon_total": accounting.epsilon(rc.rho_spent_total, delta),
+def _site_entry(r: SiteResult) -> dict[str, Any]:
+    rc = r.receipt
+    return {"status": "answered", "rho": rc.rho_debited, "epsilon": accounting.epsilon(rc.rho_debited, rc.delta),
+            "delta": rc.delta, "rho_total": rc.rho_spent_total, "epsilon_total": accounting.epsilon(rc.rho_spent_total, rc.delta),
             "rho_limit": rc.rho_limit, "marginals": len(r.summary.marginals)}
 
 
@@ -182,10 +198,13 @@ def _failure_entry(f: SiteFailure) -> dict[str, Any]:
             "charged": "no (the guard refused the plan)" if refused else "unknown: check the site's ledger"}
 
 
-def _receipt(rc) -> dict[str, Any]:
-    return {"site": rc.site, "plan_id": rc.plan_id, "plan_sha256": rc.plan_sha256.hex(), "rho_debited": rc.rho_debited,
-            "rho_spent_total": rc.rho_spent_total, "rho_limit": rc.rho_limit, "debited_at": rc.debited_at,
-            "ledger_seq": rc.ledger_seq}
+def _receipt(r: SiteResult) -> dict[str, Any]:
+    rc = r.receipt
+    return {"site": r.site, "signer": r.signer, "receipt": keys.b64(r.summary.receipt),
+            "signature": keys.b64(r.summary.receipt_signature),
+            "plan_id": rc.plan_id, "plan_sha256": rc.plan_sha256.hex(), "rho_debited": rc.rho_debited,
+            "rho_spent_total": rc.rho_spent_total, "rho_limit": rc.rho_limit, "delta": rc.delta,
+            "debited_at": rc.debited_at, "ledger_seq": rc.ledger_seq}
 
 
 def _aggregates(dictionary: Dictionary, measurements) -> dict[str, Any]:

@@ -8,9 +8,13 @@ structure selection keeps a release to a single Flower round.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..common import keys
 from ..common.dictionary import Dictionary
 from ..protos import guard_pb2 as pb
 
@@ -38,7 +42,14 @@ def one_round_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
 
 
 def to_proto(marginals: list[PlannedMarginal], dictionary: Dictionary, coordinator: str, purpose: str,
-             plan_id: str | None = None) -> pb.QueryPlan:
+             lifetime_s: float = 1800.0, plan_id: str | None = None) -> pb.QueryPlan:
+    """A plan with a fresh random id (single-use at every guard) that expires after lifetime_s."""
     return pb.QueryPlan(
         plan_id=plan_id or uuid.uuid4().hex, dictionary_hash=dictionary.hash, coordinator=coordinator,
-        purpose=purpose, marginals=[pb.MarginalQuery(variables=m.variables, rho=m.rho) for m in marginals])
+        purpose=purpose, marginals=[pb.MarginalQuery(variables=m.variables, rho=m.rho) for m in marginals],
+        expires_at=int(time.time() + lifetime_s))
+
+
+def sign_plan(plan: pb.QueryPlan, key: Ed25519PrivateKey) -> pb.SignedPlan:
+    data = plan.SerializeToString(deterministic=True)
+    return pb.SignedPlan(plan=data, signature=key.sign(data), signer=keys.fingerprint(key.public_key()))

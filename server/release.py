@@ -1,9 +1,11 @@
 """Release bundles: written whole or not at all, and verifiable by anyone who has one.
 
 A release is a directory with the synthetic records, the DP aggregates they came from, a
-fidelity report and `manifest.json` (dictionary, plan, per-site privacy spending and receipts,
-generator settings, and the SHA-256 of every other file). It is assembled in a temporary
-sibling directory and renamed into place, so a failed run leaves nothing behind.
+fidelity report, `manifest.json` (dictionary, signed plan, per-site privacy spending with the
+sites' signed budget receipts, public keys, generator settings, and the SHA-256 of every other
+file) and `manifest.sig`, the coordinator's detached Ed25519 signature of the manifest bytes.
+It is assembled in a temporary sibling directory and renamed into place, so a failed run
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ..common import accounting
+from ..common import accounting, keys
 from ..common.errors import ReleaseError
+from ..protos import guard_pb2 as pb
 
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 FORMAT = "ppsehr-release/1"
 
 
@@ -28,8 +32,9 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_release(out: str | Path, files: dict[str, bytes], manifest: dict[str, Any]) -> Path:
-    """Write files + manifest (with their hashes) atomically to `out`, which must not exist yet."""
+def write_release(out: str | Path, files: dict[str, bytes], manifest: dict[str, Any],
+                  sign: Callable[[bytes], bytes]) -> Path:
+    """Write files, manifest (with their hashes) and its signature atomically to `out` (which must not exist)."""
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReleaseError(f"{out} already exists; choose a new output directory")
@@ -37,13 +42,15 @@ def write_release(out: str | Path, files: dict[str, bytes], manifest: dict[str, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         for rel, data in files.items():
-            if rel == MANIFEST or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            if rel in (MANIFEST, SIGNATURE) or Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise ReleaseError(f"bad release file name {rel!r}")
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_synced(path, data)
         manifest = dict(manifest, format=FORMAT, files={rel: sha256(d) for rel, d in sorted(files.items())})
-        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False).encode() + b"\n")
+        data = json.dumps(manifest, indent=2, sort_keys=False).encode() + b"\n"
+        _write_synced(tmp / MANIFEST, data)
+        _write_synced(tmp / SIGNATURE, keys.b64(sign(data)).encode() + b"\n")
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)
@@ -60,39 +67,90 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def verify_release(path: str | Path) -> dict[str, Any]:
-    """Check file hashes and that each site's stated epsilon follows from its receipted rho.
-
-    Returns the manifest; raises ReleaseError naming the first problem found.
+def verify_release(path: str | Path, coordinator_key: Path | None = None,
+                   site_keys: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Check a release: coordinator signature, file hashes, every site receipt, and that each stated
+    rho/epsilon follows from the receipts. Keys are pinned if given, else taken from the manifest
+    (then their fingerprints must be compared with the published ones). Returns the manifest;
+    raises ReleaseError naming the first problem found.
     """
     path = Path(path)
+    mpath = path / MANIFEST
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        data = mpath.read_bytes()
+        manifest = json.loads(data)
     except FileNotFoundError:
         raise ReleaseError(f"{path}: no {MANIFEST}; not a release directory") from None
     except json.JSONDecodeError as e:
-        raise ReleaseError(f"{path / MANIFEST}: not valid JSON ({e})") from None
+        raise ReleaseError(f"{mpath}: not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
-        raise ReleaseError(f"{path / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ReleaseError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        ckey = keys.load_public_key(coordinator_key) if coordinator_key else keys.public_from_pem(manifest["keys"]["coordinator"])
+        signature = keys.unb64((path / SIGNATURE).read_text().strip())
+    except FileNotFoundError:
+        raise ReleaseError(f"{path}: no {SIGNATURE}; the release is not signed") from None
+    except (KeyError, ValueError) as e:
+        raise ReleaseError(f"{mpath}: no usable coordinator key or signature ({e})") from None
+    if not keys.verify(ckey, signature, data):
+        raise ReleaseError(f"{path / SIGNATURE}: the coordinator's signature of {MANIFEST} does not verify")
     for rel, digest in manifest.get("files", {}).items():
         f = path / rel
         if not f.is_file():
             raise ReleaseError(f"{f}: listed in the manifest but missing")
         if sha256(f.read_bytes()) != digest:
             raise ReleaseError(f"{f}: SHA-256 does not match the manifest")
-    listed = set(manifest.get("files", {})) | {MANIFEST}
+    listed = set(manifest.get("files", {})) | {MANIFEST, SIGNATURE}
     extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in listed)
     if extra:
         raise ReleaseError(f"{path}: files not covered by the manifest: {extra}")
-    delta = manifest["privacy"]["delta"]
+    _verify_plan(manifest, ckey, mpath)
     receipts = {r["site"]: r for r in manifest.get("receipts", [])}
     for site, s in manifest["sites"].items():
         r = receipts.get(site)
         if r is None:
-            raise ReleaseError(f"{path / MANIFEST}: site {site!r} has no receipt")
-        if not math.isclose(r["rho_debited"], s["rho"], rel_tol=1e-9) or not math.isclose(r["rho_spent_total"], s["rho_total"], rel_tol=1e-9):
-            raise ReleaseError(f"{path / MANIFEST}: site {site!r}: stated rho does not match its receipt")
-        for key, rho in (("epsilon", s["rho"]), ("epsilon_total", s["rho_total"])):
-            if not math.isclose(accounting.epsilon(rho, delta), s[key], rel_tol=1e-6):
-                raise ReleaseError(f"{path / MANIFEST}: site {site!r}: {key} {s[key]} does not follow from rho {rho} at delta {delta}")
+            raise ReleaseError(f"{mpath}: site {site!r} has no receipt")
+        rc = _verify_receipt(r, site, manifest, site_keys, mpath)
+        if not math.isclose(rc.rho_debited, s["rho"], rel_tol=1e-12) or not math.isclose(rc.rho_spent_total, s["rho_total"], rel_tol=1e-12):
+            raise ReleaseError(f"{mpath}: site {site!r}: stated rho does not match its signed receipt")
+        for key, rho in (("epsilon", rc.rho_debited), ("epsilon_total", rc.rho_spent_total)):
+            if not math.isclose(accounting.epsilon(rho, rc.delta), s[key], rel_tol=1e-6):
+                raise ReleaseError(f"{mpath}: site {site!r}: {key} {s[key]} does not follow from rho {rho} at delta {rc.delta}")
+    if manifest["sites"]:
+        worst = max(receipts[s].get("rho_debited", 0) for s in manifest["sites"])
+        stated = manifest["privacy"]["release_epsilon_max"]
+        if not math.isclose(accounting.epsilon(worst, manifest["privacy"]["delta"]), stated, rel_tol=1e-6):
+            raise ReleaseError(f"{mpath}: release_epsilon_max {stated} does not follow from the receipts")
     return manifest
+
+
+def _verify_plan(manifest: dict[str, Any], ckey, mpath: Path) -> None:
+    try:
+        plan_bytes = keys.unb64(manifest["plan"]["signed_plan"])
+        if not keys.verify(ckey, keys.unb64(manifest["plan"]["signature"]), plan_bytes):
+            raise ReleaseError(f"{mpath}: the plan's signature does not verify")
+        plan = pb.QueryPlan.FromString(plan_bytes)
+    except (KeyError, ValueError) as e:
+        raise ReleaseError(f"{mpath}: plan section unreadable ({e})") from None
+    if plan.plan_id != manifest["plan"]["plan_id"] or hashlib.sha256(plan_bytes).hexdigest() != manifest["plan"]["sha256"]:
+        raise ReleaseError(f"{mpath}: the plan section does not match the signed plan")
+    if plan.dictionary_hash != manifest["dictionary"]["hash"]:
+        raise ReleaseError(f"{mpath}: the signed plan is for another dictionary")
+
+
+def _verify_receipt(r: dict[str, Any], site: str, manifest: dict[str, Any], site_keys: dict[str, Path] | None,
+                    mpath: Path) -> pb.BudgetReceipt:
+    try:
+        key = keys.load_public_key(site_keys[site]) if site_keys else keys.public_from_pem(manifest["keys"]["sites"][site])
+        raw = keys.unb64(r["receipt"])
+        ok = keys.verify(key, keys.unb64(r["signature"]), raw)
+    except (KeyError, ValueError) as e:
+        raise ReleaseError(f"{mpath}: site {site!r}: receipt or key unreadable ({e})") from None
+    if not ok:
+        raise ReleaseError(f"{mpath}: site {site!r}: the receipt's signature does not verify")
+    rc = pb.BudgetReceipt.FromString(raw)
+    if rc.site != site or rc.plan_id != manifest["plan"]["plan_id"] or rc.plan_sha256.hex() != manifest["plan"]["sha256"]:
+        raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another site or plan")
+    if rc.dictionary_hash != manifest["dictionary"]["hash"]:
+        raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another dictionary")
+    return rc

@@ -29,12 +29,12 @@ class SiteFailure:
 
 @dataclass(frozen=True)
 class SiteReply:
-    site: str
-    summary: pb.Summary
+    where: str  # who answered, as the transport knows it (node id or configured name); not yet verified
+    signed: pb.SignedSummary
 
 
 class Transport(Protocol):
-    def query(self, plan: pb.QueryPlan, timeout: float, progress: Progress) -> tuple[list[SiteReply], list[SiteFailure]]:
+    def query(self, plan: pb.SignedPlan, timeout: float, progress: Progress) -> tuple[list[SiteReply], list[SiteFailure]]:
         ...
 
 
@@ -42,10 +42,10 @@ def parse_reply(where: str, summary_bytes: bytes | None, code: str | None, messa
     if summary_bytes is None:
         return SiteFailure(where, code or "NO_REPLY", (message or "no summary in the reply")[:1000])
     try:
-        summary = pb.Summary.FromString(summary_bytes)
+        signed = pb.SignedSummary.FromString(summary_bytes)
     except Exception:
-        return SiteFailure(where, "BAD_REPLY", "the reply is not a valid summary")
-    return SiteReply(summary.site or where, summary)
+        return SiteFailure(where, "BAD_REPLY", "the reply is not a signed summary")
+    return SiteReply(where, signed)
 
 
 class DirectTransport:
@@ -61,7 +61,7 @@ class DirectTransport:
         return parse_reply(name, record.get("summary"), record.get("error_code"), record.get("error"))
 
     def query(self, plan, timeout, progress):
-        progress(f"sending plan {plan.plan_id} to {len(self.guards)} site(s) directly")
+        progress(f"sending the plan to {len(self.guards)} site(s) directly")
         with ThreadPoolExecutor(max_workers=max(1, len(self.guards))) as pool:
             results = list(pool.map(lambda kv: self._ask(kv[0], kv[1], plan, timeout), self.guards.items()))
         return [r for r in results if isinstance(r, SiteReply)], [r for r in results if isinstance(r, SiteFailure)]
@@ -96,10 +96,10 @@ class FlowerTransport:
         nodes = self.wait_for_sites(progress)
         plan_bytes = plan.SerializeToString()
         messages = [Message(RecordDict({"plan": ConfigRecord({"plan": plan_bytes, "guard-timeout": float(timeout)})}),
-                            dst_node_id=n, message_type=self.MESSAGE_TYPE, group_id=plan.plan_id, ttl=timeout + 60)
+                            dst_node_id=n, message_type=self.MESSAGE_TYPE, group_id="release", ttl=timeout + 60)
                     for n in nodes]
         pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes)}
-        progress(f"plan {plan.plan_id} sent to {len(nodes)} site(s); waiting for summaries")
+        progress(f"plan sent to {len(nodes)} site(s); waiting for summaries")
         replies: list[SiteReply] = []
         failures: list[SiteFailure] = []
         deadline = time.monotonic() + timeout
@@ -116,7 +116,7 @@ class FlowerTransport:
                     rec = msg.content.config_records.get("result", {})
                     r = parse_reply(where, rec.get("summary"), rec.get("error_code"), rec.get("error"))
                 (replies if isinstance(r, SiteReply) else failures).append(r)
-                progress(f"{r.site}: " + ("summary received" if isinstance(r, SiteReply) else f"failed ({r.code})"))
+                progress(f"{where}: " + ("signed summary received" if isinstance(r, SiteReply) else f"failed ({r.code})"))
             if pending:
                 time.sleep(self.poll)
         failures += [SiteFailure(f"node {n}", "TIMEOUT", f"no reply within {timeout:g} s") for n in pending.values()]

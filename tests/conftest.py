@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -15,6 +16,8 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 from ppsehr.client.config import load_site_config  # noqa: E402
 from ppsehr.client.guard import GuardServicer, SiteGuard  # noqa: E402
 from ppsehr.common.dictionary import load_dictionary  # noqa: E402
+from ppsehr.common.keys import init_consortium, load_signing_key  # noqa: E402
+from ppsehr.server.planner import sign_plan  # noqa: E402
 from ppsehr.common.localdeploy import DEMO_SITES, demo_dir, write_site_config  # noqa: E402
 from ppsehr.protos import guard_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -29,13 +32,37 @@ def dictionary(demo):
     return load_dictionary(demo / "dictionary.toml")
 
 
+@pytest.fixture(scope="session")
+def consortium_keys(tmp_path_factory):
+    """Coordinator and site signing keys (and TLS/SuperNode material) for the demo sites."""
+    return init_consortium(tmp_path_factory.mktemp("keys") / "keys", list(DEMO_SITES), ["127.0.0.1", "localhost"])
+
+
+@pytest.fixture(scope="session")
+def coordinator_key(consortium_keys):
+    return load_signing_key(consortium_keys.coordinator_key)
+
+
+@pytest.fixture(scope="session")
+def sign(coordinator_key):
+    """Sign a QueryPlan as the allowlisted coordinator (default expiry: 10 minutes from now)."""
+
+    def do(plan, key=None):
+        if not plan.expires_at:
+            plan.expires_at = int(time.time() + 600)
+        return sign_plan(plan, key or coordinator_key)
+
+    return do
+
+
 @pytest.fixture
-def site_config(tmp_path, demo):
+def site_config(tmp_path, demo, consortium_keys):
     """Factory: write a site config for a demo site into tmp_path and load it."""
 
     def make(site="cleveland", epsilon=10.0, policy=None, state=None):
         path = write_site_config(tmp_path / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
-                                 state or tmp_path / "state" / site, "127.0.0.1:0", epsilon, 1e-6, policy)
+                                 state or tmp_path / "state" / site, "127.0.0.1:0", epsilon, 1e-6,
+                                 consortium_keys.site_keys[site][0], [consortium_keys.coordinator_pub], policy)
         return load_site_config(path)
 
     return make

@@ -28,12 +28,12 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert test_cmd in (ROOT / ".ci" / "run").read_text()
 
 
-def test_site_status_and_audit(guards, dictionary, capsys):
+def test_site_status_and_audit(guards, dictionary, capsys, sign):
     from ppsehr.protos import guard_pb2 as pb
 
     g = guards("cleveland")
-    g.stub.Answer(pb.QueryPlan(plan_id="p1", coordinator="c", dictionary_hash=dictionary.hash,
-                               marginals=[pb.MarginalQuery(variables=["age"], rho=0.05)]))
+    g.stub.Answer(sign(pb.QueryPlan(plan_id="p1", coordinator="c", dictionary_hash=dictionary.hash,
+                                    marginals=[pb.MarginalQuery(variables=["age"], rho=0.05)])))
     cfg = g.guard.config.source
     assert main(["site", "status", "--config", cfg]) == 0
     out = capsys.readouterr().out
@@ -49,7 +49,7 @@ def test_site_check_prints_local_report(site_config, capsys):
     assert "site va: 200 rows" in out and re.search(r"chol\s+56 missing", out)
 
 
-def test_bad_site_table_stops_the_guard_before_anything_is_debited(tmp_path, demo, capsys):
+def test_bad_site_table_stops_the_guard_before_anything_is_debited(tmp_path, demo, capsys, consortium_keys):
     bad = tmp_path / "bad.data"
     lines = (demo / "data" / "processed.va.data").read_text().splitlines()
     lines[41] = lines[41].replace(",1,", ",9,", 1)  # an unmapped sex code on data row 42
@@ -57,7 +57,7 @@ def test_bad_site_table_stops_the_guard_before_anything_is_debited(tmp_path, dem
     mapping = tmp_path / "va.toml"
     mapping.write_text((demo / "sites" / "va.toml").read_text().replace("../data/processed.va.data", str(bad)))
     cfg = write_site_config(tmp_path / "site.toml", "va", demo / "dictionary.toml", mapping, tmp_path / "state",
-                            "127.0.0.1:0", 5.0, 1e-6)
+                            "127.0.0.1:0", 5.0, 1e-6, consortium_keys.site_keys["va"][0], [consortium_keys.coordinator_pub])
     assert main(["site", "serve", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "bad.data, data row 42 (line 42), column 'sex': code '9' is not mapped" in err

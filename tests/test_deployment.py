@@ -70,8 +70,14 @@ def test_a_dead_guard_is_reported_and_not_charged(consortium, tmp_path):
 
 
 def _flower_processes():
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-    return sorted(line for line in ps if "flower-super" in line or "flwr-" in line or "ppsehr-demo-" in line)
+    """Live (not zombie) Flower and demo processes, by PID."""
+    ps = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout.splitlines()
+    out = set()
+    for line in ps:
+        pid, stat, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (line, "", "")
+        if not stat.startswith("Z") and ("flower-super" in args or "flwr-" in args or "site serve" in args):
+            out.add((int(pid), args))
+    return out
 
 
 def test_demo_command_end_to_end(tmp_path):
@@ -83,4 +89,4 @@ def test_demo_command_end_to_end(tmp_path):
     summary = json.loads(res.stdout)
     assert set(summary["sites"]) == {"cleveland", "hungarian", "switzerland", "va"}
     verify_release(out)
-    assert _flower_processes() == before  # every process the demo started is gone
+    assert _flower_processes() <= before  # every process the demo started is gone

@@ -15,15 +15,21 @@ from ppsehr.server.release import verify_release
 from ppsehr.server.transport import DirectTransport
 
 
-def job(demo, out, **kw):
-    return ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(out), **kw)
+@pytest.fixture
+def job(consortium_keys, demo):
+    def make(out, **kw):
+        return ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(out),
+                          signing_key=str(consortium_keys.coordinator_key),
+                          site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, **kw)
+
+    return make
 
 
-def test_release_from_four_sites(guards, demo, dictionary, tmp_path, all_sites):
+def test_release_from_four_sites(guards, job, dictionary, tmp_path, all_sites):
     gs = guards(*all_sites)
     transport = DirectTransport({g.guard.config.site: g.address for g in gs})
     seen = []
-    manifest = run_release(job(demo, tmp_path / "rel", epsilon=4.0, seed=7), transport, Events(echo=seen.append))
+    manifest = run_release(job(tmp_path / "rel", epsilon=4.0, seed=7), transport, Events(echo=seen.append))
     out = tmp_path / "rel"
     assert verify_release(out)["release_id"] == manifest["release_id"]
     assert any("4 site(s) answered" in m for m in seen)
@@ -47,13 +53,13 @@ def test_release_from_four_sites(guards, demo, dictionary, tmp_path, all_sites):
     assert set(fidelity["mean_tvd_by_width"]) == {"1", "2"}
 
 
-def test_model_keeps_dependencies_a_product_of_marginals_would_lose(guards, demo, dictionary, tmp_path, all_sites):
+def test_model_keeps_dependencies_a_product_of_marginals_would_lose(guards, job, demo, dictionary, tmp_path, all_sites):
     """At a generous budget, the records keep the strong heart_disease ~ cp association of the real data."""
     from ppsehr.common.mapping import load_mapping, load_site_table
 
-    gs = guards(*all_sites, epsilon=100.0)
+    gs = guards(*all_sites, epsilon=100.0, policy={"max_rho_per_plan": 50.0})
     transport = DirectTransport({g.guard.config.site: g.address for g in gs})
-    run_release(job(demo, tmp_path / "rel", epsilon=40.0, seed=1, rows=20000), transport, Events())
+    run_release(job(tmp_path / "rel", epsilon=40.0, seed=1, rows=20000), transport, Events())
     with open(tmp_path / "rel" / "records.csv") as f:
         rows = list(csv.DictReader(f))
 
@@ -72,29 +78,122 @@ def test_model_keeps_dependencies_a_product_of_marginals_would_lose(guards, demo
     assert p_present_given(synth, "asymptomatic") - p_present_given(synth, "atypical_angina") > 0.4
 
 
-def test_second_release_spends_more_and_over_budget_is_refused_without_debit(guards, demo, tmp_path, all_sites):
+def test_second_release_spends_more_and_over_budget_is_refused_without_debit(guards, job, tmp_path, all_sites):
     gs = guards(*all_sites[:2], epsilon=3.0)
     transport = DirectTransport({g.guard.config.site: g.address for g in gs})
-    m1 = run_release(job(demo, tmp_path / "r1", epsilon=1.0, seed=1), transport, Events())
-    m2 = run_release(job(demo, tmp_path / "r2", epsilon=1.0, seed=2), transport, Events())
+    m1 = run_release(job(tmp_path / "r1", epsilon=1.0, seed=1), transport, Events())
+    m2 = run_release(job(tmp_path / "r2", epsilon=1.0, seed=2), transport, Events())
     for g in gs:
         site = g.guard.config.site
         assert m2["sites"][site]["rho_total"] == pytest.approx(2 * m1["sites"][site]["rho_total"])
         assert m2["sites"][site]["epsilon_total"] > m1["sites"][site]["epsilon_total"]
     spent = {g.guard.config.site: g.guard.ledger.spent() for g in gs}
     with pytest.raises(PpsehrError, match="no site answered the plan.*OVER_BUDGET"):
-        run_release(job(demo, tmp_path / "r3", epsilon=3.0), transport, Events())
+        run_release(job(tmp_path / "r3", epsilon=3.0), transport, Events())
     assert not (tmp_path / "r3").exists()
     assert {g.guard.config.site: g.guard.ledger.spent() for g in gs} == spent
 
 
-def test_a_site_that_is_down_is_reported_not_charged(guards, demo, tmp_path, all_sites):
+def test_a_site_that_is_down_is_reported_not_charged(guards, job, tmp_path, all_sites):
     gs = guards(*all_sites[:3])
     down = gs[2]
     down.stop()
     transport = DirectTransport({g.guard.config.site: g.address for g in gs})
-    m = run_release(job(demo, tmp_path / "rel", epsilon=2.0, seed=3), transport, Events())
+    m = run_release(job(tmp_path / "rel", epsilon=2.0, seed=3), transport, Events())
     assert set(m["sites"]) == {g.guard.config.site for g in gs[:2]}
     [failure] = m["sites_not_included"]
     assert failure["code"] == "GUARD_UNAVAILABLE" and failure["site"] == down.guard.config.site
     assert down.guard.ledger.spent() == 0.0
+
+
+@pytest.fixture(scope="module")
+def one_release(tmp_path_factory, demo, consortium_keys):
+    """A real release from two in-process guards, made once for the tamper tests."""
+    from ppsehr.client.guard import SiteGuard
+    from ppsehr.common.localdeploy import write_site_config
+    from ppsehr.client.config import load_site_config
+    from conftest import RunningGuard
+
+    tmp = tmp_path_factory.mktemp("one")
+    running = []
+    for site in ("cleveland", "va"):
+        cfg = write_site_config(tmp / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
+                                tmp / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
+                                [consortium_keys.coordinator_pub])
+        running.append(RunningGuard(SiteGuard(load_site_config(cfg))))
+    try:
+        j = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
+                       signing_key=str(consortium_keys.coordinator_key),
+                       site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=2.0, seed=3)
+        run_release(j, DirectTransport({g.guard.config.site: g.address for g in running}), Events())
+    finally:
+        for g in running:
+            g.stop()
+    return tmp / "rel"
+
+
+def _edit_manifest(path, change):
+    m = json.loads((path / "manifest.json").read_text())
+    change(m)
+    (path / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+
+
+def _resign(path, key_path):
+    """An attacker who also holds a key re-signs the edited manifest."""
+    from ppsehr.common import keys
+
+    key = keys.load_signing_key(key_path)
+    (path / "manifest.sig").write_text(keys.b64(key.sign((path / "manifest.json").read_bytes())) + "\n")
+
+
+def _flip_receipt(m):
+    from ppsehr.common import keys
+    from ppsehr.protos import guard_pb2 as pb
+
+    r = m["receipts"][0]
+    rc = pb.BudgetReceipt.FromString(keys.unb64(r["receipt"]))
+    rc.rho_debited /= 10
+    r["receipt"] = keys.b64(rc.SerializeToString())
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda p, k: (p / "records.csv").write_text("age\n1\n"), "SHA-256 does not match"),
+    (lambda p, k: (p / "extra.csv").write_text("x"), "not covered by the manifest"),
+    (lambda p, k: (p / "fidelity.json").unlink(), "missing"),
+    (lambda p, k: _edit_manifest(p, lambda m: m["sites"]["va"].update(epsilon=0.01)), "signature of manifest.json does not verify"),
+    (lambda p, k: (_edit_manifest(p, lambda m: m["sites"]["va"].update(epsilon=0.01)), _resign(p, k.coordinator_key)),
+     "does not follow from rho"),
+    (lambda p, k: (_edit_manifest(p, lambda m: m["sites"]["va"].update(rho=0.0001)), _resign(p, k.coordinator_key)),
+     "does not match its signed receipt"),
+    (lambda p, k: (_edit_manifest(p, _flip_receipt), _resign(p, k.coordinator_key)), "receipt's signature does not verify"),
+    (lambda p, k: (p / "manifest.sig").unlink(), "not signed"),
+])
+def test_verify_detects_tampering(one_release, tmp_path, consortium_keys, tamper, message):
+    import shutil
+
+    from ppsehr.common.errors import ReleaseError
+
+    copy = tmp_path / "rel"
+    shutil.copytree(one_release, copy)
+    verify_release(copy)
+    tamper(copy, consortium_keys)
+    with pytest.raises(ReleaseError, match=message):
+        verify_release(copy)
+
+
+def test_verify_with_pinned_keys_rejects_a_substituted_coordinator(one_release, tmp_path, consortium_keys):
+    import shutil
+
+    from ppsehr.common import keys
+    from ppsehr.common.errors import ReleaseError
+
+    copy = tmp_path / "rel"
+    shutil.copytree(one_release, copy)
+    verify_release(copy, coordinator_key=consortium_keys.coordinator_pub,
+                   site_keys={s: p[1] for s, p in consortium_keys.site_keys.items()})
+    # someone re-signs the release with their own key and swaps it into the manifest
+    priv, pub = keys.new_signing_key(tmp_path, "mallory")
+    _edit_manifest(copy, lambda m: m["keys"].update(coordinator=pub.read_text()))
+    _resign(copy, priv)
+    with pytest.raises(ReleaseError, match="does not verify"):
+        verify_release(copy, coordinator_key=consortium_keys.coordinator_pub)

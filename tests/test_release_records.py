@@ -10,7 +10,7 @@ import pytest
 from ppsehr.common.dictionary import MISSING
 from ppsehr.common.errors import ReleaseError
 from ppsehr.server.records import decode
-from ppsehr.server.release import verify_release, write_release
+from ppsehr.server.release import write_release
 
 
 def test_numeric_values_are_drawn_inside_their_bin_on_the_precision_grid(dictionary):
@@ -39,45 +39,27 @@ def test_numeric_values_are_drawn_inside_their_bin_on_the_precision_grid(diction
     assert {v for c, v in zip(samples[:, names.index("oldpeak")], cols["oldpeak"]) if c == zero_bin} == {"0.0"}
 
 
-def _manifest(rho=0.1, delta=1e-6):
-    from ppsehr.common import accounting
-
-    site = {"rho": rho, "epsilon": accounting.epsilon(rho, delta), "delta": delta, "rho_total": rho,
-            "epsilon_total": accounting.epsilon(rho, delta), "rho_limit": 1.0}
-    return {"release_id": "r1", "privacy": {"delta": delta}, "sites": {"a": site},
-            "receipts": [{"site": "a", "rho_debited": rho, "rho_spent_total": rho}]}
+def _sign(data: bytes) -> bytes:
+    return b"sig"
 
 
-def test_release_is_complete_and_verifies(tmp_path):
-    out = write_release(tmp_path / "rel", {"records.csv": b"a,b\n1,2\n", "sub/x.json": b"{}"}, _manifest())
-    m = verify_release(out)
-    assert set(m["files"]) == {"records.csv", "sub/x.json"}
+def test_release_is_written_whole(tmp_path):
+    out = write_release(tmp_path / "rel", {"records.csv": b"a,b\n1,2\n", "sub/x.json": b"{}"}, {"release_id": "r1"}, _sign)
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["files"]) == {"records.csv", "sub/x.json"} and (out / "manifest.sig").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["rel"]  # no temporary leftovers
-
-
-@pytest.mark.parametrize("tamper, message", [
-    (lambda p: (p / "records.csv").write_text("a,b\n9,9\n"), "SHA-256 does not match"),
-    (lambda p: (p / "extra.csv").write_text("x"), "not covered by the manifest"),
-    (lambda p: (p / "records.csv").unlink(), "missing"),
-    (lambda p: _edit_manifest(p, lambda m: m["sites"]["a"].update(epsilon=0.01)), "does not follow from rho"),
-    (lambda p: _edit_manifest(p, lambda m: m["sites"]["a"].update(rho=0.01)), "does not match its receipt"),
-])
-def test_verify_detects_tampering(tmp_path, tamper, message):
-    out = write_release(tmp_path / "rel", {"records.csv": b"a,b\n1,2\n"}, _manifest())
-    tamper(out)
-    with pytest.raises(ReleaseError, match=message):
-        verify_release(out)
-
-
-def _edit_manifest(path, change):
-    m = json.loads((path / "manifest.json").read_text())
-    change(m)
-    (path / "manifest.json").write_text(json.dumps(m))
 
 
 def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(ReleaseError, match="bad release file name"):
-        write_release(tmp_path / "rel", {"records.csv": b"x", "../escape.csv": b"y"}, _manifest())
+        write_release(tmp_path / "rel", {"records.csv": b"x", "../escape.csv": b"y"}, {}, _sign)
+    assert list(tmp_path.iterdir()) == []
+
+    def broken_signer(data):
+        raise RuntimeError("signing device unplugged")
+
+    with pytest.raises(RuntimeError):
+        write_release(tmp_path / "rel", {"records.csv": b"x"}, {}, broken_signer)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -85,5 +67,5 @@ def test_existing_output_is_not_overwritten(tmp_path):
     (tmp_path / "rel").mkdir()
     (tmp_path / "rel" / "keep.txt").write_text("mine")
     with pytest.raises(ReleaseError, match="already exists"):
-        write_release(tmp_path / "rel", {"records.csv": b"x"}, _manifest())
+        write_release(tmp_path / "rel", {"records.csv": b"x"}, {}, _sign)
     assert (tmp_path / "rel" / "keep.txt").read_text() == "mine"

@@ -1,0 +1,204 @@
+"""Keys and certificates for a consortium, made with `cryptography`.
+
+- a consortium CA and a TLS server certificate for the SuperLink (SAN for the given hosts);
+- EC P-384 SuperNode authentication keys in OpenSSH format (what Flower expects);
+- Ed25519 signing keys for the coordinator (plans, releases) and each site (summaries, receipts).
+
+Private keys are written with mode 0600 in 0700 directories and never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import PpsehrError
+
+
+class KeyFileError(PpsehrError):
+    """A key file is missing, unreadable or of the wrong kind."""
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+    return path
+
+
+def _write_public(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, 0o644)
+    return path
+
+
+# ---------------------------------------------------------------- Ed25519 signing keys
+def fingerprint(public_key: ed25519.Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:32]
+
+
+def new_signing_key(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write NAME.key (PKCS8 PEM, 0600) and NAME.pub (PEM) into directory."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    priv = _write_private(directory / f"{name}.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    pub = _write_public(directory / f"{name}.pub", key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+def load_signing_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: signing key not found") from None
+    except ValueError:
+        raise KeyFileError(f"{path}: not a PEM private key") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise KeyFileError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_public_key(path: str | Path) -> ed25519.Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: public key not found") from None
+    except ValueError:
+        raise KeyFileError(f"{path}: not a PEM public key") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise KeyFileError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def public_pem(key: ed25519.Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def public_from_pem(text: str) -> ed25519.Ed25519PublicKey:
+    key = serialization.load_pem_public_key(text.encode())
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise KeyFileError("not an Ed25519 public key")
+    return key
+
+
+def verify(public_key: ed25519.Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
+    try:
+        public_key.verify(signature, data)
+        return True
+    except InvalidSignature:
+        return False
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode(), validate=True)
+
+
+# ---------------------------------------------------------------- TLS and SuperNode auth
+@dataclass(frozen=True)
+class TLSFiles:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def new_tls(directory: Path, hosts: list[str], days: int = 825) -> TLSFiles:
+    """A consortium CA and a server certificate for the SuperLink with SANs for `hosts`."""
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ppsehr consortium CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])).issuer_name(ca_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA384()))
+    pem = serialization.Encoding.PEM
+    _write_private(directory / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    files = TLSFiles(_write_public(directory / "ca.crt", ca.public_bytes(pem)),
+                     _write_public(directory / "server.pem", cert.public_bytes(pem)),
+                     _write_private(directory / "server.key", key.private_bytes(
+                         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())))
+    return files
+
+
+def new_supernode_key(directory: Path, name: str) -> tuple[Path, Path]:
+    """EC P-384 key pair in OpenSSH format for Flower SuperNode authentication."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv = _write_private(directory / f"{name}.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    pub = _write_public(directory / f"{name}.pub", key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return priv, pub
+
+
+@dataclass(frozen=True)
+class ConsortiumKeys:
+    root: Path
+    tls: TLSFiles
+    coordinator_key: Path
+    coordinator_pub: Path
+    site_keys: dict[str, tuple[Path, Path]]
+    supernode_keys: dict[str, tuple[Path, Path]]
+
+
+def init_consortium(root: Path, sites: list[str], hosts: list[str]) -> ConsortiumKeys:
+    """All key material of a consortium under root/ (what `ppsehr keys init` writes)."""
+    root = Path(root)
+    if (root / "coordinator" / "signing.key").exists():
+        raise KeyFileError(f"{root} already holds consortium keys; refusing to overwrite them")
+    tls = new_tls(root / "tls", hosts)
+    ck, cp = new_signing_key(root / "coordinator", "signing")
+    return ConsortiumKeys(root, tls, ck, cp,
+                          {s: new_signing_key(root / "sites" / s, "signing") for s in sites},
+                          {s: new_supernode_key(root / "supernodes", s) for s in sites})
+
+
+def load_consortium(root: Path, sites: list[str] | tuple[str, ...]) -> ConsortiumKeys:
+    """The paths `init_consortium` wrote under root (checked to exist)."""
+    root = Path(root)
+    k = ConsortiumKeys(root, TLSFiles(root / "tls" / "ca.crt", root / "tls" / "server.pem", root / "tls" / "server.key"),
+                       root / "coordinator" / "signing.key", root / "coordinator" / "signing.pub",
+                       {s: (root / "sites" / s / "signing.key", root / "sites" / s / "signing.pub") for s in sites},
+                       {s: (root / "supernodes" / f"{s}.key", root / "supernodes" / f"{s}.pub") for s in sites})
+    for p in [k.coordinator_key, k.coordinator_pub, *(x for pair in k.site_keys.values() for x in pair)]:
+        if not p.exists():
+            raise KeyFileError(f"{p}: missing from the consortium keys in {root}")
+    return k
