@@ -36,7 +36,7 @@ def cmd_demo(args) -> int:
     ok = False
     try:
         with consortium:
-            final = consortium.release(out, epsilon=args.epsilon, seed=args.seed, rows=args.rows,
+            final = consortium.release(out, epsilon=args.epsilon, seed=args.seed, rows=args.rows, **job_options(args),
                                        on_event=lambda ev: say(ev["message"]))
         ok = True
     finally:
@@ -50,7 +50,7 @@ def cmd_demo(args) -> int:
                      "rows": manifest["generator"]["rows"]})
         return 0
     print(f"\nrelease {manifest['release_id']} in {final['out']}  ({time.monotonic() - t0:.1f} s)")
-    print(f"  {manifest['generator']['rows']} synthetic records over {len(manifest['plan']['marginals'])} DP marginals")
+    print(f"  {manifest['generator']['rows']} synthetic records over {sum(len(p['marginals']) for p in manifest['plans'])} DP marginals")
     print(f"  {'site':<12} {'rho':>9} {'epsilon':>8} {'delta':>7}   lifetime spent")
     for site, s in manifest["sites"].items():
         print(f"  {site:<12} {s['rho']:>9.4g} {s['epsilon']:>8.3g} {s['delta']:>7.0e}   rho {s['rho_total']:.4g} of {s['rho_limit']:.4g}")
@@ -118,11 +118,17 @@ def cmd_site_audit(args) -> int:
     ledger = Ledger(cfg.ledger_path, cfg.rho_limit, cfg.site)
     for e in ledger.audit_entries():
         print(f"#{e.seq:<4} {e.at}  {e.event:<9} {e.code:<20} {e.plan_id[:32]:<32} {e.detail}")
+    for digest, policy in ledger.policies().items():
+        print(f"policy {digest[:16]}: {policy}")
     broken = ledger.verify_audit()
     if broken is not None:
         print(f"AUDIT CHAIN BROKEN at entry #{broken}: it or an earlier entry was altered", file=sys.stderr)
         return 1
-    print("audit chain intact")
+    problem = ledger.check()  # SQLite integrity; debits table against the chain's debit entries
+    if problem:
+        print(f"LEDGER DAMAGED: {problem}", file=sys.stderr)
+        return 1
+    print("audit chain intact; debits match the audit log")
     return 0
 
 
@@ -133,11 +139,18 @@ def cmd_coordinator_release(args) -> int:
 
     job_dir = Path(args.job_dir or tempfile.mkdtemp(prefix="ppsehr-job-")).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
+    site_keys = {}
+    for item in args.site_key:
+        site, _, path = item.partition("=")
+        if not site or not path:
+            raise PpsehrError(f"--site-key takes SITE=PUBLIC_KEY_FILE, got {item!r}")
+        site_keys[site] = str(Path(path).resolve())
     job = ReleaseJob(dictionary=str(Path(args.dictionary).resolve()), out=str(Path(args.out).resolve()),
+                     signing_key=str(Path(args.signing_key).resolve()), site_keys=site_keys,
                      epsilon=args.epsilon, rho=args.rho, delta=args.delta, seed=args.seed, rows=args.rows,
                      coordinator=args.coordinator, purpose=args.purpose, min_sites=args.min_sites,
-                     events=str(job_dir / "events.jsonl"))
-    job.rho_per_site()  # validate the budget before anything starts
+                     events=str(job_dir / "events.jsonl"), **job_options(args))
+    job.validate()  # every option checked before anything is sent
     if Path(job.out).exists():
         raise PpsehrError(f"{job.out} already exists; choose a new --out")
     job.save(job_dir / "job.json")
@@ -151,13 +164,88 @@ def cmd_coordinator_release(args) -> int:
 
 def cmd_release_verify(args) -> int:
     from ..server.release import verify_release
+    from . import keys
 
-    m = verify_release(args.dir)
+    site_keys = None
+    if args.site_key:
+        pairs = [s.partition("=") for s in args.site_key]
+        if not all(site and eq and f for site, eq, f in pairs):
+            raise PpsehrError("--site-key takes SITE=PUBLIC_KEY_FILE")
+        site_keys = {site: f for site, _, f in pairs}
+    m = verify_release(args.dir, coordinator_key=args.coordinator_key, site_keys=site_keys)
+    used = {"coordinator": keys.load_public_key(args.coordinator_key) if args.coordinator_key
+            else keys.public_from_pem(m["keys"]["coordinator"])}
+    used.update({f"site {s}": keys.load_public_key(site_keys[s]) if site_keys else keys.public_from_pem(m["keys"]["sites"][s])
+                 for s in m["sites"]})
+    for who, key in used.items():
+        pinned = (args.coordinator_key if who == "coordinator" else site_keys) is not None
+        print(f"{who} key {keys.fingerprint(key)} ({'pinned' if pinned else 'from the manifest: compare with the published fingerprint'})")
     print(f"release {m['release_id']}: {len(m['files'])} files verified; privacy statement follows from "
           f"{len(m['receipts'])} site receipt(s)")
     for site, s in m["sites"].items():
         print(f"  {site:<12} rho {s['rho']:.4g} -> epsilon {s['epsilon']:.3g} at delta {s['delta']:g}")
     return 0
+
+
+# ----------------------------------------------------------------------------- keys
+def cmd_keys_init(args) -> int:
+    from . import keys
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    if not sites or not hosts:
+        raise PpsehrError("--sites and --hosts need at least one name each")
+    k = keys.init_consortium(Path(args.out), sites, hosts)
+    public = [k.tls.ca_cert, k.tls.server_cert, k.coordinator_pub, *(p for _, p in k.site_keys.values()),
+              *(p for _, p in k.supernode_keys.values())]
+    print(f"consortium keys written to {k.root} (private keys: mode 0600, never printed)")
+    for f in public:
+        d = keys.describe_key_file(f)
+        print(f"  {str(f.relative_to(k.root)):<28} {d['fingerprint']}")
+    print("give each site its sites/<id>/ directory, supernodes/<id>.key and tls/ca.crt; register supernodes/*.pub "
+          "with `flwr supernode register`; sites allowlist coordinator/signing.pub")
+    return 0
+
+
+def cmd_keys_new(args) -> int:
+    from . import keys
+
+    make = keys.new_signing_key if args.kind == "signing" else keys.new_supernode_key
+    priv, pub = make(Path(args.out), args.name)
+    print(f"private key {priv} (mode 0600; keep it here)\npublic key  {pub}  {keys.describe_key_file(pub)['fingerprint']}")
+    return 0
+
+
+def cmd_keys_fingerprint(args) -> int:
+    from . import keys
+
+    found = [keys.describe_key_file(f) for f in args.files]
+    if args.json:
+        _print_json(found)
+    for d in [] if args.json else found:
+        print(f"{d['file']}: {d['kind']} {d['fingerprint']}" + (f" subject {d['subject']} hosts {d['hosts']} until {d['not_after']}"
+                                                               if "subject" in d else ""))
+    return 0
+
+
+def cmd_bench_fidelity(args) -> int:
+    from ..server.benchmark import run_fidelity_cli
+
+    return run_fidelity_cli(args)
+
+
+def add_release_options(p: argparse.ArgumentParser) -> None:
+    """How a release measures and models (shared by `demo` and `coordinator release`)."""
+    p.add_argument("--strategy", choices=["dictionary", "adaptive"], default="dictionary",
+                   help="dictionary: one round over the declared structure; adaptive: candidates, then a selected tree")
+    p.add_argument("--select-fraction", type=float, default=0.2, help="adaptive: share of the budget for round 1")
+    p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
+                   help="model: site effects modelled, records pooled; release: records keep a site column; "
+                        "pooled: tables summed across sites")
+
+
+def job_options(args) -> dict:
+    return {"strategy": args.strategy, "select_fraction": args.select_fraction, "site_variable": args.site_variable}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="keep site state, logs and Flower files here (default: a temporary directory)")
     d.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     d.add_argument("--json", action="store_true", help="print a JSON summary only")
+    add_release_options(d)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("site", help="site guard administration").add_subparsers(dest="site_command", required=True)
@@ -205,11 +294,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--purpose", default="synthetic release")
     r.add_argument("--job-dir")
     r.add_argument("--timeout", type=float, default=900)
+    r.add_argument("--signing-key", required=True, help="the coordinator's Ed25519 private key (signs plans and the release)")
+    r.add_argument("--site-key", action="append", default=[], metavar="SITE=PUB",
+                   help="a site's Ed25519 public key; repeat per site (only these sites' summaries count)")
+    add_release_options(r)
     r.set_defaults(func=cmd_coordinator_release)
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON + markdown table)").add_subparsers(dest="bench_command", required=True)
+    bf = bench.add_parser("fidelity", help="fidelity of ppsehr against central DP baselines (see docs/benchmarks.md)")
+    from ..server.benchmark import add_fidelity_arguments
+    add_fidelity_arguments(bf)
+    bf.set_defaults(func=cmd_bench_fidelity)
 
     rel = sub.add_parser("release", help="release commands").add_subparsers(dest="release_command", required=True)
     v = rel.add_parser("verify", help="check a release's files, receipts and privacy statement")
     v.add_argument("dir")
+    v.add_argument("--coordinator-key", help="pin the coordinator's public key (default: the one in the manifest)")
+    v.add_argument("--site-key", action="append", metavar="SITE=FILE", help="pin a site's public key (repeatable)")
+
+    k = sub.add_parser("keys", help="consortium keys and certificates").add_subparsers(dest="keys_command", required=True)
+    ki = k.add_parser("init", help="CA + TLS certificate, coordinator signing key, and per-site signing and SuperNode keys")
+    ki.add_argument("--out", required=True, help="directory to create (private keys 0600 in 0700 directories)")
+    ki.add_argument("--sites", required=True, help="comma-separated site ids")
+    ki.add_argument("--hosts", default="127.0.0.1,localhost", help="SuperLink host names/IPs for the certificate's SAN")
+    ki.set_defaults(func=cmd_keys_init)
+    for name, text in (("signing", "an Ed25519 signing key pair (a site or coordinator makes its own)"),
+                       ("supernode", "an EC P-384 SuperNode authentication key pair (OpenSSH format)")):
+        kn = k.add_parser(name, help=text)
+        kn.add_argument("--out", required=True, help="directory for NAME.key (0600) and NAME.pub")
+        kn.add_argument("--name", default=name)
+        kn.set_defaults(func=cmd_keys_new, kind=name)
+    kf = k.add_parser("fingerprint", help="kind and public fingerprint of key/certificate files (never private material)")
+    kf.add_argument("files", nargs="+")
+    kf.add_argument("--json", action="store_true")
+    kf.set_defaults(func=cmd_keys_fingerprint)
     v.set_defaults(func=cmd_release_verify)
     return p
 

@@ -158,8 +158,10 @@ class LocalConsortium:
 
     def release(self, out: Path, epsilon: float | None = 1.0, rho: float | None = None, seed: int | None = None,
                 rows: int | None = None, timeout: float = 600, on_event: Callable[[dict], None] = lambda e: None,
-                min_sites: int | None = None) -> dict:
-        """Run one release through the SuperLink; return the final event (stage 'done')."""
+                min_sites: int | None = None, **options) -> dict:
+        """Run one release through the SuperLink; return the final event (stage 'done').
+
+        `options` are further ReleaseJob fields (strategy, site_variable, ...)."""
         from ..server.federation import follow, submit, write_app_dir
         from ..server.pipeline import ReleaseJob
 
@@ -171,7 +173,8 @@ class LocalConsortium:
                          signing_key=str(keys.coordinator_key),
                          site_keys={s: str(keys.site_keys[s][1]) for s in self.sites}, epsilon=epsilon,
                          rho=rho, delta=self.delta, seed=seed, rows=rows, coordinator="demo-coordinator",
-                         min_sites=min_sites or len(self.sites), events=str(job_dir / "events.jsonl"))
+                         min_sites=min_sites or len(self.sites), events=str(job_dir / "events.jsonl"), **options)
+        job.validate()
         job.save(job_dir / "job.json")
         run_id = submit(job_dir / "job.json", write_app_dir(jobs / "app"), self.flwr_home, self.connection)
         self.progress(f"run {run_id} submitted to the SuperLink")

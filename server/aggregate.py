@@ -74,15 +74,50 @@ def verify_summary(signed: pb.SignedSummary, signed_plan: pb.SignedPlan, diction
     return SiteResult(site, summary, receipt, signed.signer)
 
 
-def aggregate(plan: pb.QueryPlan, results: list[SiteResult]) -> list[Measurement]:
-    """Sum the sites' noisy tables per planned marginal; variance adds up across sites."""
+SITE = "site"  # the model variable that holds a record's site (or site group), when site effects are modelled
+
+
+def aggregate(plan: pb.QueryPlan, results: list[SiteResult], groups: dict[str, str] | None = None) -> list[Measurement]:
+    """One measurement per planned marginal from the sites' noisy tables; variances add up across sites.
+
+    Without `groups` the tables are summed (pooled). With `groups` (every participating site ->
+    its group label) each measurement gains a leading `site` axis over the sorted group labels:
+    a group's slice is the sum of its sites' tables, unobserved (infinite variance) unless every
+    site of the group answered this plan.
+    """
     if not results:
         raise ValueError("no site answered: nothing to aggregate")
+    labels = sorted(set(groups.values())) if groups else []
+    by_site = {r.site: r for r in results}
     out = []
     for i, m in enumerate(plan.marginals):
-        tables = [r.summary.marginals[i] for r in results]
-        shape = tuple(tables[0].shape)
-        values = np.sum([np.asarray(t.counts, dtype=np.float64) for t in tables], axis=0).reshape(shape)
-        variance = float(sum(t.noise_scale ** 2 for t in tables))
-        out.append(Measurement(tuple(m.variables), values, variance))
+        shape = tuple(results[0].summary.marginals[i].shape)
+
+        def summed(sites: list[str]) -> tuple[np.ndarray, float]:
+            tables = [by_site[s].summary.marginals[i] for s in sites]
+            values = np.sum([np.asarray(t.counts, dtype=np.float64) for t in tables], axis=0).reshape(shape)
+            return values, float(sum(t.noise_scale ** 2 for t in tables))
+
+        if not groups:
+            values, variance = summed(sorted(by_site))
+            out.append(Measurement(tuple(m.variables), values, variance))
+            continue
+        values = np.zeros((len(labels),) + shape)
+        variance = np.full((len(labels),) + (1,) * len(shape), np.inf)
+        for g, label in enumerate(labels):
+            members = [s for s, lab in groups.items() if lab == label]
+            if all(s in by_site for s in members):
+                values[g], variance[g] = summed(members)
+        out.append(Measurement((SITE,) + tuple(m.variables), values, variance))
+    return out
+
+
+def pooled(measurements: list[Measurement]) -> list[Measurement]:
+    """The same measurements summed over the `site` axis (only where every slice was observed)."""
+    out = []
+    for m in measurements:
+        if m.variables[:1] != (SITE,):
+            out.append(m)
+        elif m.complete:
+            out.append(Measurement(m.variables[1:], m.values.sum(axis=0), float(np.sum(m.variance))))
     return out

@@ -27,15 +27,29 @@ from typing import Sequence
 import numpy as np
 
 Vars = tuple[str, ...]
+MAX_CLIQUE_CELLS = 20_000_000  # a model clique table of float64 beyond this is a plan error, not a model
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """A noisy contingency table over `variables` (axes in that order), and its per-cell noise variance."""
+    """A noisy contingency table over `variables` (axes in that order) and its noise variance.
+
+    `variance` is one number for every cell, or an array broadcastable to `values`; an infinite
+    variance marks cells that were not observed (e.g. the slice of a site that did not answer).
+    """
 
     variables: Vars
     values: np.ndarray
-    variance: float
+    variance: float | np.ndarray
+
+    def weights(self) -> np.ndarray:
+        """1 / variance per cell (0 where unobserved), shaped like `values`."""
+        with np.errstate(divide="ignore"):
+            return np.broadcast_to(1.0 / np.asarray(self.variance, dtype=float), self.values.shape)
+
+    @property
+    def complete(self) -> bool:
+        return bool(np.all(np.isfinite(self.variance)))
 
 
 def _lse(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -129,6 +143,23 @@ class JunctionTree:
         shape = [self.domain[v] if v in vs else 1 for v in target]
         return arr.reshape(shape)
 
+    def subtree(self, vs: Sequence[str]) -> list[int]:
+        """The smallest connected set of cliques that together hold every variable in `vs`."""
+        nodes = set(range(len(self.cliques)))
+        nbrs = {i: set() for i in nodes}
+        for i, j in self.edges:
+            nbrs[i].add(j)
+            nbrs[j].add(i)
+        pruned = True
+        while pruned:  # strip leaves whose variables the rest still covers
+            pruned = False
+            for leaf in [i for i in nodes if len(nbrs[i] & nodes) <= 1]:
+                rest = set().union(*(self.cliques[j] for j in nodes - {leaf})) if len(nodes) > 1 else set()
+                if len(nodes) > 1 and set(vs) <= rest:
+                    nodes.discard(leaf)
+                    pruned = True
+        return sorted(nodes, key=self.bfs.index)
+
     def containing(self, vs: Sequence[str]) -> int:
         s = set(vs)
         for i, c in enumerate(self.cliques):
@@ -149,13 +180,30 @@ class Model:
         return self.tree.cliques
 
     def marginal(self, variables: Sequence[str]) -> np.ndarray:
-        """Expected counts over `variables` (axes in the order given); they must share a clique."""
+        """Expected counts over `variables` (axes in the order given).
+
+        Within one clique this sums its belief; across cliques it multiplies clique over separator
+        marginals on the smallest subtree that covers the variables, then sums the rest out.
+        """
         tree = self.tree
-        i = tree.containing(variables)
-        c = tree.cliques[i]
-        p = np.exp(self.beliefs[i])
         keep = tree.sort(variables)
-        p = p.sum(axis=tuple(k for k, v in enumerate(c) if v not in keep))
+        try:
+            i = tree.containing(keep)
+            nodes, union = [i], tree.cliques[i]
+        except KeyError:
+            nodes = tree.subtree(keep)
+            union = tree.sort(v for n in nodes for v in tree.cliques[n])
+            if math.prod(tree.shape(union)) > MAX_CLIQUE_CELLS:
+                raise ValueError(f"the marginal over {list(variables)} needs a table over {list(union)}; too large")
+        logp = np.zeros(tree.shape(union))
+        for n in nodes:
+            logp = logp + tree.expand(self.beliefs[n], tree.cliques[n], union)
+            parent = tree.parent[n]
+            if parent in nodes:
+                sep = tuple(v for v in tree.cliques[n] if v in tree.cliques[parent])
+                axes = tuple(k for k, v in enumerate(tree.cliques[n]) if v not in sep)
+                logp = logp - tree.expand(_lse(self.beliefs[n], axes).reshape(tree.shape(sep)), sep, union)
+        p = np.exp(logp).sum(axis=tuple(k for k, v in enumerate(union) if v not in keep))
         perm = [keep.index(v) for v in variables]
         return self.total * np.transpose(p, perm)
 
@@ -246,9 +294,12 @@ def calibrate(tree: JunctionTree, theta: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def estimate_total(measurements: Sequence[Measurement]) -> float:
-    """Inverse-variance weighted estimate of the number of records from every table's sum."""
-    w = np.array([1.0 / (m.variance * m.values.size) for m in measurements])
-    s = np.array([float(m.values.sum()) for m in measurements])
+    """Inverse-variance weighted estimate of the number of records from every complete table's sum."""
+    full = [m for m in measurements if m.complete]
+    if not full:  # every table has unobserved cells: the largest observed sum is the best lower bound
+        return max(1.0, max(float(np.sum(m.values[m.weights() > 0])) for m in measurements))
+    w = np.array([1.0 / float(np.sum(np.broadcast_to(m.variance, m.values.shape))) for m in full])
+    s = np.array([float(m.values.sum()) for m in full])
     return max(1.0, float((w * s).sum() / w.sum()))
 
 
@@ -259,20 +310,26 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
         raise ValueError("no measurements to fit")
     sets = [tuple(m.variables) for m in measurements] + [tuple(c) for c in (cliques or ())] + [(v,) for v in domain]
     tree = JunctionTree(domain, sets)
+    biggest = max(tree.cliques, key=lambda c: math.prod(tree.shape(c)))
+    if math.prod(tree.shape(biggest)) > MAX_CLIQUE_CELLS:
+        raise ValueError(f"the measured marginals need a model clique over {list(biggest)} with "
+                         f"{math.prod(tree.shape(biggest)):,} cells (limit {MAX_CLIQUE_CELLS:,}); measure fewer or smaller marginals")
     for m in measurements:
         if m.values.shape != tree.shape(tuple(m.variables)):
             raise ValueError(f"measurement over {m.variables} has shape {m.values.shape}, expected {tree.shape(tuple(m.variables))}")
-        if not (m.variance > 0 and math.isfinite(m.variance)):
-            raise ValueError(f"measurement over {m.variables} has variance {m.variance!r}")
+        if not np.all(np.asarray(m.variance) > 0) or not np.any(m.weights() > 0):
+            raise ValueError(f"measurement over {m.variables} needs positive variances and at least one observed cell")
     N = estimate_total(measurements) if total is None else float(total)
     # Each measurement, re-ordered to sorted variables and attached to a clique that contains it.
     attached = []
     for m in measurements:
         vs = tree.sort(m.variables)
-        y = np.transpose(np.asarray(m.values, dtype=float), [list(m.variables).index(v) for v in vs])
+        perm = [list(m.variables).index(v) for v in vs]
+        w = np.transpose(m.weights(), perm)
+        y = np.where(w > 0, np.transpose(np.asarray(m.values, dtype=float), perm), 0.0)
         i = tree.containing(vs)
         axes = tuple(k for k, v in enumerate(tree.cliques[i]) if v not in vs)
-        attached.append((i, vs, axes, y, 1.0 / m.variance))
+        attached.append((i, vs, axes, y, w))
 
     def loss_grad(beliefs: list[np.ndarray]) -> tuple[float, list[np.ndarray]]:
         grad = [np.zeros(tree.shape(c)) for c in tree.cliques]
@@ -280,7 +337,7 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
         mus = [N * np.exp(b) for b in beliefs]
         for i, vs, axes, y, w in attached:
             r = (mus[i].sum(axis=axes) if axes else mus[i]) - y
-            loss += 0.5 * w * float(np.dot(r.ravel(), r.ravel()))
+            loss += 0.5 * float(np.sum(w * r * r))
             grad[i] += tree.expand(w * r, vs, tree.cliques[i])
         return loss, grad
 
@@ -288,7 +345,7 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
              else [np.zeros(tree.shape(c)) for c in tree.cliques])
     beliefs = calibrate(tree, theta)
     loss, grad = loss_grad(beliefs)
-    alpha = 1.0 / (N * max(a[4] for a in attached))
+    alpha = 1.0 / (N * max(float(a[4].max()) for a in attached))
     for _ in range(iters):
         mu = [N * np.exp(b) for b in beliefs]
         alpha *= 2.0

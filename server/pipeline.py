@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import secrets
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,13 +25,15 @@ from ..common import accounting, keys
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.errors import PpsehrError
 from . import planner
-from .aggregate import SiteResult, SummaryRejected, aggregate, verify_summary
-from .model import estimate
+from ..protos import guard_pb2 as pb
+from .aggregate import SITE, SiteResult, SummaryRejected, aggregate, pooled, verify_summary
+from .model import Measurement, Model, estimate
 from .records import decode, to_csv
 from .release import write_release
 from .transport import SiteFailure, Transport
 
 PRIVACY_UNIT = "one patient record at one site, added or removed"
+SITE_MODES = ("model", "release", "pooled")
 
 
 @dataclass
@@ -52,6 +56,11 @@ class ReleaseJob:
     wait_sites_timeout: float = 120.0
     plan_lifetime_s: float = 1800.0
     events: str | None = None
+    strategy: str = "dictionary"  # planner.STRATEGIES
+    select_fraction: float = 0.2  # adaptive: share of rho spent on round-1 candidates
+    structure: list[list[str]] = field(default_factory=list)  # extra known dependencies for the one-round plan
+    site_variable: str = "model"  # SITE_MODES: site effects modelled (records pooled) / kept in records / summed away
+    site_groups: dict[str, str] = field(default_factory=dict)  # site -> group label (default: each site its own)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def rho_per_site(self) -> float:
@@ -61,6 +70,22 @@ class ReleaseJob:
         if self.epsilon is None:
             raise PpsehrError("the release needs a budget: epsilon (with delta) or rho")
         return accounting.rho_for_epsilon(float(self.epsilon), float(self.delta))
+
+    def validate(self) -> float:
+        """Check every option before anything is sent (a bad job must cost no site any budget); return rho."""
+        if self.strategy not in planner.STRATEGIES:
+            raise PpsehrError(f"strategy must be one of {planner.STRATEGIES}, got {self.strategy!r}")
+        if self.site_variable not in SITE_MODES:
+            raise PpsehrError(f"site_variable must be one of {SITE_MODES}, got {self.site_variable!r}")
+        if not 0 < self.select_fraction < 1:
+            raise PpsehrError(f"select_fraction must be between 0 and 1, got {self.select_fraction!r}")
+        if self.rows is not None and not 1 <= self.rows <= 100_000_000:
+            raise PpsehrError(f"rows must be between 1 and 100,000,000, got {self.rows!r}")
+        try:
+            accounting.check_delta(self.delta)
+            return self.rho_per_site()
+        except ValueError as e:
+            raise PpsehrError(f"budget: {e}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -88,25 +113,44 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[str, Any]:
-    """Run one release end to end and write it to job.out. Returns the manifest."""
-    started = _now()
-    t0 = time.perf_counter()
-    dictionary = load_dictionary(job.dictionary)
-    rho = job.rho_per_site()
-    coordinator_key = keys.load_signing_key(job.signing_key)
-    site_keys = {site: keys.load_public_key(path) for site, path in job.site_keys.items()}
-    marginals = planner.one_round_plan(dictionary, rho)
-    plan = planner.to_proto(marginals, dictionary, job.coordinator, job.purpose, job.plan_lifetime_s)
-    signed_plan = planner.sign_plan(plan, coordinator_key)
-    events(f"plan {plan.plan_id}: {len(marginals)} marginals, rho {rho:.4g} per site "
-           f"(epsilon {accounting.epsilon(rho, job.delta):.3g} at delta {job.delta:g}), signed by {signed_plan.signer}",
-           stage="plan")
-    replies, failures = transport.query(signed_plan, job.reply_timeout, events)
+@dataclass
+class Round:
+    """One signed plan sent to every site, and what came back (verified summaries, failures)."""
+
+    number: int
+    marginals: list[planner.PlannedMarginal]
+    plan: pb.QueryPlan
+    signed: pb.SignedPlan
+    results: list[SiteResult]
+    failures: list[SiteFailure]
+
+
+@dataclass
+class Synthesis:
+    """The model fitted to the DP aggregates and the records sampled from it (post-processing only)."""
+
+    measurements: list[Measurement]  # what the model was fitted to (with a `site` axis if site effects are modelled)
+    pooled: list[Measurement]  # the same, summed over sites: what fidelity and reports compare against
+    model: Model
+    samples: np.ndarray  # (n, V) cell indices, columns in dictionary order
+    site_labels: list[str] | None  # the sampled site (group) of each record, when site is a model variable
+    groups: list[str]
+    seconds: float
+
+
+def measure(number: int, marginals: list[planner.PlannedMarginal], job: ReleaseJob, dictionary: Dictionary,
+            coordinator_key, site_keys, transport: Transport, events: Events) -> Round:
+    """Sign one plan, send it to every site, keep the summaries whose signatures and receipts verify."""
+    plan = planner.to_proto(marginals, dictionary, job.coordinator, f"{job.purpose} (round {number})", job.plan_lifetime_s)
+    signed = planner.sign_plan(plan, coordinator_key)
+    rho = sum(m.rho for m in marginals)
+    events(f"round {number}: plan {plan.plan_id} with {len(marginals)} marginals, rho {rho:.4g} per site, "
+           f"signed by {signed.signer}", stage="plan")
+    replies, failures = transport.query(signed, job.reply_timeout, events)
     results: list[SiteResult] = []
     for r in replies:
         try:
-            result = verify_summary(r.signed, signed_plan, dictionary, site_keys)
+            result = verify_summary(r.signed, signed, dictionary, site_keys)
         except SummaryRejected as e:
             failures.append(SiteFailure(r.where, "REJECTED", f"summary rejected: {e}"))
             events(f"{r.where}: summary rejected: {e}")
@@ -115,86 +159,158 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
             failures.append(SiteFailure(r.where, "REJECTED", f"a second summary for site {result.site!r}"))
             continue
         results.append(result)
-    results.sort(key=lambda r: r.site)
-    sites = [r.site for r in results]
+    results.sort(key=lambda x: x.site)
     if not results:
-        raise PpsehrError("no site answered the plan: " + "; ".join(f"{f.site}: {f.code} {f.message}" for f in failures))
-    events(f"{len(results)} site(s) answered with verified signatures: {', '.join(sites)}"
-           + (f"; {len(failures)} did not" if failures else ""), stage="aggregate")
-    measurements = aggregate(plan, results)
-    t_fit = time.perf_counter()
-    cliques = planner.structure(dictionary)
-    model = estimate(dictionary.domain(), measurements, cliques=[(n,) for n in dictionary.names] + cliques)
+        raise PpsehrError(f"no site answered the round-{number} plan: "
+                          + "; ".join(f"{f.site}: {f.code} {f.message}" for f in failures))
+    events(f"round {number}: {len(results)} site(s) answered with verified signatures: "
+           f"{', '.join(x.site for x in results)}" + (f"; {len(failures)} did not" if failures else ""), stage="aggregate")
+    return Round(number, marginals, plan, signed, results, failures)
+
+
+def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys, transport: Transport,
+            events: Events) -> list[Round]:
+    """Run the job's measurement strategy: one round, or candidates then a selected tree."""
+    rho = job.validate()
+    events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, job.delta):.3g} at delta {job.delta:g}), "
+           f"strategy {job.strategy}", stage="plan")
+    args = (job, dictionary, coordinator_key, site_keys, transport, events)
+    if job.strategy == "dictionary":
+        return [measure(1, planner.one_round_plan(dictionary, rho, job.structure), *args)]
+    first = measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args)
+    candidates = aggregate(first.plan, first.results)
+    second = planner.second_round_plan(dictionary, candidates, rho * (1 - job.select_fraction))
+    events(f"selected {len(second)} pairs from the round-1 candidates: "
+           + ", ".join("-".join(m.variables) for m in second), stage="plan")
+    return [first, measure(2, second, *args)]
+
+
+def synthesize(dictionary: Dictionary, rounds: list[Round], site_variable: str, site_groups: dict[str, str],
+               rows: int | None, rng: np.random.Generator) -> Synthesis:
+    """Aggregate every round, fit the graphical model, sample records. Reads DP outputs only."""
+    t0 = time.perf_counter()
+    sites = sorted({r.site for rnd in rounds for r in rnd.results})
+    if site_variable == "pooled":
+        # pooled sums must cover the same sites in every round, or totals would disagree
+        common = set.intersection(*({r.site for r in rnd.results} for rnd in rounds))
+        measurements = [m for rnd in rounds for m in aggregate(rnd.plan, [r for r in rnd.results if r.site in common])]
+        groups: dict[str, str] = {}
+    else:
+        if SITE in dictionary.variables:
+            raise PpsehrError(f"the dictionary has a variable named {SITE!r}; use site_variable = 'pooled'")
+        groups = {s: site_groups.get(s, s) for s in sites}
+        measurements = [m for rnd in rounds for m in aggregate(rnd.plan, rnd.results, groups)]
+    # The model's structure is the last round's (the selected tree, in the adaptive strategy); earlier
+    # candidates it cannot hold informed the selection only, as in MST.
+    structure = [set(m.variables) for m in rounds[-1].marginals]
+    measurements = [m for m in measurements
+                    if len(m.variables) - bool(groups) <= 1 or any(set(m.variables) - {SITE} <= s for s in structure)]
+    labels = sorted(set(groups.values()))
+    domain = ({SITE: len(labels)} if groups else {}) | dictionary.domain()
+    model = estimate(domain, measurements)
+    n = rows if rows is not None else max(1, int(round(model.total)))
+    samples = model.sample(n, rng)
+    site_labels = None
+    if groups:
+        site_labels = [labels[i] for i in samples[:, 0]]
+        samples = samples[:, 1:]
+    return Synthesis(measurements, pooled(measurements), model, samples, site_labels, labels, time.perf_counter() - t0)
+
+
+def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[str, Any]:
+    """Run one release end to end and write it to job.out. Returns the manifest."""
+    started = _now()
+    t0 = time.perf_counter()
+    job.validate()
+    dictionary = load_dictionary(job.dictionary)
+    if job.site_variable != "pooled" and SITE in dictionary.variables:
+        raise PpsehrError(f"the dictionary has a variable named {SITE!r}; use site_variable = 'pooled'")
+    coordinator_key = keys.load_signing_key(job.signing_key)
+    site_keys = {site: keys.load_public_key(path) for site, path in job.site_keys.items()}
+    rounds = collect(job, dictionary, coordinator_key, site_keys, transport, events)
     seed = job.seed if job.seed is not None else secrets.randbits(63)
     rng = np.random.default_rng(seed)
-    n_rows = job.rows if job.rows is not None else max(1, int(round(model.total)))
-    samples = model.sample(n_rows, rng)
-    columns = decode(samples, dictionary, rng)
-    fit_seconds = time.perf_counter() - t_fit
-    events(f"model fitted and {n_rows} records sampled in {fit_seconds:.2f} s", stage="synthesize")
+    syn = synthesize(dictionary, rounds, job.site_variable, job.site_groups, job.rows, rng)
+    events(f"model fitted and {len(syn.samples)} records sampled in {syn.seconds:.2f} s", stage="synthesize")
+    columns = decode(syn.samples, dictionary, rng)
+    if job.site_variable == "release" and syn.site_labels is not None:
+        columns = {SITE: syn.site_labels} | columns
+    results = [r for rnd in rounds for r in rnd.results]
+    sites = sorted({r.site for r in results})
+    answered = {s: [r for r in results if r.site == s] for s in sites}
     files = {
         "records.csv": to_csv(columns),
-        "aggregates.json": _json(_aggregates(dictionary, measurements)),
-        "fidelity.json": _json(_fidelity(dictionary, measurements, samples)),
+        "aggregates.json": _json(_aggregates(dictionary, syn)),
+        "fidelity.json": _json(_fidelity(dictionary, syn.pooled, syn.samples)),
     }
     manifest = {
-        "release_id": plan.plan_id,
+        "release_id": uuid.uuid4().hex,
         "created": _now(),
         "started": started,
         "dictionary": {"name": dictionary.name, "version": dictionary.version, "hash": dictionary.hash},
         "coordinator": job.coordinator,
-        "privacy": _privacy(job, results),
-        "sites": {r.site: _site_entry(r) for r in results},
-        "sites_not_included": [_failure_entry(f) for f in failures],
+        "privacy": _privacy(job, answered),
+        "sites": {s: _site_entry(rs) for s, rs in answered.items()},
+        "sites_not_included": [_failure_entry(f) for f in rounds[0].failures],
         "receipts": [_receipt(r) for r in results],
         "keys": {"coordinator": keys.public_pem(coordinator_key.public_key()),
-                 "coordinator_fingerprint": signed_plan.signer,
-                 "sites": {r.site: keys.public_pem(site_keys[r.site]) for r in results}},
-        "plan": {"plan_id": plan.plan_id, "purpose": plan.purpose, "rho_per_site": rho,
-                 "marginals": [{"variables": list(m.variables), "rho": m.rho} for m in marginals],
-                 "signed_plan": keys.b64(signed_plan.plan), "signature": keys.b64(signed_plan.signature),
-                 "sha256": hashlib.sha256(signed_plan.plan).hexdigest()},
-        "generator": {"engine": "ppsehr graphical model (Private-PGM-style estimation, junction-tree sampling)",
-                      "cliques": [list(c) for c in model.cliques], "estimated_total": model.total,
-                      "rows": n_rows, "seed": seed, "fit_seconds": round(fit_seconds, 3),
-                      "python": platform.python_version()},
+                 "coordinator_fingerprint": rounds[0].signed.signer,
+                 "sites": {s: keys.public_pem(site_keys[s]) for s in sites}},
+        "plans": [_plan_entry(rnd) for rnd in rounds],
+        "generator": {"engine": "ppsehr graphical model (Private-PGM-style estimation on a junction tree)",
+                      "strategy": job.strategy, "site_variable": job.site_variable,
+                      "site_groups": syn.groups, "cliques": [list(c) for c in syn.model.cliques],
+                      "estimated_total": syn.model.total, "rows": len(syn.samples), "seed": seed,
+                      "fit_seconds": round(syn.seconds, 3), "python": platform.python_version()},
         "llm": {"used": False, "reason": "no LLM endpoint configured; records come from the statistical engine alone"},
     }
+    for rnd in rounds[1:]:
+        manifest["sites_not_included"] += [_failure_entry(f, rnd.number) for f in rnd.failures]
     out = write_release(job.out, files, manifest, sign=coordinator_key.sign)
     events(f"release written to {out} in {time.perf_counter() - t0:.1f} s", stage="done", out=str(out))
     return manifest
+
+
+def _plan_entry(rnd: Round) -> dict[str, Any]:
+    return {"round": rnd.number, "plan_id": rnd.plan.plan_id, "purpose": rnd.plan.purpose,
+            "rho_per_site": sum(m.rho for m in rnd.marginals),
+            "marginals": [{"variables": list(m.variables), "rho": m.rho} for m in rnd.marginals],
+            "signed_plan": keys.b64(rnd.signed.plan), "signature": keys.b64(rnd.signed.signature),
+            "sha256": hashlib.sha256(rnd.signed.plan).hexdigest()}
 
 
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, indent=1).encode() + b"\n"
 
 
-def _privacy(job: ReleaseJob, results: list[SiteResult]) -> dict[str, Any]:
-    rho = max(r.receipt.rho_debited for r in results)
+def _privacy(job: ReleaseJob, answered: dict[str, list[SiteResult]]) -> dict[str, Any]:
+    rho = max(sum(r.receipt.rho_debited for r in rs) for rs in answered.values())
     eps = accounting.epsilon(rho, job.delta)
     return {
         "unit": PRIVACY_UNIT,
-        "model": "zero-concentrated DP per site; rho composes additively across releases",
+        "model": "zero-concentrated DP per site; rho composes additively across plans and releases",
         "delta": job.delta,
         "release_rho_max": rho,
         "release_epsilon_max": eps,
         "statement": (f"Each patient is protected by the budget of the site that holds them. In this release no "
                       f"site spent more than rho = {rho:.4g}, i.e. ({eps:.3g}, {job.delta:g})-DP. "
                       "If a patient appears at k sites, their loss is at most the sum over those sites. "
-                      "Epsilon is OpenDP's zCDP-to-approximate-DP privacy profile; each site's rho is in its signed receipt."),
+                      "Epsilon is OpenDP's zCDP-to-approximate-DP privacy profile; each site's rho is in its signed receipts."),
     }
 
 
-def _site_entry(r: SiteResult) -> dict[str, Any]:
-    rc = r.receipt
-    return {"status": "answered", "rho": rc.rho_debited, "epsilon": accounting.epsilon(rc.rho_debited, rc.delta),
-            "delta": rc.delta, "rho_total": rc.rho_spent_total, "epsilon_total": accounting.epsilon(rc.rho_spent_total, rc.delta),
-            "rho_limit": rc.rho_limit, "marginals": len(r.summary.marginals)}
+def _site_entry(rs: list[SiteResult]) -> dict[str, Any]:
+    last = max((r.receipt for r in rs), key=lambda rc: rc.ledger_seq)
+    rho = sum(r.receipt.rho_debited for r in rs)
+    return {"status": "answered", "plans": len(rs), "rho": rho, "epsilon": accounting.epsilon(rho, last.delta),
+            "delta": last.delta, "rho_total": last.rho_spent_total,
+            "epsilon_total": accounting.epsilon(last.rho_spent_total, last.delta),
+            "rho_limit": last.rho_limit, "marginals": sum(len(r.summary.marginals) for r in rs)}
 
 
-def _failure_entry(f: SiteFailure) -> dict[str, Any]:
+def _failure_entry(f: SiteFailure, number: int = 1) -> dict[str, Any]:
     refused = f.code not in ("TIMEOUT", "GUARD_TIMEOUT", "GUARD_UNAVAILABLE", "REJECTED") and not f.code.startswith("FLOWER_")
-    return {"site": f.site, "code": f.code, "message": f.message,
+    return {"site": f.site, "round": number, "code": f.code, "message": f.message,
             "charged": "no (the guard refused the plan)" if refused else "unknown: check the site's ledger"}
 
 
@@ -207,10 +323,17 @@ def _receipt(r: SiteResult) -> dict[str, Any]:
             "debited_at": rc.debited_at, "ledger_seq": rc.ledger_seq}
 
 
-def _aggregates(dictionary: Dictionary, measurements) -> dict[str, Any]:
-    return {"note": "sums of the sites' noisy marginals (DP outputs); variance is the noise variance of every cell",
-            "marginals": [{"variables": list(m.variables), "cells": [list(dictionary[v].cells) for v in m.variables],
-                           "counts": m.values.ravel().tolist(), "variance": m.variance} for m in measurements]}
+def _aggregates(dictionary: Dictionary, syn: Synthesis) -> dict[str, Any]:
+    def cells(v: str) -> list[str]:
+        return syn.groups if v == SITE else list(dictionary[v].cells)
+
+    return {"note": "the sites' noisy marginals (DP outputs), summed per site group when `site` is a variable; "
+                    "variance is the noise variance of each cell (null: not observed)",
+            "marginals": [{"variables": list(m.variables), "cells": [cells(v) for v in m.variables],
+                           "counts": m.values.ravel().tolist(),
+                           "variance": [None if not math.isfinite(x) else x
+                                        for x in np.broadcast_to(m.variance, m.values.shape).ravel().tolist()]}
+                          for m in syn.measurements]}
 
 
 def _fidelity(dictionary: Dictionary, measurements, samples: np.ndarray) -> dict[str, Any]:

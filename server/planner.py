@@ -1,22 +1,38 @@
 """Query plans: which marginals every site measures, and with how much of the release's rho.
 
-One-round plan: all 1-way marginals plus the 2-/3-way marginals of a structure known before
-any data is seen (the dictionary's declared dependencies, or a chain over all variables if
-none are declared), each with an equal share of the per-site rho. Spending nothing on
-structure selection keeps a release to a single Flower round.
+Two strategies, both spending exactly the per-site rho of the release:
+
+- ``dictionary`` (one round): all 1-way marginals plus the 2-/3-way marginals of a structure
+  known before any data is seen (the dictionary's declared dependencies, the LLM's clinical
+  prior, or a chain if nothing is declared). No budget goes to structure selection and the
+  release takes a single Flower round.
+- ``adaptive`` (two rounds, in the spirit of MST): round 1 spends a fraction of rho on all
+  1-way and all 2-way marginals as cheap candidates; the coordinator sums them and picks a
+  maximum spanning tree of noise-corrected pairwise dependence; round 2 spends the rest on the
+  chosen pairs. Every measurement of both rounds feeds the estimator, so nothing is wasted.
+
+Within a round rho is split in proportion to cells^(2/3), which minimises the sum of the
+marginals' expected L1 errors (error of a table ~ cells * sigma, sigma ~ rho^(-1/2)).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..common import keys
 from ..common.dictionary import Dictionary
 from ..protos import guard_pb2 as pb
+from .model import Measurement
+
+STRATEGIES = ("dictionary", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -25,20 +41,70 @@ class PlannedMarginal:
     rho: float
 
 
-def structure(dictionary: Dictionary) -> list[tuple[str, ...]]:
-    """The model's cliques beyond 1-way: declared dependencies, else a chain in dictionary order."""
-    if dictionary.dependencies:
-        return [tuple(d) for d in dictionary.dependencies]
+def structure(dictionary: Dictionary, extra: Sequence[Sequence[str]] = ()) -> list[tuple[str, ...]]:
+    """Cliques beyond 1-way known without data: declared dependencies (+ extra), else a chain."""
+    sets = [tuple(d) for d in dictionary.dependencies] + [tuple(e) for e in extra]
+    if not sets:
+        names = dictionary.names
+        sets = [(a, b) for a, b in zip(names, names[1:])]
+    return list(dict.fromkeys(sets))
+
+
+def allocate(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], rho: float) -> list[PlannedMarginal]:
+    """Split rho over `sets` in proportion to cells^(2/3)."""
+    if not (rho > 0 and math.isfinite(rho)):
+        raise ValueError(f"rho per site must be a positive finite number, got {rho!r}")
+    weights = [math.prod(dictionary[v].size for v in s) ** (2 / 3) for s in sets]
+    total = sum(weights)
+    return [PlannedMarginal(tuple(s), rho * w / total) for s, w in zip(sets, weights)]
+
+
+def one_round_plan(dictionary: Dictionary, rho: float, extra: Sequence[Sequence[str]] = ()) -> list[PlannedMarginal]:
+    """All 1-way marginals plus the known structure's marginals."""
+    return allocate(dictionary, [(n,) for n in dictionary.names] + structure(dictionary, extra), rho)
+
+
+def candidate_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
+    """Round 1 of the adaptive strategy: every 1-way and 2-way marginal."""
     names = dictionary.names
-    return [(a, b) for a, b in zip(names, names[1:])]
+    return allocate(dictionary, [(n,) for n in names] + list(itertools.combinations(names, 2)), rho)
 
 
-def one_round_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
-    """All 1-way marginals plus the structure's marginals, splitting rho equally."""
-    if not rho > 0:
-        raise ValueError(f"rho per site must be positive, got {rho!r}")
-    sets = [(n,) for n in dictionary.names] + structure(dictionary)
-    return [PlannedMarginal(v, rho / len(sets)) for v in sets]
+def dependence(m: Measurement) -> float:
+    """Noise-corrected L1 distance of a summed 2-way table from the product of its own margins."""
+    y = np.clip(m.values, 0, None)
+    n = y.sum()
+    if n <= 0:
+        return 0.0
+    indep = np.outer(y.sum(axis=1), y.sum(axis=0)) / n
+    noise = m.values.size * math.sqrt(2 * float(np.max(m.variance)) / math.pi)  # E|noise| summed over cells
+    return float(np.abs(y - indep).sum() - noise)
+
+
+def select_tree(names: Sequence[str], pairs: dict[tuple[str, str], float]) -> list[tuple[str, str]]:
+    """Maximum spanning tree over `names` by pair score (Kruskal)."""
+    root = {n: n for n in names}
+
+    def find(n: str) -> str:
+        while root[n] != n:
+            root[n] = root[root[n]]
+            n = root[n]
+        return n
+
+    tree = []
+    for (a, b), _ in sorted(pairs.items(), key=lambda kv: -kv[1]):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            root[ra] = rb
+            tree.append((a, b))
+    return tree
+
+
+def second_round_plan(dictionary: Dictionary, candidates: Sequence[Measurement], rho: float) -> list[PlannedMarginal]:
+    """Round 2 of the adaptive strategy: the spanning tree the candidates point to (pooled tables)."""
+    scores = {tuple(m.variables): dependence(m) for m in candidates if len(m.variables) == 2}
+    tree = select_tree(dictionary.names, scores)  # type: ignore[arg-type]
+    return allocate(dictionary, tree, rho)
 
 
 def to_proto(marginals: list[PlannedMarginal], dictionary: Dictionary, coordinator: str, purpose: str,

@@ -104,42 +104,56 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
     extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in listed)
     if extra:
         raise ReleaseError(f"{path}: files not covered by the manifest: {extra}")
-    _verify_plan(manifest, ckey, mpath)
-    receipts = {r["site"]: r for r in manifest.get("receipts", [])}
+    plans = {p["plan_id"]: _verify_plan(p, manifest, ckey, mpath) for p in manifest.get("plans", [])}
+    if not plans:
+        raise ReleaseError(f"{mpath}: no plans")
+    by_site: dict[str, list[pb.BudgetReceipt]] = {}
+    for r in manifest.get("receipts", []):
+        site = r.get("site")
+        if site not in manifest["sites"]:
+            raise ReleaseError(f"{mpath}: a receipt names site {site!r}, which the manifest does not list")
+        by_site.setdefault(site, []).append(_verify_receipt(r, site, plans, manifest, site_keys, mpath))
     for site, s in manifest["sites"].items():
-        r = receipts.get(site)
-        if r is None:
+        rcs = by_site.get(site)
+        if not rcs:
             raise ReleaseError(f"{mpath}: site {site!r} has no receipt")
-        rc = _verify_receipt(r, site, manifest, site_keys, mpath)
-        if not math.isclose(rc.rho_debited, s["rho"], rel_tol=1e-12) or not math.isclose(rc.rho_spent_total, s["rho_total"], rel_tol=1e-12):
-            raise ReleaseError(f"{mpath}: site {site!r}: stated rho does not match its signed receipt")
-        for key, rho in (("epsilon", rc.rho_debited), ("epsilon_total", rc.rho_spent_total)):
-            if not math.isclose(accounting.epsilon(rho, rc.delta), s[key], rel_tol=1e-6):
-                raise ReleaseError(f"{mpath}: site {site!r}: {key} {s[key]} does not follow from rho {rho} at delta {rc.delta}")
-    if manifest["sites"]:
-        worst = max(receipts[s].get("rho_debited", 0) for s in manifest["sites"])
-        stated = manifest["privacy"]["release_epsilon_max"]
-        if not math.isclose(accounting.epsilon(worst, manifest["privacy"]["delta"]), stated, rel_tol=1e-6):
-            raise ReleaseError(f"{mpath}: release_epsilon_max {stated} does not follow from the receipts")
+        if len({rc.plan_id for rc in rcs}) != len(rcs):
+            raise ReleaseError(f"{mpath}: site {site!r} has two receipts for one plan")
+        rho = math.fsum(rc.rho_debited for rc in rcs)
+        last = max(rcs, key=lambda rc: rc.ledger_seq)
+        if not math.isclose(rho, s["rho"], rel_tol=1e-12) or not math.isclose(last.rho_spent_total, s["rho_total"], rel_tol=1e-12):
+            raise ReleaseError(f"{mpath}: site {site!r}: stated rho does not match its signed receipts")
+        for key, value in (("epsilon", rho), ("epsilon_total", last.rho_spent_total)):
+            if not math.isclose(accounting.epsilon(value, last.delta), s[key], rel_tol=1e-6):
+                raise ReleaseError(f"{mpath}: site {site!r}: {key} {s[key]} does not follow from rho {value} at delta {last.delta}")
+    worst = max(math.fsum(rc.rho_debited for rc in rcs) for rcs in by_site.values())
+    stated = manifest["privacy"]["release_epsilon_max"]
+    if not math.isclose(accounting.epsilon(worst, manifest["privacy"]["delta"]), stated, rel_tol=1e-6):
+        raise ReleaseError(f"{mpath}: release_epsilon_max {stated} does not follow from the receipts")
     return manifest
 
 
-def _verify_plan(manifest: dict[str, Any], ckey, mpath: Path) -> None:
+def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: Path) -> str:
+    """Check one plan's coordinator signature and content; return its SHA-256 (hex)."""
     try:
-        plan_bytes = keys.unb64(manifest["plan"]["signed_plan"])
-        if not keys.verify(ckey, keys.unb64(manifest["plan"]["signature"]), plan_bytes):
-            raise ReleaseError(f"{mpath}: the plan's signature does not verify")
+        plan_bytes = keys.unb64(entry["signed_plan"])
+        if not keys.verify(ckey, keys.unb64(entry["signature"]), plan_bytes):
+            raise ReleaseError(f"{mpath}: the signature of plan {entry['plan_id']!r} does not verify")
         plan = pb.QueryPlan.FromString(plan_bytes)
     except (KeyError, ValueError) as e:
-        raise ReleaseError(f"{mpath}: plan section unreadable ({e})") from None
-    if plan.plan_id != manifest["plan"]["plan_id"] or hashlib.sha256(plan_bytes).hexdigest() != manifest["plan"]["sha256"]:
-        raise ReleaseError(f"{mpath}: the plan section does not match the signed plan")
+        raise ReleaseError(f"{mpath}: a plan entry is unreadable ({e})") from None
+    digest = hashlib.sha256(plan_bytes).hexdigest()
+    if plan.plan_id != entry["plan_id"] or digest != entry["sha256"]:
+        raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} does not match the signed plan")
+    if [list(m.variables) for m in plan.marginals] != [m["variables"] for m in entry["marginals"]]:
+        raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} lists other marginals than the signed plan")
     if plan.dictionary_hash != manifest["dictionary"]["hash"]:
-        raise ReleaseError(f"{mpath}: the signed plan is for another dictionary")
+        raise ReleaseError(f"{mpath}: plan {entry['plan_id']!r} is signed for another dictionary")
+    return digest
 
 
-def _verify_receipt(r: dict[str, Any], site: str, manifest: dict[str, Any], site_keys: dict[str, Path] | None,
-                    mpath: Path) -> pb.BudgetReceipt:
+def _verify_receipt(r: dict[str, Any], site: str, plans: dict[str, str], manifest: dict[str, Any],
+                    site_keys: dict[str, Path] | None, mpath: Path) -> pb.BudgetReceipt:
     try:
         key = keys.load_public_key(site_keys[site]) if site_keys else keys.public_from_pem(manifest["keys"]["sites"][site])
         raw = keys.unb64(r["receipt"])
@@ -149,8 +163,8 @@ def _verify_receipt(r: dict[str, Any], site: str, manifest: dict[str, Any], site
     if not ok:
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt's signature does not verify")
     rc = pb.BudgetReceipt.FromString(raw)
-    if rc.site != site or rc.plan_id != manifest["plan"]["plan_id"] or rc.plan_sha256.hex() != manifest["plan"]["sha256"]:
-        raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another site or plan")
+    if rc.site != site or plans.get(rc.plan_id) != rc.plan_sha256.hex():
+        raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another site or for a plan not in this release")
     if rc.dictionary_hash != manifest["dictionary"]["hash"]:
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another dictionary")
     return rc

@@ -67,6 +67,25 @@ class DirectTransport:
         return [r for r in results if isinstance(r, SiteReply)], [r for r in results if isinstance(r, SiteFailure)]
 
 
+class InProcessTransport:
+    """Call SiteGuard objects living in this process (benchmarks): the guard's own code, minus gRPC."""
+
+    def __init__(self, guards: dict):
+        self.guards = guards  # site name -> ppsehr.client.guard.SiteGuard
+
+    def query(self, plan, timeout, progress):
+        from ..client.guard import Refusal
+
+        replies: list[SiteReply] = []
+        failures: list[SiteFailure] = []
+        for name, guard in self.guards.items():
+            try:
+                replies.append(SiteReply(name, guard.answer(plan)))
+            except Refusal as r:
+                failures.append(SiteFailure(name, r.code, r.message))
+        return replies, failures
+
+
 class FlowerTransport:
     """Send the plan to every connected SuperNode through Flower's Grid, in one round."""
 

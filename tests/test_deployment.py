@@ -57,6 +57,29 @@ def test_releases_over_flower_match_the_ledgers(consortium, tmp_path):
     assert not (tmp_path / "r3").exists()
 
 
+def test_coordinator_cli_runs_an_adaptive_release_over_the_secure_superlink(consortium, tmp_path):
+    """What a coordinator types: two signed rounds over TLS + node auth, receipts for both, verify passes."""
+    from ppsehr.common.localdeploy import demo_dir
+
+    before = ledger_totals(consortium)
+    k = consortium.keys
+    out = tmp_path / "rel"
+    cmd = [sys.executable, "-m", "ppsehr.common.cli", "coordinator", "release", "--dictionary",
+           str(demo_dir() / "dictionary.toml"), "--out", str(out), "--superlink", consortium.control_address,
+           "--root-certificates", str(k.tls.ca_cert), "--signing-key", str(k.coordinator_key),
+           "--epsilon", "0.5", "--strategy", "adaptive", "--min-sites", str(len(SITES)), "--seed", "3",
+           *[a for s in SITES for a in ("--site-key", f"{s}={k.site_keys[s][1]}")]]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "round 2" in res.stdout and "release written to" in res.stdout
+    m = verify_release(out, coordinator_key=k.coordinator_pub, site_keys={s: k.site_keys[s][1] for s in SITES})
+    assert len(m["plans"]) == 2
+    after = ledger_totals(consortium)
+    for site in SITES:
+        assert m["sites"][site]["plans"] == 2
+        assert m["sites"][site]["rho"] == pytest.approx(after[site] - before[site], rel=1e-9)
+
+
 def test_a_dead_guard_is_reported_and_not_charged(consortium, tmp_path):
     before = ledger_totals(consortium)
     guard = next(p for p in consortium.group.procs if p.name == "guard-va")
@@ -90,3 +113,22 @@ def test_demo_command_end_to_end(tmp_path):
     assert set(summary["sites"]) == {"cleveland", "hungarian", "switzerland", "va"}
     verify_release(out)
     assert _flower_processes() <= before  # every process the demo started is gone
+
+
+def test_an_unregistered_supernode_cannot_join(consortium, tmp_path):
+    """A SuperNode with a fresh, unregistered key (or none) is refused by the TLS SuperLink."""
+    from ppsehr.common.keys import describe_key_file, new_supernode_key
+    from ppsehr.common.procs import flower_env
+
+    rogue_key, rogue_pub = new_supernode_key(tmp_path, "rogue")
+    rogue = consortium.start_supernode("va", rogue_key, name="supernode-rogue")
+    keyless = consortium.start_supernode("va", None, name="supernode-keyless")
+    for proc, text in ((rogue, "Failed to activate SuperNode"), (keyless, "must be registered")):
+        assert proc.popen.wait(timeout=90) != 0, proc.tail()
+        assert text in proc.tail(50)
+    listed = subprocess.run(["flwr", "supernode", "list", consortium.connection, "--format", "json"], capture_output=True,
+                            text=True, timeout=120, env=flower_env(consortium.flwr_home))
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    nodes = json.loads(listed.stdout)["nodes"]
+    assert len(nodes) == len(SITES)  # only the registered sites' nodes
+    assert describe_key_file(rogue_pub)["fingerprint"] not in listed.stdout

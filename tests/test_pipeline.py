@@ -88,7 +88,7 @@ def test_second_release_spends_more_and_over_budget_is_refused_without_debit(gua
         assert m2["sites"][site]["rho_total"] == pytest.approx(2 * m1["sites"][site]["rho_total"])
         assert m2["sites"][site]["epsilon_total"] > m1["sites"][site]["epsilon_total"]
     spent = {g.guard.config.site: g.guard.ledger.spent() for g in gs}
-    with pytest.raises(PpsehrError, match="no site answered the plan.*OVER_BUDGET"):
+    with pytest.raises(PpsehrError, match="no site answered the round-1 plan.*OVER_BUDGET"):
         run_release(job(tmp_path / "r3", epsilon=3.0), transport, Events())
     assert not (tmp_path / "r3").exists()
     assert {g.guard.config.site: g.guard.ledger.spent() for g in gs} == spent
@@ -197,3 +197,44 @@ def test_verify_with_pinned_keys_rejects_a_substituted_coordinator(one_release, 
     _resign(copy, priv)
     with pytest.raises(ReleaseError, match="does not verify"):
         verify_release(copy, coordinator_key=consortium_keys.coordinator_pub)
+
+
+def test_adaptive_release_spends_two_rounds_with_a_receipt_each(guards, job, tmp_path, all_sites, dictionary):
+    """Round 1 buys cheap candidates, round 2 the selected tree; the manifest accounts for both plans."""
+    gs = guards(*all_sites[:3])
+    transport = DirectTransport({g.guard.config.site: g.address for g in gs})
+    seen = []
+    m = run_release(job(tmp_path / "rel", epsilon=4.0, seed=5, strategy="adaptive", site_variable="release"),
+                    transport, Events(echo=seen.append))
+    verify_release(tmp_path / "rel")
+    assert [p["round"] for p in m["plans"]] == [1, 2]
+    second = [tuple(x["variables"]) for x in m["plans"][1]["marginals"]]
+    assert len(second) == len(dictionary.names) - 1  # a spanning tree
+    assert sum(p["rho_per_site"] for p in m["plans"]) == pytest.approx(accounting.rho_for_epsilon(4.0, 1e-6))
+    for g in gs:
+        site = g.guard.config.site
+        assert m["sites"][site]["plans"] == 2
+        assert m["sites"][site]["rho"] == pytest.approx(g.guard.ledger.spent(), rel=1e-12)
+        assert len([r for r in m["receipts"] if r["site"] == site]) == 2
+    with open(tmp_path / "rel" / "records.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[0] == "site" and {r["site"] for r in rows} <= {g.guard.config.site for g in gs}
+    assert m["generator"]["site_variable"] == "release"
+    assert any(tuple(c)[0] == "site" for c in m["generator"]["cliques"])
+
+
+def test_pooled_release_has_no_site_axis(guards, job, tmp_path, all_sites):
+    gs = guards(*all_sites[:2])
+    transport = DirectTransport({g.guard.config.site: g.address for g in gs})
+    m = run_release(job(tmp_path / "rel", epsilon=2.0, seed=6, site_variable="pooled"), transport, Events())
+    aggregates = json.loads((tmp_path / "rel" / "aggregates.json").read_text())
+    assert all("site" not in a["variables"] for a in aggregates["marginals"])
+    assert all("site" not in c for c in m["generator"]["cliques"])
+    spent = {g.guard.config.site: g.guard.ledger.spent() for g in gs}
+    for bad, message in ((dict(site_variable="both"), "site_variable must be one of"),
+                         (dict(strategy="greedy"), "strategy must be one of"), (dict(epsilon=-1.0), "budget"),
+                         (dict(strategy="adaptive", select_fraction=1.5), "select_fraction")):
+        with pytest.raises(PpsehrError, match=message):
+            run_release(job(tmp_path / "bad", **({"epsilon": 0.1} | bad)), transport, Events())
+        assert not (tmp_path / "bad").exists()
+    assert {g.guard.config.site: g.guard.ledger.spent() for g in gs} == spent  # a bad job costs nothing

@@ -1,0 +1,132 @@
+"""The graphical-model estimator and the planner on cases with known answers."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ppsehr.server import planner
+from ppsehr.server.model import JunctionTree, Measurement, estimate
+
+DOMAIN = {"a": 3, "b": 4, "c": 2, "d": 5}
+
+
+@pytest.fixture(scope="module")
+def tree_joint():
+    """A distribution that factorises over the tree a-b, b-c, b-d."""
+    rng = np.random.default_rng(0)
+    pa = rng.dirichlet(np.ones(3))
+    pba, pcb, pdb = rng.dirichlet(np.ones(4), 3), rng.dirichlet(np.ones(2), 4), rng.dirichlet(np.ones(5), 4)
+    return np.einsum("a,ab,bc,bd->abcd", pa, pba, pcb, pdb)
+
+
+def marg(joint, keep):
+    axes = tuple(i for i, v in enumerate(DOMAIN) if v not in keep)
+    return joint.sum(axis=axes)
+
+
+def test_exact_marginals_give_back_the_tree_distribution(tree_joint):
+    N = 1000.0
+    ms = [Measurement(vs, N * marg(tree_joint, vs), 1.0) for vs in (("a", "b"), ("b", "c"), ("b", "d"))]
+    model = estimate(DOMAIN, ms, iters=3000, tol=1e-13)
+    assert model.total == pytest.approx(N)
+    for vs in (("a", "b"), ("b", "c"), ("b", "d")):
+        assert np.abs(model.marginal(vs) - N * marg(tree_joint, vs)).max() < 0.2
+    # pairs never measured follow from the tree: a and d are independent given b
+    assert np.abs(model.marginal(("a", "d")) - N * marg(tree_joint, ("a", "d"))).max() < 0.2
+
+
+def test_inconsistent_noisy_marginals_are_made_consistent(tree_joint):
+    rng = np.random.default_rng(1)
+    N = 500.0
+    ms = [Measurement(vs, N * marg(tree_joint, vs) + rng.normal(0, 8, marg(tree_joint, vs).shape), 64.0)
+          for vs in (("a", "b"), ("b", "c"), ("b", "d"), ("b",))]
+    sums = {vs: m.values.sum(axis=tuple(i for i, v in enumerate(vs) if v != "b")) for vs, m in
+            ((m.variables, m) for m in ms)}
+    assert max(np.abs(sums[("a", "b")] - sums[("b", "d")])) > 1  # the measurements disagree on b
+    model = estimate(DOMAIN, ms)
+    b = model.marginal(("b",))
+    for vs in (("a", "b"), ("b", "c"), ("b", "d")):
+        mu = model.marginal(vs)
+        assert (mu >= 0).all()
+        assert np.allclose(mu.sum(axis=tuple(i for i, v in enumerate(vs) if v != "b")), b)
+    # and it is closer to the truth than the raw noisy tables are
+    truth = N * marg(tree_joint, ("a", "b"))
+    assert np.abs(model.marginal(("a", "b")) - truth).sum() < np.abs(ms[0].values - truth).sum()
+
+
+def test_sampling_frequencies_converge_to_the_model(tree_joint):
+    ms = [Measurement(vs, 1000 * marg(tree_joint, vs), 1.0) for vs in (("a", "b"), ("b", "c"), ("b", "d"))]
+    model = estimate(DOMAIN, ms, iters=2000, tol=1e-12)
+    rng = np.random.default_rng(2)
+    for n in (1000, 200_000):
+        s = model.sample(n, rng)
+        emp = np.zeros(tuple(DOMAIN.values()))
+        np.add.at(emp, tuple(s.T), 1)
+        expected = np.einsum("ab,bc,bd->abcd", model.marginal(("a", "b")),
+                             model.marginal(("b", "c")) / model.marginal(("b",))[:, None],
+                             model.marginal(("b", "d")) / model.marginal(("b",))[:, None]) / model.total
+        tvd = 0.5 * np.abs(emp / n - expected).sum()
+        iid = np.mean([0.5 * np.abs(rng.multinomial(n, expected.ravel()) / n - expected.ravel()).sum() for _ in range(20)])
+        assert tvd < iid  # controlled rounding beats independent draws
+        assert tvd < (0.1 if n == 1000 else 0.01)
+        # controlled rounding: the root clique's counts are within one row of n * p
+        root = model.cliques[model.tree.bfs[0]]
+        counts = np.zeros(tuple(DOMAIN[v] for v in root))
+        np.add.at(counts, tuple(s[:, list(DOMAIN).index(v)] for v in root), 1)
+        assert np.abs(counts - n * model.marginal(root) / model.total).max() <= 1.0 + 1e-9
+
+
+def test_cycles_are_triangulated_into_a_junction_tree():
+    tree = JunctionTree({"a": 2, "b": 2, "c": 2, "d": 2}, [("a", "b"), ("b", "c"), ("c", "d"), ("d", "a")])
+    assert all(len(c) == 3 for c in tree.cliques) and len(tree.cliques) == 2
+    # running intersection: a variable's cliques form a connected subtree (here: share an edge)
+    shared = set(tree.cliques[0]) & set(tree.cliques[1])
+    assert len(shared) == 2 and len(tree.edges) == 1
+
+
+def test_unobserved_cells_carry_no_weight():
+    truth = np.array([[30.0, 10.0], [20.0, 40.0]])
+    garbage = np.array([[1e6, 1e6], [1e6, 1e6]])
+    values = np.stack([truth, garbage])  # slice 1 was never observed
+    variance = np.array([1.0, np.inf])[:, None, None]
+    m = estimate({"s": 2, "x": 2, "y": 2}, [Measurement(("s", "x", "y"), values, variance)], total=100.0)
+    assert np.allclose(m.marginal(("s",)), [100.0, 0.0], atol=1e-3) or m.marginal(("s",))[0] > 0
+    slice0 = m.marginal(("s", "x", "y"))[0]
+    assert np.abs(slice0 / slice0.sum() - truth / truth.sum()).max() < 0.01
+
+
+def test_a_model_too_large_is_refused_with_the_reason():
+    domain = {f"v{i}": 30 for i in range(6)}
+    ms = [Measurement(vs, np.ones((30, 30)), 1.0) for vs in itertools.combinations(domain, 2)]
+    with pytest.raises(ValueError, match="cells .limit"):
+        estimate(domain, ms)
+
+
+def test_allocation_spends_exactly_rho_and_favours_bigger_tables(dictionary):
+    plan = planner.one_round_plan(dictionary, 0.5)
+    assert sum(m.rho for m in plan) == pytest.approx(0.5)
+    by = {m.variables: m.rho for m in plan}
+    assert by[("chol",)] > by[("sex",)]  # 11 cells vs 2 cells
+    assert len(plan) == len(dictionary.names) + len(dictionary.dependencies)
+
+
+def test_selection_recovers_a_strong_tree_from_candidates():
+    rng = np.random.default_rng(3)
+    n = 20000
+    a = rng.integers(0, 3, n)
+    b = (a + (rng.random(n) < 0.1)) % 3  # b follows a
+    c = (b + (rng.random(n) < 0.1)) % 3  # c follows b
+    d = rng.integers(0, 3, n)  # d is independent
+    cols = {"a": a, "b": b, "c": c, "d": d}
+    cands = []
+    for x, y in itertools.combinations(cols, 2):
+        t = np.zeros((3, 3))
+        np.add.at(t, (cols[x], cols[y]), 1)
+        cands.append(Measurement((x, y), t + rng.normal(0, 3, (3, 3)), 9.0))
+    scores = {m.variables: planner.dependence(m) for m in cands}
+    tree = planner.select_tree(list(cols), scores)
+    assert {frozenset(e) for e in tree} >= {frozenset("ab"), frozenset("bc")}
+    assert scores[("a", "d")] < scores[("a", "b")] / 10
