@@ -40,6 +40,12 @@ class ConfigError(PpsehrError):
     """A site configuration file is malformed."""
 
 
+# Ceilings no policy may exceed: they bound the memory and time one plan can cost the guard
+# (a marginal's OpenDP measurement holds one entry per cell).
+HARD_LIMITS = {"max_marginals": 10_000, "max_width": 16, "max_cells": 10_000_000, "max_total_cells": 20_000_000,
+               "max_plans_per_day": 100_000}
+
+
 @dataclass(frozen=True)
 class Policy:
     max_rho_per_plan: float = 1.0
@@ -132,8 +138,10 @@ def _parse_policy(raw: dict[str, Any], where: str) -> Policy:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{where}: policy.{key} must be a positive number")
             value = float(value)
-        elif not isinstance(value, int) or value <= 0:
+        elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{where}: policy.{key} must be a positive integer")
+        elif value > HARD_LIMITS.get(key, value):
+            raise ConfigError(f"{where}: policy.{key} = {value} is above the guard's ceiling of {HARD_LIMITS[key]}")
         kwargs[key] = value
     unknown = set(raw) - set(p.__dict__)
     if unknown:

@@ -5,7 +5,8 @@ nothing), build one OpenDP measurement per marginal (count by public cells, then
 Gaussian noise), debit their exact privacy loss in the durable ledger, and only then run
 them and answer. Everything that leaves is a noisy table over public cells or a number the
 site's policy already makes public; refusals carry fixed codes and messages built from the
-plan and the policy, never from data.
+plan and the policy, never from data. Any other failure leaves as the fixed INTERNAL code; its
+details stay in the site's log. Threat model and the attacks tested: docs/security.md.
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ import opendp.prelude as dp
 from ..common import accounting, keys
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.mapping import EncodedTable, load_mapping, load_site_table
-from ..common.refusals import REFUSAL_CODES
+from ..common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
 from .config import SiteConfig
-from .ledger import BudgetExceeded, DuplicatePlan, Ledger
+from .ledger import BudgetExceeded, Debit, DuplicatePlan, Ledger, LedgerError, RateLimited
 
 log = logging.getLogger("ppsehr.guard")
-MAX_PLAN_BYTES = 4 * 1024 * 1024
 MAX_ID = 128
+# Smallest rho per marginal: below it the noise (sigma > 22,000) swamps any count, and at the
+# extreme (denormal rho) the noise scale overflows.
+MIN_RHO = 1e-9
+# In-flight requests the gRPC server holds at once (each up to MAX_PLAN_BYTES); more get RESOURCE_EXHAUSTED.
+MAX_CONCURRENT_RPCS = 32
+INTERNAL_MESSAGE = "the guard failed; the site admin has the details"
 
 # Refusal code -> gRPC status. The code travels in the status details as "CODE: message".
 GRPC_STATUS = {
@@ -91,10 +97,10 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig)
     total_rho, total_cells, specs = 0.0, 0, []
     for i, m in enumerate(plan.marginals):
         names = tuple(m.variables)
-        if not names or len(set(names)) != len(names):
-            raise Refusal("MALFORMED_PLAN", f"marginal {i}: needs 1 or more distinct variables")
         if len(names) > policy.max_width:
             raise Refusal("POLICY_LIMIT", f"marginal {i}: {len(names)} variables; policy allows at most {policy.max_width}")
+        if not names or len(set(names)) != len(names):
+            raise Refusal("MALFORMED_PLAN", f"marginal {i}: needs 1 or more distinct variables")
         for n in names:
             if n not in dictionary.variables:
                 raise Refusal("UNKNOWN_VARIABLE", f"marginal {i}: variable {_short(n)} is not in dictionary {dictionary.name} {dictionary.version}")
@@ -103,8 +109,8 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig)
             if dictionary[n].tier == 3 and (policy.tier3 == "deny" or (policy.tier3 == "one-way" and len(names) > 1)):
                 raise Refusal("VARIABLE_NOT_ALLOWED", f"marginal {i}: tier-3 variable {_short(n)} is "
                               + ("not released by this site" if policy.tier3 == "deny" else "only released in 1-way marginals"))
-        if not (isinstance(m.rho, float) and math.isfinite(m.rho) and m.rho > 0):
-            raise Refusal("BAD_RHO", f"marginal {i}: rho must be a positive finite number, got {m.rho!r}")
+        if not (isinstance(m.rho, float) and math.isfinite(m.rho) and m.rho >= MIN_RHO):
+            raise Refusal("BAD_RHO", f"marginal {i}: rho must be a finite number of at least {MIN_RHO:g}, got {m.rho!r}")
         shape = tuple(dictionary[n].size for n in names)
         cells = math.prod(shape)
         if cells > policy.max_cells:
@@ -141,10 +147,17 @@ class SiteGuard:
         self._table: EncodedTable
         self._table, self.validation = load_site_table(mapping, self.dictionary)
         self.ledger = Ledger(config.ledger_path, config.rho_limit, config.site)
+        problem = self.ledger.check()
+        if problem:
+            raise LedgerError(f"{config.ledger_path}: {problem}; the guard will not answer plans until the site "
+                              "admin has investigated (`ppsehr site audit`)")
         self._signing_key = keys.load_signing_key(config.signing_key)
         self.fingerprint = keys.fingerprint(self._signing_key.public_key())
         self._coordinators = {keys.fingerprint(k): k for k in map(keys.load_public_key, config.coordinator_keys)}
-        self._rate_lock = threading.Lock()
+        self.policy_sha256 = self.ledger.record_policy({
+            "rho_limit": config.rho_limit, "delta": config.delta, "policy": config.policy.__dict__,
+            "coordinators": sorted(self._coordinators), "max_plan_lifetime_s": config.max_plan_lifetime_s,
+            "dictionary": self.dictionary.hash})
 
     def describe(self) -> pb.SiteDescription:
         p = self.config.policy
@@ -181,20 +194,25 @@ class SiteGuard:
         plan_sha = hashlib.sha256(signed.plan).digest()
         plan = pb.QueryPlan(plan_id="?", coordinator=signed.signer[:MAX_ID])
         try:
-            plan = self.open_plan(signed)
-            compiled = compile_plan(plan, self.dictionary, self.config)
-            with self._rate_lock:
-                if self.ledger.plans_since(86400) >= self.config.policy.max_plans_per_day:
-                    raise Refusal("RATE_LIMITED", f"policy allows at most {self.config.policy.max_plans_per_day} plans per day")
-                rho = sum(c.rho for c in compiled)
-                try:
-                    debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
-                                              {"marginals": len(compiled), "purpose": plan.purpose[:200],
-                                               "coordinator_name": plan.coordinator[:MAX_ID]})
-                except BudgetExceeded as e:
-                    raise Refusal("OVER_BUDGET", str(e)) from None
-                except DuplicatePlan:
-                    raise Refusal("DUPLICATE_PLAN", f"plan {plan.plan_id[:MAX_ID]!r} was already answered; plan ids are single-use") from None
+            try:
+                plan = self.open_plan(signed)
+                compiled = compile_plan(plan, self.dictionary, self.config)
+                rho = math.fsum(c.rho for c in compiled)
+                debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
+                                          {"marginals": len(compiled), "purpose": plan.purpose[:200],
+                                           "coordinator_name": plan.coordinator[:MAX_ID], "policy": self.policy_sha256[:16]},
+                                          max_plans_per_day=self.config.policy.max_plans_per_day)
+            except BudgetExceeded as e:
+                raise Refusal("OVER_BUDGET", str(e)) from None
+            except RateLimited as e:
+                raise Refusal("RATE_LIMITED", str(e)) from None
+            except DuplicatePlan:
+                raise Refusal("DUPLICATE_PLAN", f"plan {plan.plan_id[:MAX_ID]!r} was already answered; plan ids are single-use") from None
+            except Refusal:
+                raise
+            except Exception:  # nothing was debited; the details stay in the site's log
+                log.exception("error checking plan %r before any debit", plan.plan_id[:MAX_ID])
+                raise Refusal("INTERNAL", INTERNAL_MESSAGE + " (nothing was debited)") from None
         except Refusal as r:
             self.ledger.audit("refused", plan.plan_id[:MAX_ID], signed.signer[:MAX_ID], r.code,
                               {"reason": r.message, "marginals": len(plan.marginals)})
@@ -202,16 +220,21 @@ class SiteGuard:
             raise
         # The debit is durable: from here on, a failure wastes budget but never overspends it.
         try:
-            tables = []
-            for c in compiled:
-                cells = self._table.cell_index(c.variables, c.shape)
-                counts = c.measurement(cells)
-                tables.append(pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=counts,
-                                               rho=c.rho, noise_scale=c.scale))
+            return self._measure(signed, plan, plan_sha, compiled, debit)
         except Exception:
-            log.exception("measurement failed after debit of plan %r", plan.plan_id)
+            log.exception("answering plan %r failed after its debit", plan.plan_id)
             self.ledger.audit("failed", plan.plan_id, signed.signer, "INTERNAL", {"rho_wasted": debit.rho})
             raise Refusal("INTERNAL", "measurement failed after the debit; the site admin has the details") from None
+
+    def _measure(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, compiled: list[CompiledMarginal],
+                 debit: Debit) -> pb.SignedSummary:
+        """Run the paid-for measurements and sign summary and receipt."""
+        tables = []
+        for c in compiled:
+            cells = self._table.cell_index(c.variables, c.shape)
+            counts = c.measurement(cells)
+            tables.append(pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=counts,
+                                           rho=c.rho, noise_scale=c.scale))
         receipt = pb.BudgetReceipt(site=self.config.site, plan_id=plan.plan_id, plan_sha256=plan_sha, rho_debited=debit.rho,
                                    rho_spent_total=debit.total_after, rho_limit=self.config.rho_limit,
                                    debited_at=debit.at, ledger_seq=debit.seq, dictionary_hash=self.dictionary.hash,
@@ -232,7 +255,11 @@ class GuardServicer(pb_grpc.SiteGuardServicer):
         self.guard = guard
 
     def Describe(self, request, context):
-        return self.guard.describe()
+        try:
+            return self.guard.describe()
+        except Exception:  # gRPC would otherwise send "Exception calling application: <text>"
+            log.exception("describing the site failed")
+            context.abort(grpc.StatusCode.INTERNAL, "INTERNAL: " + INTERNAL_MESSAGE)
 
     def Answer(self, request, context):
         try:
@@ -241,7 +268,7 @@ class GuardServicer(pb_grpc.SiteGuardServicer):
             context.abort(GRPC_STATUS[r.code], str(r))
         except Exception:  # never let exception text cross the boundary
             log.exception("unexpected error answering a plan")
-            context.abort(grpc.StatusCode.INTERNAL, "INTERNAL: the guard failed; the site admin has the details")
+            context.abort(grpc.StatusCode.INTERNAL, "INTERNAL: " + INTERNAL_MESSAGE)
 
 
 def serve(config: SiteConfig, address: str | None = None, ready=None) -> None:
@@ -249,11 +276,15 @@ def serve(config: SiteConfig, address: str | None = None, ready=None) -> None:
     import signal
 
     guard = SiteGuard(config)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=[
         ("grpc.max_receive_message_length", MAX_PLAN_BYTES),
         ("grpc.max_send_message_length", 256 * 1024 * 1024)])
     pb_grpc.add_SiteGuardServicer_to_server(GuardServicer(guard), server)
     address = address or config.listen
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the guard listens on %s without TLS: only the site's SuperNode host should be able to reach it "
+                    "(firewall it); see docs/security.md", address)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

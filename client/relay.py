@@ -13,7 +13,7 @@ import grpc
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..common.refusals import REFUSAL_CODES
+from ..common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES, RELAY_CODES
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
 
@@ -24,8 +24,17 @@ def _error(code: str, message: str) -> ConfigRecord:
     return ConfigRecord({"error_code": code, "error": message})
 
 
+def _printable(text: str, limit: int = 1000) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float) -> ConfigRecord:
-    """Send one signed plan to the guard; the reply holds signed `summary` bytes or `error_code`/`error`."""
+    """Send one signed plan to the guard; the reply holds signed `summary` bytes or `error_code`/`error`.
+
+    Only the guard's own refusals ("CODE: message", built from plan and policy) pass through;
+    every other error becomes a relay code with its fixed message (common/refusals.py)."""
+    if len(plan_bytes) > MAX_PLAN_BYTES:
+        return _error("PLAN_TOO_LARGE", f"the signed plan has {len(plan_bytes)} bytes; guards accept at most {MAX_PLAN_BYTES}")
     try:
         plan = pb.SignedPlan.FromString(plan_bytes)
     except Exception:
@@ -35,12 +44,17 @@ def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float) -> ConfigR
             summary = pb_grpc.SiteGuardStub(channel).Answer(plan, timeout=timeout)
     except grpc.RpcError as e:
         details = (e.details() or "") if hasattr(e, "details") else ""
-        code = details.split(":", 1)[0]
+        code, _, message = details.partition(":")
         if code in REFUSAL_CODES:  # the guard's own refusal: fixed code, data-free message
-            return _error(code, details.split(":", 1)[1].strip()[:1000])
-        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return _error(code, _printable(message.strip()))
+        status = e.code() if hasattr(e, "code") else None
+        if status == grpc.StatusCode.DEADLINE_EXCEEDED:
             return _error("GUARD_TIMEOUT", f"the site guard did not answer within {timeout:g} s")
-        return _error("GUARD_UNAVAILABLE", "the site guard could not be reached")
+        if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return _error("GUARD_BUSY", RELAY_CODES["GUARD_BUSY"])
+        return _error("GUARD_UNAVAILABLE", RELAY_CODES["GUARD_UNAVAILABLE"])
+    except Exception:
+        return _error("RELAY_ERROR", RELAY_CODES["RELAY_ERROR"])
     return ConfigRecord({"summary": summary.SerializeToString()})
 
 

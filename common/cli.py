@@ -132,19 +132,36 @@ def cmd_site_audit(args) -> int:
     return 0
 
 
+def cmd_site_doctor(args) -> int:
+    from ..client import doctor
+
+    checks = doctor.diagnose(args.config, args.superlink)
+    if args.json:
+        _print_json(doctor.report(checks))
+    else:
+        print(doctor.to_text(checks))
+    return 0 if doctor.report(checks)["ok"] else 1
+
+
 # ----------------------------------------------------------------------------- coordinator / release
+def _site_keys(items: list[str]) -> dict[str, str]:
+    """--site-key SITE=PUBLIC_KEY_FILE options as {site: absolute path}."""
+    out = {}
+    for item in items or []:
+        site, _, path = item.partition("=")
+        if not site or not path:
+            raise PpsehrError(f"--site-key takes SITE=PUBLIC_KEY_FILE, got {item!r}")
+        out[site] = str(Path(path).resolve())
+    return out
+
+
 def cmd_coordinator_release(args) -> int:
     from ..server.federation import follow, submit, write_app_dir, write_flwr_home
     from ..server.pipeline import ReleaseJob
 
     job_dir = Path(args.job_dir or tempfile.mkdtemp(prefix="ppsehr-job-")).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
-    site_keys = {}
-    for item in args.site_key:
-        site, _, path = item.partition("=")
-        if not site or not path:
-            raise PpsehrError(f"--site-key takes SITE=PUBLIC_KEY_FILE, got {item!r}")
-        site_keys[site] = str(Path(path).resolve())
+    site_keys = _site_keys(args.site_key)
     job = ReleaseJob(dictionary=str(Path(args.dictionary).resolve()), out=str(Path(args.out).resolve()),
                      signing_key=str(Path(args.signing_key).resolve()), site_keys=site_keys,
                      epsilon=args.epsilon, rho=args.rho, delta=args.delta, seed=args.seed, rows=args.rows,
@@ -166,12 +183,7 @@ def cmd_release_verify(args) -> int:
     from ..server.release import verify_release
     from . import keys
 
-    site_keys = None
-    if args.site_key:
-        pairs = [s.partition("=") for s in args.site_key]
-        if not all(site and eq and f for site, eq, f in pairs):
-            raise PpsehrError("--site-key takes SITE=PUBLIC_KEY_FILE")
-        site_keys = {site: f for site, _, f in pairs}
+    site_keys = _site_keys(args.site_key) or None
     m = verify_release(args.dir, coordinator_key=args.coordinator_key, site_keys=site_keys)
     used = {"coordinator": keys.load_public_key(args.coordinator_key) if args.coordinator_key
             else keys.public_from_pem(m["keys"]["coordinator"])}
@@ -184,6 +196,14 @@ def cmd_release_verify(args) -> int:
           f"{len(m['receipts'])} site receipt(s)")
     for site, s in m["sites"].items():
         print(f"  {site:<12} rho {s['rho']:.4g} -> epsilon {s['epsilon']:.3g} at delta {s['delta']:g}")
+    return 0
+
+
+def cmd_release_report(args) -> int:
+    from ..server.report import write_report
+
+    out = write_report(args.dir, args.out, args.dictionary, args.history)
+    print(f"report written to {out / 'report.html'} (self-contained; figures in {out / 'figures'})")
     return 0
 
 
@@ -228,6 +248,18 @@ def cmd_keys_fingerprint(args) -> int:
     return 0
 
 
+def cmd_llm_check(args) -> int:
+    from ..server.llm import run_check_cli
+
+    return run_check_cli(args)
+
+
+def cmd_bench_llm(args) -> int:
+    from ..server.llm_stage import run_bench_cli
+
+    return run_bench_cli(args)
+
+
 def cmd_bench_fidelity(args) -> int:
     from ..server.benchmark import run_fidelity_cli
 
@@ -242,10 +274,22 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")
+    p.add_argument("--formats", default="csv,parquet,fhir,omop",
+                   help="record formats in the release (csv always; default csv,parquet,fhir,omop)")
+    p.add_argument("--no-report", action="store_true", help="leave report.html and figures/ out of the release")
+    from ..server.llm import add_llm_options
+
+    add_llm_options(p)
 
 
 def job_options(args) -> dict:
-    return {"strategy": args.strategy, "select_fraction": args.select_fraction, "site_variable": args.site_variable}
+    from ..server.llm import llm_config_from_args
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    llm = llm_config_from_args(args)
+    return {"strategy": args.strategy, "select_fraction": args.select_fraction, "site_variable": args.site_variable,
+            "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,
+            "llm": llm.to_dict() if llm.enabled else {}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("serve", cmd_site_serve, "run the site guard (gRPC)"),
                              ("check", cmd_site_check, "load the site table through its mapping and report"),
                              ("status", cmd_site_status, "budget spent and left, recent audit entries"),
-                             ("audit", cmd_site_audit, "list the audit log and verify its hash chain")):
+                             ("audit", cmd_site_audit, "list the audit log and verify its hash chain"),
+                             ("doctor", cmd_site_doctor, "check the site's setup before it goes live; explain each failure")):
         sp = s.add_parser(name, help=text)
         sp.add_argument("--config", required=True, help="site configuration TOML")
         sp.set_defaults(func=func)
@@ -276,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--listen", help="override the configured listen address")
         if name == "status":
             sp.add_argument("--last", type=int, default=10)
+            sp.add_argument("--json", action="store_true")
+        if name == "doctor":
+            sp.add_argument("--superlink", metavar="HOST:PORT", help="also check that the SuperLink Fleet API is reachable")
             sp.add_argument("--json", action="store_true")
 
     c = sub.add_parser("coordinator", help="coordinator commands").add_subparsers(dest="coord_command", required=True)
@@ -305,6 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     from ..server.benchmark import add_fidelity_arguments
     add_fidelity_arguments(bf)
     bf.set_defaults(func=cmd_bench_fidelity)
+    bl = bench.add_parser("llm", help="LLM-first generation on the demo consortium: TVD before/after calibration, "
+                                      "tokens, speed (default endpoint: a local fake server)")
+    from ..server.llm_stage import add_bench_arguments
+    add_bench_arguments(bl)
+    bl.set_defaults(func=cmd_bench_llm)
+
+    llm = sub.add_parser("llm", help="LLM endpoint tools").add_subparsers(dest="llm_command", required=True)
+    lc = llm.add_parser("check", help="connectivity and structured-output support of an OpenAI-compatible endpoint")
+    from ..server.llm import add_llm_options
+    add_llm_options(lc, required=True)
+    lc.add_argument("--json", action="store_true")
+    lc.set_defaults(func=cmd_llm_check)
 
     rel = sub.add_parser("release", help="release commands").add_subparsers(dest="release_command", required=True)
     v = rel.add_parser("verify", help="check a release's files, receipts and privacy statement")
@@ -329,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     kf.add_argument("--json", action="store_true")
     kf.set_defaults(func=cmd_keys_fingerprint)
     v.set_defaults(func=cmd_release_verify)
+    rr = rel.add_parser("report", help="write a release's report (self-contained HTML + PNG figures) to a new directory")
+    rr.add_argument("dir")
+    rr.add_argument("--dictionary", required=True, help="the dictionary the release was made with")
+    rr.add_argument("--out", required=True, help="directory to create (not inside the release: its files are hashed)")
+    rr.add_argument("--history", nargs="*", default=[], metavar="MANIFEST",
+                    help="manifest.json of earlier releases: their receipts extend the budget-over-time figure")
+    rr.set_defaults(func=cmd_release_report)
     return p
 
 

@@ -13,6 +13,9 @@ domain is an ordered list of *cells*; harmonized site data is stored as cell ind
     tier = 1; description = "..."
     [variables.sex]
     type = "categorical"; categories = ["female", "male"]; missing = false
+    [variables.sex.codes]   # optional standard vocabularies (see validate_codes)
+    domain = "gender"
+    categories = { female = { snomed = "248152002", omop_concept_id = 8532 }, ... }
     [model]
     dependencies = [["age", "sex"], ...]   # optional declared structure
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +72,15 @@ class Variable:
         if self.missing:
             base.append(MISSING)
         return tuple(base)
+
+    @property
+    def domain(self) -> str:
+        """Where the variable goes in FHIR/OMOP exports: codes.domain, else measurement/observation."""
+        return self.codes.get("domain") or ("measurement" if self.type == "numeric" else "observation")
+
+    def category_codes(self, label: str) -> dict[str, Any]:
+        """Standard codes of one category ({} when it has none)."""
+        return self.codes.get("categories", {}).get(label, {})
 
     @property
     def size(self) -> int:
@@ -156,6 +169,10 @@ def parse_dictionary(raw: dict[str, Any], source: str = "<dictionary>") -> Dicti
             if n not in variables:
                 raise DictionaryError(f"{source}: model.dependencies[{i}] names unknown variable {n!r}")
         deps.append(tuple(dep))
+    for domain in ("age", "gender"):
+        holders = [n for n, v in variables.items() if v.codes.get("domain") == domain]
+        if len(holders) > 1:
+            raise DictionaryError(f"{source}: codes.domain = {domain!r} is declared by {holders}; at most one variable may hold it")
     return Dictionary(str(head["name"]), str(head["version"]), variables, tuple(deps), raw, source)
 
 
@@ -175,8 +192,7 @@ def _parse_variable(name: str, spec: Any, source: str) -> Variable:
     if tier not in TIERS:
         raise DictionaryError(f"{where}.tier: must be one of {TIERS}, got {tier!r}")
     common = dict(name=name, description=str(spec.get("description", "")), tier=tier,
-                  missing=bool(spec.get("missing", True)), unit=str(spec.get("unit", "")),
-                  codes=dict(spec.get("codes", {})))
+                  missing=bool(spec.get("missing", True)), unit=str(spec.get("unit", "")))
     if vtype == "categorical":
         cats = spec.get("categories")
         if not isinstance(cats, list) or not cats or not all(isinstance(c, str) and c for c in cats):
@@ -186,7 +202,9 @@ def _parse_variable(name: str, spec: Any, source: str) -> Variable:
         reserved = {MISSING, OTHER, OUT_OF_RANGE} & set(cats)
         if reserved:
             raise DictionaryError(f"{where}.categories: {sorted(reserved)} is reserved for declared cells")
-        return Variable(type="categorical", categories=tuple(cats), other=bool(spec.get("other", False)), **common)
+        codes = validate_codes(spec.get("codes", {}), "categorical", tuple(cats), common["unit"], where)
+        return Variable(type="categorical", categories=tuple(cats), other=bool(spec.get("other", False)),
+                        codes=codes, **common)
     if vtype == "numeric":
         bins = spec.get("bins")
         if (not isinstance(bins, list) or len(bins) < 2
@@ -204,6 +222,135 @@ def _parse_variable(name: str, spec: Any, source: str) -> Variable:
         precision = spec.get("precision", 0)
         if not isinstance(precision, int) or not 0 <= precision <= 6:
             raise DictionaryError(f"{where}.precision: must be an integer 0-6")
+        codes = validate_codes(spec.get("codes", {}), "numeric", (), common["unit"], where)
         return Variable(type="numeric", bins=tuple(float(b) for b in bins), precision=precision,
-                        out_of_range=oor, molar_mass=molar, **common)
+                        out_of_range=oor, molar_mass=molar, codes=codes, **common)
     raise DictionaryError(f"{where}.type: must be 'categorical' or 'numeric', got {vtype!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard vocabularies: the optional [variables.<name>.codes] table.
+
+DOMAINS = ("age", "gender", "measurement", "observation", "condition")
+_CODE_KEYS = ("domain", "loinc", "snomed", "icd10cm", "omop_concept_id", "unit_concept_id", "categories")
+_CATEGORY_CODE_KEYS = ("snomed", "icd10cm", "loinc", "omop_concept_id")
+_ICD10CM = re.compile(r"^[A-TV-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
+_LOINC = re.compile(r"^([0-9]{1,7})-([0-9])$")
+_LOINC_ANSWER = re.compile(r"^LA[0-9]{1,8}-[0-9]$")
+
+
+def validate_codes(raw: Any, vtype: str, categories: tuple[str, ...], unit: str, where: str) -> dict[str, Any]:
+    """Check a variable's codes table; return it normalized (SNOMED ids as strings, OMOP ids as ints).
+
+    Variable level: domain (age | gender | measurement | observation | condition), loinc, snomed,
+    icd10cm, omop_concept_id, unit_concept_id (numeric only: the OMOP concept of the UCUM `unit`).
+    Categorical variables may code each category: categories.<label> = {snomed, icd10cm, loinc
+    (an LA answer code), omop_concept_id}. LOINC and SNOMED CT check digits are verified.
+    """
+    where = f"{where}.codes"
+    if not isinstance(raw, dict):
+        raise DictionaryError(f"{where}: must be a table")
+    unknown = sorted(set(raw) - set(_CODE_KEYS))
+    if unknown:
+        raise DictionaryError(f"{where}: unknown key(s) {unknown} (allowed: {list(_CODE_KEYS)})")
+    out: dict[str, Any] = {}
+    domain = raw.get("domain")
+    if domain is not None:
+        if domain not in DOMAINS:
+            raise DictionaryError(f"{where}.domain: must be one of {DOMAINS}, got {domain!r}")
+        if domain in ("gender", "condition") and vtype != "categorical":
+            raise DictionaryError(f"{where}.domain: {domain!r} needs a categorical variable")
+        if domain == "age" and (vtype != "numeric" or unit != "a"):
+            raise DictionaryError(f"{where}.domain: 'age' needs a numeric variable in years (unit = \"a\")")
+        out["domain"] = domain
+    out.update(_check_codes(raw, ("loinc", "snomed", "icd10cm", "omop_concept_id", "unit_concept_id"), where))
+    if "unit_concept_id" in out and vtype != "numeric":
+        raise DictionaryError(f"{where}.unit_concept_id: only numeric variables have a unit")
+    cats = raw.get("categories")
+    if cats is not None:
+        if vtype != "categorical":
+            raise DictionaryError(f"{where}.categories: only categorical variables have categories to code")
+        if not isinstance(cats, dict):
+            raise DictionaryError(f"{where}.categories: must be a table of category -> codes")
+        out["categories"] = {}
+        for label, spec in cats.items():
+            w = f"{where}.categories.{label}"
+            if label not in categories:
+                raise DictionaryError(f"{w}: {label!r} is not a category of the variable (categories: {list(categories)})")
+            if not isinstance(spec, dict) or not spec:
+                raise DictionaryError(f"{w}: must be a non-empty table of codes")
+            bad = sorted(set(spec) - set(_CATEGORY_CODE_KEYS))
+            if bad:
+                raise DictionaryError(f"{w}: unknown key(s) {bad} (allowed: {list(_CATEGORY_CODE_KEYS)})")
+            out["categories"][label] = _check_codes(spec, _CATEGORY_CODE_KEYS, w, answer_loinc=True)
+    return out
+
+
+def _check_codes(raw: dict[str, Any], keys: tuple[str, ...], where: str, answer_loinc: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key not in raw:
+            continue
+        value, w = raw[key], f"{where}.{key}"
+        if key.endswith("concept_id"):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+                raise DictionaryError(f"{w}: must be a positive integer OMOP concept id, got {value!r}")
+            out[key] = value
+            continue
+        if key == "snomed" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise DictionaryError(f"{w}: must be a string code, got {value!r}")
+        if key == "loinc":
+            _check_loinc(value, w, answer_loinc)
+        elif key == "snomed":
+            _check_snomed(value, w)
+        elif not _ICD10CM.match(value):
+            raise DictionaryError(f"{w}: {value!r} is not an ICD-10-CM code (e.g. 'I25.10')")
+        out[key] = value
+    return out
+
+
+def _check_loinc(code: str, where: str, answer_ok: bool) -> None:
+    if answer_ok and _LOINC_ANSWER.match(code):
+        return
+    m = _LOINC.match(code)
+    if not m:
+        raise DictionaryError(f"{where}: {code!r} is not a LOINC code (digits, '-', check digit, e.g. '2093-3')")
+    want = _luhn_check_digit(m.group(1))
+    if int(m.group(2)) != want:
+        raise DictionaryError(f"{where}: LOINC {code!r} has a wrong check digit (expected {m.group(1)}-{want})")
+
+
+def _luhn_check_digit(digits: str) -> int:
+    """LOINC's mod-10 check digit (the Luhn algorithm)."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 == 0 else 1)
+        total += d // 10 + d % 10
+    return (10 - total % 10) % 10
+
+
+def _check_snomed(code: str, where: str) -> None:
+    if not code.isdigit() or not 6 <= len(code) <= 18 or code[0] == "0":
+        raise DictionaryError(f"{where}: {code!r} is not a SNOMED CT concept id (6-18 digits)")
+    if code[-3:-1] not in ("00", "10"):
+        raise DictionaryError(f"{where}: {code!r} is a SNOMED CT id, but not of a concept (partition {code[-3:-1]})")
+    if not _verhoeff_ok(code):
+        raise DictionaryError(f"{where}: SNOMED CT id {code!r} fails its Verhoeff check digit (a typo?)")
+
+
+_VD = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 0, 6, 7, 8, 9, 5], [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
+       [3, 4, 0, 1, 2, 8, 9, 5, 6, 7], [4, 0, 1, 2, 3, 9, 5, 6, 7, 8], [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
+       [6, 5, 9, 8, 7, 1, 0, 4, 3, 2], [7, 6, 5, 9, 8, 2, 1, 0, 4, 3], [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
+       [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]]
+_VP = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 5, 7, 6, 2, 8, 3, 0, 9, 4], [5, 8, 0, 3, 7, 9, 6, 1, 4, 2],
+       [8, 9, 1, 6, 0, 4, 3, 5, 2, 7], [9, 4, 5, 3, 1, 2, 6, 8, 7, 0], [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
+       [2, 7, 9, 3, 8, 0, 6, 4, 1, 5], [7, 0, 4, 6, 9, 1, 3, 2, 5, 8]]
+
+
+def _verhoeff_ok(code: str) -> bool:
+    c = 0
+    for i, ch in enumerate(reversed(code)):
+        c = _VD[c][_VP[i % 8][int(ch)]]
+    return c == 0

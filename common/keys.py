@@ -4,7 +4,9 @@
 - EC P-384 SuperNode authentication keys in OpenSSH format (what Flower expects);
 - Ed25519 signing keys for the coordinator (plans, releases) and each site (summaries, receipts).
 
-Private keys are written with mode 0600 in 0700 directories and never logged.
+Private keys are written with mode 0600 in 0700 directories (never over an existing file or
+through a symlink) and never logged or printed; a signing key that other users can read is
+refused when loaded. `ppsehr keys` is the command line over this module.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -33,11 +35,22 @@ class KeyFileError(PpsehrError):
 def _write_private(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"{path} already exists; refusing to overwrite a private key") from None
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.chmod(path, 0o600)
     return path
+
+
+def _check_private_mode(path: Path) -> None:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise KeyFileError(f"{path}: private key is accessible by other users (mode {mode:04o}); run: chmod 600 {path}")
 
 
 def _write_public(path: Path, data: bytes) -> Path:
@@ -65,11 +78,12 @@ def new_signing_key(directory: Path, name: str) -> tuple[Path, Path]:
 
 def load_signing_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
     try:
+        _check_private_mode(Path(path))
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
         raise KeyFileError(f"{path}: signing key not found") from None
-    except ValueError:
-        raise KeyFileError(f"{path}: not a PEM private key") from None
+    except (ValueError, TypeError):  # TypeError: an encrypted key (ppsehr keys are unencrypted, mode 0600)
+        raise KeyFileError(f"{path}: not an unencrypted PEM private key") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise KeyFileError(f"{path}: not an Ed25519 private key")
     return key
@@ -202,3 +216,47 @@ def load_consortium(root: Path, sites: list[str] | tuple[str, ...]) -> Consortiu
         if not p.exists():
             raise KeyFileError(f"{p}: missing from the consortium keys in {root}")
     return k
+
+
+# ---------------------------------------------------------------- inspecting key files
+def describe_key_file(path: str | Path) -> dict[str, str]:
+    """Kind and public fingerprint of a key or certificate file. Never returns private material:
+    for a private key, the fingerprint is that of its public half."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: not found") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{path}: is a directory") from None
+    if b"BEGIN CERTIFICATE" in data:
+        cert = x509.load_pem_x509_certificate(data)
+        try:
+            sans = [str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
+        except x509.ExtensionNotFound:
+            sans = []
+        return {"file": str(path), "kind": "X.509 certificate", "fingerprint": "sha256:" + cert.fingerprint(hashes.SHA256()).hex(),
+                "subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
+                "not_after": cert.not_valid_after_utc.isoformat(), "hosts": ",".join(sans)}
+    public = None
+    kind = ""
+    try:
+        if data.startswith(b"ecdsa-") or data.startswith(b"ssh-"):
+            public, kind = serialization.load_ssh_public_key(data.strip()), "SSH public key"
+        elif b"OPENSSH PRIVATE KEY" in data:
+            public, kind = serialization.load_ssh_private_key(data, password=None).public_key(), "SSH private key"
+        elif b"PRIVATE KEY" in data:
+            public, kind = serialization.load_pem_private_key(data, password=None).public_key(), "PEM private key"
+        elif b"PUBLIC KEY" in data:
+            public, kind = serialization.load_pem_public_key(data), "PEM public key"
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        public = None
+    if public is None:
+        raise KeyFileError(f"{path}: not a key or certificate ppsehr knows (PEM, OpenSSH, X.509)")
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return {"file": str(path), "kind": f"Ed25519 signing key ({kind})", "fingerprint": fingerprint(public)}
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        blob = base64.b64decode(public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1])
+        fp = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")  # as ssh-keygen -l prints it
+        return {"file": str(path), "kind": f"EC {public.curve.name} SuperNode/TLS key ({kind})", "fingerprint": fp}
+    raise KeyFileError(f"{path}: a {type(public).__name__}, which ppsehr does not use")

@@ -6,7 +6,7 @@ A mapping is a TOML file kept at the site (it may name local file paths and code
     id = "cleveland"
     [source]
     path = "data/processed.cleveland.data"   # relative to the mapping file
-    format = "csv"                           # csv | tsv | parquet (default: from the extension)
+    format = "csv"                           # csv | tsv | parquet (default: from the extension) | omop (common/omop.py)
     header = false                           # csv/tsv: first line holds column names
     columns = ["age", "sex", ...]            # names when there is no header
     missing_values = ["?"]                   # local codes meaning "missing" in every column
@@ -38,11 +38,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from . import omop
 from .dictionary import MISSING, OTHER, OUT_OF_RANGE, Dictionary, Variable
 from .errors import MappingError
 from .units import conversion
 
-FORMATS = ("csv", "tsv", "parquet")
+FORMATS = ("csv", "tsv", "parquet", "omop")  # omop: CDM tables, see common/omop.py
 
 
 def norm_code(value: Any) -> str:
@@ -81,6 +82,7 @@ class SiteMapping:
     encoding: str
     variables: dict[str, VariableMapping]
     source: str
+    omop: Any = None  # omop.OmopSource when format = "omop"
 
 
 def load_mapping(path: str | Path, dictionary: Dictionary) -> SiteMapping:
@@ -108,7 +110,7 @@ def load_mapping(path: str | Path, dictionary: Dictionary) -> SiteMapping:
     columns = tuple(src.get("columns", ()))
     if fmt != "parquet" and not header and not columns:
         raise MappingError(f"{where}: source.columns is required when header = false")
-    vmaps = {}
+    vmaps, omop_vars = {}, {}
     raw_vars = raw.get("variables", {})
     for name in raw_vars:
         if name not in dictionary.variables:
@@ -117,10 +119,17 @@ def load_mapping(path: str | Path, dictionary: Dictionary) -> SiteMapping:
         spec = raw_vars.get(name)
         if spec is None:
             raise MappingError(f"{where}: dictionary variable {name!r} is not mapped (map it, or declare absent = true)")
+        if fmt == "omop" and isinstance(spec, dict) and not spec.get("absent"):
+            if "omop" not in spec:
+                raise MappingError(f"{where}: variables.{name}: with source.format = \"omop\", define it with "
+                                   f"omop = ... (see docs/dictionary.md) or declare absent = true")
+            omop_vars[name], vmaps[name] = omop.parse_variable(name, spec, var, f"{where}: variables.{name}")
+            continue
         vmaps[name] = _parse_variable_mapping(spec, var, f"{where}: variables.{name}")
+    source = omop.OmopSource(data_path, omop.parse_index_rule(src, where), omop_vars) if fmt == "omop" else None
     return SiteMapping(site, data_path, fmt, delimiter, header, columns,
                        frozenset(norm_code(v) for v in src.get("missing_values", [])) | {""},
-                       src.get("encoding", "utf-8"), vmaps, where)
+                       src.get("encoding", "utf-8"), vmaps, where, source)
 
 
 def _parse_variable_mapping(spec: Any, var: Variable, where: str) -> VariableMapping:
@@ -189,6 +198,7 @@ class ValidationReport:
     path: str
     n_rows: int
     variables: dict[str, VariableReport]
+    notes: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
         lines = [f"site {self.site}: {self.n_rows} rows from {self.path}"]
@@ -200,13 +210,17 @@ class ValidationReport:
                 codes = ", ".join(f"{c!r} x{k}" for c, k in sorted(r.unmapped_codes.items())[:10])
                 parts.append(f"{r.unmapped} unmapped ({codes})")
             lines.append(f"  {name:<16} " + ", ".join(parts))
-        return "\n".join(lines)
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
 def load_site_table(mapping: SiteMapping, dictionary: Dictionary) -> tuple[EncodedTable, ValidationReport]:
     """Read the site's table through its mapping into harmonized cell indices."""
     needed = sorted({vm.column for vm in mapping.variables.values() if vm.column})
-    raw, first_line = _read_columns(mapping, needed)
+    notes: list[str] = []
+    if mapping.format == "omop":
+        raw, first_line, notes = omop.read_columns(mapping, dictionary)
+    else:
+        raw, first_line = _read_columns(mapping, needed)
     n = len(next(iter(raw.values()))) if raw else 0
     if n == 0:
         raise MappingError(f"{mapping.path}: the table has no data rows")
@@ -218,7 +232,7 @@ def load_site_table(mapping: SiteMapping, dictionary: Dictionary) -> tuple[Encod
             reports[name] = VariableReport(missing=n)
             continue
         cols[name], reports[name] = _encode_column(raw[vm.column], var, vm, mapping, first_line)
-    return EncodedTable(cols, n), ValidationReport(mapping.site, str(mapping.path), n, reports)
+    return EncodedTable(cols, n), ValidationReport(mapping.site, str(mapping.path), n, reports, notes)
 
 
 def _read_columns(m: SiteMapping, needed: list[str]) -> tuple[dict[str, np.ndarray], int]:

@@ -1,4 +1,11 @@
-"""Fixed refusal codes: the only error vocabulary that crosses a site boundary."""
+"""Fixed refusal codes: the only error vocabulary that crosses a site boundary.
+
+A refusal leaves a site as "CODE: message", where the message is built only from the plan and
+the site's policy (never from data, never from exception text); see docs/security.md.
+"""
+
+# Largest serialized SignedPlan a guard accepts (its gRPC receive limit; the relay checks it first).
+MAX_PLAN_BYTES = 4 * 1024 * 1024
 
 REFUSAL_CODES = {
     "MALFORMED_PLAN": "the plan cannot be parsed or is structurally invalid",
@@ -22,4 +29,6 @@ RELAY_CODES = {
     "GUARD_TIMEOUT": "the site guard did not answer in time",
     "RELAY_MISCONFIGURED": "the SuperNode has no guard-address",
     "RELAY_ERROR": "the relay could not process the message",
+    "PLAN_TOO_LARGE": "the signed plan exceeds the guard's message size limit",
+    "GUARD_BUSY": "the site guard is at its limit of concurrent requests",
 }

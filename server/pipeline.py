@@ -27,7 +27,11 @@ from ..common.errors import PpsehrError
 from . import planner
 from ..protos import guard_pb2 as pb
 from .aggregate import SITE, SiteResult, SummaryRejected, aggregate, pooled, verify_summary
+from .exports import FORMATS as EXPORT_FORMATS
+from .exports import export_files
+from .llm_stage import LLMConfig, encode, knowledge_dependencies, run_llm_stage
 from .model import Measurement, Model, estimate
+from .report import build_report
 from .records import decode, to_csv
 from .release import write_release
 from .transport import SiteFailure, Transport
@@ -61,6 +65,9 @@ class ReleaseJob:
     structure: list[list[str]] = field(default_factory=list)  # extra known dependencies for the one-round plan
     site_variable: str = "model"  # SITE_MODES: site effects modelled (records pooled) / kept in records / summed away
     site_groups: dict[str, str] = field(default_factory=dict)  # site -> group label (default: each site its own)
+    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))  # record formats besides the manifest
+    report: bool = True  # report.html + figures/
+    llm: dict[str, Any] = field(default_factory=dict)  # LLMConfig.to_dict(); empty: statistical engine only
     extra: dict[str, Any] = field(default_factory=dict)
 
     def rho_per_site(self) -> float:
@@ -79,6 +86,10 @@ class ReleaseJob:
             raise PpsehrError(f"site_variable must be one of {SITE_MODES}, got {self.site_variable!r}")
         if not 0 < self.select_fraction < 1:
             raise PpsehrError(f"select_fraction must be between 0 and 1, got {self.select_fraction!r}")
+        unknown = sorted(set(self.formats) - set(EXPORT_FORMATS))
+        if unknown or "csv" not in self.formats:
+            raise PpsehrError(f"formats must include csv and be among {EXPORT_FORMATS}, got {self.formats!r}")
+        self.llm_config().check()
         if self.rows is not None and not 1 <= self.rows <= 100_000_000:
             raise PpsehrError(f"rows must be between 1 and 100,000,000, got {self.rows!r}")
         try:
@@ -86,6 +97,9 @@ class ReleaseJob:
             return self.rho_per_site()
         except ValueError as e:
             raise PpsehrError(f"budget: {e}") from None
+
+    def llm_config(self) -> LLMConfig:
+        return LLMConfig.from_dict(self.llm) if self.llm else LLMConfig()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -176,7 +190,11 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
            f"strategy {job.strategy}", stage="plan")
     args = (job, dictionary, coordinator_key, site_keys, transport, events)
     if job.strategy == "dictionary":
-        return [measure(1, planner.one_round_plan(dictionary, rho, job.structure), *args)]
+        extra = [tuple(x) for x in job.structure]
+        llm = job.llm_config()
+        if llm.enabled and "knowledge" in llm.uses:  # clinical prior from the public dictionary: costs no privacy
+            extra += knowledge_dependencies(llm, dictionary, events)
+        return [measure(1, planner.one_round_plan(dictionary, rho, extra), *args)]
     first = measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args)
     candidates = aggregate(first.plan, first.results)
     second = planner.second_round_plan(dictionary, candidates, rho * (1 - job.select_fraction))
@@ -233,18 +251,26 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     syn = synthesize(dictionary, rounds, job.site_variable, job.site_groups, job.rows, rng)
     events(f"model fitted and {len(syn.samples)} records sampled in {syn.seconds:.2f} s", stage="synthesize")
     columns = decode(syn.samples, dictionary, rng)
-    if job.site_variable == "release" and syn.site_labels is not None:
-        columns = {SITE: syn.site_labels} | columns
+    llm = run_llm_stage(job.llm_config(), dictionary, syn.pooled, columns, rng, events)
+    samples = syn.samples
+    if llm.columns is not columns:  # repaired or LLM-first records: fidelity and report follow what is released
+        columns, samples = llm.columns, encode(dictionary, llm.columns)
+    release_id = uuid.uuid4().hex
     results = [r for rnd in rounds for r in rnd.results]
     sites = sorted({r.site for r in results})
     answered = {s: [r for r in results if r.site == s] for s in sites}
+    fidelity = _fidelity(dictionary, syn.pooled, samples)
+    records = ({SITE: syn.site_labels} | columns) if job.site_variable == "release" and syn.site_labels else columns
     files = {
-        "records.csv": to_csv(columns),
+        "records.csv": to_csv(records),
         "aggregates.json": _json(_aggregates(dictionary, syn)),
-        "fidelity.json": _json(_fidelity(dictionary, syn.pooled, syn.samples)),
+        "fidelity.json": _json(fidelity),
+        **llm.files,
     }
+    events(f"exporting records as {', '.join(job.formats)}", stage="export")
+    files |= export_files(dictionary, columns, release_id, set(job.formats))
     manifest = {
-        "release_id": uuid.uuid4().hex,
+        "release_id": release_id,
         "created": _now(),
         "started": started,
         "dictionary": {"name": dictionary.name, "version": dictionary.version, "hash": dictionary.hash},
@@ -260,12 +286,16 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
         "generator": {"engine": "ppsehr graphical model (Private-PGM-style estimation on a junction tree)",
                       "strategy": job.strategy, "site_variable": job.site_variable,
                       "site_groups": syn.groups, "cliques": [list(c) for c in syn.model.cliques],
-                      "estimated_total": syn.model.total, "rows": len(syn.samples), "seed": seed,
-                      "fit_seconds": round(syn.seconds, 3), "python": platform.python_version()},
-        "llm": {"used": False, "reason": "no LLM endpoint configured; records come from the statistical engine alone"},
+                      "estimated_total": syn.model.total, "rows": len(samples), "seed": seed,
+                      "fit_seconds": round(syn.seconds, 3), "python": platform.python_version(),
+                      "formats": list(job.formats)},
+        "llm": llm.manifest_section,
     }
     for rnd in rounds[1:]:
         manifest["sites_not_included"] += [_failure_entry(f, rnd.number) for f in rnd.failures]
+    if job.report:
+        events("building the report", stage="report")
+        files |= build_report(dictionary, manifest, syn.pooled, samples, fidelity)
     out = write_release(job.out, files, manifest, sign=coordinator_key.sign)
     events(f"release written to {out} in {time.perf_counter() - t0:.1f} s", stage="done", out=str(out))
     return manifest

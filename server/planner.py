@@ -12,7 +12,9 @@ Two strategies, both spending exactly the per-site rho of the release:
   chosen pairs. Every measurement of both rounds feeds the estimator, so nothing is wasted.
 
 Within a round rho is split in proportion to cells^(2/3), which minimises the sum of the
-marginals' expected L1 errors (error of a table ~ cells * sigma, sigma ~ rho^(-1/2)).
+marginals' expected L1 errors (error of a table ~ cells * sigma, sigma ~ rho^(-1/2)); 1-way
+tables weigh ONE_WAY_WEIGHT times more, since every clique and the record total lean on them
+(3 was best of 1/2/3/5 on the demo benchmark at epsilon 1 and 4, see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..protos import guard_pb2 as pb
 from .model import Measurement
 
 STRATEGIES = ("dictionary", "adaptive")
+ONE_WAY_WEIGHT = 3.0
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,11 @@ def structure(dictionary: Dictionary, extra: Sequence[Sequence[str]] = ()) -> li
 
 
 def allocate(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], rho: float) -> list[PlannedMarginal]:
-    """Split rho over `sets` in proportion to cells^(2/3)."""
+    """Split rho over `sets` in proportion to cells^(2/3) (1-way tables: ONE_WAY_WEIGHT times that)."""
     if not (rho > 0 and math.isfinite(rho)):
         raise ValueError(f"rho per site must be a positive finite number, got {rho!r}")
-    weights = [math.prod(dictionary[v].size for v in s) ** (2 / 3) for s in sets]
+    weights = [(ONE_WAY_WEIGHT if len(s) == 1 else 1.0) * math.prod(dictionary[v].size for v in s) ** (2 / 3)
+               for s in sets]
     total = sum(weights)
     return [PlannedMarginal(tuple(s), rho * w / total) for s, w in zip(sets, weights)]
 

@@ -117,10 +117,10 @@ def test_demo_command_end_to_end(tmp_path):
 
 def test_an_unregistered_supernode_cannot_join(consortium, tmp_path):
     """A SuperNode with a fresh, unregistered key (or none) is refused by the TLS SuperLink."""
-    from ppsehr.common.keys import describe_key_file, new_supernode_key
+    from ppsehr.common.keys import new_supernode_key
     from ppsehr.common.procs import flower_env
 
-    rogue_key, rogue_pub = new_supernode_key(tmp_path, "rogue")
+    rogue_key, _ = new_supernode_key(tmp_path, "rogue")
     rogue = consortium.start_supernode("va", rogue_key, name="supernode-rogue")
     keyless = consortium.start_supernode("va", None, name="supernode-keyless")
     for proc, text in ((rogue, "Failed to activate SuperNode"), (keyless, "must be registered")):
@@ -129,6 +129,4 @@ def test_an_unregistered_supernode_cannot_join(consortium, tmp_path):
     listed = subprocess.run(["flwr", "supernode", "list", consortium.connection, "--format", "json"], capture_output=True,
                             text=True, timeout=120, env=flower_env(consortium.flwr_home))
     assert listed.returncode == 0, listed.stdout + listed.stderr
-    nodes = json.loads(listed.stdout)["nodes"]
-    assert len(nodes) == len(SITES)  # only the registered sites' nodes
-    assert describe_key_file(rogue_pub)["fingerprint"] not in listed.stdout
+    assert len(json.loads(listed.stdout)["nodes"]) == len(SITES)  # only the registered sites' nodes

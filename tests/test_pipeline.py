@@ -238,3 +238,31 @@ def test_pooled_release_has_no_site_axis(guards, job, tmp_path, all_sites):
             run_release(job(tmp_path / "bad", **({"epsilon": 0.1} | bad)), transport, Events())
         assert not (tmp_path / "bad").exists()
     assert {g.guard.config.site: g.guard.ledger.spent() for g in gs} == spent  # a bad job costs nothing
+
+
+def test_release_with_an_llm_endpoint_gains_notes_rules_and_an_llm_section(guards, job, tmp_path, all_sites):
+    """The whole release path with a local OpenAI-compatible server: notes listed and hashed, usage recorded."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_openai_server import FakeOpenAI
+
+    gs = guards(*all_sites[:2])
+    transport = DirectTransport({g.guard.config.site: g.address for g in gs})
+    server = FakeOpenAI().start()
+    try:
+        llm = {"base_url": server.base_url, "model": "fake-model", "timeout": 2.0, "cache_dir": "",
+               "uses": ["knowledge", "notes"]}
+        m = run_release(job(tmp_path / "rel", epsilon=2.0, seed=4, rows=40, llm=llm, formats=["csv"], report=False),
+                        transport, Events())
+    finally:
+        server.stop()
+    manifest = verify_release(tmp_path / "rel")
+    assert manifest["llm"]["used"] is True and manifest["llm"]["model"] == "fake-model"
+    assert manifest["llm"]["calls"] > 0 and manifest["llm"]["prompt_tokens"] > 0
+    assert "notes.jsonl" in manifest["files"]
+    notes = (tmp_path / "rel" / "notes.jsonl").read_text().splitlines()
+    assert len(notes) == 40
+    assert not (tmp_path / "rel" / "records.parquet").exists()  # formats narrowed to csv
+    assert m["generator"]["formats"] == ["csv"]
