@@ -29,15 +29,19 @@ def cmd_demo(args) -> int:
         raise PpsehrError(f"{out} already exists; choose a new --out")
     keep = args.keep or args.workdir is not None
     workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="ppsehr-demo-"))
+    from .progress import Progress
+
     t0 = time.monotonic()
-    say = (lambda m: None) if args.json else (lambda m: print(f"[{time.monotonic() - t0:5.1f}s] {m}", flush=True))
-    say(f"ppsehr demo: 4 hospitals (UCI Heart Disease), epsilon {args.epsilon:g} per site, work directory {workdir}")
-    consortium = LocalConsortium(workdir, lifetime_epsilon=args.lifetime_epsilon, progress=say)
+    options = job_options(args)
     ok = False
     try:
-        with consortium:
-            final = consortium.release(out, epsilon=args.epsilon, seed=args.seed, rows=args.rows, **job_options(args),
-                                       on_event=lambda ev: say(ev["message"]))
+        with Progress(json_output=args.json) as progress:
+            progress.log(f"ppsehr demo: 4 hospitals (UCI Heart Disease), epsilon {args.epsilon:g} per site, "
+                         f"work directory {workdir}")
+            consortium = LocalConsortium(workdir, lifetime_epsilon=args.lifetime_epsilon, progress=progress.log)
+            with consortium:
+                final = consortium.release(out, epsilon=args.epsilon, seed=args.seed, rows=args.rows, **options,
+                                           on_event=progress.event)
         ok = True
     finally:
         if not ok:
@@ -172,9 +176,12 @@ def cmd_coordinator_release(args) -> int:
         raise PpsehrError(f"{job.out} already exists; choose a new --out")
     job.save(job_dir / "job.json")
     home = write_flwr_home(job_dir / "flwr-home", "coordinator", args.superlink, args.root_certificates)
+    from .progress import Progress
+
     run_id = submit(job_dir / "job.json", write_app_dir(job_dir / "app"), home, "coordinator")
     print(f"run {run_id} submitted to {args.superlink}", flush=True)
-    final = follow(job, run_id, home, "coordinator", args.timeout, lambda ev: print(ev["message"], flush=True))
+    with Progress() as progress:
+        final = follow(job, run_id, home, "coordinator", args.timeout, progress.event)
     print(f"release written to {final['out']}")
     return 0
 
@@ -274,6 +281,8 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")
+    p.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
+                   help="model (or release) a coarser site group instead of the site; repeat per site")
     p.add_argument("--formats", default="csv,parquet,fhir,omop",
                    help="record formats in the release (csv always; default csv,parquet,fhir,omop)")
     p.add_argument("--no-report", action="store_true", help="leave report.html and figures/ out of the release")
@@ -285,11 +294,17 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
 def job_options(args) -> dict:
     from ..server.llm import llm_config_from_args
 
+    groups = {}
+    for item in args.site_group:
+        site, _, group = item.partition("=")
+        if not site or not group:
+            raise PpsehrError(f"--site-group takes SITE=GROUP, got {item!r}")
+        groups[site] = group
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     llm = llm_config_from_args(args)
     return {"strategy": args.strategy, "select_fraction": args.select_fraction, "site_variable": args.site_variable,
             "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,
-            "llm": llm.to_dict() if llm.enabled else {}}
+            "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups}
 
 
 def build_parser() -> argparse.ArgumentParser:

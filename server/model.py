@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -60,6 +60,25 @@ def _lse(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     m = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(divide="ignore"):
         return np.log(np.sum(np.exp(a - m), axis=axes, keepdims=True)) + m
+
+
+def max_spanning_tree(nodes: Iterable[Hashable], weights: dict[tuple, float]) -> list[tuple]:
+    """Kruskal: the edges (pairs of nodes, keys of `weights`) of a maximum-weight spanning forest."""
+    root = {v: v for v in nodes}
+
+    def find(v):
+        while root[v] != v:
+            root[v] = root[root[v]]
+            v = root[v]
+        return v
+
+    tree = []
+    for (a, b), _ in sorted(weights.items(), key=lambda kv: -kv[1]):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            root[ra] = rb
+            tree.append((a, b))
+    return tree
 
 
 class JunctionTree:
@@ -107,24 +126,10 @@ class JunctionTree:
         return [self.sort(c) for c in unique]
 
     def _tree(self) -> tuple[list[tuple[int, int]], list[int], list[int]]:
-        """Maximum spanning tree on separator size (Kruskal), rooted at clique 0, in BFS order."""
+        """Maximum spanning tree on separator size, rooted at clique 0, in BFS order."""
         n = len(self.cliques)
         sets = [set(c) for c in self.cliques]
-        pairs = sorted(((len(sets[i] & sets[j]), i, j) for i in range(n) for j in range(i + 1, n)), reverse=True)
-        root = list(range(n))
-
-        def find(i: int) -> int:
-            while root[i] != i:
-                root[i] = root[root[i]]
-                i = root[i]
-            return i
-
-        edges = []
-        for _, i, j in pairs:
-            a, b = find(i), find(j)
-            if a != b:
-                root[a] = b
-                edges.append((i, j))
+        edges = max_spanning_tree(range(n), {(i, j): len(sets[i] & sets[j]) for i in range(n) for j in range(i + 1, n)})
         nbrs: dict[int, list[int]] = {i: [] for i in range(n)}
         for i, j in edges:
             nbrs[i].append(j)

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ..common import keys
 from ..common.dictionary import Dictionary
 from ..protos import guard_pb2 as pb
-from .model import Measurement
+from .model import Measurement, max_spanning_tree
 
 STRATEGIES = ("dictionary", "adaptive")
 ONE_WAY_WEIGHT = 3.0
@@ -86,22 +86,8 @@ def dependence(m: Measurement) -> float:
 
 
 def select_tree(names: Sequence[str], pairs: dict[tuple[str, str], float]) -> list[tuple[str, str]]:
-    """Maximum spanning tree over `names` by pair score (Kruskal)."""
-    root = {n: n for n in names}
-
-    def find(n: str) -> str:
-        while root[n] != n:
-            root[n] = root[root[n]]
-            n = root[n]
-        return n
-
-    tree = []
-    for (a, b), _ in sorted(pairs.items(), key=lambda kv: -kv[1]):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            root[ra] = rb
-            tree.append((a, b))
-    return tree
+    """Maximum spanning tree over `names` by pair score."""
+    return max_spanning_tree(names, pairs)
 
 
 def second_round_plan(dictionary: Dictionary, candidates: Sequence[Measurement], rho: float) -> list[PlannedMarginal]:

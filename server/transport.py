@@ -17,7 +17,7 @@ import grpc
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
 
-Progress = Callable[[str], None]
+Progress = Callable[..., None]  # progress(message, stage=..., **data): pipeline.Events
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ class FlowerTransport:
                     rec = msg.content.config_records.get("result", {})
                     r = parse_reply(where, rec.get("summary"), rec.get("error_code"), rec.get("error"))
                 (replies if isinstance(r, SiteReply) else failures).append(r)
-                progress(f"{where}: " + ("signed summary received" if isinstance(r, SiteReply) else f"failed ({r.code})"))
+                progress(f"{where}: " + ("signed summary received" if isinstance(r, SiteReply) else f"failed ({r.code})"),
+                         stage="measure", done=len(replies) + len(failures), total=len(nodes))
             if pending:
                 time.sleep(self.poll)
         failures += [SiteFailure(f"node {n}", "TIMEOUT", f"no reply within {timeout:g} s") for n in pending.values()]

@@ -1,0 +1,53 @@
+"""`ppsehr bench fidelity`: its metrics on known cases and its outputs (ppsehr and the light baselines)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ppsehr.common.cli import main
+from ppsehr.server import benchmark as B
+
+
+def test_auc_on_known_cases():
+    y = np.array([0, 0, 1, 1])
+    assert B.auc(np.array([0.1, 0.2, 0.8, 0.9]), y) == 1.0
+    assert B.auc(np.array([0.9, 0.8, 0.2, 0.1]), y) == 0.0
+    assert B.auc(np.array([0.5, 0.5, 0.5, 0.5]), y) == 0.5
+    assert B.auc(np.array([0.1, 0.6, 0.4, 0.9]), y) == 0.75
+
+
+def test_tvd_is_zero_for_identical_data_and_one_for_disjoint():
+    a = np.array([[0, 0], [1, 1], [1, 0]])
+    assert B.tvds(a, a, [2, 2], 2) == 0.0
+    assert B.tvds(np.zeros((5, 1), int), np.ones((5, 1), int), [2], 1) == 1.0
+
+
+def test_logistic_regression_learns_a_clear_signal():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, size=(2000, 2))
+    target = np.where(rng.random(2000) < 0.9, (x[:, 0] == 2).astype(int), rng.integers(0, 2, 2000))
+    data = np.column_stack([target, x])
+    assert B.tstr(data[:1500], data[1500:], [2, 3, 3], 0) > 0.85
+
+
+def test_bench_fidelity_command_writes_json_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "fidelity", "--epsilon", "4", "--seeds", "1", "--methods", "ppsehr,independent,bootstrap",
+                 "--json", str(out / "f.json"), "--out", str(out)]) == 0
+    doc = json.loads((out / "f.json").read_text())
+    assert {r["method"] for r in doc["rows"]} == {"ppsehr", "independent", "bootstrap"}
+    for r in doc["rows"]:
+        assert set(r) >= {"dataset", "method", "epsilon", "seed", "tvd1", "tvd2", "tvd3", "tstr_auc", "trtr_auc", "fit_seconds"}
+    by = {r["method"]: r for r in doc["rows"]}
+    assert by["bootstrap"]["tvd2"] < by["ppsehr"]["tvd2"]  # the non-private floor
+    assert by["ppsehr"]["tstr_auc"] > by["independent"]["tstr_auc"]  # a model keeps what independent columns lose
+    assert (out / "f.md").read_text().count("| demo |") == 3
+    assert (out / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_rejects_unknown_methods():
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["bench", "fidelity", "--methods", "magic"])
