@@ -145,8 +145,8 @@ class Federation:
                          delta=DELTA, strategy=strategy, site_variable=site_variable)
         ckey = keys.load_signing_key(job.signing_key)
         site_keys = {s: keys.load_public_key(p) for s, p in job.site_keys.items()}
-        rounds = collect(job, ds.dictionary, ckey, site_keys, InProcessTransport(self.guards), Events())
-        syn = synthesize(ds.dictionary, rounds, site_variable, {}, None, np.random.default_rng(seed))
+        rounds, structure = collect(job, ds.dictionary, ckey, site_keys, InProcessTransport(self.guards), Events())
+        syn = synthesize(ds.dictionary, rounds, structure, site_variable, {}, None, np.random.default_rng(seed))
         return syn.samples, syn.seconds
 
 

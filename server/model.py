@@ -239,9 +239,10 @@ class Model:
 def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """For rows in separator groups, draw a column of `joint` (G x K) given the row's group.
 
-    Controlled rounding per group: each of the K cells gets floor(g * p_k) rows, the remaining
-    rows go to distinct cells drawn with probability proportional to the fractional parts
-    (exponential keys, without replacement); rows are matched to cells in random order.
+    Controlled rounding per group: each of the K cells gets floor(g * p_k) rows and the remaining
+    rows go to distinct cells chosen by systematic sampling over the fractional parts in a random
+    cell order, so cell k gains its extra row with probability exactly its fractional part and
+    the expected count of every cell is g * p_k. Rows are matched to cells in random order.
     """
     G, K = joint.shape
     rowsum = joint.sum(axis=1, keepdims=True)
@@ -249,12 +250,17 @@ def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator) -> np.
     counts = np.bincount(group, minlength=G)
     expected = counts[:, None] * cond
     base = np.floor(expected).astype(np.int64)
-    frac = expected - base
     extra = counts - base.sum(axis=1)
-    with np.errstate(divide="ignore"):
-        keys = rng.exponential(size=frac.shape) / frac  # smallest keys win (weighted, no replacement)
-    ranks = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1)
-    alloc = base + (ranks < extra[:, None])
+    order = np.argsort(rng.random((G, K)), axis=1)  # a random cell order per group
+    frac = np.take_along_axis(expected - base, order, axis=1)
+    cum = np.cumsum(frac, axis=1)
+    last = cum[:, -1:]
+    cum = np.where(last > 0, cum * (extra[:, None] / np.where(last > 0, last, 1)), 0.0)  # exact totals
+    u = rng.random((G, 1))
+    hits = np.floor(cum - u + 1.0).astype(np.int64)
+    picked = np.diff(np.concatenate([np.zeros((G, 1), np.int64), hits], axis=1), axis=1)
+    alloc = base.copy()
+    np.put_along_axis(alloc, order, np.take_along_axis(alloc, order, axis=1) + picked, axis=1)
     labels = np.repeat(np.tile(np.arange(K), G), alloc.ravel())
     rows = np.lexsort((rng.random(len(group)), group))  # rows grouped by separator, random within group
     out = np.empty(len(group), dtype=np.int64)

@@ -30,7 +30,7 @@ from .aggregate import SITE, SiteResult, SummaryRejected, aggregate, pooled, ver
 from .exports import FORMATS as EXPORT_FORMATS
 from .exports import export_files
 from .llm_stage import LLMConfig, encode, knowledge_dependencies, run_llm_stage
-from .model import Measurement, Model, estimate
+from .model import JunctionTree, Measurement, Model, estimate
 from .report import build_report
 from .records import decode, to_csv
 from .release import write_release
@@ -86,6 +86,10 @@ class ReleaseJob:
             raise PpsehrError(f"site_variable must be one of {SITE_MODES}, got {self.site_variable!r}")
         if not 0 < self.select_fraction < 1:
             raise PpsehrError(f"select_fraction must be between 0 and 1, got {self.select_fraction!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise PpsehrError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.site_groups.items()):
+            raise PpsehrError(f"site_groups must map site names to non-empty group names, got {self.site_groups!r}")
         unknown = sorted(set(self.formats) - set(EXPORT_FORMATS))
         if unknown or "csv" not in self.formats:
             raise PpsehrError(f"formats must include csv and be among {EXPORT_FORMATS}, got {self.formats!r}")
@@ -175,16 +179,21 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], job: ReleaseJ
         results.append(result)
     results.sort(key=lambda x: x.site)
     if not results:
-        raise PpsehrError(f"no site answered the round-{number} plan: "
-                          + "; ".join(f"{f.site}: {f.code} {f.message}" for f in failures))
+        events(f"round {number}: no site answered: " + "; ".join(f"{f.site}: {f.code}" for f in failures))
+        return Round(number, marginals, plan, signed, results, failures)
     events(f"round {number}: {len(results)} site(s) answered with verified signatures: "
            f"{', '.join(x.site for x in results)}" + (f"; {len(failures)} did not" if failures else ""), stage="aggregate")
     return Round(number, marginals, plan, signed, results, failures)
 
 
 def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys, transport: Transport,
-            events: Events) -> list[Round]:
-    """Run the job's measurement strategy: one round, or candidates then a selected tree."""
+            events: Events) -> tuple[list[Round], list[tuple[str, ...]]]:
+    """Run the job's measurement strategy; return the rounds and the model's structure (variable sets).
+
+    Every plan's model is sized before it is sent, so a plan the coordinator could not fit never
+    costs a site anything. Round 1 must be answered by someone; if round 2 of the adaptive strategy
+    is answered by no one, the release goes ahead on round 1's tables within the selected tree.
+    """
     rho = job.validate()
     events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, job.delta):.3g} at delta {job.delta:g}), "
            f"strategy {job.strategy}", stage="plan")
@@ -194,38 +203,78 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
         llm = job.llm_config()
         if llm.enabled and "knowledge" in llm.uses:  # clinical prior from the public dictionary: costs no privacy
             extra += knowledge_dependencies(llm, dictionary, events)
-        return [measure(1, planner.one_round_plan(dictionary, rho, extra), *args)]
-    first = measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args)
+        plan = planner.one_round_plan(dictionary, rho, extra)
+        structure = [m.variables for m in plan]
+        check_model_size(job, dictionary, structure)
+        first = _answered(measure(1, plan, *args))
+        return [first], structure
+    if len(dictionary.names) < 2:
+        raise PpsehrError("the adaptive strategy selects pairs: the dictionary needs at least 2 variables. Nothing was sent.")
+    first = _answered(measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args))
     candidates = aggregate(first.plan, first.results)
     second = planner.second_round_plan(dictionary, candidates, rho * (1 - job.select_fraction))
+    structure = [(n,) for n in dictionary.names] + [m.variables for m in second]
+    check_model_size(job, dictionary, structure)
     events(f"selected {len(second)} pairs from the round-1 candidates: "
            + ", ".join("-".join(m.variables) for m in second), stage="plan")
-    return [first, measure(2, second, *args)]
+    rounds = [first, measure(2, second, *args)]
+    if not rounds[1].results:
+        events("round 2 was answered by no site: the release uses round 1's tables within the selected tree")
+    return rounds, structure
 
 
-def synthesize(dictionary: Dictionary, rounds: list[Round], site_variable: str, site_groups: dict[str, str],
-               rows: int | None, rng: np.random.Generator) -> Synthesis:
-    """Aggregate every round, fit the graphical model, sample records. Reads DP outputs only."""
+def _answered(rnd: Round) -> Round:
+    if not rnd.results:
+        raise PpsehrError(f"no site answered the round-{rnd.number} plan: "
+                          + "; ".join(f"{f.site}: {f.code} {f.message}" for f in rnd.failures))
+    return rnd
+
+
+MAX_MODEL_CELLS = 2_000_000  # largest clique table a release will fit (the estimator's hard limit is higher)
+
+
+def check_model_size(job: ReleaseJob, dictionary: Dictionary, structure: list[tuple[str, ...]]) -> None:
+    """Refuse, before anything is sent, a structure whose junction tree has a clique table too large to fit."""
+    domain = dictionary.domain()
+    if job.site_variable != "pooled":
+        domain = {SITE: max(1, len({job.site_groups.get(s, s) for s in job.site_keys}))} | domain
+    sets = [((SITE,) if SITE in domain else ()) + tuple(v) for v in structure]
+    tree = JunctionTree(domain, sets)
+    biggest = max(tree.cliques, key=lambda c: math.prod(tree.shape(c)))
+    cells = math.prod(tree.shape(biggest))
+    if cells > MAX_MODEL_CELLS:
+        raise PpsehrError(f"the planned marginals need a model clique over {list(biggest)} with {cells:,} cells "
+                          f"(limit {MAX_MODEL_CELLS:,}); declare fewer or smaller dependencies. Nothing was sent.")
+
+
+def synthesize(dictionary: Dictionary, rounds: list[Round], structure: list[tuple[str, ...]], site_variable: str,
+               site_groups: dict[str, str], rows: int | None, rng: np.random.Generator) -> Synthesis:
+    """Aggregate every answered round, fit the graphical model on `structure`, sample records.
+
+    Reads DP outputs only. Tables outside the structure (adaptive round-1 candidates) informed the
+    selection only, as in MST.
+    """
     t0 = time.perf_counter()
-    sites = sorted({r.site for rnd in rounds for r in rnd.results})
+    answered = [rnd for rnd in rounds if rnd.results]
+    sites = sorted({r.site for rnd in answered for r in rnd.results})
     if site_variable == "pooled":
         # pooled sums must cover the same sites in every round, or totals would disagree
-        common = set.intersection(*({r.site for r in rnd.results} for rnd in rounds))
-        measurements = [m for rnd in rounds for m in aggregate(rnd.plan, [r for r in rnd.results if r.site in common])]
+        common = set.intersection(*({r.site for r in rnd.results} for rnd in answered))
+        if not common:  # no site answered every round: pool round 1 alone
+            answered, common = answered[:1], {r.site for r in answered[0].results}
+        measurements = [m for rnd in answered for m in aggregate(rnd.plan, [r for r in rnd.results if r.site in common])]
         groups: dict[str, str] = {}
     else:
         if SITE in dictionary.variables:
             raise PpsehrError(f"the dictionary has a variable named {SITE!r}; use site_variable = 'pooled'")
         groups = {s: site_groups.get(s, s) for s in sites}
-        measurements = [m for rnd in rounds for m in aggregate(rnd.plan, rnd.results, groups)]
-    # The model's structure is the last round's (the selected tree, in the adaptive strategy); earlier
-    # candidates it cannot hold informed the selection only, as in MST.
-    structure = [set(m.variables) for m in rounds[-1].marginals]
-    measurements = [m for m in measurements
-                    if len(m.variables) - bool(groups) <= 1 or any(set(m.variables) - {SITE} <= s for s in structure)]
+        measurements = [m for rnd in answered for m in aggregate(rnd.plan, rnd.results, groups)]
+    sets = [set(v) for v in structure]
+    measurements = [m for m in measurements if np.any(m.weights() > 0)
+                    and any(set(m.variables) - {SITE} <= s for s in sets)]
     labels = sorted(set(groups.values()))
     domain = ({SITE: len(labels)} if groups else {}) | dictionary.domain()
-    model = estimate(domain, measurements)
+    model = estimate(domain, measurements, total=_total_by_slice(measurements) if groups else None)
     n = rows if rows is not None else max(1, int(round(model.total)))
     samples = model.sample(n, rng)
     site_labels = None
@@ -233,6 +282,20 @@ def synthesize(dictionary: Dictionary, rounds: list[Round], site_variable: str, 
         site_labels = [labels[i] for i in samples[:, 0]]
         samples = samples[:, 1:]
     return Synthesis(measurements, pooled(measurements), model, samples, site_labels, labels, time.perf_counter() - t0)
+
+
+def _total_by_slice(measurements: list[Measurement]) -> float:
+    """Record total from tables with a leading site axis: per slice the inverse-variance mean of its
+    observed sums, added over slices (a group that missed some rounds still counts)."""
+    slices: dict[int, tuple[float, float]] = {}  # slice -> (sum of w * total, sum of w)
+    for m in measurements:
+        var = np.broadcast_to(m.variance, m.values.shape)
+        for g in range(m.values.shape[0]):
+            if np.all(np.isfinite(var[g])):
+                w = 1.0 / float(var[g].sum())
+                a, b = slices.get(g, (0.0, 0.0))
+                slices[g] = (a + w * float(m.values[g].sum()), b + w)
+    return max(1.0, sum(a / b for a, b in slices.values()))
 
 
 def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[str, Any]:
@@ -245,10 +308,12 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
         raise PpsehrError(f"the dictionary has a variable named {SITE!r}; use site_variable = 'pooled'")
     coordinator_key = keys.load_signing_key(job.signing_key)
     site_keys = {site: keys.load_public_key(path) for site, path in job.site_keys.items()}
-    rounds = collect(job, dictionary, coordinator_key, site_keys, transport, events)
+    if Path(job.out).exists():
+        raise PpsehrError(f"{job.out} already exists; choose a new output directory. Nothing was sent.")
+    rounds, structure = collect(job, dictionary, coordinator_key, site_keys, transport, events)
     seed = job.seed if job.seed is not None else secrets.randbits(63)
     rng = np.random.default_rng(seed)
-    syn = synthesize(dictionary, rounds, job.site_variable, job.site_groups, job.rows, rng)
+    syn = synthesize(dictionary, rounds, structure, job.site_variable, job.site_groups, job.rows, rng)
     events(f"model fitted and {len(syn.samples)} records sampled in {syn.seconds:.2f} s", stage="synthesize")
     columns = decode(syn.samples, dictionary, rng)
     llm = run_llm_stage(job.llm_config(), dictionary, syn.pooled, columns, rng, events)

@@ -107,6 +107,8 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
     plans = {p["plan_id"]: _verify_plan(p, manifest, ckey, mpath) for p in manifest.get("plans", [])}
     if not plans:
         raise ReleaseError(f"{mpath}: no plans")
+    if not manifest.get("sites"):
+        raise ReleaseError(f"{mpath}: no site contributed; a release needs at least one site's receipt")
     by_site: dict[str, list[pb.BudgetReceipt]] = {}
     for r in manifest.get("receipts", []):
         site = r.get("site")
@@ -126,10 +128,19 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
         for key, value in (("epsilon", rho), ("epsilon_total", last.rho_spent_total)):
             if not math.isclose(accounting.epsilon(value, last.delta), s[key], rel_tol=1e-6):
                 raise ReleaseError(f"{mpath}: site {site!r}: {key} {s[key]} does not follow from rho {value} at delta {last.delta}")
+    # Every listed site answered every plan, unless that plan's round lists as many sites not included.
+    for p in manifest["plans"]:
+        missing = [site for site in manifest["sites"] if not any(rc.plan_id == p["plan_id"] for rc in by_site[site])]
+        excused = [f for f in manifest.get("sites_not_included", []) if f.get("round", 1) == p.get("round", 1)]
+        if len(missing) > len(excused):
+            raise ReleaseError(f"{mpath}: plan {p['plan_id']!r} has no receipt from {missing} and no matching "
+                               "entry in sites_not_included")
     worst = max(math.fsum(rc.rho_debited for rc in rcs) for rcs in by_site.values())
-    stated = manifest["privacy"]["release_epsilon_max"]
-    if not math.isclose(accounting.epsilon(worst, manifest["privacy"]["delta"]), stated, rel_tol=1e-6):
-        raise ReleaseError(f"{mpath}: release_epsilon_max {stated} does not follow from the receipts")
+    privacy = manifest["privacy"]
+    if not math.isclose(worst, privacy.get("release_rho_max", -1.0), rel_tol=1e-12):
+        raise ReleaseError(f"{mpath}: release_rho_max {privacy.get('release_rho_max')} does not follow from the receipts")
+    if not math.isclose(accounting.epsilon(worst, privacy["delta"]), privacy["release_epsilon_max"], rel_tol=1e-6):
+        raise ReleaseError(f"{mpath}: release_epsilon_max {privacy['release_epsilon_max']} does not follow from the receipts")
     return manifest
 
 
@@ -145,8 +156,17 @@ def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: P
     digest = hashlib.sha256(plan_bytes).hexdigest()
     if plan.plan_id != entry["plan_id"] or digest != entry["sha256"]:
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} does not match the signed plan")
-    if [list(m.variables) for m in plan.marginals] != [m["variables"] for m in entry["marginals"]]:
-        raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} lists other marginals than the signed plan")
+    try:
+        stated = [(m["variables"], float(m["rho"])) for m in entry["marginals"]]
+        per_site = float(entry["rho_per_site"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} is incomplete ({e})") from None
+    signed = [(list(m.variables), m.rho) for m in plan.marginals]
+    if len(stated) != len(signed) or any(sv != gv or not math.isclose(sr, gr, rel_tol=1e-12)
+                                         for (sv, sr), (gv, gr) in zip(stated, signed)):
+        raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} lists other marginals or rho than the signed plan")
+    if not math.isclose(per_site, math.fsum(m.rho for m in plan.marginals), rel_tol=1e-9):
+        raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r}: rho_per_site does not match the signed plan")
     if plan.dictionary_hash != manifest["dictionary"]["hash"]:
         raise ReleaseError(f"{mpath}: plan {entry['plan_id']!r} is signed for another dictionary")
     return digest

@@ -130,3 +130,15 @@ def test_selection_recovers_a_strong_tree_from_candidates():
     tree = planner.select_tree(list(cols), scores)
     assert {frozenset(e) for e in tree} >= {frozenset("ab"), frozenset("bc")}
     assert scores[("a", "d")] < scores[("a", "b")] / 10
+
+
+def test_controlled_rounding_is_unbiased_for_small_groups():
+    """Two rows over cells with p = .45/.30/.25: expected counts .9/.6/.5, not flattened."""
+    from ppsehr.server.model import _draw
+
+    rng = np.random.default_rng(0)
+    joint = np.array([[0.45, 0.30, 0.25]])
+    counts = np.zeros(3)
+    for _ in range(20000):
+        counts += np.bincount(_draw(joint, np.zeros(2, dtype=np.int64), rng), minlength=3)
+    assert np.allclose(counts / 20000, [0.9, 0.6, 0.5], atol=0.02)

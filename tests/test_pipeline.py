@@ -167,6 +167,14 @@ def _flip_receipt(m):
      "does not match its signed receipt"),
     (lambda p, k: (_edit_manifest(p, _flip_receipt), _resign(p, k.coordinator_key)), "receipt's signature does not verify"),
     (lambda p, k: (p / "manifest.sig").unlink(), "not signed"),
+    (lambda p, k: (_edit_manifest(p, lambda m: m["privacy"].update(release_rho_max=1e-9)), _resign(p, k.coordinator_key)),
+     "release_rho_max"),
+    (lambda p, k: (_edit_manifest(p, lambda m: m["plans"][0]["marginals"][0].update(rho=1e-9)), _resign(p, k.coordinator_key)),
+     "other marginals or rho than the signed plan"),
+    (lambda p, k: (_edit_manifest(p, lambda m: m.update(receipts=[r for r in m["receipts"] if r["site"] != "va"])),
+                   _resign(p, k.coordinator_key)), "has no receipt"),
+    (lambda p, k: (_edit_manifest(p, lambda m: m.update(sites={}, receipts=[])), _resign(p, k.coordinator_key)),
+     "no site contributed"),
 ])
 def test_verify_detects_tampering(one_release, tmp_path, consortium_keys, tamper, message):
     import shutil
@@ -266,3 +274,35 @@ def test_release_with_an_llm_endpoint_gains_notes_rules_and_an_llm_section(guard
     assert len(notes) == 40
     assert not (tmp_path / "rel" / "records.parquet").exists()  # formats narrowed to csv
     assert m["generator"]["formats"] == ["csv"]
+
+
+def test_jobs_the_coordinator_cannot_finish_are_refused_before_anything_is_sent(guards, job, tmp_path, all_sites, dictionary):
+    import itertools
+
+    gs = guards(*all_sites[:2])
+    transport = DirectTransport({g.guard.config.site: g.address for g in gs})
+    every_pair = [list(p) for p in itertools.combinations(dictionary.names, 2)]
+    for bad, message in ((dict(structure=every_pair), "model clique .* Nothing was sent"),
+                         (dict(seed=-1), "seed must be a non-negative integer"),
+                         (dict(site_groups={"va": ""}), "site_groups")):
+        with pytest.raises(PpsehrError, match=message):
+            run_release(job(tmp_path / "bad", epsilon=1.0, **bad), transport, Events())
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    with pytest.raises(PpsehrError, match="already exists"):
+        run_release(job(tmp_path / "taken", epsilon=1.0), transport, Events())
+    assert all(g.guard.ledger.spent() == 0.0 for g in gs)
+
+
+def test_adaptive_release_survives_a_second_round_nobody_answers(guards, job, tmp_path, all_sites):
+    """Sites allow one plan a day: round 2 is refused everywhere, so the release uses round 1 within the tree."""
+    gs = guards(*all_sites[:2], policy={"max_plans_per_day": 1})
+    transport = DirectTransport({g.guard.config.site: g.address for g in gs})
+    m = run_release(job(tmp_path / "rel", epsilon=2.0, seed=8, strategy="adaptive"), transport, Events())
+    verify_release(tmp_path / "rel")
+    assert [p["round"] for p in m["plans"]] == [1, 2]
+    assert {f["code"] for f in m["sites_not_included"] if f["round"] == 2} == {"RATE_LIMITED"}
+    for g in gs:
+        assert m["sites"][g.guard.config.site]["plans"] == 1
+        assert m["sites"][g.guard.config.site]["rho"] == pytest.approx(g.guard.ledger.spent(), rel=1e-12)
+    assert all(len(c) <= 3 for c in m["generator"]["cliques"])  # the selected tree (+ site), not all candidates
