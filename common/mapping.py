@@ -41,7 +41,7 @@ import numpy as np
 from . import omop
 from .dictionary import MISSING, OTHER, OUT_OF_RANGE, Dictionary, Variable
 from .errors import MappingError
-from .units import conversion
+from .units import conversion, parse_number
 
 FORMATS = ("csv", "tsv", "parquet", "omop")  # omop: CDM tables, see common/omop.py
 
@@ -318,11 +318,9 @@ def _encode_column(values: np.ndarray, var: Variable, vm: VariableMapping, m: Si
             codes[k] = var.cells.index(label)
         else:
             try:
-                x = float(code)
-            except ValueError:
-                raise MappingError(f"{where(k)}: {str(u).strip()!r} is not a number (variable {var.name!r})") from None
-            if not math.isfinite(x):
-                raise MappingError(f"{where(k)}: {str(u).strip()!r} is not a finite number (variable {var.name!r})")
+                x = parse_number(str(u).strip())
+            except ValueError as e:
+                raise MappingError(f"{where(k)}: {e} (variable {var.name!r})") from None
             if vm.scale is not None:
                 x = x * vm.scale + vm.offset
             codes[k], oor = _bin(var, x)

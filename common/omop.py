@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ import numpy as np
 
 from .dictionary import MISSING, OTHER, Dictionary, Variable
 from .errors import MappingError
-from .units import conversion
+from .units import conversion, parse_number
 
 # kind -> (table, concept column, date column)
 EVENT_TABLES = {
@@ -521,11 +520,9 @@ def _numbers(data: dict[str, np.ndarray], sel: np.ndarray, where: str, ov: OmopV
         if not s:
             continue
         try:
-            x = float(s)
-        except ValueError:
-            raise MappingError(f"{where}, data row {i + 1}, field value_as_number: {s!r} is not a number") from None
-        if not math.isfinite(x):
-            raise MappingError(f"{where}, data row {i + 1}, field value_as_number: {s!r} is not finite")
+            x = parse_number(s)
+        except ValueError as e:
+            raise MappingError(f"{where}, data row {i + 1}, field value_as_number: {e}") from None
         u = data["unit_concept_id"][i].strip()
         uid = int(float(u)) if u else 0
         if uid not in factors:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .errors import MappingError
 
 # (from, to) -> (scale, offset): value_to = value_from * scale + offset
@@ -23,6 +25,17 @@ _LINEAR: dict[tuple[str, str], tuple[float, float]] = {
 ALIASES = {"degF": "[degF]", "°F": "[degF]", "F": "[degF]", "degC": "Cel", "°C": "Cel", "C": "Cel",
            "lb": "[lb_av]", "lbs": "[lb_av]", "in": "[in_i]", "mmHg": "mm[Hg]", "years": "a",
            "year": "a", "y": "a", "months": "mo", "minutes": "min", "seconds": "s"}
+
+
+def parse_number(text: str) -> float:
+    """A finite number from text, or ValueError saying why not (the text quoted, for local messages only)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{text!r} is not a finite number")
+    return x
 
 
 def canonical(unit: str) -> str:

@@ -25,11 +25,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from typing import Any, Iterable
 
 from ..common.dictionary import MISSING, OUT_OF_RANGE, Dictionary, Variable
+from ..common.units import parse_number
 from ..common.errors import ReleaseError
 
 FORMATS = ("csv", "parquet", "fhir", "omop")
@@ -131,12 +131,9 @@ class _Records:
                 out.append(None)
             elif var.type == "numeric":
                 try:
-                    x = float(s)
-                except ValueError:
-                    raise ReleaseError(f"record {i + 1}, variable {var.name!r}: {s!r} is not a number") from None
-                if not math.isfinite(x):
-                    raise ReleaseError(f"record {i + 1}, variable {var.name!r}: {s!r} is not finite")
-                out.append(x)
+                    out.append(parse_number(s))
+                except ValueError as e:
+                    raise ReleaseError(f"record {i + 1}, variable {var.name!r}: {e}") from None
             elif s in cells:
                 out.append(s)
             else:
