@@ -755,7 +755,7 @@ def bench_llm_first(config: LLMConfig, rows: int = 1000, styles: Sequence[str] =
 
 def bench_markdown(result: dict[str, Any]) -> str:
     e = result["endpoint"]
-    lines = [f"# LLM-first generation on the demo consortium", "",
+    lines = ["# LLM-first generation on the demo consortium", "",
              f"Endpoint host `{e['base_url_host']}`, model `{e['model']}`; {result['rows']} output records, "
              f"epsilon {result['epsilon_per_site']:g} per site; batch {result['batch_size']}, pool factor {result['pool_factor']:g}.",
              "", "| style | valid / returned | 1-way TVD before -> after | 2-way TVD before -> after | tokens / 1,000 records | records / s |",

@@ -12,10 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-import grpc
-
 from ..protos import guard_pb2 as pb
-from ..protos import guard_pb2_grpc as pb_grpc
 
 Progress = Callable[..., None]  # progress(message, stage=..., **data): pipeline.Events
 
