@@ -48,12 +48,13 @@ class Dataset:
 
 
 # ----------------------------------------------------------------------------- datasets
-def demo_dataset() -> Dataset:
+def demo_dataset(mappings: dict[str, Path] | None = None) -> Dataset:
+    """The demo consortium; `mappings` replaces sites' mapping files (tests plant values this way)."""
     from ..common.localdeploy import DEMO_SITES, demo_dir
 
     demo = demo_dir()
     d = load_dictionary(demo / "dictionary.toml")
-    maps = {s: demo / "sites" / f"{s}.toml" for s in DEMO_SITES}
+    maps = {s: demo / "sites" / f"{s}.toml" for s in DEMO_SITES} | (mappings or {})
     tables = {s: load_site_table(load_mapping(m, d), d)[0] for s, m in maps.items()}
     return Dataset("demo", d, demo / "dictionary.toml", maps, tables, "heart_disease")
 
@@ -135,9 +136,10 @@ class Federation:
                                     self.keys.site_keys[site][0], [self.keys.coordinator_pub], policy)
             self.guards[site] = SiteGuard(load_site_config(cfg))
 
-    def run(self, ds: Dataset, epsilon: float, seed: int, strategy: str, site_variable: str) -> tuple[np.ndarray, float]:
+    def collect(self, ds: Dataset, epsilon: float, strategy: str = "dictionary", site_variable: str = "model"):
+        """The release's measurement rounds (pipeline.collect) against these guards: (rounds, structure)."""
         from ..common import keys
-        from .pipeline import Events, ReleaseJob, collect, synthesize
+        from .pipeline import Events, ReleaseJob, collect
         from .transport import InProcessTransport
 
         job = ReleaseJob(dictionary=str(ds.dictionary_path), out="", signing_key=str(self.keys.coordinator_key),
@@ -145,7 +147,12 @@ class Federation:
                          delta=DELTA, strategy=strategy, site_variable=site_variable)
         ckey = keys.load_signing_key(job.signing_key)
         site_keys = {s: keys.load_public_key(p) for s, p in job.site_keys.items()}
-        rounds, structure = collect(job, ds.dictionary, ckey, site_keys, InProcessTransport(self.guards), Events())
+        return collect(job, ds.dictionary, ckey, site_keys, InProcessTransport(self.guards), Events())
+
+    def run(self, ds: Dataset, epsilon: float, seed: int, strategy: str, site_variable: str) -> tuple[np.ndarray, float]:
+        from .pipeline import synthesize
+
+        rounds, structure = self.collect(ds, epsilon, strategy, site_variable)
         syn = synthesize(ds.dictionary, rounds, structure, site_variable, {}, None, np.random.default_rng(seed))
         return syn.samples, syn.seconds
 

@@ -669,37 +669,18 @@ def _templates(client: LLMClient) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- benchmark
-def demo_measurements(workdir: Path, epsilon: float = 4.0, delta: float = 1e-6,
+def demo_measurements(workdir: Path, epsilon: float = 4.0,
                       mappings: dict[str, Path] | None = None) -> tuple[Dictionary, list[Measurement]]:
-    """DP marginals of the demo consortium the honest way: the four real site guards answer a signed
-    one-round plan in this process (OpenDP noise, ledgers, receipts), the coordinator verifies and sums.
-    `mappings` replaces a site's mapping file (tests plant values in a site table this way)."""
-    from ..client.config import load_site_config
-    from ..client.guard import SiteGuard
-    from ..common import accounting
-    from ..common.dictionary import load_dictionary
-    from ..common.keys import init_consortium, load_public_key, load_signing_key
-    from ..common.localdeploy import DEMO_SITES, demo_dir, write_site_config
-    from . import planner
-    from .aggregate import aggregate, verify_summary
+    """DP marginals of the demo consortium the honest way: the four real site guards answer the
+    release's signed one-round plan in this process (OpenDP noise, ledgers, receipts), the
+    coordinator verifies and sums (`benchmark.Federation`, `pipeline.collect`). `mappings`
+    replaces a site's mapping file (tests plant values in a site table this way)."""
+    from .aggregate import aggregate
+    from .benchmark import Federation, demo_dataset
 
-    demo = demo_dir()
-    dictionary = load_dictionary(demo / "dictionary.toml")
-    keys = init_consortium(workdir / "keys", list(DEMO_SITES), ["127.0.0.1"])
-    coordinator = load_signing_key(keys.coordinator_key)
-    rho = accounting.rho_for_epsilon(epsilon, delta)
-    plan = planner.to_proto(planner.one_round_plan(dictionary, rho), dictionary, "bench", "LLM benchmark")
-    signed = planner.sign_plan(plan, coordinator)
-    results = []
-    for site in DEMO_SITES:
-        path = write_site_config(workdir / "sites" / f"{site}.toml", site, demo / "dictionary.toml",
-                                 (mappings or {}).get(site, demo / "sites" / f"{site}.toml"), workdir / "state" / site, "127.0.0.1:0",
-                                 max(20.0, 2 * epsilon), delta, keys.site_keys[site][0], [keys.coordinator_pub],
-                                 {"max_rho_per_plan": max(1.0, 2 * rho)})
-        guard = SiteGuard(load_site_config(path))
-        results.append(verify_summary(guard.answer(signed), signed, dictionary,
-                                      {site: load_public_key(keys.site_keys[site][1])}))
-    return dictionary, aggregate(plan, results)
+    ds = demo_dataset(mappings)
+    (first,), _ = Federation(ds, workdir).collect(ds, epsilon, site_variable="pooled")
+    return ds.dictionary, aggregate(first.plan, first.results)
 
 
 def bench_llm_first(config: LLMConfig, rows: int = 1000, styles: Sequence[str] = ("definition", "example", "rule"),

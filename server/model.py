@@ -315,7 +315,7 @@ def estimate_total(measurements: Sequence[Measurement]) -> float:
 
 
 def estimate(domain: dict[str, int], measurements: Sequence[Measurement], cliques: Sequence[Sequence[str]] | None = None,
-             iters: int = 1000, tol: float = 1e-7, total: float | None = None, warm: Model | None = None) -> Model:
+             iters: int = 1000, tol: float = 1e-7, total: float | None = None) -> Model:
     """Fit a junction-tree model to noisy marginals (Private-PGM's estimator, entropic mirror descent)."""
     if not measurements:
         raise ValueError("no measurements to fit")
@@ -352,8 +352,7 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
             grad[i] += tree.expand(w * r, vs, tree.cliques[i])
         return loss, grad
 
-    theta = ([t.copy() for t in warm.theta] if warm is not None and warm.tree.cliques == tree.cliques
-             else [np.zeros(tree.shape(c)) for c in tree.cliques])
+    theta = [np.zeros(tree.shape(c)) for c in tree.cliques]
     beliefs = calibrate(tree, theta)
     loss, grad = loss_grad(beliefs)
     alpha = 1.0 / (N * max(float(a[4].max()) for a in attached))

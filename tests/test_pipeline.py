@@ -106,32 +106,6 @@ def test_a_site_that_is_down_is_reported_not_charged(guards, job, tmp_path, all_
     assert down.guard.ledger.spent() == 0.0
 
 
-@pytest.fixture(scope="module")
-def one_release(tmp_path_factory, demo, consortium_keys):
-    """A real release from two in-process guards, made once for the tamper tests."""
-    from ppsehr.client.guard import SiteGuard
-    from ppsehr.common.localdeploy import write_site_config
-    from ppsehr.client.config import load_site_config
-    from conftest import RunningGuard
-
-    tmp = tmp_path_factory.mktemp("one")
-    running = []
-    for site in ("cleveland", "va"):
-        cfg = write_site_config(tmp / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
-                                tmp / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
-                                [consortium_keys.coordinator_pub])
-        running.append(RunningGuard(SiteGuard(load_site_config(cfg))))
-    try:
-        j = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
-                       signing_key=str(consortium_keys.coordinator_key),
-                       site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=2.0, seed=3)
-        run_release(j, DirectTransport({g.guard.config.site: g.address for g in running}), Events())
-    finally:
-        for g in running:
-            g.stop()
-    return tmp / "rel"
-
-
 def _edit_manifest(path, change):
     m = json.loads((path / "manifest.json").read_text())
     change(m)

@@ -579,27 +579,6 @@ def test_site_audit_names_an_edited_entry_and_the_guard_refuses_to_start(guards,
     assert "will not answer plans" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def release_dir(tmp_path_factory, demo, consortium_keys):
-    """One real release from two in-process guards (DirectTransport), for the CLI tamper tests."""
-    from conftest import RunningGuard
-
-    from ppsehr.server.pipeline import Events, ReleaseJob, run_release
-    from ppsehr.server.transport import DirectTransport
-
-    tmp = tmp_path_factory.mktemp("security-release")
-    running = [RunningGuard(SiteGuard(site_cfg(tmp, demo, consortium_keys, site=s))) for s in ("cleveland", "va")]
-    try:
-        job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
-                         signing_key=str(consortium_keys.coordinator_key),
-                         site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=1.0, seed=1)
-        run_release(job, DirectTransport({g.guard.config.site: g.address for g in running}), Events())
-    finally:
-        for g in running:
-            g.stop()
-    return tmp / "rel"
-
-
 def _manifest_edit(change, resign_with=None):
     def do(path, k):
         m = json.loads((path / "manifest.json").read_text())
@@ -635,11 +614,11 @@ def _site_key_swapped(m, k):
     (_manifest_edit(_site_key_swapped, resign_with=lambda k: k.coordinator_key), True,
      "the receipt's signature does not verify"),
 ])
-def test_release_verify_command_detects_tampering(release_dir, tmp_path, consortium_keys, capsys, tamper, pinned, message):
+def test_release_verify_command_detects_tampering(one_release, tmp_path, consortium_keys, capsys, tamper, pinned, message):
     import shutil
 
     copy = tmp_path / "rel"
-    shutil.copytree(release_dir, copy)
+    shutil.copytree(one_release, copy)
     pins = ["--coordinator-key", str(consortium_keys.coordinator_pub)] + [
         a for s in ("cleveland", "va") for a in ("--site-key", f"{s}={consortium_keys.site_keys[s][1]}")]
     assert main(["release", "verify", str(copy), *pins]) == 0
