@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 import opendp.prelude as dp
 
-from ..common import accounting, keys
+from ..common import accounting, cells, keys
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.mapping import EncodedTable, load_mapping, load_site_table
 from ..common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES
@@ -71,7 +71,8 @@ class Refusal(Exception):
 @dataclass(frozen=True)
 class CompiledMarginal:
     variables: tuple[str, ...]
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # grouped shape when the query coarsens its variables
+    groups: tuple  # per variable: cell -> group array, or None
     scale: float
     rho: float  # OpenDP's privacy map at d_in = 1, at most the requested rho
     measurement: object
@@ -111,19 +112,24 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig)
                               + ("not released by this site" if policy.tier3 == "deny" else "only released in 1-way marginals"))
         if not (isinstance(m.rho, float) and math.isfinite(m.rho) and m.rho >= MIN_RHO):
             raise Refusal("BAD_RHO", f"marginal {i}: rho must be a finite number of at least {MIN_RHO:g}, got {m.rho!r}")
-        shape = tuple(dictionary[n].size for n in names)
-        cells = math.prod(shape)
-        if cells > policy.max_cells:
-            raise Refusal("POLICY_LIMIT", f"marginal {i}: {cells} cells; policy allows at most {policy.max_cells} per marginal")
-        total_cells += cells
+        if len(m.groups) > len(names) or any(len(g.cell_group) > dictionary[n].size for g, n in zip(m.groups, names)):
+            raise Refusal("MALFORMED_PLAN", f"marginal {i}: groupings do not fit its variables' domains")
+        try:
+            maps, shape = cells.check_groups([dictionary[n].size for n in names], [list(g.cell_group) for g in m.groups])
+        except ValueError as e:
+            raise Refusal("MALFORMED_PLAN", f"marginal {i}: {e}") from None
+        n_cells = math.prod(shape)
+        if n_cells > policy.max_cells:
+            raise Refusal("POLICY_LIMIT", f"marginal {i}: {n_cells} cells; policy allows at most {policy.max_cells} per marginal")
+        total_cells += n_cells
         total_rho += m.rho
-        specs.append((names, shape, m.rho))
+        specs.append((names, shape, maps, m.rho))
     if total_cells > policy.max_total_cells:
         raise Refusal("POLICY_LIMIT", f"plan has {total_cells} cells in all; policy allows at most {policy.max_total_cells}")
     if total_rho > policy.max_rho_per_plan * (1 + 1e-12):
         raise Refusal("POLICY_LIMIT", f"plan asks for rho {total_rho:.6g}; policy allows at most {policy.max_rho_per_plan:.6g} per plan")
     compiled = []
-    for names, shape, rho in specs:
+    for names, shape, maps, rho in specs:
         scale = accounting.scale_for_rho(rho)
         space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.symmetric_distance()
         meas = space >> dp.t.then_count_by_categories(
@@ -131,7 +137,7 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig)
         actual = float(meas.map(1))
         if actual > rho * (1 + 1e-9):
             raise Refusal("INTERNAL", "noise calibration failed")
-        compiled.append(CompiledMarginal(names, shape, scale, actual, meas))
+        compiled.append(CompiledMarginal(names, shape, maps, scale, actual, meas))
     return compiled
 
 
@@ -231,8 +237,7 @@ class SiteGuard:
         """Run the paid-for measurements and sign summary and receipt."""
         tables = []
         for c in compiled:
-            cells = self._table.cell_index(c.variables, c.shape)
-            counts = c.measurement(cells)
+            counts = c.measurement(self._table.cell_index(c.variables, c.shape, c.groups))
             tables.append(pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=counts,
                                            rho=c.rho, noise_scale=c.scale))
         receipt = pb.BudgetReceipt(site=self.config.site, plan_id=plan.plan_id, plan_sha256=plan_sha, rho_debited=debit.rho,

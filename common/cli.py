@@ -276,8 +276,13 @@ def cmd_bench_fidelity(args) -> int:
 def add_release_options(p: argparse.ArgumentParser) -> None:
     """How a release measures and models (shared by `demo` and `coordinator release`)."""
     p.add_argument("--strategy", choices=["dictionary", "adaptive"], default="dictionary",
-                   help="dictionary: one round over the declared structure; adaptive: candidates, then a selected tree")
+                   help="dictionary: the declared structure; adaptive: candidate pairs, then a selected tree")
     p.add_argument("--select-fraction", type=float, default=0.2, help="adaptive: share of the budget for round 1")
+    p.add_argument("--no-compress", action="store_true",
+                   help="measure joint tables over full domains (dictionary: in one round) instead of over domains "
+                        "compressed by round-1 1-way counts")
+    p.add_argument("--oneway-fraction", type=float, default=0.85,
+                   help="dictionary strategy with compression: share of the budget for the round-1 1-way tables")
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")
@@ -303,6 +308,7 @@ def job_options(args) -> dict:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     llm = llm_config_from_args(args)
     return {"strategy": args.strategy, "select_fraction": args.select_fraction, "site_variable": args.site_variable,
+            "compress": not args.no_compress, "oneway_fraction": args.oneway_fraction,
             "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,
             "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups}
 

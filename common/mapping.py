@@ -34,10 +34,11 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from . import cells as cell_groups
 from . import omop
 from .dictionary import MISSING, OTHER, OUT_OF_RANGE, Dictionary, Variable
 from .errors import MappingError
@@ -176,10 +177,13 @@ class EncodedTable:
     columns: dict[str, np.ndarray]
     n_rows: int
 
-    def cell_index(self, names: Iterable[str], shape: tuple[int, ...]) -> np.ndarray:
-        """Flat index of each row's cell in the joint domain of `names` (row-major)."""
+    def cell_index(self, names: Iterable[str], shape: tuple[int, ...], groups: Sequence | None = None) -> np.ndarray:
+        """Flat index of each row's cell in the joint domain of `names` (row-major), with the
+        variables' cells summed into `groups` (see common/cells.py; shape is then the grouped shape)."""
         cols = [self.columns[n] for n in names]
-        return np.ravel_multi_index(cols, shape).astype(np.int64, copy=False) if cols else np.zeros(self.n_rows, np.int64)
+        if not cols:
+            return np.zeros(self.n_rows, np.int64)
+        return cell_groups.grouped_index(cols, groups or (None,) * len(cols), shape)
 
 
 @dataclass

@@ -39,12 +39,20 @@ class PolicyLimits(_message.Message):
     def __init__(self, max_rho_per_plan: _Optional[float] = ..., max_marginals: _Optional[int] = ..., max_width: _Optional[int] = ..., max_cells: _Optional[int] = ..., max_plans_per_day: _Optional[int] = ...) -> None: ...
 
 class MarginalQuery(_message.Message):
-    __slots__ = ("variables", "rho")
+    __slots__ = ("variables", "rho", "groups")
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
     RHO_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     variables: _containers.RepeatedScalarFieldContainer[str]
     rho: float
-    def __init__(self, variables: _Optional[_Iterable[str]] = ..., rho: _Optional[float] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[CellGroups]
+    def __init__(self, variables: _Optional[_Iterable[str]] = ..., rho: _Optional[float] = ..., groups: _Optional[_Iterable[_Union[CellGroups, _Mapping]]] = ...) -> None: ...
+
+class CellGroups(_message.Message):
+    __slots__ = ("cell_group",)
+    CELL_GROUP_FIELD_NUMBER: _ClassVar[int]
+    cell_group: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, cell_group: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class QueryPlan(_message.Message):
     __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..common import keys
+from ..common import cells, keys
 from ..common.dictionary import Dictionary
 from ..protos import guard_pb2 as pb
 from .model import Measurement
@@ -61,7 +61,7 @@ def verify_summary(signed: pb.SignedSummary, signed_plan: pb.SignedPlan, diction
         raise SummaryRejected(f"has {len(summary.marginals)} tables for {len(plan.marginals)} planned marginals")
     total = 0.0
     for i, (got, want) in enumerate(zip(summary.marginals, plan.marginals)):
-        shape = tuple(dictionary[v].size for v in want.variables)
+        shape = planned_shape(want, dictionary)[1]
         if tuple(got.variables) != tuple(want.variables) or tuple(got.shape) != shape:
             raise SummaryRejected(f"table {i} is over {list(got.variables)} {list(got.shape)}, planned {list(want.variables)} {list(shape)}")
         if len(got.counts) != math.prod(shape):
@@ -74,10 +74,16 @@ def verify_summary(signed: pb.SignedSummary, signed_plan: pb.SignedPlan, diction
     return SiteResult(site, summary, receipt, signed.signer)
 
 
+def planned_shape(query: pb.MarginalQuery, dictionary: Dictionary) -> tuple[tuple[np.ndarray | None, ...], tuple[int, ...]]:
+    """The groupings (None per variable measured cell by cell) and table shape of a planned marginal."""
+    return cells.check_groups([dictionary[v].size for v in query.variables], [list(g.cell_group) for g in query.groups])
+
+
 SITE = "site"  # the model variable that holds a record's site (or site group), when site effects are modelled
 
 
-def aggregate(plan: pb.QueryPlan, results: list[SiteResult], groups: dict[str, str] | None = None) -> list[Measurement]:
+def aggregate(plan: pb.QueryPlan, results: list[SiteResult], dictionary: Dictionary,
+              groups: dict[str, str] | None = None) -> list[Measurement]:
     """One measurement per planned marginal from the sites' noisy tables; variances add up across sites.
 
     Without `groups` the tables are summed (pooled). With `groups` (every participating site ->
@@ -91,7 +97,8 @@ def aggregate(plan: pb.QueryPlan, results: list[SiteResult], groups: dict[str, s
     by_site = {r.site: r for r in results}
     out = []
     for i, m in enumerate(plan.marginals):
-        shape = tuple(results[0].summary.marginals[i].shape)
+        maps, shape = planned_shape(m, dictionary)
+        coarse = maps if any(g is not None for g in maps) else None
 
         def summed(sites: list[str]) -> tuple[np.ndarray, float]:
             tables = [by_site[s].summary.marginals[i] for s in sites]
@@ -100,7 +107,7 @@ def aggregate(plan: pb.QueryPlan, results: list[SiteResult], groups: dict[str, s
 
         if not groups:
             values, variance = summed(sorted(by_site))
-            out.append(Measurement(tuple(m.variables), values, variance))
+            out.append(Measurement(tuple(m.variables), values, variance, coarse))
             continue
         values = np.zeros((len(labels),) + shape)
         variance = np.full((len(labels),) + (1,) * len(shape), np.inf)
@@ -108,7 +115,7 @@ def aggregate(plan: pb.QueryPlan, results: list[SiteResult], groups: dict[str, s
             members = [s for s, lab in groups.items() if lab == label]
             if all(s in by_site for s in members):
                 values[g], variance[g] = summed(members)
-        out.append(Measurement((SITE,) + tuple(m.variables), values, variance))
+        out.append(Measurement((SITE,) + tuple(m.variables), values, variance, coarse and (None,) + coarse))
     return out
 
 
@@ -119,5 +126,6 @@ def pooled(measurements: list[Measurement]) -> list[Measurement]:
         if m.variables[:1] != (SITE,):
             out.append(m)
         elif m.complete:
-            out.append(Measurement(m.variables[1:], m.values.sum(axis=0), float(np.sum(m.variance))))
+            out.append(Measurement(m.variables[1:], m.values.sum(axis=0), float(np.sum(m.variance)),
+                                   m.groups[1:] if m.coarse else None))
     return out

@@ -136,23 +136,25 @@ class Federation:
                                     self.keys.site_keys[site][0], [self.keys.coordinator_pub], policy)
             self.guards[site] = SiteGuard(load_site_config(cfg))
 
-    def collect(self, ds: Dataset, epsilon: float, strategy: str = "dictionary", site_variable: str = "model"):
-        """The release's measurement rounds (pipeline.collect) against these guards: (rounds, structure)."""
+    def collect(self, ds: Dataset, epsilon: float, strategy: str = "dictionary", site_variable: str = "model", **options):
+        """The release's measurement rounds (pipeline.collect) against these guards: (rounds, structure).
+        `options` are further ReleaseJob fields (e.g. compress=False)."""
         from ..common import keys
         from .pipeline import Events, ReleaseJob, collect
         from .transport import InProcessTransport
 
         job = ReleaseJob(dictionary=str(ds.dictionary_path), out="", signing_key=str(self.keys.coordinator_key),
                          site_keys={s: str(p[1]) for s, p in self.keys.site_keys.items()}, epsilon=epsilon,
-                         delta=DELTA, strategy=strategy, site_variable=site_variable)
+                         delta=DELTA, strategy=strategy, site_variable=site_variable, **options)
         ckey = keys.load_signing_key(job.signing_key)
         site_keys = {s: keys.load_public_key(p) for s, p in job.site_keys.items()}
         return collect(job, ds.dictionary, ckey, site_keys, InProcessTransport(self.guards), Events())
 
-    def run(self, ds: Dataset, epsilon: float, seed: int, strategy: str, site_variable: str) -> tuple[np.ndarray, float]:
+    def run(self, ds: Dataset, epsilon: float, seed: int, strategy: str, site_variable: str,
+            **options) -> tuple[np.ndarray, float]:
         from .pipeline import synthesize
 
-        rounds, structure = self.collect(ds, epsilon, strategy, site_variable)
+        rounds, structure = self.collect(ds, epsilon, strategy, site_variable, **options)
         syn = synthesize(ds.dictionary, rounds, structure, site_variable, {}, None, np.random.default_rng(seed))
         return syn.samples, syn.seconds
 

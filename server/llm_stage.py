@@ -679,8 +679,8 @@ def demo_measurements(workdir: Path, epsilon: float = 4.0,
     from .benchmark import Federation, demo_dataset
 
     ds = demo_dataset(mappings)
-    (first,), _ = Federation(ds, workdir).collect(ds, epsilon, site_variable="pooled")
-    return ds.dictionary, aggregate(first.plan, first.results)
+    (first,), _ = Federation(ds, workdir).collect(ds, epsilon, site_variable="pooled", compress=False)
+    return ds.dictionary, aggregate(first.plan, first.results, ds.dictionary)
 
 
 def bench_llm_first(config: LLMConfig, rows: int = 1000, styles: Sequence[str] = ("definition", "example", "rule"),

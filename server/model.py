@@ -26,6 +26,8 @@ from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
+from ..common import cells
+
 Vars = tuple[str, ...]
 MAX_CLIQUE_CELLS = 20_000_000  # a model clique table of float64 beyond this is a plan error, not a model
 
@@ -36,11 +38,25 @@ class Measurement:
 
     `variance` is one number for every cell, or an array broadcastable to `values`; an infinite
     variance marks cells that were not observed (e.g. the slice of a site that did not answer).
+    `groups` (one per variable, None for a variable measured cell by cell) marks a coarsened
+    table: its axes are over groups of dictionary cells (common/cells.py).
     """
 
     variables: Vars
     values: np.ndarray
     variance: float | np.ndarray
+    groups: tuple[np.ndarray | None, ...] | None = None
+
+    @property
+    def coarse(self) -> bool:
+        return self.groups is not None and any(g is not None for g in self.groups)
+
+    def maps(self) -> tuple[np.ndarray | None, ...]:
+        return self.groups if self.groups is not None else (None,) * len(self.variables)
+
+    def index(self, columns: Sequence[np.ndarray]) -> np.ndarray:
+        """Flat index into `values` of records given as per-variable dictionary cell codes."""
+        return cells.grouped_index(columns, self.maps(), self.values.shape)
 
     def weights(self) -> np.ndarray:
         """1 / variance per cell (0 where unobserved), shaped like `values`."""
@@ -326,8 +342,9 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
         raise ValueError(f"the measured marginals need a model clique over {list(biggest)} with "
                          f"{math.prod(tree.shape(biggest)):,} cells (limit {MAX_CLIQUE_CELLS:,}); measure fewer or smaller marginals")
     for m in measurements:
-        if m.values.shape != tree.shape(tuple(m.variables)):
-            raise ValueError(f"measurement over {m.variables} has shape {m.values.shape}, expected {tree.shape(tuple(m.variables))}")
+        want = tuple(domain[v] if g is None else int(g.max()) + 1 for v, g in zip(m.variables, m.maps()))
+        if m.values.shape != want:
+            raise ValueError(f"measurement over {m.variables} has shape {m.values.shape}, expected {want}")
         if not np.all(np.asarray(m.variance) > 0) or not np.any(m.weights() > 0):
             raise ValueError(f"measurement over {m.variables} needs positive variances and at least one observed cell")
     N = estimate_total(measurements) if total is None else float(total)
@@ -338,18 +355,21 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
         perm = [list(m.variables).index(v) for v in vs]
         w = np.transpose(m.weights(), perm)
         y = np.where(w > 0, np.transpose(np.asarray(m.values, dtype=float), perm), 0.0)
+        maps = tuple(m.maps()[k] for k in perm) if m.coarse else None
         i = tree.containing(vs)
         axes = tuple(k for k, v in enumerate(tree.cliques[i]) if v not in vs)
-        attached.append((i, vs, axes, y, w))
+        attached.append((i, vs, axes, y, w, maps))
 
     def loss_grad(beliefs: list[np.ndarray]) -> tuple[float, list[np.ndarray]]:
         grad = [np.zeros(tree.shape(c)) for c in tree.cliques]
         loss = 0.0
         mus = [N * np.exp(b) for b in beliefs]
-        for i, vs, axes, y, w in attached:
-            r = (mus[i].sum(axis=axes) if axes else mus[i]) - y
+        for i, vs, axes, y, w, maps in attached:
+            mu = mus[i].sum(axis=axes) if axes else mus[i]
+            r = (cells.project(mu, maps) if maps else mu) - y
             loss += 0.5 * float(np.sum(w * r * r))
-            grad[i] += tree.expand(w * r, vs, tree.cliques[i])
+            g = cells.spread(w * r, maps) if maps else w * r
+            grad[i] += tree.expand(g, vs, tree.cliques[i])
         return loss, grad
 
     theta = [np.zeros(tree.shape(c)) for c in tree.cliques]

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..common import accounting, keys
+from ..common.cells import group_labels
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.errors import PpsehrError
 from . import planner
@@ -62,6 +63,8 @@ class ReleaseJob:
     events: str | None = None
     strategy: str = "dictionary"  # planner.STRATEGIES
     select_fraction: float = 0.2  # adaptive: share of rho spent on round-1 candidates
+    compress: bool = True  # measure 1-ways first and the joint tables over domains compressed by them
+    oneway_fraction: float = 0.85  # dictionary strategy with compress: share of rho spent on round-1 1-ways
     structure: list[list[str]] = field(default_factory=list)  # extra known dependencies for the one-round plan
     site_variable: str = "model"  # SITE_MODES: site effects modelled (records pooled) / kept in records / summed away
     site_groups: dict[str, str] = field(default_factory=dict)  # site -> group label (default: each site its own)
@@ -84,8 +87,9 @@ class ReleaseJob:
             raise PpsehrError(f"strategy must be one of {planner.STRATEGIES}, got {self.strategy!r}")
         if self.site_variable not in SITE_MODES:
             raise PpsehrError(f"site_variable must be one of {SITE_MODES}, got {self.site_variable!r}")
-        if not 0 < self.select_fraction < 1:
-            raise PpsehrError(f"select_fraction must be between 0 and 1, got {self.select_fraction!r}")
+        for name in ("select_fraction", "oneway_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise PpsehrError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise PpsehrError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.site_groups.items()):
@@ -206,17 +210,33 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
         plan = planner.one_round_plan(dictionary, rho, extra)
         structure = [m.variables for m in plan]
         check_model_size(job, dictionary, structure)
-        first = _answered(measure(1, plan, *args))
+        joint = [s for s in structure if len(s) > 1]
+        if not job.compress or not joint:
+            return [_answered(measure(1, plan, *args))], structure
+        oneway = [(n,) for n in dictionary.names]
+        first = _answered(measure(1, planner.allocate(dictionary, oneway, rho * job.oneway_fraction), *args))
+        summed = aggregate(first.plan, first.results, dictionary)
+        rho_joint = rho * (1 - job.oneway_fraction)
+    else:
+        if len(dictionary.names) < 2:
+            raise PpsehrError("the adaptive strategy selects pairs: the dictionary needs at least 2 variables. Nothing was sent.")
+        first = _answered(measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args))
+        summed = aggregate(first.plan, first.results, dictionary)
+        joint = planner.selected_pairs(dictionary, summed)
+        structure = [(n,) for n in dictionary.names] + joint
+        check_model_size(job, dictionary, structure)
+        events(f"selected {len(joint)} pairs from the round-1 candidates: " + ", ".join("-".join(p) for p in joint),
+               stage="plan")
+        rho_joint = rho * (1 - job.select_fraction)
+    if job.compress:
+        second = planner.compressed_plan(dictionary, joint, summed, rho_joint, len(first.results))
+        events("domains compressed by the round-1 1-way counts: " + ", ".join(
+            f"{'-'.join(m.variables)} {m.cells(dictionary)} cells" for m in second), stage="plan")
+    else:
+        second = planner.allocate(dictionary, joint, rho_joint)
+    if not second:
+        events("round 2 has nothing left to measure (every joint table compressed to one cell); its budget is not spent")
         return [first], structure
-    if len(dictionary.names) < 2:
-        raise PpsehrError("the adaptive strategy selects pairs: the dictionary needs at least 2 variables. Nothing was sent.")
-    first = _answered(measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args))
-    candidates = aggregate(first.plan, first.results)
-    second = planner.second_round_plan(dictionary, candidates, rho * (1 - job.select_fraction))
-    structure = [(n,) for n in dictionary.names] + [m.variables for m in second]
-    check_model_size(job, dictionary, structure)
-    events(f"selected {len(second)} pairs from the round-1 candidates: "
-           + ", ".join("-".join(m.variables) for m in second), stage="plan")
     rounds = [first, measure(2, second, *args)]
     if not rounds[1].results:
         events("round 2 was answered by no site: the release uses round 1's tables within the selected tree")
@@ -262,13 +282,13 @@ def synthesize(dictionary: Dictionary, rounds: list[Round], structure: list[tupl
         common = set.intersection(*({r.site for r in rnd.results} for rnd in answered))
         if not common:  # no site answered every round: pool round 1 alone
             answered, common = answered[:1], {r.site for r in answered[0].results}
-        measurements = [m for rnd in answered for m in aggregate(rnd.plan, [r for r in rnd.results if r.site in common])]
+        measurements = [m for rnd in answered for m in aggregate(rnd.plan, [r for r in rnd.results if r.site in common], dictionary)]
         groups: dict[str, str] = {}
     else:
         if SITE in dictionary.variables:
             raise PpsehrError(f"the dictionary has a variable named {SITE!r}; use site_variable = 'pooled'")
         groups = {s: site_groups.get(s, s) for s in sites}
-        measurements = [m for rnd in answered for m in aggregate(rnd.plan, rnd.results, groups)]
+        measurements = [m for rnd in answered for m in aggregate(rnd.plan, rnd.results, dictionary, groups)]
     sets = [set(v) for v in structure]
     measurements = [m for m in measurements if np.any(m.weights() > 0)
                     and any(set(m.variables) - {SITE} <= s for s in sets)]
@@ -349,7 +369,7 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
                  "sites": {s: keys.public_pem(site_keys[s]) for s in sites}},
         "plans": [_plan_entry(rnd) for rnd in rounds],
         "generator": {"engine": "ppsehr graphical model (Private-PGM-style estimation on a junction tree)",
-                      "strategy": job.strategy, "site_variable": job.site_variable,
+                      "strategy": job.strategy, "compress": job.compress, "site_variable": job.site_variable,
                       "site_groups": syn.groups, "cliques": [list(c) for c in syn.model.cliques],
                       "estimated_total": syn.model.total, "rows": len(samples), "seed": seed,
                       "fit_seconds": round(syn.seconds, 3), "python": platform.python_version(),
@@ -369,9 +389,16 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
 def _plan_entry(rnd: Round) -> dict[str, Any]:
     return {"round": rnd.number, "plan_id": rnd.plan.plan_id, "purpose": rnd.plan.purpose,
             "rho_per_site": sum(m.rho for m in rnd.marginals),
-            "marginals": [{"variables": list(m.variables), "rho": m.rho} for m in rnd.marginals],
+            "marginals": [{"variables": list(m.variables), "rho": m.rho} | _groups_entry(m.groups) for m in rnd.marginals],
             "signed_plan": keys.b64(rnd.signed.plan), "signature": keys.b64(rnd.signed.signature),
             "sha256": hashlib.sha256(rnd.signed.plan).hexdigest()}
+
+
+def _groups_entry(groups) -> dict[str, Any]:
+    """A compressed marginal's groupings for the manifest and aggregates.json (nothing if none)."""
+    if groups is None or all(g is None for g in groups):
+        return {}
+    return {"groups": [None if g is None else [int(x) for x in g] for g in groups]}
 
 
 def _json(obj: Any) -> bytes:
@@ -419,12 +446,14 @@ def _receipt(r: SiteResult) -> dict[str, Any]:
 
 
 def _aggregates(dictionary: Dictionary, syn: Synthesis) -> dict[str, Any]:
-    def cells(v: str) -> list[str]:
-        return syn.groups if v == SITE else list(dictionary[v].cells)
+    def cells(v: str, g) -> list[str]:
+        return syn.groups if v == SITE else group_labels(dictionary[v].cells, g)
 
     return {"note": "the sites' noisy marginals (DP outputs), summed per site group when `site` is a variable; "
-                    "variance is the noise variance of each cell (null: not observed)",
-            "marginals": [{"variables": list(m.variables), "cells": [cells(v) for v in m.variables],
+                    "variance is the noise variance of each cell (null: not observed); `groups` (compressed "
+                    "tables): per variable, the group of each dictionary cell",
+            "marginals": [{"variables": list(m.variables), "cells": [cells(v, g) for v, g in zip(m.variables, m.maps())],
+                           **_groups_entry(m.groups),
                            "counts": m.values.ravel().tolist(),
                            "variance": [None if not math.isfinite(x) else x
                                         for x in np.broadcast_to(m.variance, m.values.shape).ravel().tolist()]}
@@ -436,9 +465,8 @@ def _fidelity(dictionary: Dictionary, measurements, samples: np.ndarray) -> dict
     index = {n: j for j, n in enumerate(dictionary.names)}
     rows = []
     for m in measurements:
-        shape = m.values.shape
-        flat = np.ravel_multi_index([samples[:, index[v]] for v in m.variables], shape)
-        synth = np.bincount(flat, minlength=int(np.prod(shape))) / max(len(samples), 1)
+        flat = m.index([samples[:, index[v]] for v in m.variables])
+        synth = np.bincount(flat, minlength=m.values.size) / max(len(samples), 1)
         target = np.clip(m.values.ravel(), 0, None)
         target = target / target.sum() if target.sum() > 0 else np.full_like(target, 1 / target.size)
         rows.append({"variables": list(m.variables), "tvd": float(0.5 * np.abs(synth - target).sum())})

@@ -29,10 +29,10 @@ from typing import Sequence
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..common import keys
-from ..common.dictionary import Dictionary
+from ..common import accounting, keys
+from ..common.dictionary import Dictionary, Variable
 from ..protos import guard_pb2 as pb
-from .model import Measurement, max_spanning_tree
+from .model import Measurement, estimate_total, max_spanning_tree
 
 STRATEGIES = ("dictionary", "adaptive")
 ONE_WAY_WEIGHT = 3.0
@@ -42,6 +42,11 @@ ONE_WAY_WEIGHT = 3.0
 class PlannedMarginal:
     variables: tuple[str, ...]
     rho: float
+    groups: tuple[tuple[int, ...] | None, ...] | None = None  # domain compression (common/cells.py)
+
+    def cells(self, dictionary: Dictionary) -> int:
+        return math.prod(dictionary[v].size if not self.groups or self.groups[k] is None else max(self.groups[k]) + 1
+                         for k, v in enumerate(self.variables))
 
 
 def structure(dictionary: Dictionary, extra: Sequence[Sequence[str]] = ()) -> list[tuple[str, ...]]:
@@ -53,14 +58,16 @@ def structure(dictionary: Dictionary, extra: Sequence[Sequence[str]] = ()) -> li
     return list(dict.fromkeys(sets))
 
 
-def allocate(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], rho: float) -> list[PlannedMarginal]:
-    """Split rho over `sets` in proportion to cells^(2/3) (1-way tables: ONE_WAY_WEIGHT times that)."""
+def allocate(dictionary: Dictionary, sets: Sequence[tuple[str, ...] | PlannedMarginal], rho: float) -> list[PlannedMarginal]:
+    """Split rho over `sets` in proportion to cells^(2/3) (1-way tables: ONE_WAY_WEIGHT times that).
+
+    A set may be a PlannedMarginal whose groups (domain compression) are kept and counted."""
     if not (rho > 0 and math.isfinite(rho)):
         raise ValueError(f"rho per site must be a positive finite number, got {rho!r}")
-    weights = [(ONE_WAY_WEIGHT if len(s) == 1 else 1.0) * math.prod(dictionary[v].size for v in s) ** (2 / 3)
-               for s in sets]
+    planned = [s if isinstance(s, PlannedMarginal) else PlannedMarginal(tuple(s), 0.0) for s in sets]
+    weights = [(ONE_WAY_WEIGHT if len(p.variables) == 1 else 1.0) * p.cells(dictionary) ** (2 / 3) for p in planned]
     total = sum(weights)
-    return [PlannedMarginal(tuple(s), rho * w / total) for s, w in zip(sets, weights)]
+    return [PlannedMarginal(p.variables, rho * w / total, p.groups) for p, w in zip(planned, weights)]
 
 
 def one_round_plan(dictionary: Dictionary, rho: float, extra: Sequence[Sequence[str]] = ()) -> list[PlannedMarginal]:
@@ -90,11 +97,80 @@ def select_tree(names: Sequence[str], pairs: dict[tuple[str, str], float]) -> li
     return max_spanning_tree(names, pairs)
 
 
-def second_round_plan(dictionary: Dictionary, candidates: Sequence[Measurement], rho: float) -> list[PlannedMarginal]:
-    """Round 2 of the adaptive strategy: the spanning tree the candidates point to (pooled tables)."""
+def selected_pairs(dictionary: Dictionary, candidates: Sequence[Measurement]) -> list[tuple[str, str]]:
+    """Round 2 of the adaptive strategy measures the spanning tree the (pooled) candidates point to."""
     scores = {tuple(m.variables): dependence(m) for m in candidates if len(m.variables) == 2}
-    tree = select_tree(dictionary.names, scores)  # type: ignore[arg-type]
-    return allocate(dictionary, tree, rho)
+    return select_tree(dictionary.names, scores)  # type: ignore[arg-type]
+
+
+def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, ...] | None:
+    """Group a variable's cells so that each group holds about `threshold` records or more.
+
+    `counts` are noisy 1-way counts (DP outputs; this is post-processing). Numeric bins merge with
+    their neighbours, left to right; categories and the declared missing/other/out-of-range cells
+    that fall short are pooled into one group, which joins the smallest group if it still falls
+    short. Returns cell -> group (groups numbered by first cell), or None if every cell stays.
+    """
+    counts = np.clip(np.asarray(counts, dtype=float), 0, None)
+    ordered = var.n_bins if var.type == "numeric" else 0
+    group = np.full(var.size, -1)
+    runs: list[list[int]] = []
+    acc = 0.0
+    for c in range(ordered):
+        if not runs or acc >= threshold:
+            runs.append([])
+            acc = 0.0
+        runs[-1].append(c)
+        acc += counts[c]
+    if len(runs) > 1 and acc < threshold:
+        last = runs.pop()
+        runs[-1].extend(last)
+    rare = [c for c in range(ordered, var.size) if counts[c] < threshold]
+    runs += [[c] for c in range(ordered, var.size) if counts[c] >= threshold]
+    if rare:
+        if runs and counts[rare].sum() < threshold:
+            min(runs, key=lambda r: counts[r].sum()).extend(rare)
+        else:
+            runs.append(rare)
+    for j, r in enumerate(sorted(runs, key=min)):
+        group[r] = j
+    if len(runs) == var.size:
+        return None
+    return tuple(int(g) for g in group)
+
+
+COMPRESS_NOISE = 1.0  # k: a compressed table's typical cell should hold about k times its noise sigma
+
+
+def compressed_plan(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], oneway: Sequence[Measurement],
+                    rho: float, sites: int) -> list[PlannedMarginal]:
+    """Marginals over `sets` with domains compressed by the noisy 1-way counts of an earlier round.
+
+    Each table's variables are grouped so that a typical cell of the summed table holds about
+    COMPRESS_NOISE times its expected noise: with N records, the noise sigma of the summed table
+    (`sites` sites each adding their own) and w variables, every group keeps a share of at least
+    (k sigma / N)^(1/w). Allocation and grouping are iterated, since each shapes the other. Sets
+    that compress to a single cell of some variable carry no joint information and are dropped.
+    """
+    counts = {m.variables[0]: m.values for m in oneway if len(m.variables) == 1 and not m.coarse}
+    total = estimate_total([m for m in oneway if len(m.variables) == 1])
+    plan = allocate(dictionary, sets, rho)
+    for _ in range(3):
+        grouped = []
+        for p in plan:
+            sigma = math.sqrt(sites) * accounting.scale_for_rho(p.rho)
+            share = min(1.0, (COMPRESS_NOISE * sigma / total) ** (1 / len(p.variables)))
+            groups = tuple(compress(dictionary[v], counts[v], share * total) if v in counts else None for v in p.variables)
+            if any(g is not None and max(g) == 0 for g in groups):
+                continue
+            grouped.append(PlannedMarginal(p.variables, 0.0, groups if any(g is not None for g in groups) else None))
+        if not grouped:
+            return []
+        new = allocate(dictionary, grouped, rho)
+        if [(p.variables, p.groups) for p in new] == [(p.variables, p.groups) for p in plan]:
+            break
+        plan = new
+    return new
 
 
 def to_proto(marginals: list[PlannedMarginal], dictionary: Dictionary, coordinator: str, purpose: str,
@@ -102,7 +178,8 @@ def to_proto(marginals: list[PlannedMarginal], dictionary: Dictionary, coordinat
     """A plan with a fresh random id (single-use at every guard) that expires after lifetime_s."""
     return pb.QueryPlan(
         plan_id=plan_id or uuid.uuid4().hex, dictionary_hash=dictionary.hash, coordinator=coordinator,
-        purpose=purpose, marginals=[pb.MarginalQuery(variables=m.variables, rho=m.rho) for m in marginals],
+        purpose=purpose, marginals=[pb.MarginalQuery(variables=m.variables, rho=m.rho, groups=[
+            pb.CellGroups(cell_group=g or ()) for g in m.groups] if m.groups else []) for m in marginals],
         expires_at=int(time.time() + lifetime_s))
 
 

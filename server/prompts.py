@@ -56,13 +56,14 @@ class DPAggregates:
 
     @classmethod
     def from_measurements(cls, dictionary: Dictionary, measurements: Sequence[Measurement]) -> "DPAggregates":
-        """Pooled DP measurements over dictionary variables (others, e.g. per-site axes, are left out);
-        repeated measurements of one variable set are combined by inverse-variance weighting."""
+        """Pooled DP measurements over dictionary variables (others, e.g. per-site axes, and tables over
+        compressed domains are left out: prompts speak in dictionary cells); repeated measurements of
+        one variable set are combined by inverse-variance weighting."""
         _require(dictionary, Dictionary, "dictionary")
         merged: dict[frozenset[str], tuple[tuple[str, ...], np.ndarray, float]] = {}
         for i, m in enumerate(measurements):
             _require(m, Measurement, f"measurements[{i}]")
-            if not all(v in dictionary.variables for v in m.variables) or not m.complete:
+            if not all(v in dictionary.variables for v in m.variables) or not m.complete or m.coarse:
                 continue
             shape = tuple(dictionary[v].size for v in m.variables)
             values = np.asarray(m.values, dtype=float)

@@ -157,13 +157,13 @@ def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: P
     if plan.plan_id != entry["plan_id"] or digest != entry["sha256"]:
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} does not match the signed plan")
     try:
-        stated = [(m["variables"], float(m["rho"])) for m in entry["marginals"]]
+        stated = [(m["variables"], float(m["rho"]), m.get("groups")) for m in entry["marginals"]]
         per_site = float(entry["rho_per_site"])
     except (KeyError, TypeError, ValueError) as e:
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} is incomplete ({e})") from None
-    signed = [(list(m.variables), m.rho) for m in plan.marginals]
-    if len(stated) != len(signed) or any(sv != gv or not math.isclose(sr, gr, rel_tol=1e-12)
-                                         for (sv, sr), (gv, gr) in zip(stated, signed)):
+    signed = [(list(m.variables), m.rho, [list(g.cell_group) or None for g in m.groups] or None) for m in plan.marginals]
+    if len(stated) != len(signed) or any(sv != gv or sg != gg or not math.isclose(sr, gr, rel_tol=1e-12)
+                                         for (sv, sr, sg), (gv, gr, gg) in zip(stated, signed)):
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} lists other marginals or rho than the signed plan")
     if not math.isclose(per_site, math.fsum(m.rho for m in plan.marginals), rel_tol=1e-9):
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r}: rho_per_site does not match the signed plan")

@@ -34,6 +34,7 @@ from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..common import cells as cell_groups
 from ..common.dictionary import MISSING, Dictionary, load_dictionary
 from ..common.errors import ReleaseError
 from ..common.mapping import _bin
@@ -81,8 +82,8 @@ def dp_marginal(variable: str, measurements: Sequence[Measurement]) -> tuple[np.
     num = den = None
     used = 0
     for m in measurements:
-        if variable not in m.variables or not m.complete:
-            continue
+        if variable not in m.variables or not m.complete or m.maps()[m.variables.index(variable)] is not None:
+            continue  # a table that groups this variable's cells says nothing about each cell
         axis = m.variables.index(variable)
         others = tuple(i for i in range(m.values.ndim) if i != axis)
         counts = m.values.sum(axis=others)
@@ -106,7 +107,8 @@ def _without_site(m: Measurement) -> Measurement | None:
         return None
     axis = m.variables.index(SITE)
     variance = np.broadcast_to(np.asarray(m.variance, dtype=float), m.values.shape).sum(axis=axis)
-    return Measurement(m.variables[:axis] + m.variables[axis + 1:], m.values.sum(axis=axis), variance)
+    groups = m.groups[:axis] + m.groups[axis + 1:] if m.groups is not None else None
+    return Measurement(m.variables[:axis] + m.variables[axis + 1:], m.values.sum(axis=axis), variance, groups)
 
 
 def compare_variables(dictionary: Dictionary, measurements: Sequence[Measurement],
@@ -114,8 +116,8 @@ def compare_variables(dictionary: Dictionary, measurements: Sequence[Measurement
     """Per dictionary variable: synthetic shares vs the DP aggregate with its 95% band."""
     domain = dictionary.domain()
     for i, m in enumerate(measurements):
-        want = tuple(domain.get(v, -1) for v in m.variables if v != SITE)
-        got = tuple(n for v, n in zip(m.variables, m.values.shape) if v != SITE)
+        want = tuple(domain.get(v, -1) for v, g in zip(m.variables, m.maps()) if v != SITE and g is None)
+        got = tuple(n for v, n, g in zip(m.variables, m.values.shape, m.maps()) if v != SITE and g is None)
         if got != want:
             raise ReleaseError(f"measurement {i} over {[v for v in m.variables if v != SITE]} has shape {got}; "
                                f"the dictionary says {want}")
@@ -627,8 +629,12 @@ def release_inputs(path: str | Path, dictionary: Dictionary) -> tuple[dict[str, 
         try:
             shape = tuple(len(c) for c in m["cells"])
             variance = np.array([np.inf if v is None else v for v in m["variance"]], dtype=float).reshape(shape)
+            groups = m.get("groups")
+            if groups is not None:
+                groups = cell_groups.check_groups([dictionary[v].size if v in dictionary.variables else len(c)
+                                                   for v, c in zip(m["variables"], m["cells"])], groups)[0]
             measurements.append(Measurement(tuple(m["variables"]), np.asarray(m["counts"], dtype=float).reshape(shape),
-                                            variance))
+                                            variance, groups))
         except (KeyError, TypeError, ValueError) as e:
             raise ReleaseError(f"{path / 'aggregates.json'}: marginals[{i}] is malformed: {e}") from None
     samples = encode_records(path / "records.csv", dictionary)

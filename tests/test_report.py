@@ -99,10 +99,13 @@ def test_budget_history_counts_each_receipt_once(releases):
     hist = budget_history([first, second, second])
     assert set(hist) == {"cleveland", "hungarian", "va"}
     for site, points in hist.items():
-        assert len(points) == 2
-        (t1, total1, _, debit1), (t2, total2, _, debit2) = points
-        assert t1 <= t2 and total1 == pytest.approx(debit1) and total2 == pytest.approx(total1 + debit2)
-        assert total2 == pytest.approx(second["sites"][site]["rho_total"])
+        receipts = [r for m in (first, second) for r in m["receipts"] if r["site"] == site]
+        assert len(points) == len(receipts) == 4  # two releases of two rounds (1-ways, then compressed tables)
+        spent = 0.0
+        for (t, total, _, debit), earlier in zip(points, [points[0]] + points[:-1]):
+            spent += debit
+            assert earlier[0] <= t and total == pytest.approx(spent)
+        assert points[-1][1] == pytest.approx(second["sites"][site]["rho_total"])
 
 
 def test_report_of_a_real_release(report, dictionary):

@@ -600,9 +600,11 @@ def _receipt_total_halved(m, k):
 def _site_key_swapped(m, k):
     """Forge a receipt with a key of one's own and put that key into the manifest."""
     priv, pub = keys.new_signing_key(k.root.parent / f"forger-{uuid.uuid4().hex[:6]}", "signing")
-    r = m["receipts"][-1]
-    r["signature"] = keys.b64(keys.load_signing_key(priv).sign(keys.unb64(r["receipt"])))
-    m["keys"]["sites"][r["site"]] = pub.read_text()
+    site = m["receipts"][-1]["site"]
+    for r in m["receipts"]:
+        if r["site"] == site:
+            r["signature"] = keys.b64(keys.load_signing_key(priv).sign(keys.unb64(r["receipt"])))
+    m["keys"]["sites"][site] = pub.read_text()
 
 
 @pytest.mark.parametrize("tamper, pinned, message", [
