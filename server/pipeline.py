@@ -62,9 +62,9 @@ class ReleaseJob:
     plan_lifetime_s: float = 1800.0
     events: str | None = None
     strategy: str = "dictionary"  # planner.STRATEGIES
-    select_fraction: float = 0.2  # adaptive: share of rho spent on round-1 candidates
+    select_fraction: float = 0.2  # adaptive: share of rho spent on round-1 candidate pairs
     compress: bool = True  # measure 1-ways first and the joint tables over domains compressed by them
-    oneway_fraction: float = 0.85  # dictionary strategy with compress: share of rho spent on round-1 1-ways
+    oneway_fraction: float = 0.85  # share of the rest spent on the round-1 1-way tables (the joint tables get the rest)
     structure: list[list[str]] = field(default_factory=list)  # extra known dependencies for the one-round plan
     site_variable: str = "model"  # SITE_MODES: site effects modelled (records pooled) / kept in records / summed away
     site_groups: dict[str, str] = field(default_factory=dict)  # site -> group label (default: each site its own)
@@ -220,14 +220,15 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
     else:
         if len(dictionary.names) < 2:
             raise PpsehrError("the adaptive strategy selects pairs: the dictionary needs at least 2 variables. Nothing was sent.")
-        first = _answered(measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args))
+        rho_oneway = rho * (1 - job.select_fraction) * job.oneway_fraction
+        first = _answered(measure(1, planner.candidate_plan(dictionary, rho_oneway, rho * job.select_fraction), *args))
         summed = aggregate(first.plan, first.results, dictionary)
         joint = planner.selected_pairs(dictionary, summed)
         structure = [(n,) for n in dictionary.names] + joint
         check_model_size(job, dictionary, structure)
         events(f"selected {len(joint)} pairs from the round-1 candidates: " + ", ".join("-".join(p) for p in joint),
                stage="plan")
-        rho_joint = rho * (1 - job.select_fraction)
+        rho_joint = rho - rho_oneway - rho * job.select_fraction
     if job.compress:
         second = planner.compressed_plan(dictionary, joint, summed, rho_joint, len(first.results))
         events("domains compressed by the round-1 1-way counts: " + ", ".join(

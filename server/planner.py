@@ -75,10 +75,11 @@ def one_round_plan(dictionary: Dictionary, rho: float, extra: Sequence[Sequence[
     return allocate(dictionary, [(n,) for n in dictionary.names] + structure(dictionary, extra), rho)
 
 
-def candidate_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
-    """Round 1 of the adaptive strategy: every 1-way and 2-way marginal."""
+def candidate_plan(dictionary: Dictionary, rho_oneway: float, rho_pairs: float) -> list[PlannedMarginal]:
+    """Round 1 of the adaptive strategy: every 1-way marginal (rho_oneway in all) and every 2-way (rho_pairs)."""
     names = dictionary.names
-    return allocate(dictionary, [(n,) for n in names] + list(itertools.combinations(names, 2)), rho)
+    return (allocate(dictionary, [(n,) for n in names], rho_oneway)
+            + allocate(dictionary, list(itertools.combinations(names, 2)), rho_pairs))
 
 
 def dependence(m: Measurement) -> float:
@@ -108,8 +109,10 @@ def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, 
 
     `counts` are noisy 1-way counts (DP outputs; this is post-processing). Numeric bins merge with
     their neighbours, left to right; categories and the declared missing/other/out-of-range cells
-    that fall short are pooled into one group, which joins the smallest group if it still falls
-    short. Returns cell -> group (groups numbered by first cell), or None if every cell stays.
+    that fall short (and the bins, if all of them together do) are pooled into one group, which
+    joins the smallest group if it still falls short. A variable keeps at least two groups (a joint table over one group says nothing): if
+    everything would merge, the largest cell (numeric: the bins up to the median) stands apart.
+    Returns cell -> group (groups numbered by first cell), or None if every cell stays.
     """
     counts = np.clip(np.asarray(counts, dtype=float), 0, None)
     ordered = var.n_bins if var.type == "numeric" else 0
@@ -125,13 +128,21 @@ def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, 
     if len(runs) > 1 and acc < threshold:
         last = runs.pop()
         runs[-1].extend(last)
-    rare = [c for c in range(ordered, var.size) if counts[c] < threshold]
+    rare = runs.pop() if len(runs) == 1 and counts[runs[0]].sum() < threshold else []  # all bins together fall short
+    rare += [c for c in range(ordered, var.size) if counts[c] < threshold]
     runs += [[c] for c in range(ordered, var.size) if counts[c] >= threshold]
     if rare:
         if runs and counts[rare].sum() < threshold:
             min(runs, key=lambda r: counts[r].sum()).extend(rare)
         else:
             runs.append(rare)
+    if len(runs) == 1 and var.size > 1:
+        if ordered > 1:
+            cut = int(np.searchsorted(np.cumsum(counts[:ordered]), counts[:ordered].sum() / 2)) + 1
+            runs = [list(range(min(cut, ordered - 1))), [c for c in range(var.size) if c >= min(cut, ordered - 1)]]
+        else:
+            top = int(np.argmax(counts))
+            runs = [[top], [c for c in range(var.size) if c != top]]
     for j, r in enumerate(sorted(runs, key=min)):
         group[r] = j
     if len(runs) == var.size:
@@ -179,7 +190,7 @@ def to_proto(marginals: list[PlannedMarginal], dictionary: Dictionary, coordinat
     return pb.QueryPlan(
         plan_id=plan_id or uuid.uuid4().hex, dictionary_hash=dictionary.hash, coordinator=coordinator,
         purpose=purpose, marginals=[pb.MarginalQuery(variables=m.variables, rho=m.rho, groups=[
-            pb.CellGroups(cell_group=g or ()) for g in m.groups] if m.groups else []) for m in marginals],
+            pb.CellGroups(cell_group=g or ()) for g in m.groups] if m.groups and any(m.groups) else []) for m in marginals],
         expires_at=int(time.time() + lifetime_s))
 
 

@@ -161,7 +161,7 @@ def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: P
         per_site = float(entry["rho_per_site"])
     except (KeyError, TypeError, ValueError) as e:
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} is incomplete ({e})") from None
-    signed = [(list(m.variables), m.rho, [list(g.cell_group) or None for g in m.groups] or None) for m in plan.marginals]
+    signed = [(list(m.variables), m.rho, _groups(m)) for m in plan.marginals]
     if len(stated) != len(signed) or any(sv != gv or sg != gg or not math.isclose(sr, gr, rel_tol=1e-12)
                                          for (sv, sr, sg), (gv, gr, gg) in zip(stated, signed)):
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} lists other marginals or rho than the signed plan")
@@ -170,6 +170,12 @@ def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: P
     if plan.dictionary_hash != manifest["dictionary"]["hash"]:
         raise ReleaseError(f"{mpath}: plan {entry['plan_id']!r} is signed for another dictionary")
     return digest
+
+
+def _groups(query: pb.MarginalQuery) -> list[list[int] | None] | None:
+    """A signed marginal's groupings as the manifest states them (None when nothing is grouped)."""
+    groups = [list(g.cell_group) or None for g in query.groups]
+    return groups if any(groups) else None
 
 
 def _verify_receipt(r: dict[str, Any], site: str, plans: dict[str, str], manifest: dict[str, Any],
