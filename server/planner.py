@@ -2,14 +2,18 @@
 
 Two strategies, both spending exactly the per-site rho of the release:
 
-- ``dictionary`` (one round): all 1-way marginals plus the 2-/3-way marginals of a structure
-  known before any data is seen (the dictionary's declared dependencies, the LLM's clinical
-  prior, or a chain if nothing is declared). No budget goes to structure selection and the
-  release takes a single Flower round.
-- ``adaptive`` (two rounds, in the spirit of MST): round 1 spends a fraction of rho on all
-  1-way and all 2-way marginals as cheap candidates; the coordinator sums them and picks a
-  maximum spanning tree of noise-corrected pairwise dependence; round 2 spends the rest on the
-  chosen pairs. Every measurement of both rounds feeds the estimator, so nothing is wasted.
+- ``dictionary``: all 1-way marginals plus the 2-/3-way marginals of a structure known before
+  any data is seen (the dictionary's declared dependencies, the LLM's clinical prior, or a chain
+  if nothing is declared). No budget goes to structure selection.
+- ``adaptive`` (in the spirit of MST): round 1 spends a fraction of rho on all 2-way marginals
+  as cheap candidates (and on the 1-way tables); the coordinator sums them and picks a maximum
+  spanning tree of noise-corrected pairwise dependence; round 2 spends the rest on the chosen
+  pairs. Every measurement inside the tree feeds the estimator.
+
+Domain compression (default, ``compressed_plan``): the joint tables are measured in a second
+round over cells grouped by the first round's noisy 1-way counts, so that at a small budget a
+declared pair like age x chol (99 cells) becomes a table whose cells hold more signal than noise.
+Without it the ``dictionary`` strategy is a single round over full domains.
 
 Within a round rho is split in proportion to cells^(2/3), which minimises the sum of the
 marginals' expected L1 errors (error of a table ~ cells * sigma, sigma ~ rho^(-1/2)); 1-way
