@@ -105,25 +105,30 @@ def all_sites():
     return DEMO_SITES
 
 
-@pytest.fixture(scope="session")
-def one_release(tmp_path_factory, demo, consortium_keys):
-    """A real release from two in-process guards (cleveland, va), made once; tamper tests copy it first."""
+def release_from_guards(tmp, demo, consortium_keys, sites, epsilon, seed, **options):
+    """A real release from in-process guards of `sites` under `tmp`; returns (path, manifest, job)."""
     from ppsehr.server.pipeline import Events, ReleaseJob, run_release
     from ppsehr.server.transport import DirectTransport
 
-    tmp = tmp_path_factory.mktemp("one-release")
     running = []
     try:
-        for site in ("cleveland", "va"):
+        for site in sites:
             cfg = write_site_config(tmp / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
                                     tmp / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
                                     [consortium_keys.coordinator_pub])
             running.append(RunningGuard(SiteGuard(load_site_config(cfg))))
         job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
                          signing_key=str(consortium_keys.coordinator_key),
-                         site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=2.0, seed=3)
-        run_release(job, DirectTransport({g.guard.config.site: g.address for g in running}), Events())
+                         site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=epsilon,
+                         seed=seed, **options)
+        manifest = run_release(job, DirectTransport({g.guard.config.site: g.address for g in running}), Events())
     finally:
         for g in running:
             g.stop()
-    return tmp / "rel"
+    return tmp / "rel", manifest, job
+
+
+@pytest.fixture(scope="session")
+def one_release(tmp_path_factory, demo, consortium_keys):
+    """A real release from two in-process guards (cleveland, va), made once; tamper tests copy it first."""
+    return release_from_guards(tmp_path_factory.mktemp("one-release"), demo, consortium_keys, ("cleveland", "va"), 2.0, 3)[0]

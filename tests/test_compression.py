@@ -286,30 +286,9 @@ def test_compressed_plan_spends_rho_and_coarsens_less_with_more_budget(dictionar
 @pytest.fixture(scope="module")
 def small_release(tmp_path_factory, demo, consortium_keys):
     """A release at epsilon 0.5 from two in-process guards (dictionary strategy, compression on)."""
-    from conftest import RunningGuard
+    from conftest import release_from_guards
 
-    from ppsehr.client.config import load_site_config
-    from ppsehr.client.guard import SiteGuard
-    from ppsehr.common.localdeploy import write_site_config
-    from ppsehr.server.pipeline import Events, ReleaseJob, run_release
-    from ppsehr.server.transport import DirectTransport
-
-    tmp = tmp_path_factory.mktemp("compressed-release")
-    running = []
-    try:
-        for site in ("hungarian", "va"):
-            cfg = write_site_config(tmp / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
-                                    tmp / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
-                                    [consortium_keys.coordinator_pub])
-            running.append(RunningGuard(SiteGuard(load_site_config(cfg))))
-        job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
-                         signing_key=str(consortium_keys.coordinator_key),
-                         site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=0.5, seed=5)
-        manifest = run_release(job, DirectTransport({g.guard.config.site: g.address for g in running}), Events())
-    finally:
-        for g in running:
-            g.stop()
-    return tmp / "rel", manifest, job
+    return release_from_guards(tmp_path_factory.mktemp("compressed-release"), demo, consortium_keys, ("hungarian", "va"), 0.5, 5)
 
 
 def test_release_measures_oneways_then_compressed_tables(small_release, dictionary):
