@@ -62,9 +62,9 @@ class ReleaseJob:
     plan_lifetime_s: float = 1800.0
     events: str | None = None
     strategy: str = "dictionary"  # planner.STRATEGIES
-    select_fraction: float = 0.2  # adaptive: share of rho spent on round-1 candidate pairs
-    compress: bool = True  # measure 1-ways first and the joint tables over domains compressed by them
-    oneway_fraction: float = 0.85  # share of the rest spent on the round-1 1-way tables (the joint tables get the rest)
+    select_fraction: float = 0.2  # adaptive: share of rho spent on round-1 candidates
+    compress: bool = True  # joint tables over domains compressed by an earlier round's 1-way counts
+    oneway_fraction: float = 0.85  # dictionary strategy with compress: share of rho for the round-1 1-way tables
     structure: list[list[str]] = field(default_factory=list)  # extra known dependencies for the one-round plan
     site_variable: str = "model"  # SITE_MODES: site effects modelled (records pooled) / kept in records / summed away
     site_groups: dict[str, str] = field(default_factory=dict)  # site -> group label (default: each site its own)
@@ -220,24 +220,21 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
     else:
         if len(dictionary.names) < 2:
             raise PpsehrError("the adaptive strategy selects pairs: the dictionary needs at least 2 variables. Nothing was sent.")
-        rho_oneway = rho * (1 - job.select_fraction) * job.oneway_fraction
-        first = _answered(measure(1, planner.candidate_plan(dictionary, rho_oneway, rho * job.select_fraction), *args))
+        first = _answered(measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args))
         summed = aggregate(first.plan, first.results, dictionary)
         joint = planner.selected_pairs(dictionary, summed)
         structure = [(n,) for n in dictionary.names] + joint
         check_model_size(job, dictionary, structure)
         events(f"selected {len(joint)} pairs from the round-1 candidates: " + ", ".join("-".join(p) for p in joint),
                stage="plan")
-        rho_joint = rho - rho_oneway - rho * job.select_fraction
+        joint = [(n,) for n in dictionary.names] + joint  # round 2 re-measures the 1-way tables too
+        rho_joint = rho * (1 - job.select_fraction)
     if job.compress:
         second = planner.compressed_plan(dictionary, joint, summed, rho_joint, len(first.results))
         events("domains compressed by the round-1 1-way counts: " + ", ".join(
-            f"{'-'.join(m.variables)} {m.cells(dictionary)} cells" for m in second), stage="plan")
+            f"{'-'.join(m.variables)} {m.cells(dictionary)} cells" for m in second if len(m.variables) > 1), stage="plan")
     else:
         second = planner.allocate(dictionary, joint, rho_joint)
-    if not second:
-        events("round 2 has nothing left to measure (every joint table compressed to one cell); its budget is not spent")
-        return [first], structure
     rounds = [first, measure(2, second, *args)]
     if not rounds[1].results:
         events("round 2 was answered by no site: the release uses round 1's tables within the selected tree")

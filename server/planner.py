@@ -5,10 +5,10 @@ Two strategies, both spending exactly the per-site rho of the release:
 - ``dictionary``: all 1-way marginals plus the 2-/3-way marginals of a structure known before
   any data is seen (the dictionary's declared dependencies, the LLM's clinical prior, or a chain
   if nothing is declared). No budget goes to structure selection.
-- ``adaptive`` (in the spirit of MST): round 1 spends a fraction of rho on all 2-way marginals
-  as cheap candidates (and on the 1-way tables); the coordinator sums them and picks a maximum
-  spanning tree of noise-corrected pairwise dependence; round 2 spends the rest on the chosen
-  pairs. Every measurement inside the tree feeds the estimator.
+- ``adaptive`` (in the spirit of MST): round 1 spends a fraction of rho on all 1-way and 2-way
+  marginals as cheap candidates; the coordinator sums them and picks a maximum spanning tree of
+  noise-corrected pairwise dependence; round 2 spends the rest on the chosen pairs and the 1-way
+  tables again. Every measurement inside the tree feeds the estimator.
 
 Domain compression (default, ``compressed_plan``): the joint tables are measured in a second
 round over cells grouped by the first round's noisy 1-way counts, so that at a small budget a
@@ -79,11 +79,10 @@ def one_round_plan(dictionary: Dictionary, rho: float, extra: Sequence[Sequence[
     return allocate(dictionary, [(n,) for n in dictionary.names] + structure(dictionary, extra), rho)
 
 
-def candidate_plan(dictionary: Dictionary, rho_oneway: float, rho_pairs: float) -> list[PlannedMarginal]:
-    """Round 1 of the adaptive strategy: every 1-way marginal (rho_oneway in all) and every 2-way (rho_pairs)."""
+def candidate_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
+    """Round 1 of the adaptive strategy: every 1-way and 2-way marginal."""
     names = dictionary.names
-    return (allocate(dictionary, [(n,) for n in names], rho_oneway)
-            + allocate(dictionary, list(itertools.combinations(names, 2)), rho_pairs))
+    return allocate(dictionary, [(n,) for n in names] + list(itertools.combinations(names, 2)), rho)
 
 
 def dependence(m: Measurement) -> float:
@@ -161,28 +160,29 @@ def compressed_plan(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], one
                     rho: float, sites: int) -> list[PlannedMarginal]:
     """Marginals over `sets` with domains compressed by the noisy 1-way counts of an earlier round.
 
-    Each table's variables are grouped so that a typical cell of the summed table holds about
-    COMPRESS_NOISE times its expected noise: with N records, the noise sigma of the summed table
-    (`sites` sites each adding their own) and w variables, every group keeps a share of at least
-    (k sigma / N)^(1/w). Allocation and grouping are iterated, since each shapes the other. Sets
-    that compress to a single cell of some variable carry no joint information and are dropped.
+    Each joint table's variables are grouped so that a typical cell of the summed table holds
+    about COMPRESS_NOISE times its expected noise: with N records, the noise sigma of the summed
+    table (`sites` sites each adding their own) and w variables, every group keeps a share of at
+    least (k sigma / N)^(1/w). (A rule that let a skewed variable keep rare categories next to a
+    coarse partner did worse on the demo benchmark: 0.159 against 0.153 mean 2-way TVD at
+    epsilon 1.) 1-way sets are measured as they are. Allocation and grouping are iterated, since
+    each shapes the other.
     """
     counts = {m.variables[0]: m.values for m in oneway if len(m.variables) == 1 and not m.coarse}
     total = estimate_total([m for m in oneway if len(m.variables) == 1])
+
+    def grouping(p: PlannedMarginal) -> tuple[tuple[int, ...] | None, ...] | None:
+        if len(p.variables) == 1 or not all(v in counts for v in p.variables):
+            return None
+        sigma = math.sqrt(sites) * accounting.scale_for_rho(p.rho)
+        share = min(1.0, (COMPRESS_NOISE * sigma / total) ** (1 / len(p.variables)))
+        groups = tuple(compress(dictionary[v], counts[v], share * total) for v in p.variables)
+        return groups if any(g is not None for g in groups) else None
+
     plan = allocate(dictionary, sets, rho)
     for _ in range(3):
-        grouped = []
-        for p in plan:
-            sigma = math.sqrt(sites) * accounting.scale_for_rho(p.rho)
-            share = min(1.0, (COMPRESS_NOISE * sigma / total) ** (1 / len(p.variables)))
-            groups = tuple(compress(dictionary[v], counts[v], share * total) if v in counts else None for v in p.variables)
-            if any(g is not None and max(g) == 0 for g in groups):
-                continue
-            grouped.append(PlannedMarginal(p.variables, 0.0, groups if any(g is not None for g in groups) else None))
-        if not grouped:
-            return []
-        new = allocate(dictionary, grouped, rho)
-        if [(p.variables, p.groups) for p in new] == [(p.variables, p.groups) for p in plan]:
+        new = allocate(dictionary, [PlannedMarginal(p.variables, 0.0, grouping(p)) for p in plan], rho)
+        if [p.groups for p in new] == [p.groups for p in plan]:
             break
         plan = new
     return new

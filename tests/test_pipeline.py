@@ -192,7 +192,8 @@ def test_adaptive_release_spends_two_rounds_with_a_receipt_each(guards, job, tmp
     verify_release(tmp_path / "rel")
     assert [p["round"] for p in m["plans"]] == [1, 2]
     second = [tuple(x["variables"]) for x in m["plans"][1]["marginals"]]
-    assert len(second) == len(dictionary.names) - 1  # a spanning tree
+    assert second[:len(dictionary.names)] == [(n,) for n in dictionary.names]  # the 1-way tables again
+    assert len(second) - len(dictionary.names) == len(dictionary.names) - 1  # and a spanning tree
     assert sum(p["rho_per_site"] for p in m["plans"]) == pytest.approx(accounting.rho_for_epsilon(4.0, 1e-6))
     for g in gs:
         site = g.guard.config.site
