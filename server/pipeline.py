@@ -222,10 +222,11 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
             raise PpsehrError("the adaptive strategy selects pairs: the dictionary needs at least 2 variables. Nothing was sent.")
         first = _answered(measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args))
         summed = aggregate(first.plan, first.results, dictionary)
-        joint = planner.selected_pairs(dictionary, summed)
+        joint = planner.selected_pairs(dictionary, summed, lambda sets: model_clique(job, dictionary, sets)[1])
         structure = [(n,) for n in dictionary.names] + joint
         check_model_size(job, dictionary, structure)
-        events(f"selected {len(joint)} pairs from the round-1 candidates: " + ", ".join("-".join(p) for p in joint),
+        events(f"selected {len(joint)} pairs from the round-1 candidates ({len(dictionary.names) - 1} in the spanning tree): "
+               + ", ".join("-".join(p) for p in joint),
                stage="plan")
         joint = [(n,) for n in dictionary.names] + joint  # round 2 re-measures the 1-way tables too
         rho_joint = rho * (1 - job.select_fraction)
@@ -251,15 +252,20 @@ def _answered(rnd: Round) -> Round:
 MAX_MODEL_CELLS = 2_000_000  # largest clique table a release will fit (the estimator's hard limit is higher)
 
 
-def check_model_size(job: ReleaseJob, dictionary: Dictionary, structure: list[tuple[str, ...]]) -> None:
-    """Refuse, before anything is sent, a structure whose junction tree has a clique table too large to fit."""
+def model_clique(job: ReleaseJob, dictionary: Dictionary, structure: list[tuple[str, ...]]) -> tuple[tuple[str, ...], int]:
+    """The largest clique (with the `site` axis, if modelled) of the model a structure needs, and its cells."""
     domain = dictionary.domain()
     if job.site_variable != "pooled":
         domain = {SITE: max(1, len({job.site_groups.get(s, s) for s in job.site_keys}))} | domain
     sets = [((SITE,) if SITE in domain else ()) + tuple(v) for v in structure]
     tree = JunctionTree(domain, sets)
     biggest = max(tree.cliques, key=lambda c: math.prod(tree.shape(c)))
-    cells = math.prod(tree.shape(biggest))
+    return biggest, math.prod(tree.shape(biggest))
+
+
+def check_model_size(job: ReleaseJob, dictionary: Dictionary, structure: list[tuple[str, ...]]) -> None:
+    """Refuse, before anything is sent, a structure whose junction tree has a clique table too large to fit."""
+    biggest, cells = model_clique(job, dictionary, structure)
     if cells > MAX_MODEL_CELLS:
         raise PpsehrError(f"the planned marginals need a model clique over {list(biggest)} with {cells:,} cells "
                           f"(limit {MAX_MODEL_CELLS:,}); declare fewer or smaller dependencies. Nothing was sent.")

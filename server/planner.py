@@ -28,7 +28,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -96,15 +96,48 @@ def dependence(m: Measurement) -> float:
     return float(np.abs(y - indep).sum() - noise)
 
 
+def dependence_sd(m: Measurement) -> float:
+    """Standard deviation of the summed |noise| that `dependence` subtracts (pure noise's spread)."""
+    return math.sqrt(m.values.size * float(np.max(m.variance)) * (1 - 2 / math.pi))
+
+
+EXTRA_SIGMAS = 3.0  # an extra pair's dependence must clear its noise by this many standard deviations
+EXTRA_MIN_TVD = 0.01  # ... and move the pair at least this far (TVD) from independence
+EXTRA_CLIQUE_CELLS = 50_000  # extra pairs may grow the model's largest clique up to this size
+
+
 def select_tree(names: Sequence[str], pairs: dict[tuple[str, str], float]) -> list[tuple[str, str]]:
     """Maximum spanning tree over `names` by pair score."""
     return max_spanning_tree(names, pairs)
 
 
-def selected_pairs(dictionary: Dictionary, candidates: Sequence[Measurement]) -> list[tuple[str, str]]:
-    """Round 2 of the adaptive strategy measures the spanning tree the (pooled) candidates point to."""
-    scores = {tuple(m.variables): dependence(m) for m in candidates if len(m.variables) == 2}
-    return select_tree(dictionary.names, scores)  # type: ignore[arg-type]
+def selected_pairs(dictionary: Dictionary, candidates: Sequence[Measurement],
+                   clique_cells: Callable[[list[tuple[str, ...]]], int]) -> list[tuple[str, str]]:
+    """The pairs round 2 of the adaptive strategy measures, from the (pooled) round-1 candidates.
+
+    First the maximum spanning tree of noise-corrected dependence (MST). Then, as AIM does within a
+    model-size budget, further pairs whose dependence clears the noise by EXTRA_SIGMAS standard
+    deviations and is worth at least EXTRA_MIN_TVD of total variation, strongest first, while the model's largest clique (`clique_cells` of the
+    structure) stays within EXTRA_CLIQUE_CELLS, at most one extra pair per two variables.
+    """
+    pairs = [m for m in candidates if len(m.variables) == 2]
+    scores = {tuple(m.variables): dependence(m) for m in pairs}
+    chosen = select_tree(dictionary.names, scores)  # type: ignore[arg-type]
+    oneway = [(n,) for n in dictionary.names]
+    def strong(m: Measurement) -> bool:
+        n = float(np.clip(m.values, 0, None).sum())
+        return scores[tuple(m.variables)] > max(EXTRA_SIGMAS * dependence_sd(m), 2 * EXTRA_MIN_TVD * n)
+
+    extra = sorted((m for m in pairs if tuple(m.variables) not in chosen and strong(m)),
+                   key=lambda m: -scores[tuple(m.variables)])
+    added = 0
+    for m in extra:
+        if added >= len(dictionary.names) // 2:
+            break
+        trial = chosen + [tuple(m.variables)]
+        if clique_cells(oneway + trial) <= EXTRA_CLIQUE_CELLS:
+            chosen, added = trial, added + 1
+    return chosen  # type: ignore[return-value]
 
 
 def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, ...] | None:

@@ -382,3 +382,14 @@ def test_release_verification_compares_groupings_with_the_signed_plan(small_rele
     assert json.loads((copy / "manifest.json").read_text())["plans"][1]["marginals"] != before
     with pytest.raises(ReleaseError, match="lists other marginals"):
         verify_release(copy, coordinator_key=consortium_keys.coordinator_pub)
+
+
+def test_compressed_plan_measures_oneway_sets_as_they_are(dictionary, demo_oneways):
+    """The adaptive strategy's round 2 re-measures the 1-way tables next to the (compressed) tree."""
+    sets = [(n,) for n in dictionary.names] + [("age", "chol"), ("cp", "heart_disease")]
+    plan = planner.compressed_plan(dictionary, sets, demo_oneways, 0.01, sites=4)
+    assert [p.variables for p in plan] == sets
+    assert all(p.groups is None for p in plan if len(p.variables) == 1)
+    age_chol = plan[len(dictionary.names)]
+    assert age_chol.groups is not None and age_chol.cells(dictionary) < dictionary["age"].size * dictionary["chol"].size
+    assert math.isclose(sum(p.rho for p in plan), 0.01, rel_tol=1e-9)

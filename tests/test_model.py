@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -130,6 +131,38 @@ def test_selection_recovers_a_strong_tree_from_candidates():
     tree = planner.select_tree(list(cols), scores)
     assert {frozenset(e) for e in tree} >= {frozenset("ab"), frozenset("bc")}
     assert scores[("a", "d")] < scores[("a", "b")] / 10
+
+
+def test_adaptive_selection_adds_strong_pairs_within_the_model_size_budget(monkeypatch):
+    """MST's tree, then (AIM-like) the pairs whose dependence clears the noise, if the model stays small."""
+    from types import SimpleNamespace
+
+    from ppsehr.server.model import JunctionTree
+
+    rng = np.random.default_rng(4)
+    n = 20000
+    a = rng.integers(0, 3, n)
+    b = (a + (rng.random(n) < 0.1)) % 3
+    c = (b + (rng.random(n) < 0.1)) % 3  # a-c is strong too (through b), but not in the tree
+    d = rng.integers(0, 3, n)
+    e = rng.integers(0, 3, n)
+    cols = {"a": a, "b": b, "c": c, "d": d, "e": e}
+    cands = []
+    for x, y in itertools.combinations(cols, 2):
+        t = np.zeros((3, 3))
+        np.add.at(t, (cols[x], cols[y]), 1)
+        cands.append(Measurement((x, y), t + rng.normal(0, 3, (3, 3)), 9.0))
+    names = SimpleNamespace(names=list(cols))
+
+    def cells(sets):
+        tree = JunctionTree({v: 3 for v in cols}, sets)
+        return max(math.prod(tree.shape(c)) for c in tree.cliques)
+
+    chosen = {frozenset(p) for p in planner.selected_pairs(names, cands, cells)}
+    assert len(chosen) == len(cols) - 1 + 1  # the tree and one extra pair: a-c
+    assert frozenset("ac") in chosen and {frozenset("ab"), frozenset("bc")} <= chosen
+    monkeypatch.setattr(planner, "EXTRA_CLIQUE_CELLS", 9)  # a triangle (27 cells) no longer fits
+    assert len(planner.selected_pairs(names, cands, cells)) == len(cols) - 1
 
 
 def test_controlled_rounding_is_unbiased_for_small_groups():

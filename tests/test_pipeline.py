@@ -193,7 +193,8 @@ def test_adaptive_release_spends_two_rounds_with_a_receipt_each(guards, job, tmp
     assert [p["round"] for p in m["plans"]] == [1, 2]
     second = [tuple(x["variables"]) for x in m["plans"][1]["marginals"]]
     assert second[:len(dictionary.names)] == [(n,) for n in dictionary.names]  # the 1-way tables again
-    assert len(second) - len(dictionary.names) == len(dictionary.names) - 1  # and a spanning tree
+    pairs = len(second) - len(dictionary.names)  # a spanning tree, and at most one extra pair per two variables
+    assert len(dictionary.names) - 1 <= pairs <= len(dictionary.names) - 1 + len(dictionary.names) // 2
     assert sum(p["rho_per_site"] for p in m["plans"]) == pytest.approx(accounting.rho_for_epsilon(4.0, 1e-6))
     for g in gs:
         site = g.guard.config.site
