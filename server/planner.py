@@ -5,10 +5,11 @@ Two strategies, both spending exactly the per-site rho of the release:
 - ``dictionary``: all 1-way marginals plus the 2-/3-way marginals of a structure known before
   any data is seen (the dictionary's declared dependencies, the LLM's clinical prior, or a chain
   if nothing is declared). No budget goes to structure selection.
-- ``adaptive`` (in the spirit of MST): round 1 spends a fraction of rho on all 1-way and 2-way
-  marginals as cheap candidates; the coordinator sums them and picks a maximum spanning tree of
-  noise-corrected pairwise dependence; round 2 spends the rest on the chosen pairs and the 1-way
-  tables again. Every measurement inside the tree feeds the estimator.
+- ``adaptive`` (in the spirit of MST and AIM): round 1 spends a fraction of rho on all 1-way
+  and 2-way marginals as cheap candidates; the coordinator sums them, picks a maximum spanning
+  tree of noise-corrected pairwise dependence and adds strong further pairs within a model-size
+  budget; round 2 spends the rest on the chosen pairs and the 1-way tables again. Every
+  measurement inside the chosen structure feeds the estimator.
 
 Domain compression (default, ``compressed_plan``): the joint tables are measured in a second
 round over cells grouped by the first round's noisy 1-way counts, so that at a small budget a
