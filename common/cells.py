@@ -33,6 +33,8 @@ def check_groups(sizes: Sequence[int], groups: Sequence[Sequence[int] | None]) -
             continue
         if len(g) != size:
             raise ValueError(f"variable {k}: grouping has {len(g)} entries for {size} cells")
+        if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in g):
+            raise ValueError(f"variable {k}: group numbers must be integers")
         arr = np.asarray(g, dtype=np.int64)
         n = int(arr.max()) + 1
         if arr.min() < 0 or n > size or len(np.unique(arr)) != n:

@@ -88,8 +88,11 @@ class ReleaseJob:
         if self.site_variable not in SITE_MODES:
             raise PpsehrError(f"site_variable must be one of {SITE_MODES}, got {self.site_variable!r}")
         for name in ("select_fraction", "oneway_fraction"):
-            if not 0 < getattr(self, name) < 1:
-                raise PpsehrError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise PpsehrError(f"{name} must be a number between 0 and 1, got {value!r}")
+        if not isinstance(self.compress, bool):
+            raise PpsehrError(f"compress must be true or false, got {self.compress!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise PpsehrError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.site_groups.items()):
@@ -195,8 +198,9 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
     """Run the job's measurement strategy; return the rounds and the model's structure (variable sets).
 
     Every plan's model is sized before it is sent, so a plan the coordinator could not fit never
-    costs a site anything. Round 1 must be answered by someone; if round 2 of the adaptive strategy
-    is answered by no one, the release goes ahead on round 1's tables within the selected tree.
+    costs a site anything. Round 1 must be answered by someone; if round 2 is answered by no one
+    (sites down, or over their budget after round 1), round 1 is already paid for, so the release
+    goes ahead on round 1's tables within the structure, and the manifest lists the refusals.
     """
     rho = job.validate()
     events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, job.delta):.3g} at delta {job.delta:g}), "
@@ -238,7 +242,9 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
         second = planner.allocate(dictionary, joint, rho_joint)
     rounds = [first, measure(2, second, *args)]
     if not rounds[1].results:
-        events("round 2 was answered by no site: the release uses round 1's tables within the selected tree")
+        events("round 2 was answered by no site: the release uses round 1's tables only "
+               + ("(1-way tables: no joint structure)" if job.strategy == "dictionary" else "within the selected tree")
+               + "; " + "; ".join(f"{f.site}: {f.code}" for f in rounds[1].failures))
     return rounds, structure
 
 
@@ -308,6 +314,13 @@ def synthesize(dictionary: Dictionary, rounds: list[Round], structure: list[tupl
     return Synthesis(measurements, pooled(measurements), model, samples, site_labels, labels, time.perf_counter() - t0)
 
 
+def _full_domain(syn: Synthesis) -> list[Measurement]:
+    """The pooled measurements, each compressed table replaced by the fitted model's marginal over
+    its variables (post-processing of DP outputs, same noise variance), for stages that work in
+    dictionary cells (the LLM stage)."""
+    return [Measurement(m.variables, syn.model.marginal(m.variables), m.variance) if m.coarse else m for m in syn.pooled]
+
+
 def _total_by_slice(measurements: list[Measurement]) -> float:
     """Record total from tables with a leading site axis: per slice the inverse-variance mean of its
     observed sums, added over slices (a group that missed some rounds still counts)."""
@@ -340,7 +353,7 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     syn = synthesize(dictionary, rounds, structure, job.site_variable, job.site_groups, job.rows, rng)
     events(f"model fitted and {len(syn.samples)} records sampled in {syn.seconds:.2f} s", stage="synthesize")
     columns = decode(syn.samples, dictionary, rng)
-    llm = run_llm_stage(job.llm_config(), dictionary, syn.pooled, columns, rng, events)
+    llm = run_llm_stage(job.llm_config(), dictionary, _full_domain(syn), columns, rng, events)
     samples = syn.samples
     if llm.columns is not columns:  # repaired or LLM-first records: fidelity and report follow what is released
         columns, samples = llm.columns, encode(dictionary, llm.columns)

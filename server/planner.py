@@ -116,15 +116,18 @@ def selected_pairs(dictionary: Dictionary, candidates: Sequence[Measurement],
                    clique_cells: Callable[[list[tuple[str, ...]]], int]) -> list[tuple[str, str]]:
     """The pairs round 2 of the adaptive strategy measures, from the (pooled) round-1 candidates.
 
-    First the maximum spanning tree of noise-corrected dependence (MST). Then, as AIM does within a
-    model-size budget, further pairs whose dependence clears the noise by EXTRA_SIGMAS standard
-    deviations and is worth at least EXTRA_MIN_TVD of total variation, strongest first, while the model's largest clique (`clique_cells` of the
-    structure) stays within EXTRA_CLIQUE_CELLS, at most one extra pair per two variables.
+    First the maximum spanning tree of noise-corrected dependence (MST). Then, as AIM does within
+    a model-size budget, further pairs whose dependence clears the noise by EXTRA_SIGMAS standard
+    deviations and is worth at least EXTRA_MIN_TVD of total variation, strongest first, while
+    the model's largest clique (`clique_cells` of the structure) stays within EXTRA_CLIQUE_CELLS
+    (a pair that would not fit is skipped and weaker ones are still tried); at most one extra pair
+    per two variables.
     """
     pairs = [m for m in candidates if len(m.variables) == 2]
     scores = {tuple(m.variables): dependence(m) for m in pairs}
     chosen = select_tree(dictionary.names, scores)  # type: ignore[arg-type]
     oneway = [(n,) for n in dictionary.names]
+
     def strong(m: Measurement) -> bool:
         n = float(np.clip(m.values, 0, None).sum())
         return scores[tuple(m.variables)] > max(EXTRA_SIGMAS * dependence_sd(m), 2 * EXTRA_MIN_TVD * n)
@@ -147,8 +150,9 @@ def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, 
     `counts` are noisy 1-way counts (DP outputs; this is post-processing). Numeric bins merge with
     their neighbours, left to right; categories and the declared missing/other/out-of-range cells
     that fall short (and the bins, if all of them together do) are pooled into one group, which
-    joins the smallest group if it still falls short. A variable keeps at least two groups (a joint table over one group says nothing): if
-    everything would merge, the largest cell (numeric: the bins up to the median) stands apart.
+    joins the smallest group if it still falls short. A variable keeps at least two groups (a
+    joint table over one group says nothing): if everything would merge, the largest cell
+    (numeric: the bins up to the median) stands apart.
     Returns cell -> group (groups numbered by first cell), or None if every cell stays.
     """
     counts = np.clip(np.asarray(counts, dtype=float), 0, None)
@@ -197,7 +201,7 @@ def compressed_plan(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], one
     Each joint table's variables are grouped so that a typical cell of the summed table holds
     about COMPRESS_NOISE times its expected noise: with N records, the noise sigma of the summed
     table (`sites` sites each adding their own) and w variables, every group keeps a share of at
-    least (k sigma / N)^(1/w). (A rule that let a skewed variable keep rare categories next to a
+    least (k sigma / N)^(1/w) (unless `compress` must fall back to two groups). (A rule that let a skewed variable keep rare categories next to a
     coarse partner did worse on the demo benchmark: 0.159 against 0.153 mean 2-way TVD at
     epsilon 1.) 1-way sets are measured as they are. Allocation and grouping are iterated, since
     each shapes the other.

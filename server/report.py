@@ -631,11 +631,13 @@ def release_inputs(path: str | Path, dictionary: Dictionary) -> tuple[dict[str, 
             variance = np.array([np.inf if v is None else v for v in m["variance"]], dtype=float).reshape(shape)
             groups = m.get("groups")
             if groups is not None:
-                groups = cell_groups.check_groups([dictionary[v].size if v in dictionary.variables else len(c)
-                                                   for v, c in zip(m["variables"], m["cells"])], groups)[0]
+                groups, grouped = cell_groups.check_groups([dictionary[v].size if v in dictionary.variables else len(c)
+                                                            for v, c in zip(m["variables"], m["cells"])], groups)
+                if grouped != shape:
+                    raise ValueError(f"groups make a {list(grouped)} table, cells say {list(shape)}")
             measurements.append(Measurement(tuple(m["variables"]), np.asarray(m["counts"], dtype=float).reshape(shape),
                                             variance, groups))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ReleaseError(f"{path / 'aggregates.json'}: marginals[{i}] is malformed: {e}") from None
     samples = encode_records(path / "records.csv", dictionary)
     return manifest, measurements, samples, read_json("fidelity.json")

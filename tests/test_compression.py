@@ -393,3 +393,40 @@ def test_compressed_plan_measures_oneway_sets_as_they_are(dictionary, demo_onewa
     age_chol = plan[len(dictionary.names)]
     assert age_chol.groups is not None and age_chol.cells(dictionary) < dictionary["age"].size * dictionary["chol"].size
     assert math.isclose(sum(p.rho for p in plan), 0.01, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [2**70, 1.5, "1"])
+def test_release_inputs_refuse_tampered_groups(small_release, dictionary, tmp_path, bad):
+    import json
+    import shutil
+
+    from ppsehr.common.errors import ReleaseError
+    from ppsehr.server.report import release_inputs
+
+    copy = tmp_path / "rel"
+    shutil.copytree(small_release[0], copy)
+    agg = json.loads((copy / "aggregates.json").read_text())
+    m = next(m for m in agg["marginals"] if "groups" in m)
+    k = next(k for k, g in enumerate(m["groups"]) if g)
+    m["groups"][k][-1] = bad
+    (copy / "aggregates.json").write_text(json.dumps(agg))
+    with pytest.raises(ReleaseError, match=r"aggregates.json: marginals\[\d+\] is malformed"):
+        release_inputs(copy, dictionary)
+
+
+def test_llm_stage_sees_full_domain_tables(tmp_path, dictionary):
+    """Compressed tables reach the LLM stage as the model's marginals over dictionary cells."""
+    from ppsehr.server.benchmark import Federation, demo_dataset
+    from ppsehr.server.pipeline import _full_domain, synthesize
+    from ppsehr.server.prompts import DPAggregates
+
+    ds = demo_dataset()
+    rounds, structure = Federation(ds, tmp_path).collect(ds, 0.5)
+    syn = synthesize(ds.dictionary, rounds, structure, "model", {}, 200, np.random.default_rng(0))
+    assert any(m.coarse for m in syn.pooled)
+    full = _full_domain(syn)
+    assert [m.variables for m in full] == [m.variables for m in syn.pooled] and not any(m.coarse for m in full)
+    for m in full:
+        assert m.values.shape == tuple(dictionary[v].size for v in m.variables)
+    agg = DPAggregates.from_measurements(ds.dictionary, full)
+    assert sum(len(m.variables) == 2 for m in agg.marginals) == len(dictionary.dependencies)
