@@ -486,7 +486,8 @@ def _fidelity(dictionary: Dictionary, measurements, samples: np.ndarray) -> dict
         synth = np.bincount(flat, minlength=m.values.size) / max(len(samples), 1)
         target = np.clip(m.values.ravel(), 0, None)
         target = target / target.sum() if target.sum() > 0 else np.full_like(target, 1 / target.size)
-        rows.append({"variables": list(m.variables), "tvd": float(0.5 * np.abs(synth - target).sum())})
+        rows.append({"variables": list(m.variables), "tvd": float(0.5 * np.abs(synth - target).sum())}
+                    | ({"grouped": True} if m.coarse else {}))  # over the table's groups of cells, not every cell
     by_width: dict[int, list[float]] = {}
     for r in rows:
         by_width.setdefault(len(r["variables"]), []).append(r["tvd"])
