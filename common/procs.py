@@ -1,8 +1,9 @@
 """Start and stop the processes ppsehr runs locally (guards, SuperLink, SuperNodes, flwr CLI).
 
 Every Flower process gets telemetry and update checks switched off. Each child runs in its
-own process group, so stopping it by PID also stops what it spawned (flwr-serverapp,
-flwr-clientapp).
+own process group, so stopping it by PID also stops what it spawned; Flower starts
+flwr-serverapp and flwr-clientapp in sessions of their own, so those descendants are found
+(Linux /proc) and stopped by PID as well.
 """
 
 from __future__ import annotations
@@ -79,8 +80,11 @@ class ProcessGroup:
         return m
 
     def stop(self, grace: float = 5.0) -> None:
+        spawned = _descendants({m.pid for m in self.procs})
         for m in reversed(self.procs):
             _signal_group(m.pid, signal.SIGTERM)
+        for pid in spawned:
+            _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for m in reversed(self.procs):
             try:
@@ -92,6 +96,11 @@ class ProcessGroup:
                 m.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        while spawned and time.monotonic() < deadline:  # not our children: poll until gone (or a zombie)
+            spawned = {pid for pid in spawned if _alive(pid)}
+            time.sleep(0.05)
+        for pid in spawned:
+            _signal(pid, signal.SIGKILL)
         self.procs.clear()
 
     def __enter__(self) -> "ProcessGroup":
@@ -106,3 +115,42 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (Linux /proc; empty elsewhere)."""
+    out = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                out[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    """Every live process below `roots` (children, grandchildren, ...)."""
+    parents = _parents()
+    found, frontier = set(), set(roots)
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
