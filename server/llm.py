@@ -218,13 +218,7 @@ class LLMClient:
         hit = self._cached(key, rec)
         if hit is not None:
             return hit, rec
-        t0 = time.perf_counter()
-        try:
-            content = self._request(prompt.chat_messages(False), None, prompt, rec, max_tokens)
-            rec.ok = True
-        finally:
-            rec.latency_s = time.perf_counter() - t0
-            self._record(rec)
+        content = self._timed(rec, lambda: self._request(prompt.chat_messages(False), None, prompt, rec, max_tokens))
         self._store(key, content, rec)
         return content, rec
 
@@ -244,15 +238,20 @@ class LLMClient:
                 return obj, rec
             except ValueError:
                 rec.cached = rec.ok = False  # stale or foreign entry: ask again
+        obj, content = self._timed(rec, lambda: self._json_call(prompt, check, rec))
+        self._store(key, content, rec)
+        return obj, rec
+
+    def _timed(self, rec: CallRecord, call: Callable[[], T]) -> T:
+        """Run one (possibly re-asked) call; record its latency and outcome whether it succeeds or not."""
         t0 = time.perf_counter()
         try:
-            obj, content = self._json_call(prompt, check, rec)
+            out = call()
             rec.ok = True
+            return out
         finally:
             rec.latency_s = time.perf_counter() - t0
             self._record(rec)
-        self._store(key, content, rec)
-        return obj, rec
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """fn over items, up to `concurrency` at a time, results in order (exceptions re-raised)."""
