@@ -22,6 +22,10 @@
     max_plans_per_day = 50
     allowed_variables = ["*"]           # or a list of dictionary variables
     tier3 = "one-way"                   # tier-3 variables: "deny" | "one-way" | "allow"
+    [secure_aggregation]                # optional: answer masked plans (docs/secure-aggregation.md)
+    peers = { hungary = "keys/hungary.pub" }  # the other sites' Ed25519 keys: masks are agreed only with them
+    min_parties = 3                     # a masked sum must have at least this many sites
+    assume_colluding = 0                # sites that may collude with the coordinator (their noise is not counted)
 """
 
 from __future__ import annotations
@@ -59,6 +63,15 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class SecureAggregationPolicy:
+    """Whether and how this site joins masked sums; absent from the config: it never does."""
+
+    peers: dict[str, Path]  # site -> Ed25519 public key file
+    min_parties: int = 3
+    assume_colluding: int = 0
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     site: str
     dictionary: Path
@@ -73,6 +86,7 @@ class SiteConfig:
     max_plan_lifetime_s: float = 3600.0
     policy: Policy = field(default_factory=Policy)
     source: str = ""
+    secure_aggregation: SecureAggregationPolicy | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -117,7 +131,31 @@ def load_site_config(path: str | Path) -> SiteConfig:
     return SiteConfig(site["id"], base / site["dictionary"], base / site["mapping"], base / site["state_dir"],
                       site.get("listen", "127.0.0.1:50051"), rho, delta, eps, base / trust["signing_key"],
                       tuple(base / c for c in coordinators), float(lifetime),
-                      _parse_policy(raw.get("policy", {}), where), where)
+                      _parse_policy(raw.get("policy", {}), where), where,
+                      _parse_secure_aggregation(raw.get("secure_aggregation"), base, site["id"], where))
+
+
+def _parse_secure_aggregation(raw: Any, base: Path, site: str, where: str) -> SecureAggregationPolicy | None:
+    if raw is None:
+        return None
+    name = f"{where}: [secure_aggregation]"
+    unknown = set(raw) - {"peers", "min_parties", "assume_colluding"}
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {sorted(unknown)}")
+    peers = raw.get("peers")
+    if not isinstance(peers, dict) or not peers or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in peers.items()):
+        raise ConfigError(f"{name}: 'peers' must map the other sites' names to their public key files")
+    if site in peers:
+        raise ConfigError(f"{name}: 'peers' names this site ({site!r}); list only the other sites")
+    values = {}
+    for key, default, low in (("min_parties", 3, 2), ("assume_colluding", 0, 0)):
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{name}: '{key}' must be an integer of at least {low}")
+        values[key] = value
+    if values["assume_colluding"] >= values["min_parties"]:
+        raise ConfigError(f"{name}: assume_colluding must be below min_parties (someone's noise must count)")
+    return SecureAggregationPolicy({k: base / v for k, v in peers.items()}, **values)
 
 
 def _parse_policy(raw: dict[str, Any], where: str) -> Policy:

@@ -3,7 +3,10 @@
 For each query plan: check it against the dictionary and the site policy (refusals cost
 nothing), build one OpenDP measurement per marginal (count by public cells, then discrete
 Gaussian noise), debit their exact privacy loss in the durable ledger, and only then run
-them and answer. Everything that leaves is a noisy table over public cells or a number the
+them and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
+way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
+site's key, and the guard adds its share of the noise and masks its tables so that only the sum
+over all enrolled sites can be read (common/secagg.py). Everything that leaves is a noisy table over public cells or a number the
 site's policy already makes public; refusals carry fixed codes and messages built from the
 plan and the policy, never from data. Any other failure leaves as the fixed INTERNAL code; its
 details stay in the site's log. Threat model and the attacks tested: docs/security.md.
@@ -17,12 +20,15 @@ import math
 import threading
 import time
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import grpc
+import numpy as np
 import opendp.prelude as dp
 
-from ..common import accounting, cells, keys
+from ..common import accounting, cells, keys, secagg
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.mapping import EncodedTable, load_mapping, load_site_table
 from ..common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES
@@ -39,6 +45,7 @@ MIN_RHO = 1e-9
 # In-flight requests the gRPC server holds at once (each up to MAX_PLAN_BYTES); more get RESOURCE_EXHAUSTED.
 MAX_CONCURRENT_RPCS = 32
 INTERNAL_MESSAGE = "the guard failed; the site admin has the details"
+MAX_SESSIONS = 256  # enrolled, not yet answered secure plans held in memory
 
 # Refusal code -> gRPC status. The code travels in the status details as "CODE: message".
 GRPC_STATUS = {
@@ -55,6 +62,7 @@ GRPC_STATUS = {
     "BAD_SIGNATURE": grpc.StatusCode.UNAUTHENTICATED,
     "PLAN_EXPIRED": grpc.StatusCode.FAILED_PRECONDITION,
     "REPLAYED_PLAN": grpc.StatusCode.ALREADY_EXISTS,
+    "SECURE_AGGREGATION": grpc.StatusCode.FAILED_PRECONDITION,
     "INTERNAL": grpc.StatusCode.INTERNAL,
 }
 
@@ -73,18 +81,26 @@ class CompiledMarginal:
     variables: tuple[str, ...]
     shape: tuple[int, ...]  # grouped shape when the query coarsens its variables
     groups: tuple  # per variable: cell -> group array, or None
-    scale: float
-    rho: float  # OpenDP's privacy map at d_in = 1, at most the requested rho
+    scale: float  # secure plans: this site's share of the noise
+    rho: float  # privacy loss at d_in = 1 (OpenDP's map; secure: of the sum), at most the requested rho
     measurement: object
+    rho_alone: float  # OpenDP's map of this site's own noise (what a secure answer costs if the others collude)
 
 
 def _short(name: str) -> str:
     return repr(name if len(name) <= 64 else name[:61] + "...")
 
 
-def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig) -> list[CompiledMarginal]:
-    """Check a plan against dictionary and policy and build its OpenDP measurements. Raises Refusal."""
+def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
+                 honest: int | None = None) -> list[CompiledMarginal]:
+    """Check a plan against dictionary and policy and build its OpenDP measurements. Raises Refusal.
+
+    A secure plan's noise is shared by `honest` sites (its roster minus the colluding ones): each
+    adds the smallest share whose distributed loss is within the planned rho. Without `honest`
+    (at enrollment) a secure plan is checked, and costed at its planned rho."""
     policy = config.policy
+    if plan.HasField("secure"):
+        check_secure(plan.secure, config)
     if not plan.plan_id or len(plan.plan_id) > MAX_ID or len(plan.coordinator) > MAX_ID or len(plan.purpose) > 2000:
         raise Refusal("MALFORMED_PLAN", f"plan_id must be 1-{MAX_ID} characters, coordinator name at most {MAX_ID}, purpose at most 2000")
     if plan.dictionary_hash != dictionary.hash:
@@ -130,15 +146,36 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig)
         raise Refusal("POLICY_LIMIT", f"plan asks for rho {total_rho:.6g}; policy allows at most {policy.max_rho_per_plan:.6g} per plan")
     compiled = []
     for names, shape, maps, rho in specs:
-        scale = accounting.scale_for_rho(rho)
+        n_cells = math.prod(shape)
+        scale = accounting.share_scale_for_rho(rho, honest, n_cells) if honest else accounting.scale_for_rho(rho)
         space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.symmetric_distance()
         meas = space >> dp.t.then_count_by_categories(
-            categories=list(range(math.prod(shape))), null_category=False, MO=dp.L2Distance[int]) >> dp.m.then_gaussian(scale=scale)
-        actual = float(meas.map(1))
+            categories=list(range(n_cells)), null_category=False, MO=dp.L2Distance[int]) >> dp.m.then_gaussian(scale=scale)
+        alone = float(meas.map(1))
+        actual = accounting.distributed_rho(scale, honest, n_cells) if honest else alone
         if actual > rho * (1 + 1e-9):
             raise Refusal("INTERNAL", "noise calibration failed")
-        compiled.append(CompiledMarginal(names, shape, maps, scale, actual, meas))
+        compiled.append(CompiledMarginal(names, shape, maps, scale, actual, meas, alone))
     return compiled
+
+
+def check_secure(secure: pb.SecureAggregation, config: SiteConfig) -> None:
+    """Refuse a secure plan this site's [secure_aggregation] policy does not allow."""
+    sa = config.secure_aggregation
+    if sa is None:
+        raise Refusal("SECURE_AGGREGATION", "this site's policy has no [secure_aggregation] section; it answers only "
+                      "plans without secure aggregation")
+    if secure.colluding < sa.assume_colluding:
+        raise Refusal("SECURE_AGGREGATION", f"the plan counts on all but {secure.colluding} site(s) adding noise; "
+                      f"this site assumes up to {sa.assume_colluding} may collude")
+    need = max(sa.min_parties, secure.colluding + 1)
+    if secure.min_parties < need:
+        raise Refusal("SECURE_AGGREGATION", f"the plan's min_parties is {secure.min_parties}; this site needs at least {need}")
+
+
+@dataclass
+class _Checking:
+    plan: pb.QueryPlan  # the plan being checked, as far as it is known (for the audit entry of a refusal)
 
 
 class SiteGuard:
@@ -160,10 +197,17 @@ class SiteGuard:
         self._signing_key = keys.load_signing_key(config.signing_key)
         self.fingerprint = keys.fingerprint(self._signing_key.public_key())
         self._coordinators = {keys.fingerprint(k): k for k in map(keys.load_public_key, config.coordinator_keys)}
+        sa = config.secure_aggregation
+        self._peers = ({site: keys.load_public_key(path) for site, path in sa.peers.items()}
+                       | {config.site: self._signing_key.public_key()}) if sa else {}
+        self._sessions: dict[bytes, secagg.Session] = {}
+        self._lock = threading.Lock()
         self.policy_sha256 = self.ledger.record_policy({
             "rho_limit": config.rho_limit, "delta": config.delta, "policy": config.policy.__dict__,
             "coordinators": sorted(self._coordinators), "max_plan_lifetime_s": config.max_plan_lifetime_s,
-            "dictionary": self.dictionary.hash})
+            "dictionary": self.dictionary.hash}
+            | ({"secure_aggregation": {"peers": sorted(f"{s}={keys.fingerprint(k)}" for s, k in self._peers.items()),
+                                       "min_parties": sa.min_parties, "assume_colluding": sa.assume_colluding}} if sa else {}))
 
     def describe(self) -> pb.SiteDescription:
         p = self.config.policy
@@ -173,8 +217,9 @@ class SiteGuard:
             limits=pb.PolicyLimits(max_rho_per_plan=p.max_rho_per_plan, max_marginals=p.max_marginals,
                                    max_width=p.max_width, max_cells=p.max_cells, max_plans_per_day=p.max_plans_per_day))
 
-    def open_plan(self, signed: pb.SignedPlan) -> pb.QueryPlan:
-        """Check the coordinator's signature, expiry and freshness of a plan. Raises Refusal."""
+    def open_plan(self, signed: pb.SignedPlan, claim: bool = True) -> pb.QueryPlan:
+        """Check the coordinator's signature, expiry and freshness of a plan (and claim its single-use
+        id unless `claim` is False). Raises Refusal."""
         key = self._coordinators.get(signed.signer)
         if key is None:
             raise Refusal("UNTRUSTED_SIGNER", f"plan signer {signed.signer[:80]!r} is not an allowlisted coordinator of this site")
@@ -191,59 +236,120 @@ class SiteGuard:
             raise Refusal("PLAN_EXPIRED", f"the plan expires more than {self.config.max_plan_lifetime_s:g} s from now")
         if not plan.plan_id or len(plan.plan_id) > MAX_ID:
             raise Refusal("MALFORMED_PLAN", f"plan_id must be 1-{MAX_ID} characters")
-        if not self.ledger.claim_plan(plan.plan_id):
+        if not (self.ledger.claim_plan(plan.plan_id) if claim else not self.ledger.seen_plan(plan.plan_id)):
             raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was seen before; plan ids are single-use")
         return plan
 
-    def answer(self, signed: pb.SignedPlan) -> pb.SignedSummary:
-        """Answer a signed plan, or raise Refusal. Refused plans are audited and cost nothing."""
-        plan_sha = hashlib.sha256(signed.plan).digest()
-        plan = pb.QueryPlan(plan_id="?", coordinator=signed.signer[:MAX_ID])
+    @contextmanager
+    def _refusals(self, signed: pb.SignedPlan) -> Iterator[_Checking]:
+        """Turn whatever stops a plan before its debit into a Refusal, and audit it (it costs nothing)."""
+        checking = _Checking(pb.QueryPlan(plan_id="?", coordinator=signed.signer[:MAX_ID]))
         try:
             try:
-                plan = self.open_plan(signed)
-                compiled = compile_plan(plan, self.dictionary, self.config)
-                rho = math.fsum(c.rho for c in compiled)
-                debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
-                                          {"marginals": len(compiled), "purpose": plan.purpose[:200],
-                                           "coordinator_name": plan.coordinator[:MAX_ID], "policy": self.policy_sha256[:16]},
-                                          max_plans_per_day=self.config.policy.max_plans_per_day)
+                yield checking
             except BudgetExceeded as e:
                 raise Refusal("OVER_BUDGET", str(e)) from None
             except RateLimited as e:
                 raise Refusal("RATE_LIMITED", str(e)) from None
             except DuplicatePlan:
-                raise Refusal("DUPLICATE_PLAN", f"plan {plan.plan_id[:MAX_ID]!r} was already answered; plan ids are single-use") from None
+                raise Refusal("DUPLICATE_PLAN", f"plan {checking.plan.plan_id[:MAX_ID]!r} was already answered; plan ids are single-use") from None
             except Refusal:
                 raise
             except Exception:  # nothing was debited; the details stay in the site's log
-                log.exception("error checking plan %r before any debit", plan.plan_id[:MAX_ID])
+                log.exception("error checking plan %r before any debit", checking.plan.plan_id[:MAX_ID])
                 raise Refusal("INTERNAL", INTERNAL_MESSAGE + " (nothing was debited)") from None
         except Refusal as r:
+            plan = checking.plan
             self.ledger.audit("refused", plan.plan_id[:MAX_ID], signed.signer[:MAX_ID], r.code,
                               {"reason": r.message, "marginals": len(plan.marginals)})
             log.info("refused plan %r from %r: %s", plan.plan_id[:MAX_ID], signed.signer[:MAX_ID], r)
             raise
+
+    def enroll(self, signed: pb.SignedPlan) -> pb.KeyShare:
+        """Secure plans, step 1: check the plan as `answer` would, debit nothing, and return this
+        site's signed one-time key for it. Raises Refusal."""
+        plan_sha = hashlib.sha256(signed.plan).digest()
+        with self._refusals(signed) as checking:
+            checking.plan = plan = self.open_plan(signed, claim=False)
+            if not plan.HasField("secure"):
+                raise Refusal("SECURE_AGGREGATION", "only plans with secure aggregation are enrolled; send this one to Answer")
+            rho = math.fsum(c.rho for c in compile_plan(plan, self.dictionary, self.config))
+            if rho > (self.config.rho_limit - self.ledger.spent()) * (1 + 1e-12):
+                raise BudgetExceeded(rho, self.config.rho_limit - self.ledger.spent())
+            private, share = secagg.new_share(self.config.site, plan_sha, self._signing_key)
+            with self._lock:
+                now = time.time()
+                self._sessions = {k: v for k, v in self._sessions.items() if v.expires_at >= now}
+                if len(self._sessions) >= MAX_SESSIONS:
+                    raise Refusal("RATE_LIMITED", f"{MAX_SESSIONS} enrolled plans are waiting for their answers")
+                self._sessions[plan_sha] = secagg.Session(private, share.public_key, float(plan.expires_at))
+        self.ledger.audit("enrolled", plan.plan_id, signed.signer, "OK", {"rho_planned": rho, "marginals": len(plan.marginals)})
+        return share
+
+    def _roster(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes) -> tuple[dict[str, bytes], secagg.Session | None]:
+        """The verified roster of a secure plan and this site's session for it ({} and None otherwise)."""
+        if not plan.HasField("secure"):
+            if signed.roster:
+                raise Refusal("MALFORMED_PLAN", "the plan has no secure aggregation but comes with a roster")
+            return {}, None
+        with self._lock:
+            session = self._sessions.pop(plan_sha, None)  # one-time: a key masks one answer at most
+        if session is None:
+            raise Refusal("SECURE_AGGREGATION", "this guard holds no key for the plan: it was not enrolled here, "
+                          "its enrollment expired, or the guard restarted since")
+        try:
+            roster = secagg.check_roster(signed.roster, plan_sha, self._peers)
+        except secagg.RosterError as e:
+            raise Refusal("SECURE_AGGREGATION", str(e)) from None
+        if roster.get(self.config.site) != session.public:
+            raise Refusal("SECURE_AGGREGATION", "the roster does not carry this site's key for the plan")
+        need = max(plan.secure.min_parties, self.config.secure_aggregation.min_parties)
+        if len(roster) < need:
+            raise Refusal("SECURE_AGGREGATION", f"the roster has {len(roster)} site(s); the sum needs at least {need}")
+        return roster, session
+
+    def answer(self, signed: pb.SignedPlan) -> pb.SignedSummary:
+        """Answer a signed plan, or raise Refusal. Refused plans are audited and cost nothing."""
+        plan_sha = hashlib.sha256(signed.plan).digest()
+        with self._refusals(signed) as checking:
+            checking.plan = plan = self.open_plan(signed)
+            roster, session = self._roster(signed, plan, plan_sha)
+            compiled = compile_plan(plan, self.dictionary, self.config,
+                                    len(roster) - plan.secure.colluding if roster else None)
+            rho = math.fsum(c.rho for c in compiled)
+            secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding}} if roster else {}
+            debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
+                                      {"marginals": len(compiled), "purpose": plan.purpose[:200],
+                                       "coordinator_name": plan.coordinator[:MAX_ID], "policy": self.policy_sha256[:16]}
+                                      | secure, max_plans_per_day=self.config.policy.max_plans_per_day)
         # The debit is durable: from here on, a failure wastes budget but never overspends it.
         try:
-            return self._measure(signed, plan, plan_sha, compiled, debit)
+            return self._measure(signed, plan, plan_sha, compiled, debit, roster, session)
         except Exception:
             log.exception("answering plan %r failed after its debit", plan.plan_id)
             self.ledger.audit("failed", plan.plan_id, signed.signer, "INTERNAL", {"rho_wasted": debit.rho})
             raise Refusal("INTERNAL", "measurement failed after the debit; the site admin has the details") from None
 
     def _measure(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, compiled: list[CompiledMarginal],
-                 debit: Debit) -> pb.SignedSummary:
-        """Run the paid-for measurements and sign summary and receipt."""
-        tables = []
-        for c in compiled:
-            counts = c.measurement(self._table.cell_index(c.variables, c.shape, c.groups))
-            tables.append(pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=counts,
-                                           rho=c.rho, noise_scale=c.scale))
+                 debit: Debit, roster: dict[str, bytes], session: secagg.Session | None) -> pb.SignedSummary:
+        """Run the paid-for measurements (masked, for a secure plan) and sign summary and receipt."""
+        noisy = [c.measurement(self._table.cell_index(c.variables, c.shape, c.groups)) for c in compiled]
+        if session is not None:
+            pad = secagg.mask(self.config.site, session.private, roster, plan_sha, sum(len(x) for x in noisy))
+            offsets = np.cumsum([0] + [len(x) for x in noisy])
+            tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, masked=secagg.masked(x, pad[a:b]).tolist(),
+                                       rho=c.rho, noise_scale=c.scale)
+                      for c, x, a, b in zip(compiled, noisy, offsets, offsets[1:])]
+            secure = {"roster_sha256": secagg.roster_sha256(roster), "parties": len(roster),
+                      "colluding": plan.secure.colluding, "rho_alone": math.fsum(c.rho_alone for c in compiled)}
+        else:
+            tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=x, rho=c.rho, noise_scale=c.scale)
+                      for c, x in zip(compiled, noisy)]
+            secure = {}
         receipt = pb.BudgetReceipt(site=self.config.site, plan_id=plan.plan_id, plan_sha256=plan_sha, rho_debited=debit.rho,
                                    rho_spent_total=debit.total_after, rho_limit=self.config.rho_limit,
                                    debited_at=debit.at, ledger_seq=debit.seq, dictionary_hash=self.dictionary.hash,
-                                   coordinator=signed.signer, delta=self.config.delta).SerializeToString(deterministic=True)
+                                   coordinator=signed.signer, delta=self.config.delta, **secure).SerializeToString(deterministic=True)
         summary = pb.Summary(site=self.config.site, plan_id=plan.plan_id, dictionary_hash=self.dictionary.hash,
                              marginals=tables, receipt=receipt,
                              receipt_signature=self._signing_key.sign(receipt)).SerializeToString(deterministic=True)
@@ -267,12 +373,19 @@ class GuardServicer(pb_grpc.SiteGuardServicer):
             context.abort(grpc.StatusCode.INTERNAL, "INTERNAL: " + INTERNAL_MESSAGE)
 
     def Answer(self, request, context):
+        return self._call(self.guard.answer, request, context)
+
+    def Enroll(self, request, context):
+        return self._call(self.guard.enroll, request, context)
+
+    @staticmethod
+    def _call(method, request, context):
         try:
-            return self.guard.answer(request)
+            return method(request)
         except Refusal as r:
             context.abort(GRPC_STATUS[r.code], str(r))
         except Exception:  # never let exception text cross the boundary
-            log.exception("unexpected error answering a plan")
+            log.exception("unexpected error in %s", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, "INTERNAL: " + INTERNAL_MESSAGE)
 
 

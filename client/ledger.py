@@ -172,6 +172,10 @@ class Ledger:
             db.execute("INSERT INTO seen_plans VALUES (?, ?)", (plan_id, utcnow()))
             return True
 
+    def seen_plan(self, plan_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("SELECT 1 FROM seen_plans WHERE plan_id = ?", (plan_id,)).fetchone() is not None
+
     def debit(self, plan_id: str, coordinator: str, plan_sha256: bytes, rho: float, detail: dict[str, Any],
               max_plans_per_day: int | None = None) -> Debit:
         """Durably debit rho for a plan and audit it, or raise BudgetExceeded / DuplicatePlan / RateLimited

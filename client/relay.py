@@ -1,7 +1,9 @@
 """Flower ClientApp: a thin relay between the coordinator and this site's guard.
 
 It holds no data and no keys. It forwards the serialized query plan to the guard named in
-the SuperNode's `--node-config guard-address=...` and returns the guard's serialized summary.
+the SuperNode's `--node-config guard-address=...` and returns the guard's serialized reply: a
+signed summary (message type `query.summary`) or, for secure aggregation, the site's signed
+one-time key (`query.enroll`).
 Whatever goes wrong, the reply carries a fixed error code and a data-free message: Flower
 would otherwise forward exception text to the coordinator word for word. Imports stay light
 (no numpy, no OpenDP) because Flower starts a fresh process for every message.
@@ -28,8 +30,9 @@ def _printable(text: str, limit: int = 1000) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
-def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float) -> ConfigRecord:
-    """Send one signed plan to the guard; the reply holds signed `summary` bytes or `error_code`/`error`.
+def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float, kind: str = "summary") -> ConfigRecord:
+    """Send one signed plan to the guard (Answer, or Enroll for kind "enroll"); the record holds the
+    guard's serialized `reply` (SignedSummary or KeyShare) or `error_code`/`error`.
 
     Only the guard's own refusals ("CODE: message", built from plan and policy) pass through;
     every other error becomes a relay code with its fixed message (common/refusals.py)."""
@@ -41,7 +44,8 @@ def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float) -> ConfigR
         return _error("MALFORMED_PLAN", "the relay could not parse the signed query plan")
     try:
         with grpc.insecure_channel(guard_address) as channel:
-            summary = pb_grpc.SiteGuardStub(channel).Answer(plan, timeout=timeout)
+            stub = pb_grpc.SiteGuardStub(channel)
+            reply = (stub.Enroll if kind == "enroll" else stub.Answer)(plan, timeout=timeout)
     except grpc.RpcError as e:
         details = (e.details() or "") if hasattr(e, "details") else ""
         code, _, message = details.partition(":")
@@ -55,11 +59,20 @@ def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float) -> ConfigR
         return _error("GUARD_UNAVAILABLE", RELAY_CODES["GUARD_UNAVAILABLE"])
     except Exception:
         return _error("RELAY_ERROR", RELAY_CODES["RELAY_ERROR"])
-    return ConfigRecord({"summary": summary.SerializeToString()})
+    return ConfigRecord({"reply": reply.SerializeToString()})
 
 
 @app.query("summary")
 def summary(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, "summary")
+
+
+@app.query("enroll")
+def enroll(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, "enroll")
+
+
+def _relay(msg: Message, context: Context, kind: str) -> Message:
     try:
         address = str(context.node_config.get("guard-address", ""))
         if not address:
@@ -67,7 +80,7 @@ def summary(msg: Message, context: Context) -> Message:
         else:
             plan_bytes = msg.content.config_records["plan"]["plan"]
             timeout = float(msg.content.config_records["plan"].get("guard-timeout", 600.0))
-            record = relay_plan(bytes(plan_bytes), address, timeout)
+            record = relay_plan(bytes(plan_bytes), address, timeout, kind)
     except Exception:
         record = _error("RELAY_ERROR", "the relay could not process the message")
     return Message(RecordDict({"result": record}), reply_to=msg)

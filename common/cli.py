@@ -286,6 +286,12 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="measure joint tables (every table, with --site-variable pooled) as masked sums: each site "
+                        "adds a share of the noise instead of all of it (sites must have [secure_aggregation])")
+    p.add_argument("--colluding", type=int, default=0,
+                   help="secure aggregation: sites that may collude with the coordinator; their noise is not counted")
+    p.add_argument("--min-parties", type=int, default=3, help="secure aggregation: fewest sites in a masked sum")
     p.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
                    help="model (or release) a coarser site group instead of the site; repeat per site")
     p.add_argument("--formats", default="csv,parquet,fhir,omop",
@@ -309,6 +315,7 @@ def job_options(args) -> dict:
     llm = llm_config_from_args(args)
     return {"strategy": args.strategy, "select_fraction": args.select_fraction, "site_variable": args.site_variable,
             "compress": not args.no_compress, "oneway_fraction": args.oneway_fraction,
+            "secure_aggregation": args.secure_aggregation, "colluding": args.colluding, "min_parties": args.min_parties,
             "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,
             "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups}
 

@@ -30,7 +30,9 @@ def demo_dir() -> Path:
 
 def write_site_config(path: Path, site: str, dictionary: Path, mapping: Path, state_dir: Path, listen: str,
                       epsilon: float, delta: float, signing_key: Path, coordinator_keys: list[Path],
-                      policy: dict[str, object] | None = None) -> Path:
+                      policy: dict[str, object] | None = None, peers: dict[str, Path] | None = None,
+                      min_parties: int = 3) -> Path:
+    """A site configuration file; with `peers` (the other sites' public keys) it joins secure sums."""
     coords = ", ".join(f'"{c}"' for c in coordinator_keys)
     lines = [f'[site]\nid = "{site}"\ndictionary = "{dictionary}"\nmapping = "{mapping}"\n'
              f'state_dir = "{state_dir}"\nlisten = "{listen}"\n',
@@ -38,6 +40,9 @@ def write_site_config(path: Path, site: str, dictionary: Path, mapping: Path, st
              f'[trust]\nsigning_key = "{signing_key}"\ncoordinators = [{coords}]\n', "[policy]"]
     for k, v in (policy or {}).items():
         lines.append(f"{k} = {v!r}" if not isinstance(v, (list, tuple)) else f"{k} = {list(v)!r}".replace("'", '"'))
+    if peers:
+        table = ", ".join(f'"{s}" = "{k}"' for s, k in sorted(peers.items()))
+        lines.append(f"\n[secure_aggregation]\npeers = {{ {table} }}\nmin_parties = {min_parties}\nassume_colluding = 0")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -91,7 +96,8 @@ class LocalConsortium:
             if not cfg.exists():
                 write_site_config(cfg, site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
                                   self.workdir / "state" / site, f"{HOST}:{port}", self.lifetime_epsilon, self.delta,
-                                  keys.site_keys[site][0], [keys.coordinator_pub], self.policy)
+                                  keys.site_keys[site][0], [keys.coordinator_pub], self.policy,
+                                  {p: keys.site_keys[p][1] for p in self.sites if p != site}, min(3, len(self.sites)))
             else:  # keep ledger and settings, take a fresh port
                 text = cfg.read_text().splitlines()
                 cfg.write_text("\n".join(f'listen = "{HOST}:{port}"' if t.startswith("listen") else t for t in text) + "\n")

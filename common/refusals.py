@@ -21,6 +21,7 @@ REFUSAL_CODES = {
     "BAD_SIGNATURE": "the plan's signature does not verify",
     "PLAN_EXPIRED": "the plan has expired, or expires too far in the future",
     "REPLAYED_PLAN": "the plan id was seen before",
+    "SECURE_AGGREGATION": "the site does not join this masked sum (policy, roster or enrollment)",
     "INTERNAL": "the guard failed; details are in the site's own log",
 }
 # Codes the relay itself uses when the guard gives no answer.
@@ -31,4 +32,10 @@ RELAY_CODES = {
     "RELAY_ERROR": "the relay could not process the message",
     "PLAN_TOO_LARGE": "the signed plan exceeds the guard's message size limit",
     "GUARD_BUSY": "the site guard is at its limit of concurrent requests",
+}
+# Codes the coordinator uses for a site whose answer it could not use.
+COORDINATOR_CODES = {
+    "REJECTED": "the summary's signature, receipt or shape did not verify",
+    "TIMEOUT": "no reply in time",
+    "SUM_INCOMPLETE": "the site answered a masked plan, but another enrolled site did not, so the sum is unreadable",
 }

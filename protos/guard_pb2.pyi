@@ -55,44 +55,72 @@ class CellGroups(_message.Message):
     def __init__(self, cell_group: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class QueryPlan(_message.Message):
-    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at")
+    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at", "secure")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     MARGINALS_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     dictionary_hash: str
     coordinator: str
     marginals: _containers.RepeatedCompositeFieldContainer[MarginalQuery]
     purpose: str
     expires_at: int
-    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+    secure: SecureAggregation
+    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ..., expires_at: _Optional[int] = ..., secure: _Optional[_Union[SecureAggregation, _Mapping]] = ...) -> None: ...
+
+class SecureAggregation(_message.Message):
+    __slots__ = ("colluding", "min_parties")
+    COLLUDING_FIELD_NUMBER: _ClassVar[int]
+    MIN_PARTIES_FIELD_NUMBER: _ClassVar[int]
+    colluding: int
+    min_parties: int
+    def __init__(self, colluding: _Optional[int] = ..., min_parties: _Optional[int] = ...) -> None: ...
+
+class KeyShare(_message.Message):
+    __slots__ = ("site", "plan_sha256", "public_key", "signature", "signer")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    plan_sha256: bytes
+    public_key: bytes
+    signature: bytes
+    signer: str
+    def __init__(self, site: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
 
 class SignedPlan(_message.Message):
-    __slots__ = ("plan", "signature", "signer")
+    __slots__ = ("plan", "signature", "signer", "roster")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SIGNER_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
     plan: bytes
     signature: bytes
     signer: str
-    def __init__(self, plan: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
+    roster: _containers.RepeatedCompositeFieldContainer[KeyShare]
+    def __init__(self, plan: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ..., roster: _Optional[_Iterable[_Union[KeyShare, _Mapping]]] = ...) -> None: ...
 
 class NoisyMarginal(_message.Message):
-    __slots__ = ("variables", "shape", "counts", "rho", "noise_scale")
+    __slots__ = ("variables", "shape", "counts", "rho", "noise_scale", "masked")
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     RHO_FIELD_NUMBER: _ClassVar[int]
     NOISE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
     variables: _containers.RepeatedScalarFieldContainer[str]
     shape: _containers.RepeatedScalarFieldContainer[int]
     counts: _containers.RepeatedScalarFieldContainer[int]
     rho: float
     noise_scale: float
-    def __init__(self, variables: _Optional[_Iterable[str]] = ..., shape: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., rho: _Optional[float] = ..., noise_scale: _Optional[float] = ...) -> None: ...
+    masked: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, variables: _Optional[_Iterable[str]] = ..., shape: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., rho: _Optional[float] = ..., noise_scale: _Optional[float] = ..., masked: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Summary(_message.Message):
     __slots__ = ("site", "plan_id", "dictionary_hash", "marginals", "receipt", "receipt_signature")
@@ -121,7 +149,7 @@ class SignedSummary(_message.Message):
     def __init__(self, summary: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
 
 class BudgetReceipt(_message.Message):
-    __slots__ = ("site", "plan_id", "plan_sha256", "rho_debited", "rho_spent_total", "rho_limit", "debited_at", "ledger_seq", "dictionary_hash", "coordinator", "delta")
+    __slots__ = ("site", "plan_id", "plan_sha256", "rho_debited", "rho_spent_total", "rho_limit", "debited_at", "ledger_seq", "dictionary_hash", "coordinator", "delta", "roster_sha256", "parties", "colluding", "rho_alone")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +161,10 @@ class BudgetReceipt(_message.Message):
     DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PARTIES_FIELD_NUMBER: _ClassVar[int]
+    COLLUDING_FIELD_NUMBER: _ClassVar[int]
+    RHO_ALONE_FIELD_NUMBER: _ClassVar[int]
     site: str
     plan_id: str
     plan_sha256: bytes
@@ -144,4 +176,8 @@ class BudgetReceipt(_message.Message):
     dictionary_hash: str
     coordinator: str
     delta: float
-    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., rho_debited: _Optional[float] = ..., rho_spent_total: _Optional[float] = ..., rho_limit: _Optional[float] = ..., debited_at: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., delta: _Optional[float] = ...) -> None: ...
+    roster_sha256: bytes
+    parties: int
+    colluding: int
+    rho_alone: float
+    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., rho_debited: _Optional[float] = ..., rho_spent_total: _Optional[float] = ..., rho_limit: _Optional[float] = ..., debited_at: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., delta: _Optional[float] = ..., roster_sha256: _Optional[bytes] = ..., parties: _Optional[int] = ..., colluding: _Optional[int] = ..., rho_alone: _Optional[float] = ...) -> None: ...

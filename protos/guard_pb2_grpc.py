@@ -44,6 +44,11 @@ class SiteGuardStub:
                 request_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
                 response_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedSummary.FromString,
                 _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/ppsehr.guard.v1.SiteGuard/Enroll',
+                request_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+                response_deserializer=ppsehr_dot_protos_dot_guard__pb2.KeyShare.FromString,
+                _registered_method=True)
 
 
 class SiteGuardServicer:
@@ -63,6 +68,14 @@ class SiteGuardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enroll(self, request, context):
+        """Secure aggregation, step 1: check a plan as Answer would (nothing is debited) and return this
+        site's signed one-time key for the plan's pairwise masks. Step 2 is Answer with the roster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteGuardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_SiteGuardServicer_to_server(servicer, server):
                     servicer.Answer,
                     request_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.FromString,
                     response_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedSummary.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.FromString,
+                    response_serializer=ppsehr_dot_protos_dot_guard__pb2.KeyShare.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class SiteGuard:
             '/ppsehr.guard.v1.SiteGuard/Answer',
             ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
             ppsehr_dot_protos_dot_guard__pb2.SignedSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ppsehr.guard.v1.SiteGuard/Enroll',
+            ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+            ppsehr_dot_protos_dot_guard__pb2.KeyShare.FromString,
             options,
             channel_credentials,
             insecure,

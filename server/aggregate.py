@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..common import cells, keys
+from ..common import cells, keys, secagg
 from ..common.dictionary import Dictionary
 from ..protos import guard_pb2 as pb
 from .model import Measurement
@@ -57,6 +57,17 @@ def verify_summary(signed: pb.SignedSummary, signed_plan: pb.SignedPlan, diction
         raise SummaryRejected("its receipt is for other plan bytes or another site")
     if summary.dictionary_hash != dictionary.hash or receipt.dictionary_hash != dictionary.hash:
         raise SummaryRejected(f"uses dictionary {summary.dictionary_hash!r}, not {dictionary.hash!r}")
+    secure = plan.HasField("secure")
+    if secure:
+        try:
+            roster = secagg.check_roster(signed_plan.roster, receipt.plan_sha256, site_keys)
+        except secagg.RosterError as e:
+            raise SummaryRejected(f"the plan's roster does not verify: {e}") from None
+        if (site not in roster or receipt.roster_sha256 != secagg.roster_sha256(roster) or receipt.parties != len(roster)
+                or receipt.colluding != plan.secure.colluding):
+            raise SummaryRejected("its receipt is for another roster or another trust assumption")
+    elif receipt.parties or receipt.roster_sha256:
+        raise SummaryRejected("its receipt claims a secure sum for a plan without secure aggregation")
     if len(summary.marginals) != len(plan.marginals):
         raise SummaryRejected(f"has {len(summary.marginals)} tables for {len(plan.marginals)} planned marginals")
     total = 0.0
@@ -64,8 +75,10 @@ def verify_summary(signed: pb.SignedSummary, signed_plan: pb.SignedPlan, diction
         shape = planned_shape(want, dictionary)[1]
         if tuple(got.variables) != tuple(want.variables) or tuple(got.shape) != shape:
             raise SummaryRejected(f"table {i} is over {list(got.variables)} {list(got.shape)}, planned {list(want.variables)} {list(shape)}")
-        if len(got.counts) != math.prod(shape):
-            raise SummaryRejected(f"table {i} has {len(got.counts)} cells, expected {math.prod(shape)}")
+        values, other = (got.masked, got.counts) if secure else (got.counts, got.masked)
+        if len(values) != math.prod(shape) or len(other):
+            raise SummaryRejected(f"table {i} has {len(values)} {'masked ' if secure else ''}cells, expected {math.prod(shape)}"
+                                  + (" (and no others)" if len(other) else ""))
         if not (0 < got.rho <= want.rho * (1 + 1e-9)) or not (got.noise_scale > 0 and math.isfinite(got.noise_scale)):
             raise SummaryRejected(f"table {i} reports rho {got.rho!r} / scale {got.noise_scale!r} for a planned rho of {want.rho!r}")
         total += got.rho
@@ -89,10 +102,13 @@ def aggregate(plan: pb.QueryPlan, results: list[SiteResult], dictionary: Diction
     Without `groups` the tables are summed (pooled). With `groups` (every participating site ->
     its group label) each measurement gains a leading `site` axis over the sorted group labels:
     a group's slice is the sum of its sites' tables, unobserved (infinite variance) unless every
-    site of the group answered this plan.
+    site of the group answered this plan. A secure plan's masked tables can only be summed, and
+    only over its whole roster (the caller passes every enrolled site's result, and no groups).
     """
     if not results:
         raise ValueError("no site answered: nothing to aggregate")
+    if groups and plan.HasField("secure"):
+        raise ValueError("a secure plan's tables can only be pooled")
     labels = sorted(set(groups.values())) if groups else []
     by_site = {r.site: r for r in results}
     out = []
@@ -102,7 +118,10 @@ def aggregate(plan: pb.QueryPlan, results: list[SiteResult], dictionary: Diction
 
         def summed(sites: list[str]) -> tuple[np.ndarray, float]:
             tables = [by_site[s].summary.marginals[i] for s in sites]
-            values = np.sum([np.asarray(t.counts, dtype=np.float64) for t in tables], axis=0).reshape(shape)
+            if plan.HasField("secure"):
+                values = secagg.unmasked_sum([t.masked for t in tables]).astype(np.float64).reshape(shape)
+            else:
+                values = np.sum([np.asarray(t.counts, dtype=np.float64) for t in tables], axis=0).reshape(shape)
             return values, float(sum(t.noise_scale ** 2 for t in tables))
 
         if not groups:

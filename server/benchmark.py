@@ -30,7 +30,14 @@ from ..common import accounting
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.mapping import EncodedTable, load_mapping, load_site_table
 
-METHODS = ("ppsehr", "ppsehr-adaptive", "central-mst", "central-aim", "independent", "bootstrap")
+# ppsehr's configurations: strategy, site variable and further ReleaseJob options
+PPSEHR_METHODS = {
+    "ppsehr": {"strategy": "dictionary", "site_variable": "model"},
+    "ppsehr-adaptive": {"strategy": "adaptive", "site_variable": "model"},
+    "ppsehr-secure": {"strategy": "dictionary", "site_variable": "model", "secure_aggregation": True},
+    "ppsehr-secure-pooled": {"strategy": "dictionary", "site_variable": "pooled", "secure_aggregation": True},
+}
+METHODS = (*PPSEHR_METHODS, "central-mst", "central-aim", "independent", "bootstrap")
 DELTA = 1e-6
 
 
@@ -133,7 +140,8 @@ class Federation:
         for site, mapping in ds.mappings.items():
             cfg = write_site_config(workdir / "sites" / f"{site}.toml", site, ds.dictionary_path, mapping,
                                     workdir / "state" / site, "127.0.0.1:0", 1000.0, DELTA,
-                                    self.keys.site_keys[site][0], [self.keys.coordinator_pub], policy)
+                                    self.keys.site_keys[site][0], [self.keys.coordinator_pub], policy,
+                                    {p: self.keys.site_keys[p][1] for p in ds.mappings if p != site}, 2)
             self.guards[site] = SiteGuard(load_site_config(cfg))
 
     def collect(self, ds: Dataset, epsilon: float, strategy: str = "dictionary", site_variable: str = "model", **options):
@@ -323,10 +331,8 @@ def run_fidelity(ds: Dataset, epsilons: list[float], seeds: int, methods: list[s
                     rows.append(dict(prev, epsilon=eps))
                     continue
                 t0 = time.perf_counter()
-                if method == "ppsehr":
-                    synth, fit = federation.run(ds, eps, seed, "dictionary", "model")
-                elif method == "ppsehr-adaptive":
-                    synth, fit = federation.run(ds, eps, seed, "adaptive", "model")
+                if method.startswith("ppsehr"):
+                    synth, fit = federation.run(ds, eps, seed, **PPSEHR_METHODS[method])
                 elif method in ("central-mst", "central-aim"):
                     synth = central_mbi(real, ds.dictionary, eps, seed, method.split("-")[1])
                     fit = time.perf_counter() - t0

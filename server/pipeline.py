@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..common import accounting, keys
+from ..common import accounting, keys, secagg
 from ..common.cells import group_labels
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.errors import PpsehrError
@@ -68,6 +68,9 @@ class ReleaseJob:
     structure: list[list[str]] = field(default_factory=list)  # extra known dependencies for the one-round plan
     site_variable: str = "model"  # SITE_MODES: site effects modelled (records pooled) / kept in records / summed away
     site_groups: dict[str, str] = field(default_factory=dict)  # site -> group label (default: each site its own)
+    secure_aggregation: bool = False  # joint tables (all tables, if pooled) as masked sums: noise of one site, not K
+    colluding: int = 0  # secure: sites that may collude with the coordinator (their noise is not counted)
+    min_parties: int = 3  # secure: a masked sum needs at least this many sites
     formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))  # record formats besides the manifest
     report: bool = True  # report.html + figures/
     llm: dict[str, Any] = field(default_factory=dict)  # LLMConfig.to_dict(); empty: statistical engine only
@@ -91,8 +94,20 @@ class ReleaseJob:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise PpsehrError(f"{name} must be a number between 0 and 1, got {value!r}")
-        if not isinstance(self.compress, bool):
-            raise PpsehrError(f"compress must be true or false, got {self.compress!r}")
+        for name in ("compress", "secure_aggregation"):
+            if not isinstance(getattr(self, name), bool):
+                raise PpsehrError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, low in (("colluding", 0), ("min_parties", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PpsehrError(f"{name} must be an integer of at least {low}, got {value!r}")
+        if self.colluding >= self.min_parties:
+            raise PpsehrError(f"colluding ({self.colluding}) must be below min_parties ({self.min_parties}): "
+                              "someone's noise must count")
+        if (self.secure_aggregation and self.site_variable != "pooled" and self.strategy == "dictionary"
+                and not self.compress):
+            raise PpsehrError("secure aggregation with site effects modelled secures the joint-table round, and "
+                              "--no-compress has only one round: compress, or use site_variable = 'pooled'")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise PpsehrError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.site_groups.items()):
@@ -149,6 +164,10 @@ class Round:
     results: list[SiteResult]
     failures: list[SiteFailure]
 
+    @property
+    def secure(self) -> bool:
+        return self.plan.HasField("secure")
+
 
 @dataclass
 class Synthesis:
@@ -164,14 +183,32 @@ class Synthesis:
 
 
 def measure(number: int, marginals: list[planner.PlannedMarginal], job: ReleaseJob, dictionary: Dictionary,
-            coordinator_key, site_keys, transport: Transport, events: Events) -> Round:
-    """Sign one plan, send it to every site, keep the summaries whose signatures and receipts verify."""
+            coordinator_key, site_keys, transport: Transport, events: Events, secure: bool = False) -> Round:
+    """Sign one plan, send it to every site, keep the summaries whose signatures and receipts verify.
+
+    A secure plan goes out twice: to enroll (the sites check it, debit nothing and return signed
+    one-time keys), then with the roster of enrolled keys, to be answered. Its masked sum can be
+    read only if every enrolled site answers; otherwise the round counts as unanswered, and the
+    sites that did answer are listed as charged for nothing.
+    """
     plan = planner.to_proto(marginals, dictionary, job.coordinator, f"{job.purpose} (round {number})", job.plan_lifetime_s)
+    if secure:
+        plan.secure.colluding, plan.secure.min_parties = job.colluding, job.min_parties
     signed = planner.sign_plan(plan, coordinator_key)
     rho = sum(m.rho for m in marginals)
     events(f"round {number}: plan {plan.plan_id} with {len(marginals)} marginals, rho {rho:.4g} per site, "
-           f"signed by {signed.signer}", stage="plan")
-    replies, failures = transport.query(signed, job.reply_timeout, events)
+           f"signed by {signed.signer}" + (" (secure aggregation)" if secure else ""), stage="plan")
+    failures: list[SiteFailure] = []
+    if secure:
+        roster, failures = _enroll(signed, job, site_keys, transport, events)
+        if len(roster) < job.min_parties:
+            events(f"round {number}: {len(roster)} site(s) enrolled for the secure sum, {job.min_parties} needed; "
+                   "nothing was sent to answer: " + "; ".join(f"{f.site}: {f.code}" for f in failures))
+            return Round(number, marginals, plan, signed, [], failures)
+        signed.roster.extend(roster)
+        events(f"round {number}: {len(roster)} site(s) enrolled for the secure sum: {', '.join(s.site for s in roster)}")
+    replies, more = transport.query(signed, job.reply_timeout, events)
+    failures += more
     results: list[SiteResult] = []
     for r in replies:
         try:
@@ -185,12 +222,37 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], job: ReleaseJ
             continue
         results.append(result)
     results.sort(key=lambda x: x.site)
+    missing = sorted({s.site for s in signed.roster} - {r.site for r in results})
+    if secure and results and missing:
+        failures += [SiteFailure(r.site, "SUM_INCOMPLETE", f"answered and was charged rho {r.receipt.rho_debited:.4g} for "
+                                 f"nothing: the masked sum needs every enrolled site, and {', '.join(missing)} did not answer")
+                     for r in results]
+        results = []
     if not results:
-        events(f"round {number}: no site answered: " + "; ".join(f"{f.site}: {f.code}" for f in failures))
+        events(f"round {number}: no usable answers: " + "; ".join(f"{f.site}: {f.code}" for f in failures))
         return Round(number, marginals, plan, signed, results, failures)
     events(f"round {number}: {len(results)} site(s) answered with verified signatures: "
            f"{', '.join(x.site for x in results)}" + (f"; {len(failures)} did not" if failures else ""), stage="aggregate")
     return Round(number, marginals, plan, signed, results, failures)
+
+
+def _enroll(signed: pb.SignedPlan, job: ReleaseJob, site_keys, transport: Transport,
+            events: Events) -> tuple[list[pb.KeyShare], list[SiteFailure]]:
+    """Secure plans: collect the sites' signed one-time keys (one per known site)."""
+    replies, failures = transport.query(signed, job.reply_timeout, events, kind="enroll")
+    plan_sha = hashlib.sha256(signed.plan).digest()
+    shares: dict[str, pb.KeyShare] = {}
+    for r in replies:
+        try:
+            site = secagg.check_share(r.signed, plan_sha, site_keys)
+        except secagg.RosterError as e:
+            failures.append(SiteFailure(r.where, "REJECTED", f"key share rejected: {e}"))
+            continue
+        if site in shares:
+            failures.append(SiteFailure(r.where, "REJECTED", f"a second key share for site {site!r}"))
+            continue
+        shares[site] = r.signed
+    return [shares[s] for s in sorted(shares)], failures
 
 
 def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys, transport: Transport,
@@ -206,6 +268,9 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
     events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, job.delta):.3g} at delta {job.delta:g}), "
            f"strategy {job.strategy}", stage="plan")
     args = (job, dictionary, coordinator_key, site_keys, transport, events)
+    # Secure aggregation: the joint-table round is a masked sum; round 1 is too, unless it must stay
+    # per site because site effects are modelled from it.
+    secure_first = job.secure_aggregation and job.site_variable == "pooled"
     if job.strategy == "dictionary":
         extra = [tuple(x) for x in job.structure]
         llm = job.llm_config()
@@ -216,15 +281,15 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
         check_model_size(job, dictionary, structure)
         joint = [s for s in structure if len(s) > 1]
         if not job.compress or not joint:
-            return [_answered(measure(1, plan, *args))], structure
+            return [_answered(measure(1, plan, *args, secure=job.secure_aggregation))], structure
         oneway = [(n,) for n in dictionary.names]
-        first = _answered(measure(1, planner.allocate(dictionary, oneway, rho * job.oneway_fraction), *args))
+        first = _answered(measure(1, planner.allocate(dictionary, oneway, rho * job.oneway_fraction), *args, secure=secure_first))
         summed = aggregate(first.plan, first.results, dictionary)
         rho_joint = rho * (1 - job.oneway_fraction)
     else:
         if len(dictionary.names) < 2:
             raise PpsehrError("the adaptive strategy selects pairs: the dictionary needs at least 2 variables. Nothing was sent.")
-        first = _answered(measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args))
+        first = _answered(measure(1, planner.candidate_plan(dictionary, rho * job.select_fraction), *args, secure=secure_first))
         summed = aggregate(first.plan, first.results, dictionary)
         joint = planner.selected_pairs(dictionary, summed, lambda sets: model_clique(job, dictionary, sets)[1])
         structure = [(n,) for n in dictionary.names] + joint
@@ -235,12 +300,14 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
         joint = [(n,) for n in dictionary.names] + joint  # round 2 re-measures the 1-way tables too
         rho_joint = rho * (1 - job.select_fraction)
     if job.compress:
-        second = planner.compressed_plan(dictionary, joint, summed, rho_joint, len(first.results))
+        n = len(first.results)
+        noise_copies = n / max(1, n - job.colluding) if job.secure_aggregation else n
+        second = planner.compressed_plan(dictionary, joint, summed, rho_joint, noise_copies)
         events("domains compressed by the round-1 1-way counts: " + ", ".join(
             f"{'-'.join(m.variables)} {m.cells(dictionary)} cells" for m in second if len(m.variables) > 1), stage="plan")
     else:
         second = planner.allocate(dictionary, joint, rho_joint)
-    rounds = [first, measure(2, second, *args)]
+    rounds = [first, measure(2, second, *args, secure=job.secure_aggregation)]
     if not rounds[1].results:
         events("round 2 was answered by no site: the release uses round 1's tables only "
                + ("(1-way tables: no joint structure)" if job.strategy == "dictionary" else "within the selected tree")
@@ -282,10 +349,11 @@ def synthesize(dictionary: Dictionary, rounds: list[Round], structure: list[tupl
     """Aggregate every answered round, fit the graphical model on `structure`, sample records.
 
     Reads DP outputs only. Tables outside the structure (adaptive round-1 candidates) informed the
-    selection only, as in MST.
+    selection only, as in MST. Secure rounds arrive as pooled sums, also when site effects are
+    modelled (the model's site axis then comes from round 1's per-site tables).
     """
     t0 = time.perf_counter()
-    answered = [rnd for rnd in rounds if rnd.results]
+    answered = _same_sites([rnd for rnd in rounds if rnd.results])
     sites = sorted({r.site for rnd in answered for r in rnd.results})
     if site_variable == "pooled":
         # pooled sums must cover the same sites in every round, or totals would disagree
@@ -298,13 +366,14 @@ def synthesize(dictionary: Dictionary, rounds: list[Round], structure: list[tupl
         if SITE in dictionary.variables:
             raise PpsehrError(f"the dictionary has a variable named {SITE!r}; use site_variable = 'pooled'")
         groups = {s: site_groups.get(s, s) for s in sites}
-        measurements = [m for rnd in answered for m in aggregate(rnd.plan, rnd.results, dictionary, groups)]
+        measurements = [m for rnd in answered for m in aggregate(rnd.plan, rnd.results, dictionary, None if rnd.secure else groups)]
     sets = [set(v) for v in structure]
     measurements = [m for m in measurements if np.any(m.weights() > 0)
                     and any(set(m.variables) - {SITE} <= s for s in sets)]
     labels = sorted(set(groups.values()))
     domain = ({SITE: len(labels)} if groups else {}) | dictionary.domain()
-    model = estimate(domain, measurements, total=_total_by_slice(measurements) if groups else None)
+    model = estimate(domain, measurements,
+                     total=_total_by_slice([m for m in measurements if m.variables[:1] == (SITE,)]) if groups else None)
     n = rows if rows is not None else max(1, int(round(model.total)))
     samples = model.sample(n, rng)
     site_labels = None
@@ -312,6 +381,22 @@ def synthesize(dictionary: Dictionary, rounds: list[Round], structure: list[tupl
         site_labels = [labels[i] for i in samples[:, 0]]
         samples = samples[:, 1:]
     return Synthesis(measurements, pooled(measurements), model, samples, site_labels, labels, time.perf_counter() - t0)
+
+
+def _same_sites(answered: list[Round]) -> list[Round]:
+    """With a secure round among them, the rounds whose sums cover exactly round 1's sites (plain
+    rounds restricted to them): a masked sum covers its roster and cannot be cut down, and a pooled
+    total must agree with the tables it is fitted with."""
+    if not any(rnd.secure for rnd in answered):
+        return answered
+    base = {r.site for r in answered[0].results}
+    keep = [answered[0]]
+    for rnd in answered[1:]:
+        got = {r.site for r in rnd.results}
+        if got == base or (not rnd.secure and got >= base):
+            keep.append(rnd if got == base else Round(rnd.number, rnd.marginals, rnd.plan, rnd.signed,
+                                                      [r for r in rnd.results if r.site in base], rnd.failures))
+    return keep
 
 
 def _full_domain(syn: Synthesis) -> list[Measurement]:
@@ -377,13 +462,14 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
         "started": started,
         "dictionary": {"name": dictionary.name, "version": dictionary.version, "hash": dictionary.hash},
         "coordinator": job.coordinator,
-        "privacy": _privacy(job, answered),
+        "privacy": _privacy(job, answered, rounds),
         "sites": {s: _site_entry(rs) for s, rs in answered.items()},
         "sites_not_included": [_failure_entry(f) for f in rounds[0].failures],
         "receipts": [_receipt(r) for r in results],
         "keys": {"coordinator": keys.public_pem(coordinator_key.public_key()),
                  "coordinator_fingerprint": rounds[0].signed.signer,
-                 "sites": {s: keys.public_pem(site_keys[s]) for s in sites}},
+                 "sites": {s: keys.public_pem(site_keys[s])
+                           for s in sorted(set(sites) | {k.site for rnd in rounds for k in rnd.signed.roster})}},
         "plans": [_plan_entry(rnd) for rnd in rounds],
         "generator": {"engine": "ppsehr graphical model (Private-PGM-style estimation on a junction tree)",
                       "strategy": job.strategy, "compress": job.compress, "site_variable": job.site_variable,
@@ -408,7 +494,10 @@ def _plan_entry(rnd: Round) -> dict[str, Any]:
             "rho_per_site": sum(m.rho for m in rnd.marginals),
             "marginals": [{"variables": list(m.variables), "rho": m.rho} | _groups_entry(m.groups) for m in rnd.marginals],
             "signed_plan": keys.b64(rnd.signed.plan), "signature": keys.b64(rnd.signed.signature),
-            "sha256": hashlib.sha256(rnd.signed.plan).hexdigest()}
+            "sha256": hashlib.sha256(rnd.signed.plan).hexdigest()} | ({"secure": {
+                "colluding": rnd.plan.secure.colluding, "min_parties": rnd.plan.secure.min_parties,
+                "roster": [{"site": k.site, "public_key": keys.b64(k.public_key), "signature": keys.b64(k.signature),
+                            "signer": k.signer} for k in rnd.signed.roster]}} if rnd.secure else {})
 
 
 def _groups_entry(groups) -> dict[str, Any]:
@@ -422,10 +511,16 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, indent=1).encode() + b"\n"
 
 
-def _privacy(job: ReleaseJob, answered: dict[str, list[SiteResult]]) -> dict[str, Any]:
+def _privacy(job: ReleaseJob, answered: dict[str, list[SiteResult]], rounds: list[Round]) -> dict[str, Any]:
     rho = max(sum(r.receipt.rho_debited for r in rs) for rs in answered.values())
     eps = accounting.epsilon(rho, job.delta)
-    return {
+    secure = [rnd for rnd in rounds if rnd.secure]
+    trust = {"secure_aggregation": (
+        f"Round(s) {', '.join(str(rnd.number) for rnd in secure)} were secure sums: each site masked its tables and "
+        "added a share of the noise, and only the sum over every enrolled site could be read. Their rho counts on "
+        f"at most {job.colluding} enrolled site(s) colluding with the coordinator (Kairouz, Liu & Steinke's distributed "
+        "discrete Gaussian bound); each site's rho_if_others_collude is its loss if all the other sites did.")} if secure else {}
+    return trust | {
         "unit": PRIVACY_UNIT,
         "model": "zero-concentrated DP per site; rho composes additively across plans and releases",
         "delta": job.delta,
@@ -441,16 +536,20 @@ def _privacy(job: ReleaseJob, answered: dict[str, list[SiteResult]]) -> dict[str
 def _site_entry(rs: list[SiteResult]) -> dict[str, Any]:
     last = max((r.receipt for r in rs), key=lambda rc: rc.ledger_seq)
     rho = sum(r.receipt.rho_debited for r in rs)
+    alone = math.fsum(r.receipt.rho_alone if r.receipt.parties else r.receipt.rho_debited for r in rs)
     return {"status": "answered", "plans": len(rs), "rho": rho, "epsilon": accounting.epsilon(rho, last.delta),
+            "rho_if_others_collude": alone,
             "delta": last.delta, "rho_total": last.rho_spent_total,
             "epsilon_total": accounting.epsilon(last.rho_spent_total, last.delta),
             "rho_limit": last.rho_limit, "marginals": sum(len(r.summary.marginals) for r in rs)}
 
 
 def _failure_entry(f: SiteFailure, number: int = 1) -> dict[str, Any]:
-    refused = f.code not in ("TIMEOUT", "GUARD_TIMEOUT", "GUARD_UNAVAILABLE", "REJECTED") and not f.code.startswith("FLOWER_")
-    return {"site": f.site, "round": number, "code": f.code, "message": f.message,
-            "charged": "no (the guard refused the plan)" if refused else "unknown: check the site's ledger"}
+    refused = f.code not in ("TIMEOUT", "GUARD_TIMEOUT", "GUARD_UNAVAILABLE", "REJECTED", "SUM_INCOMPLETE") \
+        and not f.code.startswith("FLOWER_")
+    charged = ("yes, for nothing (the masked sum could not be read)" if f.code == "SUM_INCOMPLETE"
+               else "no (the guard refused the plan)" if refused else "unknown: check the site's ledger")
+    return {"site": f.site, "round": number, "code": f.code, "message": f.message, "charged": charged}
 
 
 def _receipt(r: SiteResult) -> dict[str, Any]:
@@ -459,7 +558,8 @@ def _receipt(r: SiteResult) -> dict[str, Any]:
             "signature": keys.b64(r.summary.receipt_signature),
             "plan_id": rc.plan_id, "plan_sha256": rc.plan_sha256.hex(), "rho_debited": rc.rho_debited,
             "rho_spent_total": rc.rho_spent_total, "rho_limit": rc.rho_limit, "delta": rc.delta,
-            "debited_at": rc.debited_at, "ledger_seq": rc.ledger_seq}
+            "debited_at": rc.debited_at, "ledger_seq": rc.ledger_seq} | (
+                {"parties": rc.parties, "colluding": rc.colluding, "rho_alone": rc.rho_alone} if rc.parties else {})
 
 
 def _aggregates(dictionary: Dictionary, syn: Synthesis) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..common import accounting, keys
+from ..common import accounting, keys, secagg
 from ..common.errors import ReleaseError
 from ..protos import guard_pb2 as pb
 
@@ -104,7 +104,7 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
     extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in listed)
     if extra:
         raise ReleaseError(f"{path}: files not covered by the manifest: {extra}")
-    plans = {p["plan_id"]: _verify_plan(p, manifest, ckey, mpath) for p in manifest.get("plans", [])}
+    plans = {p["plan_id"]: _verify_plan(p, manifest, ckey, mpath, site_keys) for p in manifest.get("plans", [])}
     if not plans:
         raise ReleaseError(f"{mpath}: no plans")
     if not manifest.get("sites"):
@@ -144,8 +144,10 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
     return manifest
 
 
-def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: Path) -> str:
-    """Check one plan's coordinator signature and content; return its SHA-256 (hex)."""
+def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: Path,
+                 site_keys: dict[str, Path] | None) -> tuple[str, tuple | None]:
+    """Check one plan's coordinator signature and content; return its SHA-256 (hex) and, for a
+    secure plan, what its receipts must state: (roster digest, parties, colluding)."""
     try:
         plan_bytes = keys.unb64(entry["signed_plan"])
         if not keys.verify(ckey, keys.unb64(entry["signature"]), plan_bytes):
@@ -169,7 +171,25 @@ def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: P
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r}: rho_per_site does not match the signed plan")
     if plan.dictionary_hash != manifest["dictionary"]["hash"]:
         raise ReleaseError(f"{mpath}: plan {entry['plan_id']!r} is signed for another dictionary")
-    return digest
+    if not plan.HasField("secure"):
+        if "secure" in entry:
+            raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} claims secure aggregation the signed plan lacks")
+        return digest, None
+    try:
+        sec = entry["secure"]
+        roster = [pb.KeyShare(site=k["site"], plan_sha256=bytes.fromhex(digest), public_key=keys.unb64(k["public_key"]),
+                              signature=keys.unb64(k["signature"]), signer=k["signer"]) for k in sec["roster"]]
+        known = {s: _site_key(s, manifest, site_keys) for s in {k.site for k in roster}}
+        parties = secagg.check_roster(roster, bytes.fromhex(digest), known)
+    except (KeyError, TypeError, ValueError, secagg.RosterError) as e:
+        raise ReleaseError(f"{mpath}: plan {entry['plan_id']!r}: its secure-aggregation roster does not verify ({e})") from None
+    if (sec.get("colluding"), sec.get("min_parties")) != (plan.secure.colluding, plan.secure.min_parties):
+        raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} states other secure-aggregation terms than the signed plan")
+    return digest, (secagg.roster_sha256(parties), len(parties), plan.secure.colluding)
+
+
+def _site_key(site: str, manifest: dict[str, Any], site_keys: dict[str, Path] | None):
+    return keys.load_public_key(site_keys[site]) if site_keys else keys.public_from_pem(manifest["keys"]["sites"][site])
 
 
 def _groups(query: pb.MarginalQuery) -> list[list[int] | None] | None:
@@ -178,10 +198,10 @@ def _groups(query: pb.MarginalQuery) -> list[list[int] | None] | None:
     return groups if any(groups) else None
 
 
-def _verify_receipt(r: dict[str, Any], site: str, plans: dict[str, str], manifest: dict[str, Any],
+def _verify_receipt(r: dict[str, Any], site: str, plans: dict[str, tuple], manifest: dict[str, Any],
                     site_keys: dict[str, Path] | None, mpath: Path) -> pb.BudgetReceipt:
     try:
-        key = keys.load_public_key(site_keys[site]) if site_keys else keys.public_from_pem(manifest["keys"]["sites"][site])
+        key = _site_key(site, manifest, site_keys)
         raw = keys.unb64(r["receipt"])
         ok = keys.verify(key, keys.unb64(r["signature"]), raw)
     except (KeyError, ValueError) as e:
@@ -189,8 +209,11 @@ def _verify_receipt(r: dict[str, Any], site: str, plans: dict[str, str], manifes
     if not ok:
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt's signature does not verify")
     rc = pb.BudgetReceipt.FromString(raw)
-    if rc.site != site or plans.get(rc.plan_id) != rc.plan_sha256.hex():
+    digest, secure = plans.get(rc.plan_id, (None, None))
+    if rc.site != site or digest != rc.plan_sha256.hex():
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another site or for a plan not in this release")
+    if (rc.roster_sha256, rc.parties, rc.colluding) != (secure or (b"", 0, 0)):
+        raise ReleaseError(f"{mpath}: site {site!r}: the receipt's secure-aggregation roster or terms do not match plan {rc.plan_id!r}")
     if rc.dictionary_hash != manifest["dictionary"]["hash"]:
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another dictionary")
     return rc

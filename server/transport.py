@@ -1,7 +1,8 @@
 """How a coordinator reaches the sites' guards: over Flower (deployment) or directly over gRPC.
 
-Both deliver one serialized QueryPlan to every site and return the parsed summaries plus a
-failure record per site that did not answer (a site that did not answer was not charged by
+Each delivers one serialized SignedPlan to every site and returns the parsed replies (signed
+summaries, or for kind "enroll" the sites' signed one-time keys) plus a failure record per
+site that did not answer (a site that did not answer was not charged by
 this coordinator: its guard either refused, which costs nothing, or was never reached).
 """
 
@@ -27,21 +28,26 @@ class SiteFailure:
 @dataclass(frozen=True)
 class SiteReply:
     where: str  # who answered, as the transport knows it (node id or configured name); not yet verified
-    signed: pb.SignedSummary
+    signed: pb.SignedSummary | pb.KeyShare
+
+
+KINDS = {"summary": pb.SignedSummary, "enroll": pb.KeyShare}  # what a site replies to each kind of request
 
 
 class Transport(Protocol):
-    def query(self, plan: pb.SignedPlan, timeout: float, progress: Progress) -> tuple[list[SiteReply], list[SiteFailure]]:
+    def query(self, plan: pb.SignedPlan, timeout: float, progress: Progress,
+              kind: str = "summary") -> tuple[list[SiteReply], list[SiteFailure]]:
         ...
 
 
-def parse_reply(where: str, summary_bytes: bytes | None, code: str | None, message: str | None) -> SiteReply | SiteFailure:
-    if summary_bytes is None:
-        return SiteFailure(where, code or "NO_REPLY", (message or "no summary in the reply")[:1000])
+def parse_reply(where: str, reply: bytes | None, code: str | None, message: str | None,
+                kind: str = "summary") -> SiteReply | SiteFailure:
+    if reply is None:
+        return SiteFailure(where, code or "NO_REPLY", (message or "nothing in the reply")[:1000])
     try:
-        signed = pb.SignedSummary.FromString(summary_bytes)
+        signed = KINDS[kind].FromString(reply)
     except Exception:
-        return SiteFailure(where, "BAD_REPLY", "the reply is not a signed summary")
+        return SiteFailure(where, "BAD_REPLY", f"the reply is not a {KINDS[kind].__name__}")
     return SiteReply(where, signed)
 
 
@@ -51,16 +57,16 @@ class DirectTransport:
     def __init__(self, guards: dict[str, str]):
         self.guards = guards
 
-    def _ask(self, name: str, address: str, plan: pb.QueryPlan, timeout: float) -> SiteReply | SiteFailure:
+    def _ask(self, name: str, address: str, plan: pb.SignedPlan, timeout: float, kind: str) -> SiteReply | SiteFailure:
         from ..client.relay import relay_plan  # the same relay logic the Flower ClientApp runs
 
-        record = relay_plan(plan.SerializeToString(), address, timeout)
-        return parse_reply(name, record.get("summary"), record.get("error_code"), record.get("error"))
+        record = relay_plan(plan.SerializeToString(), address, timeout, kind)
+        return parse_reply(name, record.get("reply"), record.get("error_code"), record.get("error"), kind)
 
-    def query(self, plan, timeout, progress):
-        progress(f"sending the plan to {len(self.guards)} site(s) directly")
+    def query(self, plan, timeout, progress, kind="summary"):
+        progress(f"sending the plan ({kind}) to {len(self.guards)} site(s) directly")
         with ThreadPoolExecutor(max_workers=max(1, len(self.guards))) as pool:
-            results = list(pool.map(lambda kv: self._ask(kv[0], kv[1], plan, timeout), self.guards.items()))
+            results = list(pool.map(lambda kv: self._ask(kv[0], kv[1], plan, timeout, kind), self.guards.items()))
         return [r for r in results if isinstance(r, SiteReply)], [r for r in results if isinstance(r, SiteFailure)]
 
 
@@ -70,23 +76,22 @@ class InProcessTransport:
     def __init__(self, guards: dict):
         self.guards = guards  # site name -> ppsehr.client.guard.SiteGuard
 
-    def query(self, plan, timeout, progress):
+    def query(self, plan, timeout, progress, kind="summary"):
         from ..client.guard import Refusal
 
         replies: list[SiteReply] = []
         failures: list[SiteFailure] = []
         for name, guard in self.guards.items():
             try:
-                replies.append(SiteReply(name, guard.answer(plan)))
+                replies.append(SiteReply(name, (guard.enroll if kind == "enroll" else guard.answer)(plan)))
             except Refusal as r:
                 failures.append(SiteFailure(name, r.code, r.message))
         return replies, failures
 
 
 class FlowerTransport:
-    """Send the plan to every connected SuperNode through Flower's Grid, in one round."""
-
-    MESSAGE_TYPE = "query.summary"
+    """Send the plan to every connected SuperNode through Flower's Grid, in one round (message type
+    `query.<kind>`)."""
 
     def __init__(self, grid, min_sites: int, wait_timeout: float, poll: float = 0.25):
         self.grid, self.min_sites, self.wait_timeout, self.poll = grid, min_sites, wait_timeout, poll
@@ -106,16 +111,16 @@ class FlowerTransport:
                                    f"the release needs at least {self.min_sites}")
             time.sleep(self.poll * 2)
 
-    def query(self, plan, timeout, progress):
+    def query(self, plan, timeout, progress, kind="summary"):
         from flwr.app import ConfigRecord, Message, RecordDict
 
         nodes = self.wait_for_sites(progress)
         plan_bytes = plan.SerializeToString()
         messages = [Message(RecordDict({"plan": ConfigRecord({"plan": plan_bytes, "guard-timeout": float(timeout)})}),
-                            dst_node_id=n, message_type=self.MESSAGE_TYPE, group_id="release", ttl=timeout + 60)
+                            dst_node_id=n, message_type=f"query.{kind}", group_id="release", ttl=timeout + 60)
                     for n in nodes]
         pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes)}
-        progress(f"plan sent to {len(nodes)} site(s); waiting for summaries")
+        progress(f"plan sent to {len(nodes)} site(s); waiting for " + ("their one-time keys" if kind == "enroll" else "summaries"))
         replies: list[SiteReply] = []
         failures: list[SiteFailure] = []
         deadline = time.monotonic() + timeout
@@ -130,9 +135,9 @@ class FlowerTransport:
                     r = SiteFailure(where, f"FLOWER_{msg.error.code}", "the site's node did not run the relay")
                 else:
                     rec = msg.content.config_records.get("result", {})
-                    r = parse_reply(where, rec.get("summary"), rec.get("error_code"), rec.get("error"))
+                    r = parse_reply(where, rec.get("reply"), rec.get("error_code"), rec.get("error"), kind)
                 (replies if isinstance(r, SiteReply) else failures).append(r)
-                progress(f"{where}: " + ("signed summary received" if isinstance(r, SiteReply) else f"failed ({r.code})"),
+                progress(f"{where}: " + (f"signed {kind} received" if isinstance(r, SiteReply) else f"failed ({r.code})"),
                          stage="measure", done=len(replies) + len(failures), total=len(nodes))
             if pending:
                 time.sleep(self.poll)

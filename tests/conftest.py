@@ -59,10 +59,11 @@ def sign(coordinator_key):
 def site_config(tmp_path, demo, consortium_keys):
     """Factory: write a site config for a demo site into tmp_path and load it."""
 
-    def make(site="cleveland", epsilon=10.0, policy=None, state=None):
+    def make(site="cleveland", epsilon=10.0, policy=None, state=None, secure=False):
+        peers = {p: k[1] for p, k in consortium_keys.site_keys.items() if p != site} if secure else None
         path = write_site_config(tmp_path / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
                                  state or tmp_path / "state" / site, "127.0.0.1:0", epsilon, 1e-6,
-                                 consortium_keys.site_keys[site][0], [consortium_keys.coordinator_pub], policy)
+                                 consortium_keys.site_keys[site][0], [consortium_keys.coordinator_pub], policy, peers)
         return load_site_config(path)
 
     return make
@@ -115,7 +116,8 @@ def release_from_guards(tmp, demo, consortium_keys, sites, epsilon, seed, **opti
         for site in sites:
             cfg = write_site_config(tmp / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
                                     tmp / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
-                                    [consortium_keys.coordinator_pub])
+                                    [consortium_keys.coordinator_pub],
+                                    peers={p: k[1] for p, k in consortium_keys.site_keys.items() if p != site}, min_parties=2)
             running.append(RunningGuard(SiteGuard(load_site_config(cfg))))
         job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
                          signing_key=str(consortium_keys.coordinator_key),

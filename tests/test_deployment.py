@@ -44,12 +44,15 @@ def test_releases_over_flower_match_the_ledgers(consortium, tmp_path):
     totals = ledger_totals(consortium)
     for site in SITES:
         assert m1["sites"][site]["rho_total"] == pytest.approx(totals[site], rel=1e-12)
-    # a second release spends more, and the manifest says so
-    m2 = verify_release(consortium.release(tmp_path / "r2", epsilon=1.0, seed=12)["out"])
+    # a second release, with secure aggregation (Enroll, then Answer with the roster, over Flower),
+    # spends more, and the manifest says so
+    m2 = verify_release(consortium.release(tmp_path / "r2", epsilon=1.0, seed=12, secure_aggregation=True)["out"])
     totals2 = ledger_totals(consortium)
+    assert [p["secure"]["roster"] and len(p["secure"]["roster"]) for p in m2["plans"] if "secure" in p] == [len(SITES)]
     for site in SITES:
         assert totals2[site] > totals[site]
         assert m2["sites"][site]["rho_total"] == pytest.approx(totals2[site], rel=1e-12)
+        assert m2["sites"][site]["rho_if_others_collude"] > m2["sites"][site]["rho"]
     # beyond the lifetime budget: every guard refuses, nothing is debited, no release is written
     with pytest.raises(RunFailed, match="OVER_BUDGET"):
         consortium.release(tmp_path / "r3", epsilon=3.0)

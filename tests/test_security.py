@@ -212,7 +212,7 @@ def test_oversized_and_unsigned_huge_messages(guards, dictionary, sign, coordina
     status, details = refused(g.stub, huge)
     assert status == grpc.StatusCode.RESOURCE_EXHAUSTED
     record = relay_plan(huge.SerializeToString(), g.address, 30)  # the relay refuses it before sending
-    assert record["error_code"] == "PLAN_TOO_LARGE" and "summary" not in record
+    assert record["error_code"] == "PLAN_TOO_LARGE" and "reply" not in record
     forged = pb.SignedPlan(plan=b"\x00" * (2 * 2**20), signature=b"s" * 64, signer="z" * 2**20)
     status, details = refused(g.stub, forged)
     assert details.startswith("UNTRUSTED_SIGNER:") and len(details) < 300

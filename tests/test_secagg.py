@@ -1,0 +1,276 @@
+"""Secure aggregation: pairwise masks, the distributed discrete Gaussian's accounting, the guard's
+Enroll/Answer protocol over real gRPC, and releases whose joint tables are masked sums."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from ppsehr.client.guard import Refusal, compile_plan
+from ppsehr.common import accounting, keys, secagg
+from ppsehr.common.errors import ReleaseError
+from ppsehr.protos import guard_pb2 as pb
+from ppsehr.server.aggregate import aggregate, verify_summary
+from ppsehr.server.release import verify_release
+from ppsehr.server.transport import InProcessTransport, SiteFailure
+
+from conftest import release_from_guards
+
+SITES = ("cleveland", "hungarian", "va")
+
+
+# ------------------------------------------------------------------ masks and accounting
+def test_pairwise_masks_cancel_in_the_sum_and_hide_each_table():
+    plan_sha = hashlib.sha256(b"plan").digest()
+    signing = {s: ed25519.Ed25519PrivateKey.generate() for s in "abcd"}
+    sessions = {s: secagg.new_share(s, plan_sha, k) for s, k in signing.items()}
+    roster = secagg.check_roster([share for _, share in sessions.values()], plan_sha,
+                                 {s: k.public_key() for s, k in signing.items()})
+    rng = np.random.default_rng(0)
+    counts = {s: rng.integers(-20, 500, size=1000) for s in "abcd"}
+    tables = {s: secagg.masked(counts[s], secagg.mask(s, sessions[s][0], roster, plan_sha, 1000)) for s in "abcd"}
+    assert np.array_equal(secagg.unmasked_sum(list(tables.values())), sum(counts.values()))
+    # one masked table says nothing visible about its counts: its top bits are coin flips
+    top = (tables["a"] >> np.uint64(63)).astype(int)
+    assert 400 < top.sum() < 600
+    # any strict subset of the roster does not unmask
+    assert not np.array_equal(secagg.unmasked_sum([tables[s] for s in "abc"]), sum(counts[s] for s in "abc"))
+    # another plan's masks are unrelated
+    other = secagg.mask("a", sessions["a"][0], roster, hashlib.sha256(b"other").digest(), 1000)
+    assert not np.array_equal(other, secagg.mask("a", sessions["a"][0], roster, plan_sha, 1000))
+
+
+def test_roster_checks_name_the_bad_entry():
+    plan_sha = hashlib.sha256(b"plan").digest()
+    signing = {s: ed25519.Ed25519PrivateKey.generate() for s in "ab"}
+    known = {s: k.public_key() for s, k in signing.items()}
+    a, b = (secagg.new_share(s, plan_sha, signing[s])[1] for s in "ab")
+    forged = pb.KeyShare()
+    forged.CopyFrom(b)
+    forged.public_key = bytes(32)
+    with pytest.raises(secagg.RosterError, match="'b': its signature does not verify"):
+        secagg.check_roster([a, forged], plan_sha, known)
+    with pytest.raises(secagg.RosterError, match="'a' twice"):
+        secagg.check_roster([a, a], plan_sha, known)
+    with pytest.raises(secagg.RosterError, match="another plan"):
+        secagg.check_roster([a], hashlib.sha256(b"x").digest(), known)
+    with pytest.raises(secagg.RosterError, match="not a site this party knows"):
+        secagg.check_roster([a, b], plan_sha, {"a": known["a"]})
+
+
+def test_distributed_rho_is_opendps_map_at_the_combined_scale_plus_a_vanishing_correction():
+    for scale in (0.7, 3.0, 40.0):
+        assert accounting.distributed_rho(scale, 1, 100) == pytest.approx(accounting.rho_of_scales([scale]), rel=1e-12)
+    # four honest sites at scale s cost what one site at 2s costs, plus a correction that vanishes for s >= 2
+    assert accounting.distributed_rho(5.0, 4, 10_000) == pytest.approx(accounting.rho_of_scales([10.0]), rel=1e-12)
+    assert accounting.distributed_rho(0.5, 4, 10_000) > 10 * accounting.rho_of_scales([1.0])  # small shares: no free lunch
+    for rho, honest, cells in ((0.005, 4, 500), (0.5, 4, 5000), (0.2, 2, 10)):
+        s = accounting.share_scale_for_rho(rho, honest, cells)
+        assert accounting.distributed_rho(s, honest, cells) <= rho
+        assert accounting.distributed_rho(s * (1 - 1e-6), honest, cells) > rho * (1 - 1e-5)  # and not much more noise
+    with pytest.raises(ValueError):
+        accounting.distributed_rho(1.0, 0, 10)
+
+
+# ------------------------------------------------------------------ the guard's protocol
+def secure_plan(dictionary, marginals, colluding=0, min_parties=3):
+    plan = pb.QueryPlan(plan_id=f"s-{np.random.randint(1 << 62)}", coordinator="tester", purpose="secure test",
+                        dictionary_hash=dictionary.hash,
+                        marginals=[pb.MarginalQuery(variables=v, rho=r) for v, r in marginals])
+    plan.secure.colluding, plan.secure.min_parties = colluding, min_parties
+    return plan
+
+
+def enroll_all(running, signed):
+    roster = [g.stub.Enroll(signed) for g in running]
+    out = pb.SignedPlan()
+    out.CopyFrom(signed)
+    out.roster.extend(roster)
+    return out
+
+
+def refused(call, signed):
+    with pytest.raises(grpc.RpcError) as e:
+        call(signed)
+    return e.value.details().split(":")[0]
+
+
+def test_a_secure_round_trip_reveals_only_the_sum_and_debits_the_distributed_loss(guards, dictionary, sign, consortium_keys):
+    running = guards(*SITES, secure=True)
+    marginals = [(("sex",), 0.01), (("age", "sex"), 0.03)]  # share scales above 2: the correction vanishes
+    signed = enroll_all(running, sign(secure_plan(dictionary, marginals)))
+    assert all(g.guard.ledger.spent() == 0 for g in running)  # enrolling costs nothing
+    replies = [g.stub.Answer(signed) for g in running]
+    site_keys = {s: keys.load_public_key(consortium_keys.site_keys[s][1]) for s in SITES}
+    results = [verify_summary(r, signed, dictionary, site_keys) for r in replies]
+    cells = [dictionary["sex"].size, dictionary["age"].size * dictionary["sex"].size]
+    for g, r in zip(running, results):
+        t = r.summary.marginals
+        assert all(len(m.counts) == 0 and len(m.masked) == n for m, n in zip(t, cells))
+        want = [accounting.distributed_rho(m.noise_scale, 3, n) for m, n in zip(t, cells)]
+        assert [m.rho for m in t] == pytest.approx(want, rel=1e-12) and all(w <= r for w, (_, r) in zip(want, marginals))
+        assert r.receipt.rho_debited == pytest.approx(math.fsum(want), rel=1e-12) == g.guard.ledger.spent()
+        assert r.receipt.parties == 3 and r.receipt.colluding == 0
+        assert r.receipt.rho_alone == pytest.approx(3 * r.receipt.rho_debited, rel=1e-6)  # each added a third of the noise
+    sums = aggregate(pb.QueryPlan.FromString(signed.plan), results, dictionary)
+    truth = sum(np.bincount(g.guard._table.cell_index(("age", "sex"), tuple(sums[1].values.shape), (None, None)),
+                            minlength=cells[1]) for g in running)
+    sd = math.sqrt(sums[1].variance)
+    assert sums[1].variance == pytest.approx(sum(r.summary.marginals[1].noise_scale ** 2 for r in results))
+    assert np.all(np.abs(sums[1].values.ravel() - truth) < 6 * sd + 1)  # the sum is the noisy true table
+    assert abs(sums[0].values.sum() - truth.sum()) < 6 * math.sqrt(sums[0].variance * 2) + 1
+    # a single site's masked table is nowhere near its counts
+    alone = np.asarray(results[0].summary.marginals[1].masked, dtype=np.uint64).view(np.int64)
+    assert np.mean(np.abs(alone) > 1e12) > 0.9
+
+
+def test_secure_plans_that_must_not_be_answered_are_refused_without_debit(guards, dictionary, sign, site_config):
+    running = guards(*SITES, secure=True)
+    plain_guard = guards("switzerland")
+    marginals = [(("sex",), 0.1)]
+    # a site without [secure_aggregation] does not enroll
+    assert refused(plain_guard.stub.Enroll, sign(secure_plan(dictionary, marginals))) == "SECURE_AGGREGATION"
+    # a plain plan is not enrolled, and does not come with a roster
+    plain = sign(pb.QueryPlan(plan_id="plain-1", coordinator="t", dictionary_hash=dictionary.hash,
+                              marginals=[pb.MarginalQuery(variables=["sex"], rho=0.1)]))
+    assert refused(running[0].stub.Enroll, plain) == "SECURE_AGGREGATION"
+    with_roster = enroll_all(running, sign(secure_plan(dictionary, marginals)))
+    plain.roster.extend(with_roster.roster)
+    assert refused(running[0].stub.Answer, plain) == "MALFORMED_PLAN"
+    # answering a plan this guard never enrolled
+    assert refused(running[0].stub.Answer, sign(secure_plan(dictionary, marginals))) == "SECURE_AGGREGATION"
+    # a roster with one key replaced (a coordinator trying to isolate a site)
+    signed = enroll_all(running, sign(secure_plan(dictionary, marginals)))
+    signed.roster[1].public_key = bytes(32)
+    assert refused(running[0].stub.Answer, signed) == "SECURE_AGGREGATION"
+    # a roster without this site's own key, or smaller than the sum needs
+    signed = enroll_all(running, sign(secure_plan(dictionary, marginals)))
+    own = signed.roster[0]
+    del signed.roster[0]
+    assert refused(running[0].stub.Answer, signed) == "SECURE_AGGREGATION"
+    signed = enroll_all(running, sign(secure_plan(dictionary, marginals)))
+    del signed.roster[2]
+    assert refused(running[0].stub.Answer, signed) == "SECURE_AGGREGATION"
+    # plans asking for fewer parties than the site's policy, or over the remaining budget
+    assert refused(running[0].stub.Enroll, sign(secure_plan(dictionary, marginals, min_parties=2))) == "SECURE_AGGREGATION"
+    assert refused(running[0].stub.Enroll, sign(secure_plan(dictionary, [(("sex",), 0.9)] * 5))) == "POLICY_LIMIT"
+    assert all(g.guard.ledger.spent() == 0 for g in running)
+    assert own.site == "cleveland"
+    # a site that assumes a colluder refuses plans that count on everyone
+    config = site_config("cleveland", secure=True)
+    cautious = dataclasses.replace(config, secure_aggregation=dataclasses.replace(config.secure_aggregation, assume_colluding=1))
+    with pytest.raises(Refusal, match="assumes up to 1"):
+        compile_plan(secure_plan(dictionary, marginals), running[0].guard.dictionary, cautious)
+
+
+def test_a_key_masks_one_answer_only(guards, dictionary, sign):
+    running = guards(*SITES, secure=True)
+    signed = enroll_all(running, sign(secure_plan(dictionary, [(("sex",), 0.1)])))
+    running[0].stub.Answer(signed)
+    spent = running[0].guard.ledger.spent()
+    assert refused(running[0].stub.Answer, signed) == "REPLAYED_PLAN"
+    assert running[0].guard.ledger.spent() == spent
+
+
+# ------------------------------------------------------------------ releases
+@pytest.fixture(scope="module")
+def secure_release(tmp_path_factory, demo, consortium_keys):
+    return release_from_guards(tmp_path_factory.mktemp("secure"), demo, consortium_keys, SITES, 2.0, 4,
+                               secure_aggregation=True, min_parties=3, report=False, formats=["csv"])
+
+
+def test_a_release_with_secure_aggregation_verifies_and_states_its_trust_assumption(secure_release):
+    path, manifest, _ = secure_release
+    assert verify_release(path)["release_id"] == manifest["release_id"]
+    first, second = manifest["plans"]
+    assert "secure" not in first  # site effects are modelled from round 1's per-site tables
+    assert sorted(k["site"] for k in second["secure"]["roster"]) == list(SITES) and second["secure"]["colluding"] == 0
+    assert "secure sums" in manifest["privacy"]["secure_aggregation"]
+    for site in SITES:
+        entry = manifest["sites"][site]
+        assert entry["rho"] <= 2.0 * 1.0001 and entry["rho_if_others_collude"] > entry["rho"]
+    assert all(r["parties"] == 3 for r in manifest["receipts"] if r["plan_id"] == second["plan_id"])
+
+
+def _resigned(path, change, consortium_keys):
+    m = json.loads((path / "manifest.json").read_text())
+    change(m)
+    (path / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    key = keys.load_signing_key(consortium_keys.coordinator_key)
+    (path / "manifest.sig").write_text(keys.b64(key.sign((path / "manifest.json").read_bytes())) + "\n")
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m["plans"][1]["secure"]["roster"].pop(), "roster or terms do not match"),
+    (lambda m: m["plans"][1]["secure"]["roster"][0].update(public_key=keys.b64(bytes(32))), "roster does not verify"),
+    (lambda m: m["plans"][1]["secure"].update(colluding=1), "other secure-aggregation terms"),
+    (lambda m: m["plans"][0].update(secure=m["plans"][1]["secure"]), "claims secure aggregation"),
+])
+def test_a_coordinator_cannot_misstate_a_secure_sum(secure_release, tmp_path, consortium_keys, change, match):
+    copy = tmp_path / "copy"
+    shutil.copytree(secure_release[0], copy)
+    _resigned(copy, change, consortium_keys)
+    with pytest.raises(ReleaseError, match=match):
+        verify_release(copy)
+
+
+class DropsAnswer(InProcessTransport):
+    """One site enrolls but its answer never arrives (a crash between the two calls)."""
+
+    def __init__(self, guards, lost):
+        super().__init__(guards)
+        self.lost = lost
+
+    def query(self, plan, timeout, progress, kind="summary"):
+        replies, failures = super().query(plan, timeout, progress, kind)
+        if kind == "summary" and plan.roster:
+            replies = [r for r in replies if r.where != self.lost]
+            failures = failures + [SiteFailure(self.lost, "TIMEOUT", "no reply")]
+        return replies, failures
+
+
+def test_an_unreadable_secure_sum_is_reported_as_charged_and_the_release_goes_on(tmp_path, demo, consortium_keys, dictionary):
+    from ppsehr.client.config import load_site_config
+    from ppsehr.client.guard import SiteGuard
+    from ppsehr.common.localdeploy import write_site_config
+    from ppsehr.server.pipeline import Events, ReleaseJob, run_release
+
+    guards = {}
+    for site in SITES:
+        cfg = write_site_config(tmp_path / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
+                                tmp_path / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
+                                [consortium_keys.coordinator_pub],
+                                peers={p: consortium_keys.site_keys[p][1] for p in SITES if p != site})
+        guards[site] = SiteGuard(load_site_config(cfg))
+    job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp_path / "rel"),
+                     signing_key=str(consortium_keys.coordinator_key),
+                     site_keys={s: str(consortium_keys.site_keys[s][1]) for s in SITES}, epsilon=1.0, seed=2,
+                     secure_aggregation=True, report=False, formats=["csv"])
+    messages = []
+    manifest = run_release(job, DropsAnswer(guards, "va"), Events(echo=messages.append))
+    wasted = [f for f in manifest["sites_not_included"] if f["code"] == "SUM_INCOMPLETE"]
+    assert sorted(f["site"] for f in wasted) == ["cleveland", "hungarian"]
+    assert all(f["charged"].startswith("yes") and "va did not answer" in f["message"] for f in wasted)
+    assert any("round 2 was answered by no site" in m for m in messages)
+    assert guards["cleveland"].ledger.spent() > manifest["sites"]["cleveland"]["rho"]  # paid for round 2 too
+    assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]
+
+
+def test_secure_options_are_checked_before_anything_is_sent(tmp_path):
+    from ppsehr.common.errors import PpsehrError
+    from ppsehr.server.pipeline import ReleaseJob
+
+    base = dict(dictionary="d", out=str(tmp_path / "o"), signing_key="k", site_keys={})
+    for bad, match in (({"secure_aggregation": "yes"}, "true or false"), ({"colluding": 3}, "below min_parties"),
+                       ({"min_parties": 1}, "at least 2"),
+                       ({"secure_aggregation": True, "compress": False}, "only one round")):
+        with pytest.raises(PpsehrError, match=match):
+            ReleaseJob(**base, **bad).validate()
