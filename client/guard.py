@@ -276,7 +276,9 @@ class SiteGuard:
             rho = math.fsum(c.rho for c in compile_plan(plan, self.dictionary, self.config))
             if rho > (self.config.rho_limit - self.ledger.spent()) * (1 + 1e-12):
                 raise BudgetExceeded(rho, self.config.rho_limit - self.ledger.spent())
-            private, share = secagg.new_share(self.config.site, plan_sha, self._signing_key)
+            private, share = secagg.new_share(self.config.site, plan_sha, self._signing_key,
+                                              set(self._peers) - {self.config.site},
+                                              max(self.config.secure_aggregation.min_parties, plan.secure.min_parties))
             with self._lock:
                 now = time.time()
                 self._sessions = {k: v for k, v in self._sessions.items() if v.expires_at >= now}

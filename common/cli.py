@@ -58,6 +58,11 @@ def cmd_demo(args) -> int:
     print(f"  {'site':<12} {'rho':>9} {'epsilon':>8} {'delta':>7}   lifetime spent")
     for site, s in manifest["sites"].items():
         print(f"  {site:<12} {s['rho']:>9.4g} {s['epsilon']:>8.3g} {s['delta']:>7.0e}   rho {s['rho_total']:.4g} of {s['rho_limit']:.4g}")
+    secure = [p for p in manifest["plans"] if "secure" in p]
+    if secure:
+        worst = max(s["rho_if_others_collude"] for s in manifest["sites"].values())
+        print(f"  round(s) {', '.join(str(p['round']) for p in secure)} were secure sums: the rho above counts on at most "
+              f"{secure[0]['secure']['colluding']} colluding site(s); if all others colluded, rho up to {worst:.4g}")
     for f in manifest["sites_not_included"]:
         print(f"  not included: {f['site']} ({f['code']}: {f['message']})")
     print(f"  verify with: ppsehr release verify {final['out']}")

@@ -38,4 +38,5 @@ COORDINATOR_CODES = {
     "REJECTED": "the summary's signature, receipt or shape did not verify",
     "TIMEOUT": "no reply in time",
     "SUM_INCOMPLETE": "the site answered a masked plan, but another enrolled site did not, so the sum is unreadable",
+    "NOT_IN_ROSTER": "the site enrolled, but its secure-aggregation peers or min_parties do not fit the others'",
 }

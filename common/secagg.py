@@ -37,13 +37,32 @@ def share_statement(site: str, plan_sha256: bytes, public_key: bytes) -> bytes:
     return b"\0".join([CONTEXT, b"key-share", plan_sha256, site.encode(), public_key])
 
 
-def new_share(site: str, plan_sha256: bytes, signing_key) -> tuple[X25519PrivateKey, pb.KeyShare]:
-    """A one-time key pair for this plan and the signed share that announces its public half."""
+def new_share(site: str, plan_sha256: bytes, signing_key, peers=(), min_parties: int = 2) -> tuple[X25519PrivateKey, pb.KeyShare]:
+    """A one-time key pair for this plan and the signed share that announces its public half
+    (with the site's terms: the peers it masks with, the smallest sum it joins)."""
     private = X25519PrivateKey.generate()
     public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return private, pb.KeyShare(site=site, plan_sha256=plan_sha256, public_key=public,
                                 signature=signing_key.sign(share_statement(site, plan_sha256, public)),
-                                signer=keys.fingerprint(signing_key.public_key()))
+                                signer=keys.fingerprint(signing_key.public_key()), peers=sorted(peers),
+                                min_parties=min_parties)
+
+
+def agreeing(shares: dict[str, pb.KeyShare]) -> list[str]:
+    """The largest roster (found greedily) in which every site lists every other as a peer and the
+    sum is at least as large as every member's min_parties; sites that cannot join are dropped,
+    the one the most others cannot mask with first."""
+    members = set(shares)
+    while members:
+        def misfits(s: str) -> int:
+            others = members - {s}
+            return len(others - set(shares[s].peers)) + sum(s not in shares[o].peers for o in others)
+
+        bad = [s for s in members if misfits(s) or shares[s].min_parties > len(members)]
+        if not bad:
+            break
+        members.remove(max(bad, key=lambda s: (misfits(s), shares[s].min_parties, s)))
+    return sorted(members)
 
 
 def check_share(share: pb.KeyShare, plan_sha256: bytes, site_keys: dict) -> str:

@@ -81,18 +81,22 @@ class SecureAggregation(_message.Message):
     def __init__(self, colluding: _Optional[int] = ..., min_parties: _Optional[int] = ...) -> None: ...
 
 class KeyShare(_message.Message):
-    __slots__ = ("site", "plan_sha256", "public_key", "signature", "signer")
+    __slots__ = ("site", "plan_sha256", "public_key", "signature", "signer", "peers", "min_parties")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SIGNER_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_PARTIES_FIELD_NUMBER: _ClassVar[int]
     site: str
     plan_sha256: bytes
     public_key: bytes
     signature: bytes
     signer: str
-    def __init__(self, site: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    min_parties: int
+    def __init__(self, site: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ..., peers: _Optional[_Iterable[str]] = ..., min_parties: _Optional[int] = ...) -> None: ...
 
 class SignedPlan(_message.Message):
     __slots__ = ("plan", "signature", "signer", "roster")

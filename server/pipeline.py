@@ -252,7 +252,10 @@ def _enroll(signed: pb.SignedPlan, job: ReleaseJob, site_keys, transport: Transp
             failures.append(SiteFailure(r.where, "REJECTED", f"a second key share for site {site!r}"))
             continue
         shares[site] = r.signed
-    return [shares[s] for s in sorted(shares)], failures
+    roster = secagg.agreeing(shares)
+    failures += [SiteFailure(s, "NOT_IN_ROSTER", "left out of the secure sum: its peers or min_parties do not match the "
+                             "other enrolled sites' (it refuses the plan, at no cost)") for s in sorted(set(shares) - set(roster))]
+    return [shares[s] for s in roster], failures
 
 
 def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys, transport: Transport,

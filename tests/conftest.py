@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import time
 from concurrent import futures
@@ -134,3 +136,18 @@ def release_from_guards(tmp, demo, consortium_keys, sites, epsilon, seed, **opti
 def one_release(tmp_path_factory, demo, consortium_keys):
     """A real release from two in-process guards (cleveland, va), made once; tamper tests copy it first."""
     return release_from_guards(tmp_path_factory.mktemp("one-release"), demo, consortium_keys, ("cleveland", "va"), 2.0, 3)[0]
+
+
+def edit_manifest(path, change):
+    """Apply `change` to a release's manifest.json (its signature then no longer verifies)."""
+    m = json.loads((path / "manifest.json").read_text())
+    change(m)
+    (path / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+
+
+def resign_manifest(path, key_path):
+    """An attacker who also holds a key re-signs the edited manifest."""
+    from ppsehr.common import keys
+
+    key = keys.load_signing_key(key_path)
+    (path / "manifest.sig").write_text(keys.b64(key.sign((path / "manifest.json").read_bytes())) + "\n")

@@ -7,11 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from ppsehr.client.guard import SiteGuard
 from ppsehr.common.cli import main
-from ppsehr.common.errors import MappingError
 from ppsehr.common.localdeploy import write_site_config
 
 ROOT = Path(__file__).resolve().parents[1]

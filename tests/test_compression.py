@@ -20,6 +20,8 @@ from ppsehr.server.aggregate import aggregate, verify_summary
 from ppsehr.server.model import Measurement, estimate
 from ppsehr.server.release import verify_release
 
+from conftest import edit_manifest, resign_manifest
+
 
 # ----------------------------------------------------------------------------- common/cells.py
 @pytest.mark.parametrize("sizes, groups, where", [
@@ -349,14 +351,6 @@ def test_reports_and_prompts_read_coarse_tables_back(small_release, dictionary):
     assert {frozenset(m.variables) for m in prompt.marginals} == {frozenset(m.variables) for m in fine}
 
 
-def _resigned(path, change, consortium_keys):
-    m = json.loads((path / "manifest.json").read_text())
-    change(m)
-    (path / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
-    key = keys.load_signing_key(consortium_keys.coordinator_key)
-    (path / "manifest.sig").write_text(keys.b64(key.sign((path / "manifest.json").read_bytes())) + "\n")
-
-
 def _merge_first_two_groups(m):
     entry = next(x for x in m["plans"][1]["marginals"] if "groups" in x)
     k = next(i for i, g in enumerate(entry["groups"]) if g)
@@ -378,7 +372,8 @@ def test_release_verification_compares_groupings_with_the_signed_plan(small_rele
     copy = tmp_path / "rel"
     shutil.copytree(path, copy)
     before = json.loads((copy / "manifest.json").read_text())["plans"][1]["marginals"]
-    _resigned(copy, change, consortium_keys)
+    edit_manifest(copy, change)
+    resign_manifest(copy, consortium_keys.coordinator_key)
     assert json.loads((copy / "manifest.json").read_text())["plans"][1]["marginals"] != before
     with pytest.raises(ReleaseError, match="lists other marginals"):
         verify_release(copy, coordinator_key=consortium_keys.coordinator_pub)

@@ -126,7 +126,7 @@ def conv(tmp_path):
 def test_unit_conversions_and_missing_codes(conv):
     d, m = conv("temp_f\tweight_lb\tglu\tsmk\n98.6\t154\t5.5\tN\n102.2\t500\t7.0\tY\nNA\t-1\t11.2\tY\n")
     table, report = load_site_table(m, d)
-    t, w, g = d["temp"], d["weight"], d["glucose"]
+    t, w = d["temp"], d["weight"]
     # 98.6 F = 37.0 C -> [37,38); 102.2 F = 39.0 C -> [39,40)
     assert list(table.columns["temp"]) == [2, 4, t.cell_index(MISSING)]
     # 154 lb = 69.9 kg -> [50,70); 500 lb = 226.8 kg -> out_of_range cell; -1 -> missing

@@ -14,6 +14,8 @@ from ppsehr.server.pipeline import Events, ReleaseJob, run_release
 from ppsehr.server.release import verify_release
 from ppsehr.server.transport import DirectTransport
 
+from conftest import edit_manifest, resign_manifest
+
 
 @pytest.fixture
 def job(consortium_keys, demo):
@@ -107,20 +109,6 @@ def test_a_site_that_is_down_is_reported_not_charged(guards, job, tmp_path, all_
     assert down.guard.ledger.spent() == 0.0
 
 
-def _edit_manifest(path, change):
-    m = json.loads((path / "manifest.json").read_text())
-    change(m)
-    (path / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
-
-
-def _resign(path, key_path):
-    """An attacker who also holds a key re-signs the edited manifest."""
-    from ppsehr.common import keys
-
-    key = keys.load_signing_key(key_path)
-    (path / "manifest.sig").write_text(keys.b64(key.sign((path / "manifest.json").read_bytes())) + "\n")
-
-
 def _flip_receipt(m):
     from ppsehr.common import keys
     from ppsehr.protos import guard_pb2 as pb
@@ -135,20 +123,20 @@ def _flip_receipt(m):
     (lambda p, k: (p / "records.csv").write_text("age\n1\n"), "SHA-256 does not match"),
     (lambda p, k: (p / "extra.csv").write_text("x"), "not covered by the manifest"),
     (lambda p, k: (p / "fidelity.json").unlink(), "missing"),
-    (lambda p, k: _edit_manifest(p, lambda m: m["sites"]["va"].update(epsilon=0.01)), "signature of manifest.json does not verify"),
-    (lambda p, k: (_edit_manifest(p, lambda m: m["sites"]["va"].update(epsilon=0.01)), _resign(p, k.coordinator_key)),
+    (lambda p, k: edit_manifest(p, lambda m: m["sites"]["va"].update(epsilon=0.01)), "signature of manifest.json does not verify"),
+    (lambda p, k: (edit_manifest(p, lambda m: m["sites"]["va"].update(epsilon=0.01)), resign_manifest(p, k.coordinator_key)),
      "does not follow from rho"),
-    (lambda p, k: (_edit_manifest(p, lambda m: m["sites"]["va"].update(rho=0.0001)), _resign(p, k.coordinator_key)),
+    (lambda p, k: (edit_manifest(p, lambda m: m["sites"]["va"].update(rho=0.0001)), resign_manifest(p, k.coordinator_key)),
      "does not match its signed receipt"),
-    (lambda p, k: (_edit_manifest(p, _flip_receipt), _resign(p, k.coordinator_key)), "receipt's signature does not verify"),
+    (lambda p, k: (edit_manifest(p, _flip_receipt), resign_manifest(p, k.coordinator_key)), "receipt's signature does not verify"),
     (lambda p, k: (p / "manifest.sig").unlink(), "not signed"),
-    (lambda p, k: (_edit_manifest(p, lambda m: m["privacy"].update(release_rho_max=1e-9)), _resign(p, k.coordinator_key)),
+    (lambda p, k: (edit_manifest(p, lambda m: m["privacy"].update(release_rho_max=1e-9)), resign_manifest(p, k.coordinator_key)),
      "release_rho_max"),
-    (lambda p, k: (_edit_manifest(p, lambda m: m["plans"][0]["marginals"][0].update(rho=1e-9)), _resign(p, k.coordinator_key)),
+    (lambda p, k: (edit_manifest(p, lambda m: m["plans"][0]["marginals"][0].update(rho=1e-9)), resign_manifest(p, k.coordinator_key)),
      "other marginals or rho than the signed plan"),
-    (lambda p, k: (_edit_manifest(p, lambda m: m.update(receipts=[r for r in m["receipts"] if r["site"] != "va"])),
-                   _resign(p, k.coordinator_key)), "has no receipt"),
-    (lambda p, k: (_edit_manifest(p, lambda m: m.update(sites={}, receipts=[])), _resign(p, k.coordinator_key)),
+    (lambda p, k: (edit_manifest(p, lambda m: m.update(receipts=[r for r in m["receipts"] if r["site"] != "va"])),
+                   resign_manifest(p, k.coordinator_key)), "has no receipt"),
+    (lambda p, k: (edit_manifest(p, lambda m: m.update(sites={}, receipts=[])), resign_manifest(p, k.coordinator_key)),
      "no site contributed"),
 ])
 def test_verify_detects_tampering(one_release, tmp_path, consortium_keys, tamper, message):
@@ -176,8 +164,8 @@ def test_verify_with_pinned_keys_rejects_a_substituted_coordinator(one_release, 
                    site_keys={s: p[1] for s, p in consortium_keys.site_keys.items()})
     # someone re-signs the release with their own key and swaps it into the manifest
     priv, pub = keys.new_signing_key(tmp_path, "mallory")
-    _edit_manifest(copy, lambda m: m["keys"].update(coordinator=pub.read_text()))
-    _resign(copy, priv)
+    edit_manifest(copy, lambda m: m["keys"].update(coordinator=pub.read_text()))
+    resign_manifest(copy, priv)
     with pytest.raises(ReleaseError, match="does not verify"):
         verify_release(copy, coordinator_key=consortium_keys.coordinator_pub)
 

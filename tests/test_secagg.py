@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import shutil
 
@@ -22,7 +21,7 @@ from ppsehr.server.aggregate import aggregate, verify_summary
 from ppsehr.server.release import verify_release
 from ppsehr.server.transport import InProcessTransport, SiteFailure
 
-from conftest import release_from_guards
+from conftest import edit_manifest, release_from_guards, resign_manifest
 
 SITES = ("cleveland", "hungarian", "va")
 
@@ -64,6 +63,19 @@ def test_roster_checks_name_the_bad_entry():
         secagg.check_roster([a], hashlib.sha256(b"x").digest(), known)
     with pytest.raises(secagg.RosterError, match="not a site this party knows"):
         secagg.check_roster([a, b], plan_sha, {"a": known["a"]})
+
+
+def test_the_coordinator_picks_a_roster_every_member_accepts():
+    plan_sha = hashlib.sha256(b"plan").digest()
+    names = "abcde"
+    peers = {s: set(names) - {s} for s in names}
+    peers["d"] -= {"c"}  # d's admin never listed c
+    floors = dict.fromkeys(names, 3) | {"e": 9}  # e joins only sums of 9 or more
+    shares = {s: secagg.new_share(s, plan_sha, ed25519.Ed25519PrivateKey.generate(), peers[s], floors[s])[1]
+              for s in names}
+    roster = secagg.agreeing(shares)
+    assert roster in (["a", "b", "c"], ["a", "b", "d"])
+    assert all(set(roster) - {s} <= set(shares[s].peers) and shares[s].min_parties <= len(roster) for s in roster)
 
 
 def test_distributed_rho_is_opendps_map_at_the_combined_scale_plus_a_vanishing_correction():
@@ -200,14 +212,6 @@ def test_a_release_with_secure_aggregation_verifies_and_states_its_trust_assumpt
     assert all(r["parties"] == 3 for r in manifest["receipts"] if r["plan_id"] == second["plan_id"])
 
 
-def _resigned(path, change, consortium_keys):
-    m = json.loads((path / "manifest.json").read_text())
-    change(m)
-    (path / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
-    key = keys.load_signing_key(consortium_keys.coordinator_key)
-    (path / "manifest.sig").write_text(keys.b64(key.sign((path / "manifest.json").read_bytes())) + "\n")
-
-
 @pytest.mark.parametrize("change, match", [
     (lambda m: m["plans"][1]["secure"]["roster"].pop(), "roster or terms do not match"),
     (lambda m: m["plans"][1]["secure"]["roster"][0].update(public_key=keys.b64(bytes(32))), "roster does not verify"),
@@ -217,7 +221,8 @@ def _resigned(path, change, consortium_keys):
 def test_a_coordinator_cannot_misstate_a_secure_sum(secure_release, tmp_path, consortium_keys, change, match):
     copy = tmp_path / "copy"
     shutil.copytree(secure_release[0], copy)
-    _resigned(copy, change, consortium_keys)
+    edit_manifest(copy, change)
+    resign_manifest(copy, consortium_keys.coordinator_key)
     with pytest.raises(ReleaseError, match=match):
         verify_release(copy)
 
