@@ -286,8 +286,9 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compress", action="store_true",
                    help="measure joint tables over full domains (dictionary: in one round) instead of over domains "
                         "compressed by round-1 1-way counts")
-    p.add_argument("--oneway-fraction", type=float, default=0.85,
-                   help="dictionary strategy with compression: share of the budget for the round-1 1-way tables")
+    p.add_argument("--oneway-fraction", type=float, default=None,
+                   help="dictionary strategy with compression: share of the budget for the round-1 1-way tables "
+                        "(default 0.85; 0.5 with --secure-aggregation and site effects modelled)")
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")

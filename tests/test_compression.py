@@ -300,8 +300,8 @@ def test_release_measures_oneways_then_compressed_tables(small_release, dictiona
     rho = accounting.rho_for_epsilon(0.5, job.delta)
     assert [m["variables"] for m in first["marginals"]] == [[n] for n in dictionary.names]
     assert not any("groups" in m for m in first["marginals"])
-    assert first["rho_per_site"] == pytest.approx(rho * job.oneway_fraction, rel=1e-9)
-    assert second["rho_per_site"] == pytest.approx(rho * (1 - job.oneway_fraction), rel=1e-9)
+    assert first["rho_per_site"] == pytest.approx(rho * job.round1_share(), rel=1e-9)
+    assert second["rho_per_site"] == pytest.approx(rho * (1 - job.round1_share()), rel=1e-9)
     grouped = [m for m in second["marginals"] if "groups" in m]
     assert grouped, "at epsilon 0.5 some declared table should be compressed"
     signed = pb.QueryPlan.FromString(keys.unb64(second["signed_plan"]))

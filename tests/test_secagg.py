@@ -204,6 +204,9 @@ def test_a_release_with_secure_aggregation_verifies_and_states_its_trust_assumpt
     assert verify_release(path)["release_id"] == manifest["release_id"]
     first, second = manifest["plans"]
     assert "secure" not in first  # site effects are modelled from round 1's per-site tables
+    # round 2 measures the 1-way tables again, as secure sums, with half of the budget
+    assert len([m for m in second["marginals"] if len(m["variables"]) == 1]) == len(first["marginals"])
+    assert first["rho_per_site"] == pytest.approx(second["rho_per_site"], rel=1e-9)
     assert sorted(k["site"] for k in second["secure"]["roster"]) == list(SITES) and second["secure"]["colluding"] == 0
     assert "secure sums" in manifest["privacy"]["secure_aggregation"]
     for site in SITES:
