@@ -62,7 +62,7 @@ def share_scale_for_rho(rho: float, honest: int, cells: int) -> float:
     lo = math.sqrt(1.0 / (2.0 * rho * honest))  # the bound without its correction: never enough
     hi = lo
     while distributed_rho(hi, honest, cells) > rho:
-        lo, hi = hi, hi * 1.01
+        lo, hi = hi, hi * 1.1
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if distributed_rho(mid, honest, cells) <= rho else (mid, hi)

@@ -199,13 +199,17 @@ class Synthesis:
 
 
 def measure(number: int, marginals: list[planner.PlannedMarginal], job: ReleaseJob, dictionary: Dictionary,
-            coordinator_key, site_keys, transport: Transport, events: Events, secure: bool = False) -> Round:
+            coordinator_key, site_keys, transport: Transport, events: Events, secure: bool = False,
+            cover: set[str] | None = None) -> Round:
     """Sign one plan, send it to every site, keep the summaries whose signatures and receipts verify.
 
     A secure plan goes out twice: to enroll (the sites check it, debit nothing and return signed
     one-time keys), then with the roster of enrolled keys, to be answered. Its masked sum can be
     read only if every enrolled site answers; otherwise the round counts as unanswered, and the
-    sites that did answer are listed as charged for nothing.
+    sites that did answer are listed as charged for nothing. With `cover` (round 1's sites), a
+    secure sum must cover exactly those sites, since it cannot be cut down to fit round 1's tables:
+    others are left out of the roster, and if one of them did not enroll the plan is not sent to
+    be answered (nothing is debited).
     """
     plan = planner.to_proto(marginals, dictionary, job.coordinator, f"{job.purpose} (round {number})", job.plan_lifetime_s)
     if secure:
@@ -217,6 +221,15 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], job: ReleaseJ
     failures: list[SiteFailure] = []
     if secure:
         roster, failures = _enroll(signed, job, site_keys, transport, events)
+        if cover is not None:
+            failures += [SiteFailure(k.site, "NOT_IN_ROSTER", "left out of the secure sum: it did not answer round 1 "
+                                     "(it refuses the plan, at no cost)") for k in roster if k.site not in cover]
+            roster = [k for k in roster if k.site in cover]
+            absent = sorted(cover - {k.site for k in roster})
+            if absent:
+                events(f"round {number}: {', '.join(absent)} did not enroll for the secure sum; without them it could not "
+                       "be fitted with round 1's tables, so nothing was sent to answer (nothing was debited)")
+                return Round(number, marginals, plan, signed, [], failures)
         if len(roster) < job.min_parties:
             events(f"round {number}: {len(roster)} site(s) enrolled for the secure sum, {job.min_parties} needed; "
                    "nothing was sent to answer: " + "; ".join(f"{f.site}: {f.code}" for f in failures))
@@ -329,7 +342,7 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
             f"{'-'.join(m.variables)} {m.cells(dictionary)} cells" for m in second if len(m.variables) > 1), stage="plan")
     else:
         second = planner.allocate(dictionary, joint, rho_joint)
-    rounds = [first, measure(2, second, *args, secure=job.secure_aggregation)]
+    rounds = [first, measure(2, second, *args, secure=job.secure_aggregation, cover={r.site for r in first.results})]
     if not rounds[1].results:
         events("round 2 was answered by no site: the release uses round 1's tables only "
                + ("(1-way tables: no joint structure)" if job.strategy == "dictionary" else "within the selected tree")
@@ -375,7 +388,7 @@ def synthesize(dictionary: Dictionary, rounds: list[Round], structure: list[tupl
     modelled (the model's site axis then comes from round 1's per-site tables).
     """
     t0 = time.perf_counter()
-    answered = _same_sites([rnd for rnd in rounds if rnd.results])
+    answered = [rnd for rnd in rounds if rnd.results]
     sites = sorted({r.site for rnd in answered for r in rnd.results})
     if site_variable == "pooled":
         # pooled sums must cover the same sites in every round, or totals would disagree
@@ -403,22 +416,6 @@ def synthesize(dictionary: Dictionary, rounds: list[Round], structure: list[tupl
         site_labels = [labels[i] for i in samples[:, 0]]
         samples = samples[:, 1:]
     return Synthesis(measurements, pooled(measurements), model, samples, site_labels, labels, time.perf_counter() - t0)
-
-
-def _same_sites(answered: list[Round]) -> list[Round]:
-    """With a secure round among them, the rounds whose sums cover exactly round 1's sites (plain
-    rounds restricted to them): a masked sum covers its roster and cannot be cut down, and a pooled
-    total must agree with the tables it is fitted with."""
-    if not any(rnd.secure for rnd in answered):
-        return answered
-    base = {r.site for r in answered[0].results}
-    keep = [answered[0]]
-    for rnd in answered[1:]:
-        got = {r.site for r in rnd.results}
-        if got == base or (not rnd.secure and got >= base):
-            keep.append(rnd if got == base else Round(rnd.number, rnd.marginals, rnd.plan, rnd.signed,
-                                                      [r for r in rnd.results if r.site in base], rnd.failures))
-    return keep
 
 
 def _full_domain(syn: Synthesis) -> list[Measurement]:

@@ -245,23 +245,31 @@ class DropsAnswer(InProcessTransport):
         return replies, failures
 
 
-def test_an_unreadable_secure_sum_is_reported_as_charged_and_the_release_goes_on(tmp_path, demo, consortium_keys, dictionary):
+def _in_process(tmp_path, demo, consortium_keys, secure_sites=SITES):
+    """In-process guards for SITES (those in `secure_sites` join secure sums) and a secure release job."""
     from ppsehr.client.config import load_site_config
     from ppsehr.client.guard import SiteGuard
     from ppsehr.common.localdeploy import write_site_config
-    from ppsehr.server.pipeline import Events, ReleaseJob, run_release
+    from ppsehr.server.pipeline import ReleaseJob
 
     guards = {}
     for site in SITES:
+        peers = {p: consortium_keys.site_keys[p][1] for p in SITES if p != site} if site in secure_sites else None
         cfg = write_site_config(tmp_path / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
                                 tmp_path / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
-                                [consortium_keys.coordinator_pub],
-                                peers={p: consortium_keys.site_keys[p][1] for p in SITES if p != site})
+                                [consortium_keys.coordinator_pub], peers=peers)
         guards[site] = SiteGuard(load_site_config(cfg))
     job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp_path / "rel"),
                      signing_key=str(consortium_keys.coordinator_key),
                      site_keys={s: str(consortium_keys.site_keys[s][1]) for s in SITES}, epsilon=1.0, seed=2,
                      secure_aggregation=True, report=False, formats=["csv"])
+    return guards, job
+
+
+def test_an_unreadable_secure_sum_is_reported_as_charged_and_the_release_goes_on(tmp_path, demo, consortium_keys):
+    from ppsehr.server.pipeline import Events, run_release
+
+    guards, job = _in_process(tmp_path, demo, consortium_keys)
     messages = []
     manifest = run_release(job, DropsAnswer(guards, "va"), Events(echo=messages.append))
     wasted = [f for f in manifest["sites_not_included"] if f["code"] == "SUM_INCOMPLETE"]
@@ -270,6 +278,22 @@ def test_an_unreadable_secure_sum_is_reported_as_charged_and_the_release_goes_on
     assert any("round 2 was answered by no site" in m for m in messages)
     assert guards["cleveland"].ledger.spent() > manifest["sites"]["cleveland"]["rho"]  # paid for round 2 too
     assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]
+
+
+def test_a_site_that_does_not_join_secure_sums_costs_the_others_nothing(tmp_path, demo, consortium_keys):
+    from ppsehr.server.pipeline import Events, run_release
+
+    guards, job = _in_process(tmp_path, demo, consortium_keys, secure_sites=("cleveland", "hungarian"))
+    messages = []
+    manifest = run_release(job, InProcessTransport(guards), Events(echo=messages.append))
+    assert any("va did not enroll" in m and "nothing was debited" in m for m in messages)
+    # va refused to enroll; the other two then make too small a sum for their own min_parties (3)
+    assert {f["site"]: (f["round"], f["code"]) for f in manifest["sites_not_included"]} == {
+        "va": (2, "SECURE_AGGREGATION"), "cleveland": (2, "NOT_IN_ROSTER"), "hungarian": (2, "NOT_IN_ROSTER")}
+    assert all(f["charged"].startswith("no") for f in manifest["sites_not_included"])
+    for site, guard in guards.items():  # round 1 only: nobody paid for the secure round
+        assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
+        assert manifest["sites"][site]["plans"] == 1
 
 
 def test_secure_options_are_checked_before_anything_is_sent(tmp_path):
