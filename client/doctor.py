@@ -99,6 +99,24 @@ def check_coordinator_keys(paths: tuple[Path, ...]) -> Check:
     return Check("coordinator keys", OK, f"{len(found)} allowlisted: {', '.join(found)}")
 
 
+def check_secure_aggregation(sa) -> Check:
+    """The peers' keys a site masks with, if it joins secure sums."""
+    from ..common.keys import fingerprint, load_public_key
+
+    if sa is None:
+        return Check("secure aggregation", OK, "not joined: secure plans are refused at no cost")
+    found = []
+    for site, path in sorted(sa.peers.items()):
+        try:
+            found.append(f"{site} ({fingerprint(load_public_key(path))})")
+        except PpsehrError as e:
+            return Check("secure aggregation", FAIL, str(e),
+                         f"get {site}'s signing public key (PEM) over a trusted channel, compare its fingerprint, "
+                         "and list it in [secure_aggregation] peers")
+    return Check("secure aggregation", OK, f"joins sums of at least {sa.min_parties} sites, assuming up to "
+                 f"{sa.assume_colluding} colluding; peers: {', '.join(found)}")
+
+
 def check_ledger(state_dir: Path, ledger_path: Path, rho_limit: float, site: str) -> Check:
     existing = state_dir
     while not existing.exists():
@@ -218,6 +236,7 @@ def diagnose(config_path: str | Path, superlink: str | None = None, timeout: flo
         checks += [Check("data", SKIP, "needs a valid mapping"), Check("mapping", SKIP, "needs a valid mapping")]
     checks.append(check_signing_key(cfg.signing_key))
     checks.append(check_coordinator_keys(cfg.coordinator_keys))
+    checks.append(check_secure_aggregation(cfg.secure_aggregation))
     checks.append(check_ledger(cfg.state_dir, cfg.ledger_path, cfg.rho_limit, cfg.site))
     checks.append(check_listen(cfg.listen))
     if superlink:

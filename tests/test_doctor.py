@@ -27,7 +27,8 @@ def site(tmp_path, demo, consortium_keys):
     state.mkdir(mode=0o700)
     config = write_site_config(tmp_path / "site.toml", "va", demo / "dictionary.toml", mapping, state,
                                "127.0.0.1:50051", 10.0, 1e-6, consortium_keys.site_keys["va"][0],
-                               [consortium_keys.coordinator_pub])
+                               [consortium_keys.coordinator_pub],
+                               peers={p: consortium_keys.site_keys[p][1] for p in ("cleveland", "hungarian")})
     return {"config": config, "table": table, "mapping": mapping, "state": state, "tmp": tmp_path}
 
 
@@ -40,7 +41,7 @@ def by_name(checks):
 
 def test_a_good_site_is_ready(site, capsys):
     checks = by_name(diagnose(site["config"]))
-    for name in ("config", "data", "mapping", "signing key", "coordinator keys", "ledger", "listen"):
+    for name in ("config", "data", "mapping", "signing key", "coordinator keys", "secure aggregation", "ledger", "listen"):
         assert checks[name].status == OK, checks[name]
     assert "200 rows" in checks["mapping"].detail
     assert main(["site", "doctor", "--config", str(site["config"])]) == 0
@@ -73,6 +74,8 @@ def _edit_config(site, old, new):
      "PEM private key", "ppsehr keys init"),
     (lambda s, k: _edit_config(s, str(k.coordinator_pub), str(s["mapping"])), "coordinator keys",
      "not a PEM public key", "fingerprint"),
+    (lambda s, k: _edit_config(s, str(k.site_keys["cleveland"][1]), str(s["mapping"])), "secure aggregation",
+     "not a PEM public key", "[secure_aggregation] peers"),
     (lambda s, k: s["state"].chmod(0o755), "ledger", "mode 0755: others can reach the ledger", "chmod 0700"),
     (lambda s, k: _edit_config(s, "127.0.0.1:50051", "0.0.0.0:50051"), "listen", "every interface", "127.0.0.1"),
     (lambda s, k: _edit_config(s, "127.0.0.1:50051", "8.8.8.8:50051"), "listen", "not a loopback or private", "private"),
