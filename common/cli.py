@@ -293,8 +293,8 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")
     p.add_argument("--secure-aggregation", action="store_true",
-                   help="measure joint tables (every table, with --site-variable pooled) as masked sums: each site "
-                        "adds a share of the noise instead of all of it (sites must have [secure_aggregation])")
+                   help="measure round 2 (every round, with --site-variable pooled) as masked sums: each site adds a "
+                        "share of the noise, the coordinator reads only the sum (sites need [secure_aggregation])")
     p.add_argument("--colluding", type=int, default=0,
                    help="secure aggregation: sites that may collude with the coordinator; their noise is not counted")
     p.add_argument("--min-parties", type=int, default=3, help="secure aggregation: fewest sites in a masked sum")

@@ -69,7 +69,7 @@ class ReleaseJob:
     structure: list[list[str]] = field(default_factory=list)  # extra known dependencies for the one-round plan
     site_variable: str = "model"  # SITE_MODES: site effects modelled (records pooled) / kept in records / summed away
     site_groups: dict[str, str] = field(default_factory=dict)  # site -> group label (default: each site its own)
-    secure_aggregation: bool = False  # joint tables (all tables, if pooled) as masked sums: noise of one site, not K
+    secure_aggregation: bool = False  # round 2 (every round, if pooled) as masked sums: noise of one site, not K
     colluding: int = 0  # secure: sites that may collude with the coordinator (their noise is not counted)
     min_parties: int = 3  # secure: a masked sum needs at least this many sites
     formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))  # record formats besides the manifest
