@@ -274,17 +274,21 @@ class SiteGuard:
             if not plan.HasField("secure"):
                 raise Refusal("SECURE_AGGREGATION", "only plans with secure aggregation are enrolled; send this one to Answer")
             rho = math.fsum(c.rho for c in compile_plan(plan, self.dictionary, self.config))
-            if rho > (self.config.rho_limit - self.ledger.spent()) * (1 + 1e-12):
-                raise BudgetExceeded(rho, self.config.rho_limit - self.ledger.spent())
+            per_day = self.config.policy.max_plans_per_day
             private, share = secagg.new_share(self.config.site, plan_sha, self._signing_key,
                                               set(self._peers) - {self.config.site},
                                               max(self.config.secure_aggregation.min_parties, plan.secure.min_parties))
-            with self._lock:
+            with self._lock:  # enrolled plans hold their budget and a daily slot until answered or expired
                 now = time.time()
-                self._sessions = {k: v for k, v in self._sessions.items() if v.expires_at >= now}
+                self._sessions = {k: v for k, v in self._sessions.items() if v.expires_at >= now and k != plan_sha}
                 if len(self._sessions) >= MAX_SESSIONS:
                     raise Refusal("RATE_LIMITED", f"{MAX_SESSIONS} enrolled plans are waiting for their answers")
-                self._sessions[plan_sha] = secagg.Session(private, share.public_key, float(plan.expires_at))
+                if self.ledger.plans_since(86400) + len(self._sessions) >= per_day:
+                    raise RateLimited(per_day)
+                left = self.config.rho_limit - self.ledger.spent() - math.fsum(v.rho for v in self._sessions.values())
+                if rho > left * (1 + 1e-12):
+                    raise BudgetExceeded(rho, left)
+                self._sessions[plan_sha] = secagg.Session(private, share.public_key, float(plan.expires_at), rho)
         self.ledger.audit("enrolled", plan.plan_id, signed.signer, "OK", {"rho_planned": rho, "marginals": len(plan.marginals)})
         return share
 

@@ -38,6 +38,9 @@ def rho_of_scales(scales: list[float]) -> float:
     return float(dp.c.make_composition([_unit_gaussian(s) for s in scales]).map(1))
 
 
+MIN_SHARE_SCALE = 0.5  # the distributed discrete Gaussian bound assumes every share's sigma >= 1/2
+
+
 def distributed_rho(share_scale: float, honest: int, cells: int) -> float:
     """zCDP loss of one sensitivity-1 count table (L1 and L2) of `cells` cells when `honest` sites
     each add discrete Gaussian noise of scale `share_scale` and only the sum is seen.
@@ -46,11 +49,15 @@ def distributed_rho(share_scale: float, honest: int, cells: int) -> float:
     TensorFlow Privacy's accountant): OpenDP's privacy map of one discrete Gaussian at the combined
     scale sqrt(honest) * share_scale, plus the correction for a sum of discrete Gaussians not being
     one, tau / (sqrt(honest) * share_scale) + cells * tau^2 / 2, which is below 1e-15 once the
-    share scale is 2 or more. With one honest site this is exactly OpenDP's map.
+    share scale is 2 or more. The bound holds for share scales of at least MIN_SHARE_SCALE. With
+    one honest site this is exactly OpenDP's map.
     """
     if not (isinstance(honest, int) and honest >= 1 and cells >= 1 and share_scale > 0):
         raise ValueError(f"distributed noise needs honest >= 1 sites, cells >= 1 and a positive scale, got "
                          f"{honest!r}, {cells!r}, {share_scale!r}")
+    if honest > 1 and share_scale < MIN_SHARE_SCALE:
+        raise ValueError(f"the distributed discrete Gaussian bound needs share scales of at least {MIN_SHARE_SCALE}, "
+                         f"got {share_scale!r}")
     combined = math.sqrt(honest) * share_scale
     tau = 10 * math.fsum(math.exp(-2 * math.pi ** 2 * share_scale ** 2 * k / (k + 1)) for k in range(1, honest))
     return float(_unit_gaussian(combined).map(1)) + tau / combined + cells * tau * tau / 2
@@ -60,6 +67,10 @@ def share_scale_for_rho(rho: float, honest: int, cells: int) -> float:
     """Smallest per-site noise scale whose distributed loss (`distributed_rho`) is at most rho."""
     check_rho(rho)
     lo = math.sqrt(1.0 / (2.0 * rho * honest))  # the bound without its correction: never enough
+    if honest > 1 and lo < MIN_SHARE_SCALE:
+        lo = hi = MIN_SHARE_SCALE
+        if distributed_rho(hi, honest, cells) <= rho:
+            return hi
     hi = lo
     while distributed_rho(hi, honest, cells) > rho:
         lo, hi = hi, hi * 1.1

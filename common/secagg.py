@@ -137,3 +137,4 @@ class Session:
     private: X25519PrivateKey
     public: bytes
     expires_at: float
+    rho: float  # planned loss, held back from the budget until the plan is answered or expires

@@ -219,24 +219,20 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], job: ReleaseJ
     events(f"round {number}: plan {plan.plan_id} with {len(marginals)} marginals, rho {rho:.4g} per site, "
            f"signed by {signed.signer}" + (" (secure aggregation)" if secure else ""), stage="plan")
     failures: list[SiteFailure] = []
+    to = None
     if secure:
-        roster, failures = _enroll(signed, job, site_keys, transport, events)
-        if cover is not None:
-            failures += [SiteFailure(k.site, "NOT_IN_ROSTER", "left out of the secure sum: it did not answer round 1 "
-                                     "(it refuses the plan, at no cost)") for k in roster if k.site not in cover]
-            roster = [k for k in roster if k.site in cover]
-            absent = sorted(cover - {k.site for k in roster})
-            if absent:
-                events(f"round {number}: {', '.join(absent)} did not enroll for the secure sum; without them it could not "
-                       "be fitted with round 1's tables, so nothing was sent to answer (nothing was debited)")
-                return Round(number, marginals, plan, signed, [], failures)
-        if len(roster) < job.min_parties:
-            events(f"round {number}: {len(roster)} site(s) enrolled for the secure sum, {job.min_parties} needed; "
-                   "nothing was sent to answer: " + "; ".join(f"{f.site}: {f.code}" for f in failures))
+        roster, to, failures = _enroll(signed, job, site_keys, transport, events, cover)
+        need = max([job.min_parties] + [k.min_parties for k in roster])
+        absent = sorted((cover or set()) - {k.site for k in roster})
+        if absent or len(roster) < need:
+            events(f"round {number}: " + (f"the secure sum must cover every round-1 site, and {', '.join(absent)} "
+                   "cannot be in it" if absent else f"{len(roster)} site(s) in the secure sum, {need} needed")
+                   + "; nothing was sent to answer (nothing was debited): "
+                   + "; ".join(f"{f.site}: {f.code}" for f in failures))
             return Round(number, marginals, plan, signed, [], failures)
         signed.roster.extend(roster)
         events(f"round {number}: {len(roster)} site(s) enrolled for the secure sum: {', '.join(s.site for s in roster)}")
-    replies, more = transport.query(signed, job.reply_timeout, events)
+    replies, more = transport.query(signed, job.reply_timeout, events, to=to)
     failures += more
     results: list[SiteResult] = []
     for r in replies:
@@ -265,12 +261,16 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], job: ReleaseJ
     return Round(number, marginals, plan, signed, results, failures)
 
 
-def _enroll(signed: pb.SignedPlan, job: ReleaseJob, site_keys, transport: Transport,
-            events: Events) -> tuple[list[pb.KeyShare], list[SiteFailure]]:
-    """Secure plans: collect the sites' signed one-time keys (one per known site)."""
+def _enroll(signed: pb.SignedPlan, job: ReleaseJob, site_keys, transport: Transport, events: Events,
+            cover: set[str] | None) -> tuple[list[pb.KeyShare], set[str], list[SiteFailure]]:
+    """Secure plans: collect the sites' signed one-time keys and pick the roster: sites known to the
+    coordinator (and in `cover`, if given) that all accept each other (`secagg.agreeing`).
+    Returns the roster, where to send the answer round (the transport's names of its members) and
+    the failures."""
     replies, failures = transport.query(signed, job.reply_timeout, events, kind="enroll")
     plan_sha = hashlib.sha256(signed.plan).digest()
     shares: dict[str, pb.KeyShare] = {}
+    where: dict[str, str] = {}
     for r in replies:
         try:
             site = secagg.check_share(r.signed, plan_sha, site_keys)
@@ -280,11 +280,15 @@ def _enroll(signed: pb.SignedPlan, job: ReleaseJob, site_keys, transport: Transp
         if site in shares:
             failures.append(SiteFailure(r.where, "REJECTED", f"a second key share for site {site!r}"))
             continue
-        shares[site] = r.signed
+        if cover is not None and site not in cover:
+            failures.append(SiteFailure(site, "NOT_IN_ROSTER", "left out of the secure sum: it did not answer round 1 "
+                                        "(not charged)"))
+            continue
+        shares[site], where[site] = r.signed, r.where
     roster = secagg.agreeing(shares)
-    failures += [SiteFailure(s, "NOT_IN_ROSTER", "left out of the secure sum: its peers or min_parties do not match the "
-                             "other enrolled sites' (it refuses the plan, at no cost)") for s in sorted(set(shares) - set(roster))]
-    return [shares[s] for s in roster], failures
+    failures += [SiteFailure(s, "NOT_IN_ROSTER", "left out of the secure sum: its peers or min_parties do not fit the "
+                             "other enrolled sites' (not charged)") for s in sorted(set(shares) - set(roster))]
+    return [shares[s] for s in roster], {where[s] for s in roster}, failures
 
 
 def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys, transport: Transport,
@@ -300,8 +304,8 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
     events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, job.delta):.3g} at delta {job.delta:g}), "
            f"strategy {job.strategy}", stage="plan")
     args = (job, dictionary, coordinator_key, site_keys, transport, events)
-    # Secure aggregation: the joint-table round is a masked sum; round 1 is too, unless it must stay
-    # per site because site effects are modelled from it (then round 2 re-measures the 1-way tables).
+    # Secure aggregation: round 2 is a masked sum; round 1 (or a single round) is too, unless it must
+    # stay per site because site effects are modelled from it (then round 2 re-measures the 1-way tables).
     secure_first = job.secure_aggregation and job.site_variable == "pooled"
     if job.strategy == "dictionary":
         extra = [tuple(x) for x in job.structure]
@@ -313,7 +317,7 @@ def collect(job: ReleaseJob, dictionary: Dictionary, coordinator_key, site_keys,
         check_model_size(job, dictionary, structure)
         joint = [s for s in structure if len(s) > 1]
         if not job.compress or not joint:
-            return [_answered(measure(1, plan, *args, secure=job.secure_aggregation))], structure
+            return [_answered(measure(1, plan, *args, secure=secure_first))], structure
         oneway = [(n,) for n in dictionary.names]
         share = job.round1_share()
         first = _answered(measure(1, planner.allocate(dictionary, oneway, rho * share), *args, secure=secure_first))

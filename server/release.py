@@ -125,6 +125,10 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
         last = max(rcs, key=lambda rc: rc.ledger_seq)
         if not math.isclose(rho, s["rho"], rel_tol=1e-12) or not math.isclose(last.rho_spent_total, s["rho_total"], rel_tol=1e-12):
             raise ReleaseError(f"{mpath}: site {site!r}: stated rho does not match its signed receipts")
+        alone = math.fsum(rc.rho_alone if rc.parties else rc.rho_debited for rc in rcs)
+        stated = s.get("rho_if_others_collude", None if not any(rc.parties for rc in rcs) else -1.0)
+        if stated is not None and not math.isclose(alone, stated, rel_tol=1e-12):
+            raise ReleaseError(f"{mpath}: site {site!r}: rho_if_others_collude does not match its signed receipts")
         for key, value in (("epsilon", rho), ("epsilon_total", last.rho_spent_total)):
             if not math.isclose(accounting.epsilon(value, last.delta), s[key], rel_tol=1e-6):
                 raise ReleaseError(f"{mpath}: site {site!r}: {key} {s[key]} does not follow from rho {value} at delta {last.delta}")

@@ -35,8 +35,9 @@ KINDS = {"summary": pb.SignedSummary, "enroll": pb.KeyShare}  # what a site repl
 
 
 class Transport(Protocol):
-    def query(self, plan: pb.SignedPlan, timeout: float, progress: Progress,
-              kind: str = "summary") -> tuple[list[SiteReply], list[SiteFailure]]:
+    def query(self, plan: pb.SignedPlan, timeout: float, progress: Progress, kind: str = "summary",
+              to: set[str] | None = None) -> tuple[list[SiteReply], list[SiteFailure]]:
+        """Send to every site, or only to those named in `to` (as this transport names them in replies)."""
         ...
 
 
@@ -63,10 +64,11 @@ class DirectTransport:
         record = relay_plan(plan.SerializeToString(), address, timeout, kind)
         return parse_reply(name, record.get("reply"), record.get("error_code"), record.get("error"), kind)
 
-    def query(self, plan, timeout, progress, kind="summary"):
-        progress(f"sending the plan ({kind}) to {len(self.guards)} site(s) directly")
-        with ThreadPoolExecutor(max_workers=max(1, len(self.guards))) as pool:
-            results = list(pool.map(lambda kv: self._ask(kv[0], kv[1], plan, timeout, kind), self.guards.items()))
+    def query(self, plan, timeout, progress, kind="summary", to=None):
+        guards = {k: v for k, v in self.guards.items() if to is None or k in to}
+        progress(f"sending the plan ({kind}) to {len(guards)} site(s) directly")
+        with ThreadPoolExecutor(max_workers=max(1, len(guards))) as pool:
+            results = list(pool.map(lambda kv: self._ask(kv[0], kv[1], plan, timeout, kind), guards.items()))
         return [r for r in results if isinstance(r, SiteReply)], [r for r in results if isinstance(r, SiteFailure)]
 
 
@@ -76,12 +78,14 @@ class InProcessTransport:
     def __init__(self, guards: dict):
         self.guards = guards  # site name -> ppsehr.client.guard.SiteGuard
 
-    def query(self, plan, timeout, progress, kind="summary"):
+    def query(self, plan, timeout, progress, kind="summary", to=None):
         from ..client.guard import Refusal
 
         replies: list[SiteReply] = []
         failures: list[SiteFailure] = []
         for name, guard in self.guards.items():
+            if to is not None and name not in to:
+                continue
             try:
                 replies.append(SiteReply(name, (guard.enroll if kind == "enroll" else guard.answer)(plan)))
             except Refusal as r:
@@ -111,10 +115,10 @@ class FlowerTransport:
                                    f"the release needs at least {self.min_sites}")
             time.sleep(self.poll * 2)
 
-    def query(self, plan, timeout, progress, kind="summary"):
+    def query(self, plan, timeout, progress, kind="summary", to=None):
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        nodes = self.wait_for_sites(progress)
+        nodes = [n for n in self.wait_for_sites(progress) if to is None or f"node {n}" in to]
         plan_bytes = plan.SerializeToString()
         messages = [Message(RecordDict({"plan": ConfigRecord({"plan": plan_bytes, "guard-timeout": float(timeout)})}),
                             dst_node_id=n, message_type=f"query.{kind}", group_id="release", ttl=timeout + 60)

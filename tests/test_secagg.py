@@ -220,6 +220,7 @@ def test_a_release_with_secure_aggregation_verifies_and_states_its_trust_assumpt
     (lambda m: m["plans"][1]["secure"]["roster"][0].update(public_key=keys.b64(bytes(32))), "roster does not verify"),
     (lambda m: m["plans"][1]["secure"].update(colluding=1), "other secure-aggregation terms"),
     (lambda m: m["plans"][0].update(secure=m["plans"][1]["secure"]), "claims secure aggregation"),
+    (lambda m: m["sites"]["va"].update(rho_if_others_collude=m["sites"]["va"]["rho"]), "rho_if_others_collude does not match"),
 ])
 def test_a_coordinator_cannot_misstate_a_secure_sum(secure_release, tmp_path, consortium_keys, change, match):
     copy = tmp_path / "copy"
@@ -237,15 +238,15 @@ class DropsAnswer(InProcessTransport):
         super().__init__(guards)
         self.lost = lost
 
-    def query(self, plan, timeout, progress, kind="summary"):
-        replies, failures = super().query(plan, timeout, progress, kind)
+    def query(self, plan, timeout, progress, kind="summary", to=None):
+        replies, failures = super().query(plan, timeout, progress, kind, to)
         if kind == "summary" and plan.roster:
             replies = [r for r in replies if r.where != self.lost]
             failures = failures + [SiteFailure(self.lost, "TIMEOUT", "no reply")]
         return replies, failures
 
 
-def _in_process(tmp_path, demo, consortium_keys, secure_sites=SITES):
+def _in_process(tmp_path, demo, consortium_keys, secure_sites=SITES, min_parties=None):
     """In-process guards for SITES (those in `secure_sites` join secure sums) and a secure release job."""
     from ppsehr.client.config import load_site_config
     from ppsehr.client.guard import SiteGuard
@@ -257,7 +258,7 @@ def _in_process(tmp_path, demo, consortium_keys, secure_sites=SITES):
         peers = {p: consortium_keys.site_keys[p][1] for p in SITES if p != site} if site in secure_sites else None
         cfg = write_site_config(tmp_path / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
                                 tmp_path / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
-                                [consortium_keys.coordinator_pub], peers=peers)
+                                [consortium_keys.coordinator_pub], peers=peers, min_parties=(min_parties or {}).get(site, 3))
         guards[site] = SiteGuard(load_site_config(cfg))
     job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp_path / "rel"),
                      signing_key=str(consortium_keys.coordinator_key),
@@ -286,7 +287,7 @@ def test_a_site_that_does_not_join_secure_sums_costs_the_others_nothing(tmp_path
     guards, job = _in_process(tmp_path, demo, consortium_keys, secure_sites=("cleveland", "hungarian"))
     messages = []
     manifest = run_release(job, InProcessTransport(guards), Events(echo=messages.append))
-    assert any("va did not enroll" in m and "nothing was debited" in m for m in messages)
+    assert any("va cannot be in it" in m and "nothing was debited" in m for m in messages)
     # va refused to enroll; the other two then make too small a sum for their own min_parties (3)
     assert {f["site"]: (f["round"], f["code"]) for f in manifest["sites_not_included"]} == {
         "va": (2, "SECURE_AGGREGATION"), "cleveland": (2, "NOT_IN_ROSTER"), "hungarian": (2, "NOT_IN_ROSTER")}
@@ -294,6 +295,40 @@ def test_a_site_that_does_not_join_secure_sums_costs_the_others_nothing(tmp_path
     for site, guard in guards.items():  # round 1 only: nobody paid for the secure round
         assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
         assert manifest["sites"][site]["plans"] == 1
+
+
+def test_a_site_whose_terms_do_not_fit_stops_the_secure_round_before_anyone_pays(tmp_path, demo, consortium_keys):
+    from ppsehr.server.pipeline import Events, run_release
+
+    guards, job = _in_process(tmp_path, demo, consortium_keys, min_parties={"cleveland": 4})  # 3 sites only
+    messages = []
+    manifest = run_release(job, InProcessTransport(guards), Events(echo=messages.append))
+    assert any("cannot be in it" in m and "nothing was debited" in m for m in messages)
+    # cleveland refuses to enroll; the other two would make too small a sum for their own min_parties
+    assert {f["site"]: f["code"] for f in manifest["sites_not_included"]} == {
+        "cleveland": "SECURE_AGGREGATION", "hungarian": "NOT_IN_ROSTER", "va": "NOT_IN_ROSTER"}
+    for site, guard in guards.items():
+        assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)  # round 1 only
+
+
+def test_enrolled_plans_hold_their_budget_and_daily_slot(guards, dictionary, sign):
+    g = guards("cleveland", secure=True, policy={"max_plans_per_day": 2})
+    g.stub.Enroll(sign(secure_plan(dictionary, [(("sex",), 0.01)])))
+    g.stub.Enroll(sign(secure_plan(dictionary, [(("sex",), 0.01)])))
+    assert refused(g.stub.Enroll, sign(secure_plan(dictionary, [(("sex",), 0.01)]))) == "RATE_LIMITED"
+    h = guards("va", secure=True, epsilon=3.0)
+    half = 0.6 * h.guard.config.rho_limit
+    h.stub.Enroll(sign(secure_plan(dictionary, [(("sex",), half)])))
+    assert refused(h.stub.Enroll, sign(secure_plan(dictionary, [(("sex",), half)]))) == "OVER_BUDGET"
+    assert g.guard.ledger.spent() == h.guard.ledger.spent() == 0
+
+
+def test_shares_never_go_below_the_bounds_minimum_scale():
+    assert accounting.share_scale_for_rho(50.0, 2, 1) >= accounting.MIN_SHARE_SCALE
+    assert accounting.distributed_rho(accounting.share_scale_for_rho(50.0, 2, 1), 2, 1) <= 50.0
+    with pytest.raises(ValueError, match="at least 0.5"):
+        accounting.distributed_rho(0.4, 2, 1)
+    assert accounting.distributed_rho(0.4, 1, 1) == pytest.approx(accounting.rho_of_scales([0.4]))
 
 
 def test_secure_options_are_checked_before_anything_is_sent(tmp_path):
