@@ -61,8 +61,10 @@ def cmd_demo(args) -> int:
     secure = [p for p in manifest["plans"] if "secure" in p]
     if secure:
         worst = max(s["rho_if_others_collude"] for s in manifest["sites"].values())
-        print(f"  round(s) {', '.join(str(p['round']) for p in secure)} were secure sums: the rho above counts on at most "
-              f"{secure[0]['secure']['colluding']} colluding site(s); if all others colluded, rho up to {worst:.4g}")
+        which = (f"round {secure[0]['round']} was a secure sum" if len(secure) == 1
+                 else f"rounds {', '.join(str(p['round']) for p in secure)} were secure sums")
+        print(f"  {which}: the rho above counts on at most {secure[0]['secure']['colluding']} colluding site(s); "
+              f"if all the others colluded, rho up to {worst:.4g}")
     for f in manifest["sites_not_included"]:
         print(f"  not included: {f['site']} ({f['code']}: {f['message']})")
     print(f"  verify with: ppsehr release verify {final['out']}")
@@ -446,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
