@@ -407,7 +407,7 @@ def add_fidelity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="demo", choices=["demo", "simulated"])
     p.add_argument("--epsilon", default="0.5,1,2,4,8", help="comma-separated epsilons per site (default 0.5,1,2,4,8)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", default="ppsehr,ppsehr-adaptive,central-mst,central-aim,independent,bootstrap",
+    p.add_argument("--methods", default="ppsehr,ppsehr-secure,ppsehr-adaptive,central-mst,central-aim,independent,bootstrap",
                    help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--sites", type=int, default=4, help="simulated: number of sites")
     p.add_argument("--rows", type=int, default=100_000, help="simulated: rows in all (up to 1,000,000)")
