@@ -6,9 +6,9 @@ Gaussian noise), debit their exact privacy loss in the durable ledger, and only 
 them and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
-over all enrolled sites can be read (common/secagg.py). Everything that leaves is a noisy table over public cells or a number the
-site's policy already makes public; refusals carry fixed codes and messages built from the
-plan and the policy, never from data. Any other failure leaves as the fixed INTERNAL code; its
+over all enrolled sites can be read (common/secagg.py). Everything that leaves is a noisy table
+over public cells or a number the site's policy already makes public; refusals carry fixed
+codes and messages built from the plan and the policy, never from data. Any other failure leaves as the fixed INTERNAL code; its
 details stay in the site's log. Threat model and the attacks tested: docs/security.md.
 """
 

@@ -33,10 +33,3 @@ RELAY_CODES = {
     "PLAN_TOO_LARGE": "the signed plan exceeds the guard's message size limit",
     "GUARD_BUSY": "the site guard is at its limit of concurrent requests",
 }
-# Codes the coordinator uses for a site whose answer it could not use.
-COORDINATOR_CODES = {
-    "REJECTED": "the summary's signature, receipt or shape did not verify",
-    "TIMEOUT": "no reply in time",
-    "SUM_INCOMPLETE": "the site answered a masked plan, but another enrolled site did not, so the sum is unreadable",
-    "NOT_IN_ROSTER": "the site enrolled, but its secure-aggregation peers or min_parties do not fit the others'",
-}
