@@ -322,6 +322,13 @@ class SiteGuard:
             roster, session = self._roster(signed, plan, plan_sha)
             compiled = compile_plan(plan, self.dictionary, self.config,
                                     len(roster) - plan.secure.colluding if roster else None)
+            pad = None
+            if session is not None:  # agree the masks before paying: a peer key that fails is refused for free
+                try:
+                    pad = secagg.mask(self.config.site, session.private, roster, plan_sha,
+                                      sum(math.prod(c.shape) for c in compiled))
+                except secagg.RosterError as e:
+                    raise Refusal("SECURE_AGGREGATION", str(e)) from None
             rho = math.fsum(c.rho for c in compiled)
             secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding}} if roster else {}
             debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
@@ -330,18 +337,17 @@ class SiteGuard:
                                       | secure, max_plans_per_day=self.config.policy.max_plans_per_day)
         # The debit is durable: from here on, a failure wastes budget but never overspends it.
         try:
-            return self._measure(signed, plan, plan_sha, compiled, debit, roster, session)
+            return self._measure(signed, plan, plan_sha, compiled, debit, roster, pad)
         except Exception:
             log.exception("answering plan %r failed after its debit", plan.plan_id)
             self.ledger.audit("failed", plan.plan_id, signed.signer, "INTERNAL", {"rho_wasted": debit.rho})
             raise Refusal("INTERNAL", "measurement failed after the debit; the site admin has the details") from None
 
     def _measure(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, compiled: list[CompiledMarginal],
-                 debit: Debit, roster: dict[str, bytes], session: secagg.Session | None) -> pb.SignedSummary:
-        """Run the paid-for measurements (masked, for a secure plan) and sign summary and receipt."""
+                 debit: Debit, roster: dict[str, bytes], pad: np.ndarray | None) -> pb.SignedSummary:
+        """Run the paid-for measurements (masked with `pad`, for a secure plan) and sign summary and receipt."""
         noisy = [c.measurement(self._table.cell_index(c.variables, c.shape, c.groups)) for c in compiled]
-        if session is not None:
-            pad = secagg.mask(self.config.site, session.private, roster, plan_sha, sum(len(x) for x in noisy))
+        if pad is not None:
             offsets = np.cumsum([0] + [len(x) for x in noisy])
             tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, masked=secagg.masked(x, pad[a:b]).tolist(),
                                        rho=c.rho, noise_scale=c.scale)

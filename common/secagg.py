@@ -107,7 +107,10 @@ def mask(me: str, private: X25519PrivateKey, roster: dict[str, bytes], plan_sha2
     for peer, public in sorted(roster.items()):
         if peer == me:
             continue
-        secret = private.exchange(X25519PublicKey.from_public_bytes(public))
+        try:
+            secret = private.exchange(X25519PublicKey.from_public_bytes(public))
+        except ValueError:  # a low-order point: no shared secret (a peer's key, signed but unusable)
+            raise RosterError(f"roster entry for {peer!r}: its key gives no shared secret") from None
         low, high = sorted([me, peer])
         seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=plan_sha256,
                     info=b"\0".join([CONTEXT, b"mask", low.encode(), high.encode()])).derive(secret)

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ppsehr.client.guard import Refusal, compile_plan
 from ppsehr.common import accounting, keys, secagg
@@ -63,6 +64,13 @@ def test_roster_checks_name_the_bad_entry():
         secagg.check_roster([a], hashlib.sha256(b"x").digest(), known)
     with pytest.raises(secagg.RosterError, match="not a site this party knows"):
         secagg.check_roster([a, b], plan_sha, {"a": known["a"]})
+    # a peer that signs a degenerate key is refused when the masks are agreed (the guard does this before its debit)
+    low_order = secagg.new_share("b", plan_sha, signing["b"])[1]
+    low_order.public_key = bytes(32)
+    low_order.signature = signing["b"].sign(secagg.share_statement("b", plan_sha, bytes(32)))
+    roster = secagg.check_roster([a, low_order], plan_sha, known)
+    with pytest.raises(secagg.RosterError, match="'b': its key gives no shared secret"):
+        secagg.mask("a", X25519PrivateKey.generate(), roster, plan_sha, 4)
 
 
 def test_the_coordinator_picks_a_roster_every_member_accepts():
@@ -144,7 +152,8 @@ def test_a_secure_round_trip_reveals_only_the_sum_and_debits_the_distributed_los
     assert np.mean(np.abs(alone) > 1e12) > 0.9
 
 
-def test_secure_plans_that_must_not_be_answered_are_refused_without_debit(guards, dictionary, sign, site_config):
+def test_secure_plans_that_must_not_be_answered_are_refused_without_debit(guards, dictionary, sign, site_config,
+                                                                           consortium_keys):
     running = guards(*SITES, secure=True)
     plain_guard = guards("switzerland")
     marginals = [(("sex",), 0.1)]
@@ -162,6 +171,12 @@ def test_secure_plans_that_must_not_be_answered_are_refused_without_debit(guards
     # a roster with one key replaced (a coordinator trying to isolate a site)
     signed = enroll_all(running, sign(secure_plan(dictionary, marginals)))
     signed.roster[1].public_key = bytes(32)
+    assert refused(running[0].stub.Answer, signed) == "SECURE_AGGREGATION"
+    # a peer that signs a degenerate key: refused when the masks are agreed, before the debit
+    signed = enroll_all(running, sign(secure_plan(dictionary, marginals)))
+    va = keys.load_signing_key(consortium_keys.site_keys["va"][0])
+    signed.roster[2].public_key = bytes(32)
+    signed.roster[2].signature = va.sign(secagg.share_statement("va", signed.roster[2].plan_sha256, bytes(32)))
     assert refused(running[0].stub.Answer, signed) == "SECURE_AGGREGATION"
     # a roster without this site's own key, or smaller than the sum needs
     signed = enroll_all(running, sign(secure_plan(dictionary, marginals)))
