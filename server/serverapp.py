@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from .pipeline import Events, ReleaseJob, run_release
-from .transport import FlowerTransport
+from .measure.transport import FlowerTransport
 
 app = ServerApp()
 

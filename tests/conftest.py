@@ -19,8 +19,8 @@ from ppsehr.client.config import load_site_config  # noqa: E402
 from ppsehr.client.guard import GuardServicer, SiteGuard  # noqa: E402
 from ppsehr.common.dictionary import load_dictionary  # noqa: E402
 from ppsehr.common.keys import init_consortium, load_signing_key  # noqa: E402
-from ppsehr.server.planner import sign_plan  # noqa: E402
-from ppsehr.common.localdeploy import DEMO_SITES, demo_dir, write_site_config  # noqa: E402
+from ppsehr.server.measure.planner import sign_plan  # noqa: E402
+from ppsehr.deploy.local import DEMO_SITES, demo_dir, write_site_config  # noqa: E402
 from ppsehr.protos import guard_pb2_grpc as pb_grpc  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def all_sites():
 def release_from_guards(tmp, demo, consortium_keys, sites, epsilon, seed, **options):
     """A real release from in-process guards of `sites` under `tmp`; returns (path, manifest, job)."""
     from ppsehr.server.pipeline import Events, ReleaseJob, run_release
-    from ppsehr.server.transport import DirectTransport
+    from ppsehr.deploy.transports import DirectTransport
 
     running = []
     try:
@@ -121,7 +121,7 @@ def release_from_guards(tmp, demo, consortium_keys, sites, epsilon, seed, **opti
                                     [consortium_keys.coordinator_pub],
                                     peers={p: k[1] for p, k in consortium_keys.site_keys.items() if p != site}, min_parties=2)
             running.append(RunningGuard(SiteGuard(load_site_config(cfg))))
-        job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
+        job = ReleaseJob.create(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
                          signing_key=str(consortium_keys.coordinator_key),
                          site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=epsilon,
                          seed=seed, **options)

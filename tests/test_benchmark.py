@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from ppsehr.common.cli import main
-from ppsehr.server import benchmark as B
+from ppsehr.deploy.cli import main
+from ppsehr.deploy.bench import fidelity as B
 
 
 def test_auc_on_known_cases():

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ppsehr.common.cli import main
-from ppsehr.common.localdeploy import write_site_config
+from ppsehr.deploy.cli import main
+from ppsehr.deploy.local import write_site_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,5 +66,5 @@ def test_release_verify_command_rejects_a_non_release(tmp_path, capsys):
 
 
 def test_cli_help_runs():
-    res = subprocess.run([sys.executable, "-m", "ppsehr.common.cli", "--help"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "ppsehr.deploy.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "demo" in res.stdout and "site" in res.stdout

@@ -15,10 +15,10 @@ from ppsehr.common.cells import check_groups, group_labels, grouped_index, proje
 from ppsehr.common.errors import ReleaseError
 from ppsehr.common.mapping import load_mapping, load_site_table
 from ppsehr.protos import guard_pb2 as pb
-from ppsehr.server import planner
-from ppsehr.server.aggregate import aggregate, verify_summary
-from ppsehr.server.model import Measurement, estimate
-from ppsehr.server.release import verify_release
+from ppsehr.server.measure import planner
+from ppsehr.server.measure.aggregate import aggregate, verify_summary
+from ppsehr.server.model.graphical import Measurement, estimate
+from ppsehr.server.release.bundle import verify_release
 
 from conftest import edit_manifest, resign_manifest
 
@@ -254,7 +254,7 @@ def test_compress_pools_short_bins_next_to_a_large_missing_cell(dictionary):
 @pytest.fixture(scope="module")
 def demo_oneways(dictionary, demo):
     """Pooled exact 1-way counts of the demo sites (as if noise-free round-1 tables)."""
-    from ppsehr.common.localdeploy import DEMO_SITES
+    from ppsehr.deploy.local import DEMO_SITES
 
     counts = {n: np.zeros(dictionary[n].size) for n in dictionary.names}
     for site in DEMO_SITES:
@@ -300,8 +300,8 @@ def test_release_measures_oneways_then_compressed_tables(small_release, dictiona
     rho = accounting.rho_for_epsilon(0.5, job.delta)
     assert [m["variables"] for m in first["marginals"]] == [[n] for n in dictionary.names]
     assert not any("groups" in m for m in first["marginals"])
-    assert first["rho_per_site"] == pytest.approx(rho * job.round1_share(), rel=1e-9)
-    assert second["rho_per_site"] == pytest.approx(rho * (1 - job.round1_share()), rel=1e-9)
+    assert first["rho_per_site"] == pytest.approx(rho * job.measure.round1_share(), rel=1e-9)
+    assert second["rho_per_site"] == pytest.approx(rho * (1 - job.measure.round1_share()), rel=1e-9)
     grouped = [m for m in second["marginals"] if "groups" in m]
     assert grouped, "at epsilon 0.5 some declared table should be compressed"
     signed = pb.QueryPlan.FromString(keys.unb64(second["signed_plan"]))
@@ -330,8 +330,8 @@ def test_aggregates_label_grouped_cells(small_release, dictionary):
 
 
 def test_reports_and_prompts_read_coarse_tables_back(small_release, dictionary):
-    from ppsehr.server.prompts import DPAggregates
-    from ppsehr.server.report import _without_site, compare_variables, dp_marginal, release_inputs
+    from ppsehr.server.llm.prompts import DPAggregates
+    from ppsehr.server.release.report import _without_site, compare_variables, dp_marginal, release_inputs
 
     path, _, _ = small_release
     _, ms, samples, _ = release_inputs(path, dictionary)
@@ -396,7 +396,7 @@ def test_release_inputs_refuse_tampered_groups(small_release, dictionary, tmp_pa
     import shutil
 
     from ppsehr.common.errors import ReleaseError
-    from ppsehr.server.report import release_inputs
+    from ppsehr.server.release.report import release_inputs
 
     copy = tmp_path / "rel"
     shutil.copytree(small_release[0], copy)
@@ -411,15 +411,17 @@ def test_release_inputs_refuse_tampered_groups(small_release, dictionary, tmp_pa
 
 def test_llm_stage_sees_full_domain_tables(tmp_path, dictionary):
     """Compressed tables reach the LLM stage as the model's marginals over dictionary cells."""
-    from ppsehr.server.benchmark import Federation, demo_dataset
-    from ppsehr.server.pipeline import _full_domain, synthesize
-    from ppsehr.server.prompts import DPAggregates
+    from ppsehr.deploy.bench.fidelity import Federation, demo_dataset
+    from ppsehr.server.measure.rounds import round_measurements
+    from ppsehr.server.model.synthesize import full_domain, synthesize
+    from ppsehr.server.llm.prompts import DPAggregates
 
     ds = demo_dataset()
     rounds, structure = Federation(ds, tmp_path).collect(ds, 0.5)
-    syn = synthesize(ds.dictionary, rounds, structure, "model", {}, 200, np.random.default_rng(0))
+    measurements, groups = round_measurements(ds.dictionary, rounds, structure, "model", {})
+    syn = synthesize(ds.dictionary, measurements, groups, 200, np.random.default_rng(0))
     assert any(m.coarse for m in syn.pooled)
-    full = _full_domain(syn)
+    full = full_domain(syn)
     assert [m.variables for m in full] == [m.variables for m in syn.pooled] and not any(m.coarse for m in full)
     for m in full:
         assert m.values.shape == tuple(dictionary[v].size for v in m.variables)

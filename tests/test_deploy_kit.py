@@ -100,7 +100,7 @@ def test_units_run_flower_with_real_flags_and_tls(units):
 
 
 def test_guard_unit_runs_the_real_cli_and_checks_before_start(units):
-    from ppsehr.common.cli import build_parser
+    from ppsehr.deploy.cli import build_parser
 
     guard = units["ppsehr-guard"]
     serve, doctor = exec_start(guard), exec_start(guard, "ExecStartPre")
@@ -209,7 +209,7 @@ def test_site_compose_only_the_guard_sees_the_data():
     for name, svc in c["services"].items():
         _hardened(svc, name)
     assert guard["command"][:3] == ["ppsehr", "site", "serve"]
-    from ppsehr.common.cli import build_parser
+    from ppsehr.deploy.cli import build_parser
 
     assert build_parser().parse_args(guard["command"][1:]).func.__name__ == "cmd_site_serve"
     assert "/srv/ppsehr/data:/srv/ppsehr/data:ro" in guard["volumes"]

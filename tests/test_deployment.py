@@ -12,9 +12,9 @@ import pytest
 
 from ppsehr.client.ledger import Ledger
 from ppsehr.client.config import load_site_config
-from ppsehr.common.localdeploy import LocalConsortium
+from ppsehr.deploy.local import LocalConsortium
 from ppsehr.server.federation import RunFailed
-from ppsehr.server.release import verify_release
+from ppsehr.server.release.bundle import verify_release
 
 pytestmark = pytest.mark.deployment
 SITES = ("cleveland", "hungarian", "va")
@@ -62,12 +62,12 @@ def test_releases_over_flower_match_the_ledgers(consortium, tmp_path):
 
 def test_coordinator_cli_runs_an_adaptive_release_over_the_secure_superlink(consortium, tmp_path):
     """What a coordinator types: two signed rounds over TLS + node auth, receipts for both, verify passes."""
-    from ppsehr.common.localdeploy import demo_dir
+    from ppsehr.deploy.local import demo_dir
 
     before = ledger_totals(consortium)
     k = consortium.keys
     out = tmp_path / "rel"
-    cmd = [sys.executable, "-m", "ppsehr.common.cli", "coordinator", "release", "--dictionary",
+    cmd = [sys.executable, "-m", "ppsehr.deploy.cli", "coordinator", "release", "--dictionary",
            str(demo_dir() / "dictionary.toml"), "--out", str(out), "--superlink", consortium.control_address,
            "--root-certificates", str(k.tls.ca_cert), "--signing-key", str(k.coordinator_key),
            "--epsilon", "0.5", "--strategy", "adaptive", "--min-sites", str(len(SITES)), "--seed", "3",
@@ -110,7 +110,7 @@ def _flower_processes():
 def test_demo_command_end_to_end(tmp_path):
     out = tmp_path / "release"
     before = _flower_processes()
-    res = subprocess.run([sys.executable, "-m", "ppsehr.common.cli", "demo", "--json", "--out", str(out), "--seed", "5"],
+    res = subprocess.run([sys.executable, "-m", "ppsehr.deploy.cli", "demo", "--json", "--out", str(out), "--seed", "5"],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout)

@@ -9,8 +9,8 @@ import socket
 import pytest
 
 from ppsehr.client.doctor import FAIL, OK, SKIP, WARN, check_listen, check_superlink, diagnose
-from ppsehr.common.cli import main
-from ppsehr.common.localdeploy import write_site_config
+from ppsehr.deploy.cli import main
+from ppsehr.deploy.local import write_site_config
 
 
 @pytest.fixture

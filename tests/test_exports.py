@@ -19,8 +19,8 @@ from fhirclient.models.patient import Patient
 
 from ppsehr.common.dictionary import MISSING, parse_dictionary
 from ppsehr.common.errors import ReleaseError
-from ppsehr.server.exports import INDEX_DATE, OMOP_COLUMNS, export_files, synthetic_id
-from ppsehr.server.records import decode, to_csv
+from ppsehr.server.release.exports import INDEX_DATE, OMOP_COLUMNS, export_files, synthetic_id
+from ppsehr.server.model.records import decode, to_csv
 
 R4 = {"Patient": Patient, "Encounter": Encounter, "Observation": Observation, "Condition": Condition}
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")

@@ -15,7 +15,7 @@ from ppsehr.client.ledger import Ledger
 from ppsehr.common import accounting
 from ppsehr.common.mapping import load_mapping, load_site_table
 from ppsehr.protos import guard_pb2 as pb
-from ppsehr.server import planner
+from ppsehr.server.measure import planner
 
 
 def plan_for(dictionary, marginals, plan_id=None, dictionary_hash=None):

@@ -16,15 +16,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FAKE_NAME, FAKE_PHONE, FakeOpenAI  # noqa: E402
 
-from ppsehr.common.localdeploy import demo_dir  # noqa: E402
+from ppsehr.deploy.local import demo_dir  # noqa: E402
 from ppsehr.common.mapping import load_mapping, load_site_table  # noqa: E402
-from ppsehr.server.llm import LLMClient, LLMConfig, LLMError  # noqa: E402
-from ppsehr.server.llm_stage import (demo_measurements, knowledge_dependencies, marginal_tvd,  # noqa: E402
-                                     run_llm_stage)
-from ppsehr.server.model import estimate  # noqa: E402
-from ppsehr.server.prompts import (DPAggregates, SyntheticRecord, generation_prompt, in_domain,  # noqa: E402
+from ppsehr.server.llm.client import LLMClient, LLMConfig, LLMError  # noqa: E402
+from ppsehr.deploy.bench.llm import demo_measurements
+from ppsehr.server.llm.knowledge import knowledge_dependencies
+from ppsehr.server.llm.generate import marginal_tvd
+from ppsehr.server.llm.stage import run_llm_stage
+from ppsehr.server.model.graphical import estimate  # noqa: E402
+from ppsehr.server.llm.prompts import (DPAggregates, SyntheticRecord, generation_prompt, in_domain,  # noqa: E402
                                    knowledge_prompt, note_prompt)
-from ppsehr.server.records import decode  # noqa: E402
+from ppsehr.server.model.records import decode  # noqa: E402
 
 # Values planted in Cleveland's table. They are valid measurements (inside the dictionary's
 # bins) but with decimals no synthetic value at the dictionary's precision can have.
@@ -324,14 +326,14 @@ def test_calibration_brings_llm_first_records_back_to_the_dp_marginals(dp, fake)
     # and the reported figures are what the file holds
     d = dp["dictionary"]
     rows = list(csv.DictReader(io.StringIO(result.files["llm_records.csv"].decode())))
-    from ppsehr.server.llm_stage import encode
+    from ppsehr.server.model.records import encode
     cells = encode(d, {n: [r[n] for r in rows] for n in d.names})
     assert marginal_tvd(d, DPAggregates.from_measurements(d, dp["measurements"]), cells) == cal["tvd_after"]
 
 
 # ----------------------------------------------------------------------------- command line
 def test_llm_check_command(fake, capsys):
-    from ppsehr.common.cli import main
+    from ppsehr.deploy.cli import main
 
     assert main(["llm", "check", "--llm-base-url", fake.base_url, "--llm-model", "fake-model", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -344,7 +346,7 @@ def test_llm_check_command(fake, capsys):
 
 
 def test_bench_llm_command(tmp_path, capsys):
-    from ppsehr.common.cli import main
+    from ppsehr.deploy.cli import main
 
     assert main(["bench", "llm", "--rows", "60", "--batch-size", "30", "--llm-styles", "definition,example",
                  "--engine-iters", "50", "--out", str(tmp_path / "b")]) == 0

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from ppsehr.server import planner
-from ppsehr.server.model import JunctionTree, Measurement, estimate
+from ppsehr.server.measure import planner
+from ppsehr.server.model.graphical import JunctionTree, Measurement, estimate
 
 DOMAIN = {"a": 3, "b": 4, "c": 2, "d": 5}
 
@@ -137,7 +137,7 @@ def test_adaptive_selection_adds_strong_pairs_within_the_model_size_budget(monke
     """MST's tree, then (AIM-like) the pairs whose dependence clears the noise, if the model stays small."""
     from types import SimpleNamespace
 
-    from ppsehr.server.model import JunctionTree
+    from ppsehr.server.model.graphical import JunctionTree
 
     rng = np.random.default_rng(4)
     n = 20000
@@ -167,7 +167,7 @@ def test_adaptive_selection_adds_strong_pairs_within_the_model_size_budget(monke
 
 def test_controlled_rounding_is_unbiased_for_small_groups():
     """Two rows over cells with p = .45/.30/.25: expected counts .9/.6/.5, not flattened."""
-    from ppsehr.server.model import _draw
+    from ppsehr.server.model.graphical import _draw
 
     rng = np.random.default_rng(0)
     joint = np.array([[0.45, 0.30, 0.25]])

@@ -17,10 +17,10 @@ from ppsehr.client.config import load_site_config
 from ppsehr.client.guard import SiteGuard
 from ppsehr.common.dictionary import load_dictionary
 from ppsehr.common.errors import MappingError
-from ppsehr.common.localdeploy import write_site_config
+from ppsehr.deploy.local import write_site_config
 from ppsehr.common.mapping import load_mapping, load_site_table
 from ppsehr.protos import guard_pb2 as pb
-from ppsehr.server import planner
+from ppsehr.server.measure import planner
 
 DATA = Path(__file__).parent / "data"
 CDM = DATA / "omop-gibleed"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ppsehr.common.errors import DictionaryError
-from ppsehr.server.pii import PIIGuard, evaluate, load_examples, text_max_tier
+from ppsehr.server.llm.pii import PIIGuard, evaluate, load_examples, text_max_tier
 
 DATA = Path(__file__).parent / "data" / "pii_sentences.jsonl"
 

@@ -11,8 +11,8 @@ import pytest
 from ppsehr.common import accounting
 from ppsehr.common.errors import PpsehrError
 from ppsehr.server.pipeline import Events, ReleaseJob, run_release
-from ppsehr.server.release import verify_release
-from ppsehr.server.transport import DirectTransport
+from ppsehr.server.release.bundle import verify_release
+from ppsehr.deploy.transports import DirectTransport
 
 from conftest import edit_manifest, resign_manifest
 
@@ -20,7 +20,7 @@ from conftest import edit_manifest, resign_manifest
 @pytest.fixture
 def job(consortium_keys, demo):
     def make(out, **kw):
-        return ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(out),
+        return ReleaseJob.create(dictionary=str(demo / "dictionary.toml"), out=str(out),
                           signing_key=str(consortium_keys.coordinator_key),
                           site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, **kw)
 

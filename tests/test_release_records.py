@@ -9,8 +9,8 @@ import pytest
 
 from ppsehr.common.dictionary import MISSING
 from ppsehr.common.errors import ReleaseError
-from ppsehr.server.records import decode
-from ppsehr.server.release import write_release
+from ppsehr.server.model.records import decode
+from ppsehr.server.release.bundle import write_release
 
 
 def test_numeric_values_are_drawn_inside_their_bin_on_the_precision_grid(dictionary):

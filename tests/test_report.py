@@ -11,8 +11,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from ppsehr.server.model import Measurement
-from ppsehr.server.report import (SECTIONS, Z95, budget_history, build_report, compare_variables, dp_marginal,
+from ppsehr.server.model.graphical import Measurement
+from ppsehr.server.release.report import (SECTIONS, Z95, budget_history, build_report, compare_variables, dp_marginal,
                                   write_report)
 
 
@@ -23,9 +23,9 @@ def releases(tmp_path_factory, demo, consortium_keys):
 
     from ppsehr.client.config import load_site_config
     from ppsehr.client.guard import SiteGuard
-    from ppsehr.common.localdeploy import write_site_config
+    from ppsehr.deploy.local import write_site_config
     from ppsehr.server.pipeline import Events, ReleaseJob, run_release
-    from ppsehr.server.transport import DirectTransport
+    from ppsehr.deploy.transports import DirectTransport
 
     tmp = tmp_path_factory.mktemp("report")
     running = []
@@ -39,7 +39,7 @@ def releases(tmp_path_factory, demo, consortium_keys):
         transport = DirectTransport({g.guard.config.site: g.address for g in running})
         manifests = []
         for i, eps in enumerate((1.0, 2.0)):
-            job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp / f"r{i}"),
+            job = ReleaseJob.create(dictionary=str(demo / "dictionary.toml"), out=str(tmp / f"r{i}"),
                              signing_key=str(consortium_keys.coordinator_key),
                              site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=eps, seed=i)
             manifests.append(run_release(job, transport, Events()))
@@ -54,7 +54,7 @@ def report(releases, demo):
     """The second release's report, made by `ppsehr release report` with the first as history."""
     import json
 
-    from ppsehr.common.cli import main
+    from ppsehr.deploy.cli import main
 
     tmp, _ = releases
     out = tmp / "report"

@@ -18,9 +18,10 @@ from ppsehr.client.guard import Refusal, compile_plan
 from ppsehr.common import accounting, keys, secagg
 from ppsehr.common.errors import ReleaseError
 from ppsehr.protos import guard_pb2 as pb
-from ppsehr.server.aggregate import aggregate, verify_summary
-from ppsehr.server.release import verify_release
-from ppsehr.server.transport import InProcessTransport, SiteFailure
+from ppsehr.server.measure.aggregate import aggregate, verify_summary
+from ppsehr.server.release.bundle import verify_release
+from ppsehr.deploy.transports import InProcessTransport
+from ppsehr.server.measure.transport import SiteFailure
 
 from conftest import edit_manifest, release_from_guards, resign_manifest
 
@@ -265,7 +266,7 @@ def _in_process(tmp_path, demo, consortium_keys, secure_sites=SITES, min_parties
     """In-process guards for SITES (those in `secure_sites` join secure sums) and a secure release job."""
     from ppsehr.client.config import load_site_config
     from ppsehr.client.guard import SiteGuard
-    from ppsehr.common.localdeploy import write_site_config
+    from ppsehr.deploy.local import write_site_config
     from ppsehr.server.pipeline import ReleaseJob
 
     guards = {}
@@ -275,7 +276,7 @@ def _in_process(tmp_path, demo, consortium_keys, secure_sites=SITES, min_parties
                                 tmp_path / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
                                 [consortium_keys.coordinator_pub], peers=peers, min_parties=(min_parties or {}).get(site, 3))
         guards[site] = SiteGuard(load_site_config(cfg))
-    job = ReleaseJob(dictionary=str(demo / "dictionary.toml"), out=str(tmp_path / "rel"),
+    job = ReleaseJob.create(dictionary=str(demo / "dictionary.toml"), out=str(tmp_path / "rel"),
                      signing_key=str(consortium_keys.coordinator_key),
                      site_keys={s: str(consortium_keys.site_keys[s][1]) for s in SITES}, epsilon=1.0, seed=2,
                      secure_aggregation=True, report=False, formats=["csv"])
@@ -355,4 +356,4 @@ def test_secure_options_are_checked_before_anything_is_sent(tmp_path):
                        ({"min_parties": 1}, "at least 2"),
                        ({"secure_aggregation": True, "compress": False}, "only one round")):
         with pytest.raises(PpsehrError, match=match):
-            ReleaseJob(**base, **bad).validate()
+            ReleaseJob.create(**base, **bad).validate()

@@ -29,13 +29,13 @@ from ppsehr.client.guard import SiteGuard
 from ppsehr.client.ledger import Ledger, LedgerError
 from ppsehr.client.relay import relay_plan
 from ppsehr.common import accounting, keys
-from ppsehr.common.cli import main
-from ppsehr.common.localdeploy import write_site_config
+from ppsehr.deploy.cli import main
+from ppsehr.deploy.local import write_site_config
 from ppsehr.common.procs import ProcessGroup, free_port, wait_for_port
 from ppsehr.common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES
 from ppsehr.protos import guard_pb2 as pb
 from ppsehr.protos import guard_pb2_grpc as pb_grpc
-from ppsehr.server import planner
+from ppsehr.server.measure import planner
 
 SECRET = "chol=SECRET-4242 at data row 17"  # stands for any data value an exception might carry
 
@@ -301,7 +301,7 @@ def test_refusal_messages_quote_only_plan_and_policy(guards, dictionary, sign):
 
 # ----------------------------------------------------------------------------- races across processes
 def _serve(group, name, config_path, port):
-    return group.start(name, [sys.executable, "-m", "ppsehr.common.cli", "site", "serve", "--config", str(config_path),
+    return group.start(name, [sys.executable, "-m", "ppsehr.deploy.cli", "site", "serve", "--config", str(config_path),
                               "--listen", f"127.0.0.1:{port}"])
 
 

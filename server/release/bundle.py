@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..common import accounting, keys, secagg
-from ..common.errors import ReleaseError
-from ..protos import guard_pb2 as pb
+from ...common import accounting, keys, secagg
+from ...common.errors import ReleaseError
+from ...protos import guard_pb2 as pb
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"

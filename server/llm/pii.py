@@ -9,7 +9,7 @@ is replaced by "[SENSITIVE:<category>]", the rest is kept and counted.
 
 Rule-based on purpose: deterministic, explainable, no model download. It is tuned for
 clinical notes in English with common German, French, Spanish, Italian and Dutch forms;
-precision/recall on a labelled set are in docs/llm.md (`python -m ppsehr.server.pii EVAL.jsonl`).
+precision/recall on a labelled set are in docs/llm.md (`python -m ppsehr.server.llm.pii EVAL.jsonl`).
 """
 
 from __future__ import annotations
@@ -407,7 +407,7 @@ def text_max_tier(dictionary_content: dict) -> int:
     """The dictionary's policy for sensitive content in generated text: `[llm] text_max_tier` (default 2)."""
     value = (dictionary_content.get("llm") or {}).get("text_max_tier", DEFAULT_TEXT_MAX_TIER)
     if value not in (1, 2, 3):
-        from ..common.errors import DictionaryError
+        from ...common.errors import DictionaryError
         raise DictionaryError(f"[llm] text_max_tier must be 1, 2 or 3, got {value!r}")
     return int(value)
 
@@ -474,7 +474,7 @@ def load_examples(path: str | Path, split: str | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m ppsehr.server.pii LABELLED.jsonl [--split dev|test] [-v]"""
+    """python -m ppsehr.server.llm.pii LABELLED.jsonl [--split dev|test] [-v]"""
     argv = sys.argv[1:] if argv is None else argv
     path = argv[0]
     split = argv[argv.index("--split") + 1] if "--split" in argv else None

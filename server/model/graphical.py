@@ -26,9 +26,10 @@ from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
-from ..common import cells
+from ...common import cells
 
 Vars = tuple[str, ...]
+SITE = "site"  # the model variable that holds a record's site (or site group), when site effects are modelled
 MAX_CLIQUE_CELLS = 20_000_000  # a model clique table of float64 beyond this is a plan error, not a model
 
 
@@ -394,3 +395,15 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
         if done:
             break
     return Model(tree, theta, N)
+
+
+def pooled(measurements: list[Measurement]) -> list[Measurement]:
+    """The same measurements summed over the `site` axis (only where every slice was observed)."""
+    out = []
+    for m in measurements:
+        if m.variables[:1] != (SITE,):
+            out.append(m)
+        elif m.complete:
+            out.append(Measurement(m.variables[1:], m.values.sum(axis=0), float(np.sum(m.variance)),
+                                   m.groups[1:] if m.coarse else None))
+    return out

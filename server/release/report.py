@@ -34,12 +34,12 @@ from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..common import cells as cell_groups
-from ..common.dictionary import MISSING, Dictionary, load_dictionary
-from ..common.errors import ReleaseError
-from ..common.mapping import _bin
-from .aggregate import SITE
-from .model import Measurement
+from ...common import cells as cell_groups
+from ...common.dictionary import MISSING, Dictionary, load_dictionary
+from ...common.errors import ReleaseError
+from ...common.mapping import _bin
+from ..measure.aggregate import SITE
+from ..model.graphical import Measurement
 
 Z95 = NormalDist().inv_cdf(0.975)  # half-width of a two-sided 95% normal interval, in sd
 SECTIONS = {"summary": "Summary", "privacy": "Privacy", "budget": "Budget", "distributions": "Distributions",
@@ -570,7 +570,7 @@ def build_report(dictionary: Dictionary, manifest: dict[str, Any], measurements:
 
     `measurements` are the DP aggregates the model was fitted to (a `site` axis is summed away),
     `samples` the (n, V) cell indices of the records in dictionary order, `fidelity` what
-    pipeline._fidelity wrote, `history` earlier manifests of the same consortium (their receipts
+    release.manifest.fidelity_to_aggregates wrote, `history` earlier manifests of the same consortium (their receipts
     extend the budget-over-time figure). Every text from the manifest is HTML-escaped.
     """
     samples = np.asarray(samples)

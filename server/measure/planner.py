@@ -34,10 +34,10 @@ from typing import Callable, Sequence
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..common import accounting, keys
-from ..common.dictionary import Dictionary, Variable
-from ..protos import guard_pb2 as pb
-from .model import Measurement, estimate_total, max_spanning_tree
+from ...common import accounting, keys
+from ...common.dictionary import Dictionary, Variable
+from ...protos import guard_pb2 as pb
+from ..model.graphical import Measurement, estimate_total, max_spanning_tree
 
 STRATEGIES = ("dictionary", "adaptive")
 ONE_WAY_WEIGHT = 3.0

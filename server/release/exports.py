@@ -28,9 +28,9 @@ import json
 import re
 from typing import Any, Iterable
 
-from ..common.dictionary import MISSING, OUT_OF_RANGE, Dictionary, Variable
-from ..common.units import parse_number
-from ..common.errors import ReleaseError
+from ...common.dictionary import MISSING, OUT_OF_RANGE, Dictionary, Variable
+from ...common.units import parse_number
+from ...common.errors import ReleaseError
 
 FORMATS = ("csv", "parquet", "fhir", "omop")
 INDEX_DATE = "2020-01-01"

@@ -1,6 +1,7 @@
-"""How a coordinator reaches the sites' guards: over Flower (deployment) or directly over gRPC.
+"""How a coordinator reaches the sites' guards: the Transport protocol, and Flower (deployment).
 
-Each delivers one serialized SignedPlan to every site and returns the parsed replies (signed
+Transports composed on one host (gRPC without Flower, in-process guards) live in
+`ppsehr.deploy.transports`. Each delivers one serialized SignedPlan to every site and returns the parsed replies (signed
 summaries, or for kind "enroll" the sites' signed one-time keys) plus a failure record per
 site that did not answer (a site that did not answer was not charged by
 this coordinator: its guard either refused, which costs nothing, or was never reached).
@@ -9,11 +10,10 @@ this coordinator: its guard either refused, which costs nothing, or was never re
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from ..protos import guard_pb2 as pb
+from ...protos import guard_pb2 as pb
 
 Progress = Callable[..., None]  # progress(message, stage=..., **data): pipeline.Events
 
@@ -50,47 +50,6 @@ def parse_reply(where: str, reply: bytes | None, code: str | None, message: str 
     except Exception:
         return SiteFailure(where, "BAD_REPLY", f"the reply is not a {KINDS[kind].__name__}")
     return SiteReply(where, signed)
-
-
-class DirectTransport:
-    """Talk to guards over gRPC without Flower (tests, benchmarks, a single-host consortium)."""
-
-    def __init__(self, guards: dict[str, str]):
-        self.guards = guards
-
-    def _ask(self, name: str, address: str, plan: pb.SignedPlan, timeout: float, kind: str) -> SiteReply | SiteFailure:
-        from ..client.relay import relay_plan  # the same relay logic the Flower ClientApp runs
-
-        record = relay_plan(plan.SerializeToString(), address, timeout, kind)
-        return parse_reply(name, record.get("reply"), record.get("error_code"), record.get("error"), kind)
-
-    def query(self, plan, timeout, progress, kind="summary", to=None):
-        guards = {k: v for k, v in self.guards.items() if to is None or k in to}
-        progress(f"sending the plan ({kind}) to {len(guards)} site(s) directly")
-        with ThreadPoolExecutor(max_workers=max(1, len(guards))) as pool:
-            results = list(pool.map(lambda kv: self._ask(kv[0], kv[1], plan, timeout, kind), guards.items()))
-        return [r for r in results if isinstance(r, SiteReply)], [r for r in results if isinstance(r, SiteFailure)]
-
-
-class InProcessTransport:
-    """Call SiteGuard objects living in this process (benchmarks): the guard's own code, minus gRPC."""
-
-    def __init__(self, guards: dict):
-        self.guards = guards  # site name -> ppsehr.client.guard.SiteGuard
-
-    def query(self, plan, timeout, progress, kind="summary", to=None):
-        from ..client.guard import Refusal
-
-        replies: list[SiteReply] = []
-        failures: list[SiteFailure] = []
-        for name, guard in self.guards.items():
-            if to is not None and name not in to:
-                continue
-            try:
-                replies.append(SiteReply(name, (guard.enroll if kind == "enroll" else guard.answer)(plan)))
-            except Refusal as r:
-                failures.append(SiteFailure(name, r.code, r.message))
-        return replies, failures
 
 
 class FlowerTransport:

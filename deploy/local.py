@@ -14,10 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .procs import ProcessGroup, flower_env, free_port, wait_for_port
+from ..common.procs import ProcessGroup, flower_env, free_port, wait_for_port
 
 if TYPE_CHECKING:
-    from .keys import ConsortiumKeys
+    from ..common.keys import ConsortiumKeys
 
 DEMO_SITES = ("cleveland", "hungarian", "switzerland", "va")
 HOST = "127.0.0.1"
@@ -25,7 +25,7 @@ HOST = "127.0.0.1"
 
 def demo_dir() -> Path:
     """The packaged demo consortium (dictionary, site mappings, UCI Heart Disease data)."""
-    return Path(str(resources.files("ppsehr.common") / "demo"))
+    return Path(str(resources.files("ppsehr.deploy") / "demo"))
 
 
 def write_site_config(path: Path, site: str, dictionary: Path, mapping: Path, state_dir: Path, listen: str,
@@ -78,7 +78,7 @@ class LocalConsortium:
 
     @property
     def keys(self) -> "ConsortiumKeys":
-        from .keys import init_consortium, load_consortium
+        from ..common.keys import init_consortium, load_consortium
 
         root = self.workdir / "keys"
         return load_consortium(root, self.sites) if (root / "coordinator").exists() else init_consortium(root, list(self.sites), [HOST, "localhost"])
@@ -101,7 +101,7 @@ class LocalConsortium:
             else:  # keep ledger and settings, take a fresh port
                 text = cfg.read_text().splitlines()
                 cfg.write_text("\n".join(f'listen = "{HOST}:{port}"' if t.startswith("listen") else t for t in text) + "\n")
-            guards[site] = (self.group.start(f"guard-{site}", [sys.executable, "-m", "ppsehr.common.cli", "site", "serve",
+            guards[site] = (self.group.start(f"guard-{site}", [sys.executable, "-m", "ppsehr.deploy.cli", "site", "serve",
                                                              "--config", str(cfg)], env=env), port)
             self.guard_addresses[site] = f"{HOST}:{port}"
         control, fleet = free_port(), free_port()
@@ -167,7 +167,7 @@ class LocalConsortium:
                 min_sites: int | None = None, **options) -> dict:
         """Run one release through the SuperLink; return the final event (stage 'done').
 
-        `options` are further ReleaseJob fields (strategy, site_variable, ...)."""
+        `options` are further release options (strategy, site_variable, ...: `ReleaseJob.create`)."""
         from ..server.federation import follow, submit, write_app_dir
         from ..server.pipeline import ReleaseJob
 
@@ -175,7 +175,7 @@ class LocalConsortium:
         job_dir = jobs / time.strftime("%Y%m%d-%H%M%S") / str(time.monotonic_ns())
         job_dir.mkdir(parents=True)
         keys = self.keys
-        job = ReleaseJob(dictionary=str(demo_dir() / "dictionary.toml"), out=str(Path(out).resolve()),
+        job = ReleaseJob.create(dictionary=str(demo_dir() / "dictionary.toml"), out=str(Path(out).resolve()),
                          signing_key=str(keys.coordinator_key),
                          site_keys={s: str(keys.site_keys[s][1]) for s in self.sites}, epsilon=epsilon,
                          rho=rho, delta=self.delta, seed=seed, rows=rows, coordinator="demo-coordinator",

@@ -19,8 +19,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..common.dictionary import MISSING, OTHER, OUT_OF_RANGE, Dictionary, Variable
-from .model import Measurement
+from ...common.dictionary import MISSING, OTHER, OUT_OF_RANGE, Dictionary, Variable
+from ..model.graphical import Measurement
 
 
 def _require(obj: Any, cls: type | tuple[type, ...], what: str) -> None:

@@ -1,7 +1,7 @@
 """`ppsehr bench fidelity`: ppsehr's federated synthesis against central DP baselines.
 
 ppsehr runs exactly as in a release (signed plans, the sites' guards answering with OpenDP and
-debiting their ledgers, summaries verified, `pipeline.collect` + `pipeline.synthesize`), only
+debiting their ledgers, summaries verified, `measure.rounds.collect` + `model.synthesize`), only
 in one process without gRPC or Flower. Baselines see the pooled data, as a central curator
 would: central MST and AIM (OpenDP's `dp.mbi`, optional `bench` extra), independent noisy
 1-way marginals (OpenDP), and a non-private bootstrap of the real rows as the floor.
@@ -26,9 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..common import accounting
-from ..common.dictionary import Dictionary, load_dictionary
-from ..common.mapping import EncodedTable, load_mapping, load_site_table
+from ...common import accounting
+from ...common.dictionary import Dictionary, load_dictionary
+from ...common.mapping import EncodedTable, load_mapping, load_site_table
 
 # ppsehr's configurations: strategy, site variable and further ReleaseJob options
 PPSEHR_METHODS = {
@@ -57,7 +57,7 @@ class Dataset:
 # ----------------------------------------------------------------------------- datasets
 def demo_dataset(mappings: dict[str, Path] | None = None) -> Dataset:
     """The demo consortium; `mappings` replaces sites' mapping files (tests plant values this way)."""
-    from ..common.localdeploy import DEMO_SITES, demo_dir
+    from ..local import DEMO_SITES, demo_dir
 
     demo = demo_dir()
     d = load_dictionary(demo / "dictionary.toml")
@@ -128,10 +128,10 @@ class Federation:
     """Real site guards (in this process) over a dataset, with keys and ledgers in a work directory."""
 
     def __init__(self, ds: Dataset, workdir: Path):
-        from ..client.config import load_site_config
-        from ..client.guard import SiteGuard
-        from ..common.keys import init_consortium
-        from ..common.localdeploy import write_site_config
+        from ...client.config import load_site_config
+        from ...client.guard import SiteGuard
+        from ...common.keys import init_consortium
+        from ..local import write_site_config
 
         self.keys = init_consortium(workdir / "keys", list(ds.mappings), ["127.0.0.1"])
         policy = {"max_rho_per_plan": 1e6, "max_marginals": 10_000, "max_cells": 10**7,
@@ -145,25 +145,27 @@ class Federation:
             self.guards[site] = SiteGuard(load_site_config(cfg))
 
     def collect(self, ds: Dataset, epsilon: float, strategy: str = "dictionary", site_variable: str = "model", **options):
-        """The release's measurement rounds (pipeline.collect) against these guards: (rounds, structure).
-        `options` are further ReleaseJob fields (e.g. compress=False)."""
-        from ..common import keys
-        from .pipeline import Events, ReleaseJob, collect
-        from .transport import InProcessTransport
+        """The release's measurement rounds (measure.rounds.collect) against these guards: (rounds, structure).
+        `options` are further MeasureOptions (e.g. compress=False)."""
+        from ...common import keys
+        from ...server.measure.rounds import MeasureOptions, Request, collect
+        from ...server.pipeline import Events
+        from ..transports import InProcessTransport
 
-        job = ReleaseJob(dictionary=str(ds.dictionary_path), out="", signing_key=str(self.keys.coordinator_key),
-                         site_keys={s: str(p[1]) for s, p in self.keys.site_keys.items()}, epsilon=epsilon,
-                         delta=DELTA, strategy=strategy, site_variable=site_variable, **options)
-        ckey = keys.load_signing_key(job.signing_key)
-        site_keys = {s: keys.load_public_key(p) for s, p in job.site_keys.items()}
-        return collect(job, ds.dictionary, ckey, site_keys, InProcessTransport(self.guards), Events())
+        opts = MeasureOptions(strategy=strategy, site_variable=site_variable, **options)
+        request = Request("coordinator", "benchmark", accounting.rho_for_epsilon(epsilon, DELTA), DELTA)
+        ckey = keys.load_signing_key(self.keys.coordinator_key)
+        site_keys = {s: keys.load_public_key(p[1]) for s, p in self.keys.site_keys.items()}
+        return collect(opts, request, ds.dictionary, ckey, site_keys, InProcessTransport(self.guards), Events())
 
     def run(self, ds: Dataset, epsilon: float, seed: int, strategy: str, site_variable: str,
             **options) -> tuple[np.ndarray, float]:
-        from .pipeline import synthesize
+        from ...server.measure.rounds import round_measurements
+        from ...server.model.synthesize import synthesize
 
         rounds, structure = self.collect(ds, epsilon, strategy, site_variable, **options)
-        syn = synthesize(ds.dictionary, rounds, structure, site_variable, {}, None, np.random.default_rng(seed))
+        measurements, groups = round_measurements(ds.dictionary, rounds, structure, site_variable, {})
+        syn = synthesize(ds.dictionary, measurements, groups, None, np.random.default_rng(seed))
         return syn.samples, syn.seconds
 
 
@@ -193,7 +195,7 @@ def sample_mbi_model(table, d: Dictionary, n: int, seed: int) -> np.ndarray:
     the model's clique marginals (mapped from dp.mbi's keys, whose extra null cell is dropped)
     and sample them as ppsehr samples its own model: same model, a sampler that works.
     """
-    from .model import Measurement, estimate
+    from ...server.model.graphical import Measurement, estimate
 
     mrf = table.model
     measurements = []

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..common import cells, keys, secagg
-from ..common.dictionary import Dictionary
-from ..protos import guard_pb2 as pb
-from .model import Measurement
+from ...common import cells, keys, secagg
+from ...common.dictionary import Dictionary
+from ...protos import guard_pb2 as pb
+from ..model.graphical import SITE, Measurement
 
 
 class SummaryRejected(Exception):
@@ -92,9 +92,6 @@ def planned_shape(query: pb.MarginalQuery, dictionary: Dictionary) -> tuple[tupl
     return cells.check_groups([dictionary[v].size for v in query.variables], [list(g.cell_group) for g in query.groups])
 
 
-SITE = "site"  # the model variable that holds a record's site (or site group), when site effects are modelled
-
-
 def aggregate(plan: pb.QueryPlan, results: list[SiteResult], dictionary: Dictionary,
               groups: dict[str, str] | None = None) -> list[Measurement]:
     """One measurement per planned marginal from the sites' noisy tables; variances add up across sites.
@@ -135,16 +132,4 @@ def aggregate(plan: pb.QueryPlan, results: list[SiteResult], dictionary: Diction
             if all(s in by_site for s in members):
                 values[g], variance[g] = summed(members)
         out.append(Measurement((SITE,) + tuple(m.variables), values, variance, coarse and (None,) + coarse))
-    return out
-
-
-def pooled(measurements: list[Measurement]) -> list[Measurement]:
-    """The same measurements summed over the `site` axis (only where every slice was observed)."""
-    out = []
-    for m in measurements:
-        if m.variables[:1] != (SITE,):
-            out.append(m)
-        elif m.complete:
-            out.append(Measurement(m.variables[1:], m.values.sum(axis=0), float(np.sum(m.variance)),
-                                   m.groups[1:] if m.coarse else None))
     return out

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 from urllib.parse import urlsplit
 
-from ..common.errors import PpsehrError
+from ...common.errors import PpsehrError
 from .prompts import Prompt, probe_prompt, validate_schema
 
 KEY_VARIABLES = ("PPSEHR_LLM_API_KEY", "OPENAI_API_KEY")

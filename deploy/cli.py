@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import PpsehrError
+from ..common.errors import PpsehrError
 
 
 def _print_json(obj) -> None:
@@ -22,14 +22,14 @@ def _print_json(obj) -> None:
 
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
-    from .localdeploy import LocalConsortium
+    from .local import LocalConsortium
 
     out = Path(args.out or f"releases/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if out.exists():
         raise PpsehrError(f"{out} already exists; choose a new --out")
     keep = args.keep or args.workdir is not None
     workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="ppsehr-demo-"))
-    from .progress import Progress
+    from ..common.progress import Progress
 
     t0 = time.monotonic()
     options = job_options(args)
@@ -87,8 +87,8 @@ def cmd_site_serve(args) -> int:
 
 
 def cmd_site_check(args) -> int:
-    from .dictionary import load_dictionary
-    from .mapping import load_mapping, load_site_table
+    from ..common.dictionary import load_dictionary
+    from ..common.mapping import load_mapping, load_site_table
 
     cfg = _site(args)
     d = load_dictionary(cfg.dictionary)
@@ -101,7 +101,7 @@ def cmd_site_check(args) -> int:
 
 def cmd_site_status(args) -> int:
     from ..client.ledger import Ledger
-    from . import accounting
+    from ..common import accounting
 
     cfg = _site(args)
     ledger = Ledger(cfg.ledger_path, cfg.rho_limit, cfg.site)
@@ -173,7 +173,7 @@ def cmd_coordinator_release(args) -> int:
     job_dir = Path(args.job_dir or tempfile.mkdtemp(prefix="ppsehr-job-")).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
     site_keys = _site_keys(args.site_key)
-    job = ReleaseJob(dictionary=str(Path(args.dictionary).resolve()), out=str(Path(args.out).resolve()),
+    job = ReleaseJob.create(dictionary=str(Path(args.dictionary).resolve()), out=str(Path(args.out).resolve()),
                      signing_key=str(Path(args.signing_key).resolve()), site_keys=site_keys,
                      epsilon=args.epsilon, rho=args.rho, delta=args.delta, seed=args.seed, rows=args.rows,
                      coordinator=args.coordinator, purpose=args.purpose, min_sites=args.min_sites,
@@ -183,7 +183,7 @@ def cmd_coordinator_release(args) -> int:
         raise PpsehrError(f"{job.out} already exists; choose a new --out")
     job.save(job_dir / "job.json")
     home = write_flwr_home(job_dir / "flwr-home", "coordinator", args.superlink, args.root_certificates)
-    from .progress import Progress
+    from ..common.progress import Progress
 
     run_id = submit(job_dir / "job.json", write_app_dir(job_dir / "app"), home, "coordinator")
     print(f"run {run_id} submitted to {args.superlink}", flush=True)
@@ -194,8 +194,8 @@ def cmd_coordinator_release(args) -> int:
 
 
 def cmd_release_verify(args) -> int:
-    from ..server.release import verify_release
-    from . import keys
+    from ..server.release.bundle import verify_release
+    from ..common import keys
 
     site_keys = _site_keys(args.site_key) or None
     m = verify_release(args.dir, coordinator_key=args.coordinator_key, site_keys=site_keys)
@@ -214,7 +214,7 @@ def cmd_release_verify(args) -> int:
 
 
 def cmd_release_report(args) -> int:
-    from ..server.report import write_report
+    from ..server.release.report import write_report
 
     out = write_report(args.dir, args.out, args.dictionary, args.history)
     print(f"report written to {out / 'report.html'} (self-contained; figures in {out / 'figures'})")
@@ -223,7 +223,7 @@ def cmd_release_report(args) -> int:
 
 # ----------------------------------------------------------------------------- keys
 def cmd_keys_init(args) -> int:
-    from . import keys
+    from ..common import keys
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
@@ -242,7 +242,7 @@ def cmd_keys_init(args) -> int:
 
 
 def cmd_keys_new(args) -> int:
-    from . import keys
+    from ..common import keys
 
     make = keys.new_signing_key if args.kind == "signing" else keys.new_supernode_key
     priv, pub = make(Path(args.out), args.name)
@@ -251,7 +251,7 @@ def cmd_keys_new(args) -> int:
 
 
 def cmd_keys_fingerprint(args) -> int:
-    from . import keys
+    from ..common import keys
 
     found = [keys.describe_key_file(f) for f in args.files]
     if args.json:
@@ -263,19 +263,19 @@ def cmd_keys_fingerprint(args) -> int:
 
 
 def cmd_llm_check(args) -> int:
-    from ..server.llm import run_check_cli
+    from ..server.llm.client import run_check_cli
 
     return run_check_cli(args)
 
 
 def cmd_bench_llm(args) -> int:
-    from ..server.llm_stage import run_bench_cli
+    from .bench.llm import run_bench_cli
 
     return run_bench_cli(args)
 
 
 def cmd_bench_fidelity(args) -> int:
-    from ..server.benchmark import run_fidelity_cli
+    from .bench.fidelity import run_fidelity_cli
 
     return run_fidelity_cli(args)
 
@@ -305,13 +305,13 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", default="csv,parquet,fhir,omop",
                    help="record formats in the release (csv always; default csv,parquet,fhir,omop)")
     p.add_argument("--no-report", action="store_true", help="leave report.html and figures/ out of the release")
-    from ..server.llm import add_llm_options
+    from ..server.llm.client import add_llm_options
 
     add_llm_options(p)
 
 
 def job_options(args) -> dict:
-    from ..server.llm import llm_config_from_args
+    from ..server.llm.client import llm_config_from_args
 
     groups = {}
     for item in args.site_group:
@@ -386,18 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON + markdown table)").add_subparsers(dest="bench_command", required=True)
     bf = bench.add_parser("fidelity", help="fidelity of ppsehr against central DP baselines (see docs/benchmarks.md)")
-    from ..server.benchmark import add_fidelity_arguments
+    from .bench.fidelity import add_fidelity_arguments
     add_fidelity_arguments(bf)
     bf.set_defaults(func=cmd_bench_fidelity)
     bl = bench.add_parser("llm", help="LLM-first generation on the demo consortium: TVD before/after calibration, "
                                       "tokens, speed (default endpoint: a local fake server)")
-    from ..server.llm_stage import add_bench_arguments
+    from .bench.llm import add_bench_arguments
     add_bench_arguments(bl)
     bl.set_defaults(func=cmd_bench_llm)
 
     llm = sub.add_parser("llm", help="LLM endpoint tools").add_subparsers(dest="llm_command", required=True)
     lc = llm.add_parser("check", help="connectivity and structured-output support of an OpenAI-compatible endpoint")
-    from ..server.llm import add_llm_options
+    from ..server.llm.client import add_llm_options
     add_llm_options(lc, required=True)
     lc.add_argument("--json", action="store_true")
     lc.set_defaults(func=cmd_llm_check)

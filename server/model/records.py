@@ -11,9 +11,11 @@ import csv
 import io
 import math
 
+from typing import Sequence
+
 import numpy as np
 
-from ..common.dictionary import MISSING, Dictionary, Variable
+from ...common.dictionary import MISSING, OUT_OF_RANGE, Dictionary, Variable
 
 
 def _numeric_values(var: Variable, cells: np.ndarray, rng: np.random.Generator) -> list[str]:
@@ -53,3 +55,29 @@ def to_csv(columns: dict[str, list[str]]) -> bytes:
     w.writerow(columns)
     w.writerows(zip(*columns.values()))
     return buf.getvalue().encode()
+
+
+def cell_of(var: Variable, value: str) -> int:
+    """Cell index of an in-domain record value."""
+    if value == "":
+        return var.cell_index(MISSING)
+    if var.type == "categorical" or value == OUT_OF_RANGE:
+        return var.cell_index(value)
+    x = float(value)
+    i = int(np.searchsorted(var.bins, x, side="right")) - 1
+    return min(max(i, 0), var.n_bins - 1)
+
+
+def encode(dictionary: Dictionary, columns: dict[str, Sequence[str]]) -> np.ndarray:
+    """(n, V) cell indices of records given as string columns (dictionary order)."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    out = np.zeros((n, len(dictionary.names)), dtype=np.int64)
+    for j, (name, var) in enumerate(dictionary.variables.items()):
+        cache: dict[str, int] = {}
+        col = columns[name]
+        for i in range(n):
+            v = col[i]
+            if v not in cache:
+                cache[v] = cell_of(var, v)
+            out[i, j] = cache[v]
+    return out
