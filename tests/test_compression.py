@@ -331,7 +331,8 @@ def test_aggregates_label_grouped_cells(small_release, dictionary):
 
 def test_reports_and_prompts_read_coarse_tables_back(small_release, dictionary):
     from ppsehr.server.llm.prompts import DPAggregates
-    from ppsehr.server.release.report import _without_site, compare_variables, dp_marginal, release_inputs
+    from ppsehr.server.release.compare import _without_site, compare_variables, dp_marginal
+    from ppsehr.server.release.report import release_inputs
 
     path, _, _ = small_release
     _, ms, samples, _ = release_inputs(path, dictionary)

@@ -1,0 +1,211 @@
+"""The release report's figures, drawn with matplotlib's Agg canvas (no display, no global pyplot
+state) and returned as PNG bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from datetime import datetime
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib import dates as mdates
+from matplotlib import rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..model.graphical import SITE
+from .compare import VariableComparison
+
+BLUE, ORANGE, SLATE, LIGHT, GREY = "#2563eb", "#ea580c", "#334155", "#e2e8f0", "#94a3b8"
+STYLE = {"font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold",
+         "axes.labelsize": 9, "axes.edgecolor": GREY, "axes.labelcolor": SLATE, "xtick.color": SLATE,
+         "ytick.color": SLATE, "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False,
+         "legend.fontsize": 8, "axes.grid": True, "grid.color": LIGHT, "grid.linewidth": 0.8,
+         "axes.axisbelow": True}
+DPI = 120
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "variable"
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, facecolor="white")
+    return buf.getvalue()
+
+
+def figure_distribution(c: VariableComparison, title: str) -> bytes:
+    """Bars: synthetic shares; points with whiskers: the DP aggregate and its 95% noise band."""
+    k = len(c.cells)
+    with rc_context(STYLE):
+        fig = Figure(figsize=(5.4, 3.1))
+        ax = fig.add_subplot()
+        x = np.arange(k)
+        ax.bar(x, c.synthetic, width=0.62, color=BLUE, alpha=0.85, label="synthetic records", zorder=2)
+        if c.tables:
+            ax.errorbar(x, c.dp, yerr=c.half_width, fmt="o", color=ORANGE, ecolor=ORANGE, elinewidth=2.2,
+                        capsize=4, markersize=4.5, markeredgecolor="white", zorder=3,
+                        label="DP aggregate, 95% noise band")
+        ax.set_xticks(x)
+        long = sum(len(s) for s in c.cells) > 44 or max(len(s) for s in c.cells) > 14
+        ax.set_xticklabels(c.cells, rotation=35 if long else 0, ha="right" if long else "center", fontsize=8)
+        ax.grid(axis="x", visible=False)
+        ax.set_ylabel("share of records")
+        low = np.nanmin(np.concatenate([c.synthetic, c.dp - c.half_width])) if c.tables else 0.0
+        high = np.nanmax(np.concatenate([c.synthetic, c.dp + c.half_width])) if c.tables else c.synthetic.max()
+        ax.set_ylim(min(0.0, low * 1.1), max(high * 1.08, 0.05))
+        ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+        ax.set_title(title, loc="left")
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncols=2, fontsize=7.5, handlelength=1.4,
+                   columnspacing=1.6, borderaxespad=0.3)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        return _png(fig)
+
+
+def figure_structure(variables: list[str], cliques: list[list[str]], measured: list[tuple[str, ...]]) -> bytes:
+    """Variables on a circle; an edge wherever two variables share a clique of the model.
+
+    Solid: the pair was measured together (a DP marginal covers it); dashed: added when the
+    graph was triangulated. A `site` variable (site effects) sits in the centre.
+    """
+    nodes = [v for v in variables if v != SITE]
+    pos = {v: (math.cos(math.pi / 2 - 2 * math.pi * i / max(len(nodes), 1)),
+               math.sin(math.pi / 2 - 2 * math.pi * i / max(len(nodes), 1))) for i, v in enumerate(nodes)}
+    has_site = any(SITE in c for c in cliques)
+    if has_site:
+        pos[SITE] = (0.0, 0.0)
+    measured_pairs = {frozenset(p) for s in measured for p in _pairs(s)}
+    edges = {frozenset(p) for c in cliques for p in _pairs(c)}
+    with rc_context(STYLE | {"axes.grid": False}):
+        fig = Figure(figsize=(6.4, 6.6))
+        ax = fig.add_subplot()
+        ax.set_axis_off()
+        ax.set_aspect("equal")
+        kinds = set()
+        for e in sorted(edges, key=lambda e: sorted(e)):
+            a, b = sorted(e)
+            if a not in pos or b not in pos:
+                continue
+            (xa, ya), (xb, yb) = pos[a], pos[b]
+            kinds.add("site" if SITE in e else "measured" if e in measured_pairs else "fill")
+            if SITE in e:
+                ax.plot([xa, xb], [ya, yb], color=GREY, lw=0.8, alpha=0.6, zorder=1)
+            elif e in measured_pairs:
+                ax.plot([xa, xb], [ya, yb], color=BLUE, lw=2.0, alpha=0.9, zorder=2)
+            else:
+                ax.plot([xa, xb], [ya, yb], color=ORANGE, lw=1.3, ls=(0, (4, 3)), alpha=0.9, zorder=2)
+        for v, (x, y) in pos.items():
+            ax.text(x, y, v, ha="center", va="center", fontsize=9, zorder=3, color="white" if v == SITE else SLATE,
+                    bbox=dict(boxstyle="round,pad=0.35", fc=SLATE if v == SITE else "white",
+                              ec=SLATE if v == SITE else BLUE, lw=1.2))
+        for kind, style, label in (("measured", dict(color=BLUE, lw=2.0), "measured together (DP marginal)"),
+                                   ("fill", dict(color=ORANGE, lw=1.3, ls=(0, (4, 3))), "added by triangulation"),
+                                   ("site", dict(color=GREY, lw=0.8), "site effect (tables measured per site)")):
+            if kind in kinds:
+                ax.plot([], [], label=label, **style)
+        if kinds:
+            fig.legend(loc="lower center", ncols=len(kinds), fontsize=8)
+        ax.set_xlim(-1.22, 1.22)
+        ax.set_ylim(-1.12, 1.12)
+        fig.subplots_adjust(left=0.01, right=0.99, top=0.99, bottom=0.1)
+        return _png(fig)
+
+
+def _pairs(s: Sequence[str]) -> list[tuple[str, str]]:
+    s = list(s)
+    return [(a, b) for i, a in enumerate(s) for b in s[i + 1:]]
+
+
+def figure_budget(sites: dict[str, dict[str, Any]], history: dict[str, list[tuple[datetime, float, float, float]]]) -> bytes:
+    """Left: each site's lifetime rho (spent before, this release, left). Right: lifetime rho over time."""
+    over_time = len({p[0] for pts in history.values() for p in pts}) >= 2
+    names = sorted(sites)
+    with rc_context(STYLE):
+        fig = Figure(figsize=(10.0 if over_time else 6.4, max(2.4, 0.55 * len(names) + 1.3)))
+        ax = fig.add_subplot(1, 2 if over_time else 1, 1)
+        y = np.arange(len(names))[::-1]
+        this = np.array([float(sites[s]["rho"]) for s in names])
+        total = np.array([float(sites[s]["rho_total"]) for s in names])
+        limit = np.array([float(sites[s].get("rho_limit", sites[s]["rho_total"])) for s in names])
+        before = np.clip(total - this, 0, None)
+        ax.barh(y, before, color=GREY, label="spent before this release", height=0.6)
+        ax.barh(y, this, left=before, color=BLUE, label="this release", height=0.6)
+        ax.barh(y, np.clip(limit - total, 0, None), left=total, color=LIGHT, label="left", height=0.6)
+        for yi, t, lim in zip(y, total, limit):
+            ax.text(lim, yi, f"  {t / lim:.0%} used" if lim > 0 else "", va="center", fontsize=8, color=SLATE)
+        ax.set_yticks(y)
+        ax.set_yticklabels(names)
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel("lifetime ρ (zCDP) per site")
+        ax.set_xlim(0, max(limit.max(), total.max()) * 1.22)
+        ax.set_title("Lifetime budget", loc="left", pad=22)
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=3, fontsize=7.5, borderaxespad=0.2)
+        if over_time:
+            ax2 = fig.add_subplot(1, 2, 2)
+            end = max(p[0] for pts in history.values() for p in pts)
+            for i, (site, pts) in enumerate(sorted(history.items())):
+                # start from what was spent before the first debit shown; draw later sites thinner so
+                # that sites with identical spending stay visible
+                xs, ys = [pts[0][0]], [max(pts[0][1] - pts[0][3], 0.0)]
+                for at, after, _, _ in pts:
+                    xs.append(at)
+                    ys.append(after)
+                xs.append(end)
+                ys.append(ys[-1])
+                ax2.step(xs, ys, where="post", lw=1.4 + 1.3 * (len(history) - 1 - i), marker="o",
+                         markevery=list(range(1, len(xs) - 1)), markersize=4, label=site, color=_palette(i),
+                         solid_capstyle="butt")
+            top = max(p[1] for pts in history.values() for p in pts) * 1.3
+            limits = sorted({p[2] for pts in history.values() for p in pts})
+            for lim in limits:
+                if lim <= top:
+                    ax2.axhline(lim, color=SLATE, lw=1, ls=(0, (4, 3)))
+                    ax2.text(0.99, lim, "lifetime limit", transform=ax2.get_yaxis_transform(), ha="right",
+                             va="bottom", fontsize=7.5, color=SLATE)
+            above = [lim for lim in limits if lim > top]
+            if above:
+                ax2.text(0.01, 0.97, f"lifetime limit ρ {', '.join(f'{x:.4g}' for x in above)}: above this scale",
+                         transform=ax2.transAxes, ha="left", va="top", fontsize=7.5, color=SLATE)
+            locator = mdates.AutoDateLocator(minticks=3, maxticks=6)
+            ax2.xaxis.set_major_locator(locator)
+            ax2.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+            ax2.set_ylim(0, max([top] + [lim * 1.08 for lim in limits if lim <= top]))
+            ax2.set_ylabel("lifetime ρ spent")
+            ax2.set_title("Spending over time (signed receipts, UTC)", loc="left", pad=22)
+            ax2.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=7.5, ncols=min(len(history), 5),
+                       borderaxespad=0.2)
+        fig.tight_layout()
+        return _png(fig)
+
+
+def _palette(i: int) -> str:
+    return ["#2563eb", "#ea580c", "#059669", "#7c3aed", "#db2777", "#0891b2", "#ca8a04", "#475569"][i % 8]
+
+
+def figure_fidelity(rows: list[dict[str, Any]]) -> bytes:
+    """TVD of every measured marginal, grouped by width, with the group means."""
+    widths = sorted({len(r["variables"]) for r in rows})
+    with rc_context(STYLE):
+        fig = Figure(figsize=(5.4, 3.2))
+        ax = fig.add_subplot()
+        for i, w in enumerate(widths):
+            tvd = np.sort([float(r["tvd"]) for r in rows if len(r["variables"]) == w])
+            offsets = np.linspace(-0.28, 0.28, len(tvd)) if len(tvd) > 1 else np.zeros(1)
+            ax.scatter(i + offsets, tvd, s=16, color=_palette(i), alpha=0.75, edgecolors="none", zorder=2)
+            ax.hlines(tvd.mean(), i - 0.36, i + 0.36, color=SLATE, lw=2, zorder=3)
+            ax.text(i + 0.38, tvd.mean(), f"mean {tvd.mean():.3f}", va="center", fontsize=7.5, color=SLATE)
+        ax.set_xticks(range(len(widths)))
+        ax.set_xticklabels([f"{w}-way ({sum(len(r['variables']) == w for r in rows)})" for w in widths])
+        ax.set_xlim(-0.6, len(widths) - 0.1)
+        ax.grid(axis="x", visible=False)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("total variation distance")
+        ax.set_title("Records vs DP aggregates, per marginal", loc="left")
+        fig.tight_layout()
+        return _png(fig)
+
+
