@@ -305,6 +305,9 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", default="csv,parquet,fhir,omop",
                    help="record formats in the release (csv always; default csv,parquet,fhir,omop)")
     p.add_argument("--no-report", action="store_true", help="leave report.html and figures/ out of the release")
+    p.add_argument("--reply-timeout", type=float, default=300.0,
+                   help="seconds to wait for the sites' answers to each round (default 300); a site that has not "
+                        "answered by then is listed as not included")
     from ..server.llm.client import add_llm_options
 
     add_llm_options(p)
@@ -325,7 +328,8 @@ def job_options(args) -> dict:
             "compress": not args.no_compress, "oneway_fraction": args.oneway_fraction,
             "secure_aggregation": args.secure_aggregation, "colluding": args.colluding, "min_parties": args.min_parties,
             "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,
-            "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups}
+            "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups,
+            "reply_timeout": args.reply_timeout}
 
 
 def build_parser() -> argparse.ArgumentParser:
