@@ -103,7 +103,7 @@ KNOWN_HOSPITALS = ("Charité", "Karolinska", "Pitié-Salpêtrière", "Salpêtri�
 FACILITY_CONTEXT = re.compile(
     r"(?i:\b(?:admitted|transferred|referred|discharged|seen|treated|followed[ \t]+up|follow-up|reviewed|operated|"
     r"stented|angiography|angioplasty|catheteri[sz]ation|PCI|echo|surgery|born|delivered|attends?|attended)"
-    r"(?:[ \t]+\w+){0,2}?[ \t]+(?:at|to|from|in|by|into)(?:[ \t]+the)?[ \t]*)$")
+    r"(?:[ \t]+\w+){0,2}?[ \t]+(?:at|to|from|in|into)(?:[ \t]+the)?[ \t]*|referred[ \t]+by(?:[ \t]+the)?[ \t]*)$")
 
 ID_KEYWORDS = (r"(?:SSN|social[ \t]+security(?:[ \t]+(?:number|no\.?|nr\.?))?|national[ \t]+insurance(?:[ \t]+(?:number|no\.?))?|"
                r"NINO|NHS(?:[ \t]+(?:number|no\.?|nr\.?))?|CHI(?:[ \t]+number)?|s[ée]curit[ée][ \t]+sociale|N°[ \t]+SS|"
@@ -231,6 +231,12 @@ ORG_WORDS = re.compile(
     r"Practice|Surgery|Ward|Laboratory|Lab|Pharmacy|Insurance|Scale|Score|Criteria|Class|Classification)\b")
 _PAIR_SUBJECT = re.compile(rf"(?:^|(?<=[.!?;\n]))[ \t]*(?P<name>{CAP_OR_OPREFIX}(?:[ \t]+{CAP_OR_OPREFIX}){{1,2}})"
                            rf"(?=,?[ \t]+(?P<verb>[a-z]+)\b)")
+_NEVER_NAME = set("""
+the a an this that these those his her their our my your no not and or with in on at of for to from by as per re cc
+male female man woman boy girl patient
+""".split())
+_POSSESSIVE_RELATION = re.compile(rf"(?<![\w-])(?P<name>{CAP_OR_OPREFIX})['’]s[ \t]+(?:husband|wife|son|daughter|partner|"
+                                  rf"mother|father|brother|sister|parents|family|carer|children|child|GP)\b")
 _DOSE_AFTER = re.compile(r"^[ \t]*(?:\d+(?:[.,]\d+)?(?:/\d+(?:[.,]\d+)?)?[ \t]*(?:mg|mcg|µg|g|ml|mL|units?|IU|micrograms?)\b|"
                          r"(?:XR|SR|MR|ER|CR)\b)")
 _DRUG_BEFORE = re.compile(r"(?i)(?:\b(?:started|restarted|switched|changed|continue|continued|stopped|given|taking|takes|on|"
@@ -284,6 +290,8 @@ _HOSPITAL = [
 _STD = _rx(rf"(?<![\w-]){STD_TERMS}(?![\w])", re.IGNORECASE)
 _NOT_A_FINDING_AFTER = _rx(r"^[ \t-]*(?:vaccin\w*|immuni[sz]\w*|prevention|awareness|education|leaflet)\b", re.IGNORECASE)
 _PREGNANCY = _rx(rf"(?<![\w-]){PREGNANCY_TERMS}(?![\w])", re.IGNORECASE)
+_POSITIVE_BEFORE = _rx(r"(?i)\b(?:positive|pos\.?|confirmed)[ \t]+$")
+_POSITIVE_AFTER = _rx(r"(?i)^[ \t]*(?:(?:test|serology|PCR|NAAT|screen)[ \t]+)?(?:is[ \t]+|was[ \t]+)?(?:positive|pos\b|confirmed|reactive)")
 _SENSITIVE_ANY = _rx(rf"(?<![\w-])(?:{STD_TERMS}|{PREGNANCY_TERMS})(?![\w])", re.IGNORECASE)
 _ID_CONTEXT = _rx(rf"(?<![\w-])(?i:{ID_KEYWORDS})(?:{_S}(?-i:[a-z]{{1,5}})\b){{0,2}}(?:{_SO}(?:no\.?|nr\.?|n°|#|number|nummer|numéro|"
                   rf"numer|lautet|is|:|-|=){_SO}){{0,3}}{_SO}(?P<value>(?=[A-Z0-9./\- ]*\d)[A-Z0-9][A-Z0-9./\-]*(?:[ \t][A-Z0-9][A-Z0-9./\-]*){{0,7}})")
@@ -500,6 +508,9 @@ def _recognizers() -> list:
                     span = _name_tokens(text, m.start("name"), m.end("name"), lower_ok=rx is _RELATION_PAREN_LOWER)
                     if span:
                         yield span[0], span[1], 0.9, {"relation": True}
+            for m in _POSSESSIVE_RELATION.finditer(text):  # "Lisa's husband called"
+                if _person_words_ok(m.group("name")):
+                    yield m.start("name"), m.end("name"), 0.88, {"relation": True}
             # a capitalised pair as the subject of a sentence about a person: "Arjun Venkatesh reported ..."
             for m in _PAIR_SUBJECT.finditer(text):
                 if m.group("verb") in PERSON_VERBS and _person_words_ok(m.group("name")):
@@ -640,6 +651,9 @@ def _recognizers() -> list:
             if not cands:
                 return []
             negated = _negated(nlp_artifacts, cands)
+            # an explicit positive result is a finding whatever else the sentence negates
+            negated = [neg and not (_POSITIVE_BEFORE.search(text[max(0, st - 20):st]) or _POSITIVE_AFTER.match(text[en:]))
+                       for (st, en, _), neg in zip(cands, negated)]
             return [RecognizerResult(label, s, e, 0.9, recognition_metadata={
                         RecognizerResult.RECOGNIZER_NAME_KEY: self.name, RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id})
                     for (s, e, label), neg in zip(cands, negated) if not neg]
@@ -738,7 +752,7 @@ def _person_words_ok(name: str, vocabulary: set[str] = CLINICAL_WORDS) -> bool:
     words = [w.lower().strip(".'’") for w in re.split(r"[\s-]+", name) if w]
     if not words or any(w in EPONYMS for w in words) or any(w in EPONYM_NEXT for w in words):
         return False
-    if words[0] in _STOP_NAME_WORDS or words[-1] in _STOP_NAME_WORDS:
+    if words[0] in _NEVER_NAME or words[-1] in _STOP_NAME_WORDS:
         return False
     return not all(w in vocabulary for w in words)
 
@@ -827,6 +841,9 @@ class PIIGuard:
                 continue  # "Batch 1234567890": an unseparated number is a phone only after "tel", "mobile", ...
             if label == "ID" and r.score < 0.5:
                 continue
+            if label == "ADDRESS" and not any(c.isdigit() for c in text[s:e]) and \
+                    text[s:e].split()[0].lower().strip(".,") in self.vocabulary:
+                continue  # "Thallium Street test": a dictionary word, not a street
             prio = _PRIORITY[label]
             if label == "ID" and not meta.get("id_keyword") and r.score < 0.99:
                 prio = 3.5  # a pattern-only ID-like number: below a phone
@@ -865,7 +882,8 @@ class PIIGuard:
             return None
         if _SENSITIVE_ANY.search(name):
             return None
-        if meta.get("name_form") or meta.get("titled") or meta.get("relation"):
+        if meta.get("name_form") or meta.get("titled") or meta.get("relation") or \
+                meta.get("recognizer_name") == "ConsortiumNames":
             return s, e
         if re.match(r"[ \t]*:", text[e:]):  # "Teléfono:", "Patiente :": a field label
             return None
@@ -876,9 +894,11 @@ class PIIGuard:
             return None
         if name.islower() and not PERSON_CONTEXT_BEFORE.search(text[max(0, s - 20):s]):
             return None
+        if not name.islower() and any(w[0].islower() and not re.fullmatch(PARTICLE, w) for w in name.split()[1:]):
+            return None  # "Frank hematuria", "Herr X klagt": a common noun or verb after a capitalised word
         if text[s:e].isupper() and len(words) == 1:  # acronyms: NSTEMI, CABG, LAD
             return None
-        if meta.get("subject") or meta.get("org_as_person") or meta.get("recognizer_name") in ("ConsortiumNames",):
+        if meta.get("subject") or meta.get("org_as_person"):
             return s, e
         if len(words) == 1 and not _person_evidence(text, s, e):
             return None
