@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..common.procs import ProcessGroup, flower_env, free_port, wait_for_port
+from ..common.procs import ProcessGroup, command, flower_env, free_port, wait_for_port
 
 if TYPE_CHECKING:
     from ..common.keys import ConsortiumKeys
@@ -132,7 +132,7 @@ class LocalConsortium:
         import subprocess
 
         env = flower_env(self.flwr_home)
-        procs = [subprocess.Popen(["flwr", "supernode", "register", str(k), self.connection], env=env,
+        procs = [subprocess.Popen(command(["flwr", "supernode", "register", str(k), self.connection], env), env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in public_keys]
         for k, p in zip(public_keys, procs):
             out, _ = p.communicate(timeout=120)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..common.errors import PpsehrError
-from ..common.procs import flower_env
+from ..common.procs import command, flower_env
 
 if TYPE_CHECKING:
     from .pipeline import ReleaseJob
@@ -66,8 +66,9 @@ def write_flwr_home(home: Path, connection: str, address: str, root_certificates
 
 def submit(job_path: Path, app_dir: Path, flwr_home: Path, connection: str) -> int:
     """Start the run; return its run id."""
-    cmd = ["flwr", "run", str(app_dir), connection, "--run-config", f'job="{job_path}"', "--format", "json"]
-    res = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, timeout=120)
+    env = flower_env(flwr_home)
+    cmd = command(["flwr", "run", str(app_dir), connection, "--run-config", f'job="{job_path}"', "--format", "json"], env)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     m = re.search(r'"run-id"\s*:\s*"?(\d+)', res.stdout) or re.search(r"run (\d+)", res.stdout + res.stderr)
     if res.returncode != 0 or not m:
         raise RunFailed(f"`flwr run` did not start a run (exit {res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
@@ -75,8 +76,9 @@ def submit(job_path: Path, app_dir: Path, flwr_home: Path, connection: str) -> i
 
 
 def run_status(run_id: int, flwr_home: Path, connection: str) -> str:
-    res = subprocess.run(["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
-                         env=flower_env(flwr_home), capture_output=True, text=True, timeout=60)
+    env = flower_env(flwr_home)
+    res = subprocess.run(command(["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"], env),
+                         env=env, capture_output=True, text=True, timeout=60)
     try:
         runs = json.loads(res.stdout).get("runs", [])
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
