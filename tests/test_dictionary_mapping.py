@@ -104,6 +104,7 @@ def conv(tmp_path):
             id = "s1"
             [source]
             path = "{name}"
+            patient_key = "row"
             missing_values = ["NA", "-1"]
             [variables.temp]
             column = "temp_f"
@@ -129,9 +130,10 @@ def test_unit_conversions_and_missing_codes(conv):
     t, w = d["temp"], d["weight"]
     # 98.6 F = 37.0 C -> [37,38); 102.2 F = 39.0 C -> [39,40)
     assert list(table.columns["temp"]) == [2, 4, t.cell_index(MISSING)]
-    # 154 lb = 69.9 kg -> [50,70); 500 lb = 226.8 kg -> out_of_range cell; -1 -> missing
-    assert list(table.columns["weight"]) == [1, w.cell_index("out_of_range"), w.cell_index(MISSING)]
-    # 5.5 mmol/L = 99.1 mg/dL; 7.0 -> 126.1; 11.2 -> 201.8
+    # 154 lb = 69.85 kg, 70 at the dictionary's precision (0) -> [70,90); 500 lb = 226.8 kg -> out_of_range
+    # cell; -1 -> missing
+    assert list(table.columns["weight"]) == [2, w.cell_index("out_of_range"), w.cell_index(MISSING)]
+    # 5.5 mmol/L = 99.1 mg/dL -> 99; 7.0 -> 126.1 -> 126; 11.2 -> 201.8 -> 202
     assert list(table.columns["glucose"]) == [0, 2, 3]
     assert report.variables["weight"].out_of_range == 1 and report.variables["temp"].missing == 1
     assert conversion("mg/dL", "mmol/L", 180.16)[0] == pytest.approx(1 / 18.016)
@@ -160,7 +162,7 @@ def test_malformed_row_names_file_and_line(conv):
 
 def test_unmapped_category_names_row_column_and_code(conv):
     d, m = conv("temp_f\tweight_lb\tglu\tsmk\n98.6\t154\t5.5\tN\n98.6\t154\t5.5\tmaybe\n")
-    with pytest.raises(MappingError, match=r"data row 2 \(line 3\), column 'smk': code 'maybe' is not mapped"):
+    with pytest.raises(MappingError, match=r"site\.tsv, data row 2 \(line 3\), column 'smk' \(variables\.smoker\): code 'maybe' is not mapped"):
         load_site_table(m, d)
 
 
@@ -173,7 +175,7 @@ def test_unmapped_codes_can_be_declared_missing_and_are_counted(conv):
 
 def test_non_numeric_value_is_named(conv):
     d, m = conv("temp_f\tweight_lb\tglu\tsmk\nhot\t154\t5.5\tN\n")
-    with pytest.raises(MappingError, match=r"column 'temp_f': 'hot' is not a number"):
+    with pytest.raises(MappingError, match=r"site\.tsv, data row 1 \(line 2\), column 'temp_f' \(variables\.temp\): 'hot' is not a number"):
         load_site_table(m, d)
 
 
@@ -189,5 +191,5 @@ def test_missing_data_file_and_unmapped_variable(conv, tmp_path):
 
 
 def test_value_map_to_unknown_category_is_refused(conv):
-    with pytest.raises(MappingError, match=r"variables\.smoker\.values: \['sometimes'\] are not cells"):
+    with pytest.raises(MappingError, match=r"variables\.smoker\.values: code 'S' maps to 'sometimes', which is not a category of 'smoker'"):
         conv("x\n", smoker_values='{ N = "no", S = "sometimes" }')
