@@ -313,16 +313,16 @@ def _load_tables(path: Path, raw: dict, src: dict, site: str, dictionary: Dictio
         tables_raw = src["tables"]
         if not isinstance(tables_raw, dict) or not tables_raw:
             raise MappingError(f"{sw}: tables must hold at least one [source.tables.<name>] table")
-        tables = {name: _parse_table(name, spec, defaults, key, path, db_path, f"{where}: source.tables.{name}")
-                  for name, spec in tables_raw.items()}
+        tables = {}
+        for name, spec in tables_raw.items():
+            tables[name] = _parse_table(name, spec, defaults, key, path, db_path, f"{where}: source.tables.{name}")
     else:
-        if not src.get("path") and db_path is None:
+        if db_path is not None:
+            raise MappingError(f"{sw}: with a database, name its tables in [source.tables.<name>] (table = \"...\")")
+        if not src.get("path"):
             raise MappingError(f"{sw} needs a 'path' (one table) or [source.tables.<name>] tables")
         spec = {k2: src[k2] for k2 in ("path", "time", "columns") if k2 in src}
-        name = "main"
-        if db_path is not None and not src.get("path"):
-            raise MappingError(f"{sw}: with a database, name its tables in [source.tables.<name>] (table = \"...\")")
-        tables = {name: _parse_table(name, spec, defaults, key, path, None, f"{where}: [source]")}
+        tables = {"main": _parse_table("main", spec, defaults, key, path, None, f"{where}: [source]")}
     cohort = src.get("cohort", next(iter(tables)))
     if cohort not in tables:
         raise MappingError(f"{sw}: cohort {cohort!r} is not one of its tables ({', '.join(tables)})")
@@ -362,17 +362,18 @@ def _parse_table(name: str, spec: Any, defaults: dict, key: str, mapping_path: P
                  where: str) -> TableSpec:
     check_keys(spec, _TABLE_KEYS, where)
     spec = defaults | spec
-    if db_path is not None:
+    if "table" in spec:  # a table of the site's database
+        if db_path is None:
+            raise MappingError(f"{where}: table = ... names a database table; set source.database (or give path)")
         if "path" in spec:
-            raise MappingError(f"{where}: tables of source.database take table = \"<database table>\", not path")
-        fmt, path, table = "database", db_path, spec.get("table", name)
+            raise MappingError(f"{where}: give path (a file) or table (a table of source.database), not both")
+        fmt, path, table = "database", db_path, spec["table"]
         if not isinstance(table, str) or not table:
             raise MappingError(f"{where}: table must name a table of the database")
     else:
-        if "table" in spec:
-            raise MappingError(f"{where}: table = ... names a database table; set source.database, or give path")
         if not isinstance(spec.get("path"), str) or not spec["path"]:
-            raise MappingError(f"{where}: needs a 'path'")
+            raise MappingError(f"{where}: needs a 'path' (a file)" + (" or table = \"<database table>\""
+                                                                        if db_path is not None else ""))
         path = (mapping_path.parent / spec["path"]).resolve()
         fmt = spec.get("format") or {".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}.get(path.suffix.lower(), "csv")
         table = ""

@@ -102,10 +102,11 @@ class _Loader:
         m = self.m
         out: dict[str, dict[str, str]] = {t: {} for t in m.tables}
         for name, t in m.tables.items():
+            w = t.where.split(": ", 1)[-1].replace("[source]", "source")
             if t.key:
-                out[name].setdefault(t.key, "source.patient_key" if t.key == m.patient_key else f"{t.where}.key")
+                out[name].setdefault(t.key, "source.patient_key" if t.key == m.patient_key else f"{w}.key")
             if t.time:
-                out[name].setdefault(t.time, f"{t.where}.time")
+                out[name].setdefault(t.time, f"{w}.time")
         if m.index and m.index.table:
             out[m.index.table].setdefault(m.index.time, "source.index.time")
             for col, _ in m.index.where:
@@ -197,8 +198,13 @@ class _Loader:
         names = list(spec.columns)
         if spec.header:
             try:
-                with open(path, newline="", encoding="utf-8" if path != spec.path else spec.encoding) as f:
-                    hdr = next(csv.reader(f, delimiter=spec.delimiter), None)
+                if encoding == "utf-16":
+                    with open(path, newline="", encoding="utf-16") as f:
+                        first = f.readline()
+                else:  # decode the header line alone: DuckDB names the line of any later decoding error
+                    with open(path, "rb") as f:
+                        first = f.readline().decode(encoding if path == spec.path else "utf-8")
+                hdr = next(csv.reader([first], delimiter=spec.delimiter), None) if first.strip() else None
             except UnicodeDecodeError as e:
                 raise MappingError(f"{spec.label}, line 1: not {spec.encoding} text ({e.reason} at byte {e.start}); "
                                    "set source.encoding (e.g. \"latin-1\" or \"cp1252\")") from None
