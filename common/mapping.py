@@ -334,6 +334,9 @@ def _load_tables(path: Path, raw: dict, src: dict, site: str, dictionary: Dictio
             raise MappingError(f"{sw}: rows_per_patient = {k} needs a patient_key column to bound each patient's rows; "
                                "with patient_key = \"row\" every row is one patient")
     index = _parse_index(src.get("index"), tables, where) if "index" in src else None
+    if index is not None and key == "row":
+        raise MappingError(f"{sw}: an index event ([source.index]) needs a patient_key column: with patient_key = "
+                           "\"row\" each row is one patient and there is nothing to window")
     vmaps = {}
     for name, var in dictionary.variables.items():
         vmaps[name] = _parse_variable_mapping(raw["variables"][name], var, f"{where}: variables.{name}", tables,

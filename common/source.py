@@ -64,6 +64,7 @@ class _Loaded:
     n_rows: int
     first_line: int | None  # file line of data row 1 (None: not a text file)
     notes: list[str] = field(default_factory=list)
+    numbers: dict[str, str] = field(default_factory=dict)  # source column -> SQL column of its parsed number
 
     def where(self, row: int, column: str | None = None) -> str:
         at = f"{self.spec.label}, data row {row + 1}"
@@ -121,7 +122,14 @@ class _Loader:
                 out[vm.table].setdefault(col, f"{w}.where")
         return out
 
-    def load_table(self, spec: TableSpec, needed: dict[str, str], n: int) -> _Loaded:
+    @staticmethod
+    def _parse_number(column: str, text: bool, decimal: str) -> str:
+        if not text:
+            return f"TRY_CAST({column} AS DOUBLE)"
+        value = f"NULLIF(trim({column}), '')"
+        return f"TRY_CAST({f'replace({value}, {_s(decimal)}, {_s(chr(46))})' if decimal != '.' else value} AS DOUBLE)"
+
+    def load_table(self, spec: TableSpec, needed: dict[str, str], n: int, numeric: set[str] = frozenset()) -> _Loaded:
         cols = list(needed)
         sqlcols = {c: f"c{j}" for j, c in enumerate(cols)}
         if spec.format in ("csv", "tsv"):
@@ -153,16 +161,20 @@ class _Loader:
             first_line = None
         else:
             select, text, first_line = self._sqlite(spec, needed, sqlcols, n)
+        # One pass over the source: the patient key, the time and every number parsed once, next to the raw text.
         table = f"t{n}"
-        self._try(f"CREATE TABLE {table} AS {select}", spec)
-        key = (f"NULLIF(trim(CAST({sqlcols[spec.key]} AS VARCHAR)), '')" if spec.key else "CAST(rowid AS VARCHAR)")
+        key = f"NULLIF(trim(CAST({sqlcols[spec.key]} AS VARCHAR)), '')" if spec.key else "NULL::VARCHAR"
         time = "NULL::TIMESTAMP"
         if spec.time:
-            c = sqlcols[spec.time]
-            time = f"TRY_CAST(NULLIF(trim(CAST({c} AS VARCHAR)), '') AS TIMESTAMP)"
-        self.con.execute(f"CREATE VIEW v{n} AS SELECT rowid AS _r, {key} AS _k, {time} AS _t, * FROM {table}")
+            time = f"TRY_CAST(NULLIF(trim(CAST({sqlcols[spec.time]} AS VARCHAR)), '') AS TIMESTAMP)"
+        numbers = {c: f"n{j}" for j, c in enumerate(cols) if c in numeric}
+        parsed = "".join(f", {self._parse_number(sqlcols[c], c in text, spec.decimal)} AS {numbers[c]}" for c in numbers)
+        self._try(f"CREATE TABLE {table} AS SELECT {key} AS _k, {time} AS _t, *{parsed} FROM ({select})", spec)
+        row_key = "" if spec.key else ", CAST(rowid AS VARCHAR) AS _k"
+        self.con.execute(f"CREATE VIEW v{n} AS SELECT rowid AS _r{row_key}, * {'EXCLUDE (_k)' if row_key else ''} "
+                         f"FROM {table}")
         rows = self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-        loaded = _Loaded(spec, f"v{n}", sqlcols, {c for c in text}, rows, first_line)
+        loaded = _Loaded(spec, f"v{n}", sqlcols, set(text), rows, first_line, numbers=numbers)
         if spec.time:
             c = sqlcols[spec.time]
             bad = self.con.execute(f"SELECT _r, CAST({c} AS VARCHAR) FROM v{n} WHERE _t IS NULL AND "
@@ -287,6 +299,8 @@ class _Loader:
         return f"NULLIF(trim(CAST({t.columns[column]} AS VARCHAR)), '')"
 
     def num_expr(self, t: _Loaded, column: str) -> str:
+        if column in t.numbers:
+            return t.numbers[column]
         text = self.text_expr(t, column)
         if column in t.text and t.spec.decimal == ",":
             text = f"replace({text}, ',', '.')"
@@ -339,7 +353,10 @@ class _Loader:
     def run(self) -> tuple[EncodedTable, ValidationReport]:
         m, d = self.m, self.d
         needed = self.needed()
-        loaded = {name: self.load_table(spec, needed[name], n) for n, (name, spec) in enumerate(m.tables.items())}
+        numeric = {name: {vm.column for vm in m.variables.values() if vm.table == name and vm.column and not vm.absent
+                          and d[vm.name].type == "numeric"} for name in m.tables}
+        loaded = {name: self.load_table(spec, needed[name], n, numeric[name])
+                  for n, (name, spec) in enumerate(m.tables.items())}
         cohort = loaded[m.cohort]
         if cohort.n_rows == 0:
             raise MappingError(f"{cohort.spec.label}: the table has no data rows")
@@ -374,7 +391,6 @@ class _Loader:
         """Create `patients` (_k, pos) and, with rows_per_patient > 1, `records` (_r, _k, pos); return the count."""
         m, spec = self.m, cohort.spec
         if m.patient_key == "row":
-            self.con.execute(f"CREATE TABLE patients AS SELECT _k, _r AS pos FROM {cohort.sql}")
             self.notes.append(f"patient_key = \"row\": each of the {cohort.n_rows} rows of {spec.label} is one patient, "
                               "as the site admin attests (the source has no patient id to check it)")
             return cohort.n_rows

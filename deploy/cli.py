@@ -285,6 +285,12 @@ def cmd_bench_llm(args) -> int:
     return run_bench_cli(args)
 
 
+def cmd_bench_source(args) -> int:
+    from .bench.source import run_source_cli
+
+    return run_source_cli(args)
+
+
 def cmd_bench_fidelity(args) -> int:
     from .bench.fidelity import run_fidelity_cli
 
@@ -408,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.llm import add_bench_arguments
     add_bench_arguments(bl)
     bl.set_defaults(func=cmd_bench_llm)
+
+    bs = bench.add_parser("source", help="a site guard on a large multi-table source: load + join + reduce + a "
+                                         "100-marginal plan, wall time and peak RSS (default 10M lab rows)")
+    from .bench.source import add_source_arguments
+    add_source_arguments(bs)
+    bs.set_defaults(func=cmd_bench_source)
 
     llm = sub.add_parser("llm", help="LLM endpoint tools").add_subparsers(dest="llm_command", required=True)
     lc = llm.add_parser("check", help="connectivity and structured-output support of an OpenAI-compatible endpoint")
