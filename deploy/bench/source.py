@@ -217,6 +217,7 @@ def measure(workdir: Path) -> dict[str, Any]:
             "marginals": len(summary.marginals), "cells": sum(len(m.counts) for m in summary.marginals),
             "rho_debited": receipt.rho_debited, "load_reduce_s": round(t_load, 1), "plan_s": round(t_plan, 1),
             "total_s": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "notes": guard.validation.notes}
 
@@ -254,7 +255,7 @@ def run_source_cli(args) -> int:
     print(f"{result['source_rows']:,} source rows ({g['rows']:,} lab rows in CSV, {g['patients']:,} patients in Parquet) "
           f"-> {result['records']:,} patient records (unit {result['unit']})")
     print(f"load + join + reduce {result['load_reduce_s']} s; {result['marginals']}-marginal plan {result['plan_s']} s "
-          f"({result['cells']:,} noisy cells); total {result['total_s']} s")
+          f"({result['cells']:,} noisy cells); total {result['total_s']} s wall, {result['cpu_s']} s CPU")
     print(f"peak RSS {result['peak_rss_mib']:,} MiB (DuckDB memory_limit {result['memory_limit']}, {result['cpus']} CPUs)")
     return 0
 
