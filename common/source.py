@@ -129,7 +129,8 @@ class _Loader:
         value = f"NULLIF(trim({column}), '')"
         return f"TRY_CAST({f'replace({value}, {_s(decimal)}, {_s(chr(46))})' if decimal != '.' else value} AS DOUBLE)"
 
-    def load_table(self, spec: TableSpec, needed: dict[str, str], n: int, numeric: set[str] = frozenset()) -> _Loaded:
+    def load_table(self, spec: TableSpec, needed: dict[str, str], n: int, numeric: set[str] = frozenset(),
+                   uses_text: set[str] = frozenset()) -> _Loaded:
         cols = list(needed)
         sqlcols = {c: f"c{j}" for j, c in enumerate(cols)}
         if spec.format in ("csv", "tsv"):
@@ -169,7 +170,20 @@ class _Loader:
             time = f"TRY_CAST(NULLIF(trim(CAST({sqlcols[spec.time]} AS VARCHAR)), '') AS TIMESTAMP)"
         numbers = {c: f"n{j}" for j, c in enumerate(cols) if c in numeric}
         parsed = "".join(f", {self._parse_number(sqlcols[c], c in text, spec.decimal)} AS {numbers[c]}" for c in numbers)
-        self._try(f"CREATE TABLE {table} AS SELECT {key} AS _k, {time} AS _t, *{parsed} FROM ({select})", spec)
+        # Raw text is kept where it is read as text; where a column is only a number, a time or the key, only
+        # where it did not parse (for the error message): a large table then holds little more than numbers.
+        kept = []
+        for c in cols:
+            x = sqlcols[c]
+            if c in uses_text:
+                kept.append(x)
+            elif c in numbers:
+                kept.append(f"CASE WHEN {numbers[c]} IS NULL OR NOT isfinite({numbers[c]}) THEN {x} END AS {x}")
+            elif c == spec.time:
+                kept.append(f"CASE WHEN _t IS NULL THEN {x} END AS {x}")
+        outer = ", ".join(["_k", "_t"] + list(numbers.values()) + kept)
+        self._try(f"CREATE TABLE {table} AS SELECT {outer} FROM (SELECT {key} AS _k, {time} AS _t, *{parsed} "
+                  f"FROM ({select}))", spec)
         row_key = "" if spec.key else ", CAST(rowid AS VARCHAR) AS _k"
         self.con.execute(f"CREATE VIEW v{n} AS SELECT rowid AS _r{row_key}, * {'EXCLUDE (_k)' if row_key else ''} "
                          f"FROM {table}")
@@ -315,9 +329,10 @@ class _Loader:
             except ValueError:
                 texts.append(c)
         text = self.text_expr(t, vm.column)
-        parts = [f"{text} IS NULL"]
-        if texts:
-            parts.append(f"{text} IN ({', '.join(map(_s, texts))})")
+        empty = f"{text} IS NULL" + (f" OR {text} IN ({', '.join(map(_s, texts))})" if texts else "")
+        if vm.column in t.numbers:  # the raw text is kept only where the number did not parse
+            empty = f"({t.numbers[vm.column]} IS NULL AND ({empty}))"
+        parts = [empty]
         if nums:
             parts.append(f"{self.num_expr(t, vm.column)} IN ({', '.join(repr(x) for x in nums)})")
         return "COALESCE(" + " OR ".join(parts) + ", false)"  # NULL IN (...) is NULL, not false
@@ -355,7 +370,17 @@ class _Loader:
         needed = self.needed()
         numeric = {name: {vm.column for vm in m.variables.values() if vm.table == name and vm.column and not vm.absent
                           and d[vm.name].type == "numeric"} for name in m.tables}
-        loaded = {name: self.load_table(spec, needed[name], n, numeric[name])
+        uses_text = {name: set() for name in m.tables}  # columns read as codes or text
+        for vm in m.variables.values():
+            if not vm.absent:
+                uses_text[vm.table] |= {c for c, _ in vm.where}
+                if vm.column and d[vm.name].type != "numeric":
+                    uses_text[vm.table].add(vm.column)
+        if m.index and m.index.table:
+            uses_text[m.index.table] |= {c for c, _ in m.index.where}
+            if m.index.time != m.tables[m.index.table].time:
+                uses_text[m.index.table].add(m.index.time)
+        loaded = {name: self.load_table(spec, needed[name], n, numeric[name], uses_text[name])
                   for n, (name, spec) in enumerate(m.tables.items())}
         cohort = loaded[m.cohort]
         if cohort.n_rows == 0:
@@ -425,7 +450,8 @@ class _Loader:
 
     def index(self, t: _Loaded) -> None:
         ix = self.m.index
-        time = f"TRY_CAST(NULLIF(trim(CAST({t.columns[ix.time]} AS VARCHAR)), '') AS TIMESTAMP)"
+        time = "_t" if ix.time == t.spec.time else \
+            f"TRY_CAST(NULLIF(trim(CAST({t.columns[ix.time]} AS VARCHAR)), '') AS TIMESTAMP)"
         agg = "min" if ix.rule == "first" else "max"
         self.con.execute(f"CREATE TABLE idx AS SELECT _k, {agg}({time}) AS _ix FROM {t.sql} WHERE {time} IS NOT NULL "
                          f"AND {self.filter_expr(t, ix.where)} AND _k IS NOT NULL GROUP BY _k")

@@ -242,3 +242,24 @@ def test_a_release_states_each_sites_unit(ehr, dictionary, demo, tmp_path, conso
     assert math.isclose(cleveland, m["sites"]["cleveland"]["rho"], rel_tol=1e-9)
     report = (tmp_path / "rel" / "report.html").read_text()
     assert "charged 4x by group privacy" in report
+
+
+def test_secure_sums_charge_k_row_units_by_group_privacy(site_config, dictionary):
+    """A secure plan's share of the noise is calibrated for rho / k^2 per record; the patient is charged k^2 times
+    the distributed bound, and rho_alone is OpenDP's map at d_in = k."""
+    import dataclasses
+
+    from ppsehr.client.guard import compile_plan
+
+    config = dataclasses.replace(site_config("cleveland", secure=True), rows_per_patient=3)
+    plan = pb.QueryPlan(plan_id="s1", dictionary_hash=dictionary.hash, coordinator="c", purpose="t",
+                        marginals=[pb.MarginalQuery(variables=["age", "sex"], rho=0.02)],
+                        secure=pb.SecureAggregation(colluding=0, min_parties=3))
+    (k3,) = compile_plan(plan, dictionary, config, honest=3)
+    (k1,) = compile_plan(plan, dictionary, dataclasses.replace(config, rows_per_patient=1), honest=3)
+    cells = math.prod(k3.shape)
+    assert k3.scale == pytest.approx(accounting.share_scale_for_rho(0.02 / 9, 3, cells), rel=1e-12)
+    assert k3.rho == pytest.approx(9 * accounting.distributed_rho(k3.scale, 3, cells), rel=1e-12) and k3.rho <= 0.02
+    assert k3.rho_alone == pytest.approx(float(k3.measurement.map(3)), rel=1e-12)
+    assert k3.rho_alone == pytest.approx(9 / (2 * k3.scale ** 2), rel=1e-6)
+    assert k3.scale == pytest.approx(3 * k1.scale, rel=1e-3)
