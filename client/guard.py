@@ -1,6 +1,9 @@
 """The site guard: the only process that reads a hospital's data, and its gRPC service.
 
-For each query plan: check it against the dictionary and the site policy (refusals cost
+At start the guard loads the site's data through its mapping, one record per patient (or up to
+k per patient, charged k^2 by group privacy), and refuses to start on a source whose patients'
+contributions are not bounded (common/source.py, common/privacy_unit.py); every receipt states that
+unit. For each query plan: check it against the dictionary and the site policy (refusals cost
 nothing), build one OpenDP measurement per marginal (count by public cells, then discrete
 Gaussian noise), debit their exact privacy loss in the durable ledger, and only then run
 them and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
