@@ -169,7 +169,7 @@ def test_sqlite_cdm_gives_the_same_table(tmp_path, gib):
     (lambda cdm, m: m.write_text(m.read_text().replace('omop = "age"', 'omop = "age_at_index"')),
      r"variables\.age\.omop: must be one of"),
     (lambda cdm, m: m.write_text(m.read_text().replace('omop = "age"', 'omop = "age"\nconcepts = [1]')),
-     r"variables\.age: key\(s\) \['concepts'\] do not apply to omop = 'age'"),
+     r"variables\.age: unknown key 'concepts' for omop = 'age'"),
     (lambda cdm, m: m.write_text(m.read_text().replace('omop = "age"', 'column = "age"')),
      r"variables\.age: with source\.format = \"omop\", define it with omop = \.\.\."),
 ])

@@ -113,7 +113,7 @@ def simulated_dataset(workdir: Path, sites: int, rows: int, attributes: int, het
         site = f"site{s + 1}"
         path = workdir / f"{site}.parquet"
         pq.write_table(pa.table({n: data[:, j] for j, n in enumerate(names)}), path)
-        mlines = [f'[site]\nid = "{site}"\n[source]\npath = "{path.name}"\nformat = "parquet"\n']
+        mlines = [f'[site]\nid = "{site}"\n[source]\npath = "{path.name}"\nformat = "parquet"\npatient_key = "row"\n']
         for n, k in zip(names, sizes):
             vals = ", ".join(f'"{j}" = "v{j}"' for j in range(k))
             mlines.append(f"[variables.{n}]\ncolumn = \"{n}\"\nvalues = {{ {vals} }}\n")
