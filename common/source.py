@@ -429,8 +429,10 @@ class _Loader:
         k = m.rows_per_patient
         if k == 1:
             return n_patients
-        if m.keep == "sample":
-            order = f"hash(_r, {m.seed})"
+        if m.keep == "sample":  # a seeded mix of the row's position: the same rows at every start, in any DuckDB
+            p, seed = 2**61 - 1, m.seed % (2**61 - 1)
+            order = (f"((((CAST(_r AS HUGEINT) + {seed}) * 2258633747088074169) % {p}) * 1499779743744070123 + {seed}) "
+                     f"% {p}, _r")
         else:
             desc = "DESC" if m.keep == "latest" else "ASC"
             order = (f"_t {desc} NULLS LAST, _r {desc}" if spec.time else f"_r {desc}")
