@@ -205,7 +205,8 @@ def check_superlink(address: str, timeout: float = 3.0) -> Check:
 def diagnose(config_path: str | Path, superlink: str | None = None, timeout: float = 3.0) -> list[Check]:
     """Run every check; later checks that depend on an earlier failure are SKIP."""
     from ..common.dictionary import load_dictionary
-    from ..common.mapping import load_mapping, load_site_table
+    from ..common.mapping import load_mapping
+    from ..common.source import load_site_table
     from .config import load_site_config
 
     checks: list[Check] = []

@@ -34,7 +34,8 @@ import opendp.prelude as dp
 
 from ..common import accounting, cells, keys, secagg
 from ..common.dictionary import Dictionary, load_dictionary
-from ..common.mapping import EncodedTable, load_mapping, load_site_table
+from ..common.mapping import EncodedTable, load_mapping
+from ..common.source import load_site_table
 from ..common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc

@@ -47,7 +47,7 @@ or several tables joined by the patient key (docs/dictionary.md, "Patients and m
     window_days = [-365, 0]                  # rows within this many days of the index event
 
 Numeric-looking codes match by value ("1", "1.0" and " 1" are the same code). Empty fields are
-missing. Loading (common/source.py) yields an EncodedTable (one int32 column of cell indices per
+missing. Loading (`common.source.load_site_table`) yields an EncodedTable (one int32 column of cell indices per
 dictionary variable, one entry per patient record) and a ValidationReport that stays at the site:
 it may quote local values.
 """
@@ -68,6 +68,7 @@ from . import cells as cell_groups
 from . import omop
 from . import privacy_unit
 from .dictionary import MISSING, OTHER, OUT_OF_RANGE, Dictionary, Variable
+from .codemap import VariableMapping, check_keys, check_target, norm_code
 from .errors import MappingError
 from .units import conversion, parse_number, round_to
 
@@ -90,55 +91,6 @@ _OMOP_SOURCE_KEYS = ("format", "path", "index_date", "patient_key", "memory_limi
 _INDEX_KEYS = ("table", "time", "rule", "where", "date")
 _VAR_KEYS = ("column", "absent", "values", "missing_values", "unmapped", "unit", "scale", "offset", "table", "where",
              "reduce", "window_days", "recorded", "not_recorded")
-
-
-def check_keys(table: Any, known: Sequence[str], where: str, what: str = "key") -> None:
-    """Refuse keys of a TOML table that are not in `known`, naming each and the closest known key."""
-    if not isinstance(table, dict):
-        raise MappingError(f"{where}: must be a table")
-    for key in table:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
-            raise MappingError(f"{where}: unknown {what} {key!r}{hint}")
-
-
-def norm_code(value: Any) -> str:
-    """Canonical form of a local code: numbers by value, text stripped."""
-    s = str(value).strip()
-    try:
-        f = float(s)
-    except ValueError:
-        return s
-    if math.isnan(f):
-        return ""
-    return str(int(f)) if f.is_integer() and abs(f) < 2**53 else repr(f)
-
-
-@dataclass(frozen=True)
-class VariableMapping:
-    column: str | None
-    absent: bool = False
-    values: dict[str, str] = field(default_factory=dict)  # normalized local code -> category | missing | other
-    missing_values: frozenset[str] = frozenset()
-    unmapped: str = "error"
-    unit: str | None = None
-    scale: float | None = None
-    offset: float = 0.0
-    table: str = ""  # the source table it is read from
-    where: tuple[tuple[str, tuple[str, ...]], ...] = ()  # only rows whose column holds one of these codes
-    reduce: str | None = None  # how a patient's rows become one value (None: at most one row each)
-    window_days: tuple[float, float] | None = None  # rows this many days from the index event
-    recorded: str = ""  # reduce = "any": the category of patients with a matching row ...
-    not_recorded: str = ""  # ... and of the others ("missing" allowed)
-    name: str = ""  # dictionary variable
-    where_text: str = ""  # "file: variables.<name>", for messages
-
-    def label(self, code: str, var: Variable) -> str | None:
-        """The cell label of a normalized local code: listed, else the code itself if it is a category."""
-        if code in self.values:
-            return self.values[code]
-        return code if code in var.categories else None
 
 
 @dataclass(frozen=True)
@@ -455,29 +407,6 @@ def _parse_index(raw: Any, tables: dict[str, TableSpec], where: str) -> IndexEve
     return IndexEvent(table, time, rule, _parse_where(raw["where"], f"{w}.where") if "where" in raw else ())
 
 
-def _check_target(label: Any, code: str, var: Variable, where: str) -> str:
-    """A `values` target: a category, or the keywords missing / other when the dictionary declares that cell."""
-    if not isinstance(label, str):
-        raise MappingError(f"{where}: code {code!r} maps to {label!r}; targets are category names (strings)")
-    if label in var.categories:
-        return label
-    if label == MISSING:
-        if not var.missing:
-            raise MappingError(f"{where}: code {code!r} maps to \"missing\", but the dictionary declares no missing "
-                               f"cell for {var.name!r}")
-        return label
-    if label == OTHER:
-        if not var.other:
-            raise MappingError(f"{where}: code {code!r} maps to \"other\", but the dictionary declares no other cell "
-                               f"for {var.name!r} (other = true)")
-        return label
-    keywords = [MISSING] * var.missing + [OTHER] * var.other
-    close = difflib.get_close_matches(label, list(var.categories) + keywords, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise MappingError(f"{where}: code {code!r} maps to {label!r}, which is not a category of {var.name!r}{hint} "
-                       f"(categories: {list(var.categories)}" + (f"; or {' / '.join(keywords)}" if keywords else "") + ")")
-
-
 def _parse_variable_mapping(spec: Any, var: Variable, where: str, tables: dict[str, TableSpec] | None,
                             default_table: str = "") -> VariableMapping:
     check_keys(spec, _VAR_KEYS, where)
@@ -512,7 +441,7 @@ def _parse_variable_mapping(spec: Any, var: Variable, where: str, tables: dict[s
                 raise MappingError(f"{where}: reduce = \"any\" needs recorded = \"<category>\" (patients with a matching "
                                    "row) and not_recorded = \"<category>\" (or \"missing\")")
             if label not in var.categories and not (key == "not_recorded" and label == MISSING and var.missing):
-                _check_target(label, key, var, f"{where}.{key}")
+                check_target(label, key, var, f"{where}.{key}")
                 raise MappingError(f"{where}.{key}: must be a category of {name!r} (categories: {list(var.categories)})")
         if "values" in spec or "unmapped" in spec:
             raise MappingError(f"{where}: reduce = \"any\" takes where = {{...}} to choose the rows, not values/unmapped")
@@ -527,7 +456,7 @@ def _parse_variable_mapping(spec: Any, var: Variable, where: str, tables: dict[s
         if c in values and values[c] != label:
             raise MappingError(f"{where}.values: codes {code!r} and another one are the same code ({c!r}) mapped "
                                "to different categories")
-        values[c] = _check_target(label, code, var, f"{where}.values") if var.type == "categorical" else label
+        values[c] = check_target(label, code, var, f"{where}.values") if var.type == "categorical" else label
     if values and var.type != "categorical":
         raise MappingError(f"{where}.values: only categorical variables take a value map")
     unmapped = spec.get("unmapped", "error")
@@ -636,33 +565,7 @@ class ValidationReport:
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
-def load_site_table(mapping: SiteMapping, dictionary: Dictionary) -> tuple[EncodedTable, ValidationReport]:
-    """Read the site's data through its mapping into harmonized cell indices, one entry per record.
-
-    Raises MappingError (naming file, variable and row) for data that do not fit the mapping, and
-    for a source whose per-patient contributions are not bounded."""
-    if mapping.omop is None:
-        from . import source
-
-        return source.load(mapping, dictionary)
-    raw, first_line, notes = omop.read_columns(mapping, dictionary)
-    n = len(next(iter(raw.values()))) if raw else 0
-    if n == 0:
-        raise MappingError(f"{mapping.path}: the table has no data rows")
-    cols, reports = {}, {}
-    for name, var in dictionary.variables.items():
-        vm = mapping.variables[name]
-        if vm.absent:
-            cols[name] = np.full(n, var.cell_index(MISSING), np.int32)
-            reports[name] = VariableReport(missing=n)
-            continue
-        cols[name], reports[name] = _encode_column(raw[vm.column], var, vm, mapping, first_line)
-    unit = privacy_unit.PATIENT
-    return (EncodedTable(cols, n, unit, 1),
-            ValidationReport(mapping.site, str(mapping.path), n, reports, notes, unit, 1))
-
-
-def _encode_column(values: np.ndarray, var: Variable, vm: VariableMapping, m: SiteMapping,
+def encode_column(values: np.ndarray, var: Variable, vm: VariableMapping, m: SiteMapping,
                    first_line: int) -> tuple[np.ndarray, VariableReport]:
     """Encode one column of local values (strings, one per record) into cell indices (OMOP sources)."""
     uniques, inverse = np.unique(values, return_inverse=True)

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from .dictionary import MISSING, Dictionary, Variable
+from .codemap import VariableMapping, check_target, norm_code
 from .errors import MappingError
 from .units import conversion, parse_number
 
@@ -96,7 +97,6 @@ class OmopSource:
 
 def parse_variable(name: str, spec: dict[str, Any], var: Variable, where: str):
     """An OMOP variable definition -> (OmopVariable, the VariableMapping the encoder applies)."""
-    from .mapping import VariableMapping, _check_target, norm_code
 
     kind = spec["omop"]
     if kind not in KINDS:
@@ -123,7 +123,7 @@ def parse_variable(name: str, spec: dict[str, Any], var: Variable, where: str):
         unmapped = spec.get("unmapped", "error")
         if raw_values and var.type != "categorical":
             raise MappingError(f"{where}.values: only categorical variables take a value map")
-        values = {norm_code(k): _check_target(v, k, var, f"{where}.values") for k, v in raw_values.items()}
+        values = {norm_code(k): check_target(v, k, var, f"{where}.values") for k, v in raw_values.items()}
         if unmapped not in ("error", "missing", "other") or (unmapped == "missing" and not var.missing) \
                 or (unmapped == "other" and not var.other):
             raise MappingError(f"{where}.unmapped: must be error, missing (needs a missing cell) or other (needs other = true)")
@@ -317,7 +317,6 @@ def read_columns(mapping, dictionary: Dictionary) -> tuple[dict[str, np.ndarray]
 
 
 def _derive(tables: _Tables, src: OmopSource, mapping, dictionary: Dictionary):
-    from .mapping import norm_code
 
     person_fields = sorted({ov.person_column for ov in src.variables.values() if ov.kind == "person"})
     age = any(ov.kind == "age" for ov in src.variables.values())

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import privacy_unit
-from .dictionary import MISSING, OTHER, Dictionary, Variable
+from . import omop, privacy_unit
+from .dictionary import MISSING, OTHER, Dictionary
 from .errors import MappingError
-from .mapping import (EncodedTable, SiteMapping, TableSpec, ValidationReport, VariableMapping, VariableReport,
+from .mapping import (EncodedTable, encode_column, SiteMapping, TableSpec, ValidationReport, VariableMapping, VariableReport,
                       bin_values, norm_code)
 from .units import round_to
 
@@ -645,3 +645,27 @@ class _Loader:
             raise MappingError(f"{vm.where_text}: {int(missing.sum())} of {n_records} record(s) have no value ({why}), "
                                f"and the dictionary declares no missing cell for {name!r}")
         self.columns[name] = np.asarray(cells, np.int32)
+
+
+def load_site_table(mapping: SiteMapping, dictionary: Dictionary) -> tuple[EncodedTable, ValidationReport]:
+    """Read the site's data through its mapping into harmonized cell indices, one entry per record.
+
+    Raises MappingError (naming file, variable and row) for data that do not fit the mapping, and
+    for a source whose per-patient contributions are not bounded."""
+    if mapping.omop is None:
+        return load(mapping, dictionary)
+    raw, first_line, notes = omop.read_columns(mapping, dictionary)
+    n = len(next(iter(raw.values()))) if raw else 0
+    if n == 0:
+        raise MappingError(f"{mapping.path}: the table has no data rows")
+    cols, reports = {}, {}
+    for name, var in dictionary.variables.items():
+        vm = mapping.variables[name]
+        if vm.absent:
+            cols[name] = np.full(n, var.cell_index(MISSING), np.int32)
+            reports[name] = VariableReport(missing=n)
+            continue
+        cols[name], reports[name] = encode_column(raw[vm.column], var, vm, mapping, first_line)
+    unit = privacy_unit.PATIENT
+    return (EncodedTable(cols, n, unit, 1),
+            ValidationReport(mapping.site, str(mapping.path), n, reports, notes, unit, 1))

@@ -91,7 +91,8 @@ def cmd_site_check(args) -> int:
     guard configuration exist (--dictionary and --mapping); exits 2 on any mapping or data error,
     including a source whose per-patient contributions are not bounded."""
     from ..common.dictionary import load_dictionary
-    from ..common.mapping import load_mapping, load_site_table
+    from ..common.mapping import load_mapping
+    from ..common.source import load_site_table
 
     if args.config and (args.dictionary or args.mapping):
         raise PpsehrError("give --config, or --dictionary and --mapping, not both")

@@ -9,7 +9,8 @@ import pytest
 
 from ppsehr.common.dictionary import MISSING, load_dictionary, parse_dictionary
 from ppsehr.common.errors import DictionaryError, MappingError
-from ppsehr.common.mapping import load_mapping, load_site_table
+from ppsehr.common.mapping import load_mapping
+from ppsehr.common.source import load_site_table
 from ppsehr.common.units import conversion
 
 ROWS = {"cleveland": 303, "hungarian": 294, "switzerland": 123, "va": 200}

@@ -18,7 +18,8 @@ from ppsehr.client.guard import SiteGuard
 from ppsehr.common.dictionary import load_dictionary
 from ppsehr.common.errors import MappingError
 from ppsehr.deploy.local import write_site_config
-from ppsehr.common.mapping import load_mapping, load_site_table
+from ppsehr.common.mapping import load_mapping
+from ppsehr.common.source import load_site_table
 from ppsehr.protos import guard_pb2 as pb
 from ppsehr.server.measure import planner
 

@@ -13,7 +13,8 @@ from ppsehr.client.guard import SiteGuard
 from ppsehr.common import privacy_unit
 from ppsehr.common.dictionary import MISSING, load_dictionary
 from ppsehr.common.errors import MappingError
-from ppsehr.common.mapping import load_mapping, load_site_table
+from ppsehr.common.mapping import load_mapping
+from ppsehr.common.source import load_site_table
 from ppsehr.deploy.cli import main
 from ppsehr.deploy.local import write_site_config
 from ppsehr.protos import guard_pb2 as pb

@@ -28,7 +28,10 @@ import numpy as np
 
 from ...common import accounting
 from ...common.dictionary import Dictionary, load_dictionary
-from ...common.mapping import EncodedTable, load_mapping, load_site_table
+from ...common.mapping import EncodedTable, load_mapping
+
+# ppsehr's configurations: strategy, site variable and further ReleaseJob options
+from ...common.source import load_site_table
 
 # ppsehr's configurations: strategy, site variable and further ReleaseJob options
 PPSEHR_METHODS = {
