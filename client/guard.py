@@ -85,6 +85,7 @@ class CompiledMarginal:
     rho: float  # privacy loss at d_in = 1 (OpenDP's map; secure: of the sum), at most the requested rho
     measurement: object
     rho_alone: float  # OpenDP's map of this site's own noise (what a secure answer costs if the others collude)
+    bound: str = ""  # secure plans: which bound `rho` is (accounting.BOUNDS)
 
 
 def _short(name: str) -> str:
@@ -96,8 +97,10 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
     """Check a plan against dictionary and policy and build its OpenDP measurements. Raises Refusal.
 
     A secure plan's noise is shared by `honest` sites (its roster minus the colluding ones): each
-    adds the smallest share whose distributed loss is within the planned rho. Without `honest`
-    (at enrollment) a secure plan is checked, and costed at its planned rho."""
+    adds the smallest share whose distributed loss is within the planned rho, and each table is
+    charged the smaller of that bound and OpenDP's map of the site's own share (both valid;
+    `accounting.secure_table_rho`). Without `honest` (at enrollment) a secure plan is checked, and
+    costed at its planned rho."""
     policy = config.policy
     if plan.HasField("secure"):
         check_secure(plan.secure, config)
@@ -152,10 +155,11 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
         meas = space >> dp.t.then_count_by_categories(
             categories=list(range(n_cells)), null_category=False, MO=dp.L2Distance[int]) >> dp.m.then_gaussian(scale=scale)
         alone = float(meas.map(1))
-        actual = accounting.distributed_rho(scale, honest, n_cells) if honest else alone
+        # secure: the smaller of the distributed bound and OpenDP's map of this site's own share
+        actual, bound = accounting.secure_table_rho(scale, honest, n_cells, alone) if honest else (alone, "")
         if actual > rho * (1 + 1e-9):
             raise Refusal("INTERNAL", "noise calibration failed")
-        compiled.append(CompiledMarginal(names, shape, maps, scale, actual, meas, alone))
+        compiled.append(CompiledMarginal(names, shape, maps, scale, actual, meas, alone, bound))
     return compiled
 
 
@@ -267,20 +271,33 @@ class SiteGuard:
 
     def enroll(self, signed: pb.SignedPlan) -> pb.KeyShare:
         """Secure plans, step 1: check the plan as `answer` would, debit nothing, and return this
-        site's signed one-time key for it. Raises Refusal."""
+        site's signed one-time key for it. Raises Refusal.
+
+        A plan is enrolled once: a second Enroll for it gets the same signed share back while the
+        key is held, and is refused once the key is gone (answered, expired, or the guard
+        restarted), because that the site enrolled is recorded in the ledger. A new key would make
+        the roster the coordinator already holds unusable, and the round unreadable after the other
+        sites have paid; whoever can reach the guard port with a captured plan could do that."""
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
             checking.plan = plan = self.open_plan(signed, claim=False)
             if not plan.HasField("secure"):
                 raise Refusal("SECURE_AGGREGATION", "only plans with secure aggregation are enrolled; send this one to Answer")
+            with self._lock:
+                held = self._sessions.get(plan_sha)
+            if held is not None and held.share is not None:
+                return held.share  # the same key, never a new one
             rho = math.fsum(c.rho for c in compile_plan(plan, self.dictionary, self.config))
             per_day = self.config.policy.max_plans_per_day
             private, share = secagg.new_share(self.config.site, plan_sha, self._signing_key,
                                               set(self._peers) - {self.config.site},
                                               max(self.config.secure_aggregation.min_parties, plan.secure.min_parties))
             with self._lock:  # enrolled plans hold their budget and a daily slot until answered or expired
+                held = self._sessions.get(plan_sha)
+                if held is not None and held.share is not None:
+                    return held.share  # a concurrent Enroll of the same plan got there first
                 now = time.time()
-                self._sessions = {k: v for k, v in self._sessions.items() if v.expires_at >= now and k != plan_sha}
+                self._sessions = {k: v for k, v in self._sessions.items() if v.expires_at >= now}
                 if len(self._sessions) >= MAX_SESSIONS:
                     raise Refusal("RATE_LIMITED", f"{MAX_SESSIONS} enrolled plans are waiting for their answers")
                 if self.ledger.plans_since(86400) + len(self._sessions) >= per_day:
@@ -288,8 +305,11 @@ class SiteGuard:
                 left = self.config.rho_limit - self.ledger.spent() - math.fsum(v.rho for v in self._sessions.values())
                 if rho > left * (1 + 1e-12):
                     raise BudgetExceeded(rho, left)
-                self._sessions[plan_sha] = secagg.Session(private, share.public_key, float(plan.expires_at), rho)
-        self.ledger.audit("enrolled", plan.plan_id, signed.signer, "OK", {"rho_planned": rho, "marginals": len(plan.marginals)})
+                if not self.ledger.claim_enrollment(plan.plan_id, signed.signer,
+                                                    {"rho_planned": rho, "marginals": len(plan.marginals)}):
+                    raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was enrolled here before and its one-time key "
+                                  "is gone (answered, expired or the guard restarted); a plan is enrolled once")
+                self._sessions[plan_sha] = secagg.Session(private, share.public_key, float(plan.expires_at), rho, share)
         return share
 
     def _roster(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes) -> tuple[dict[str, bytes], secagg.Session | None]:
@@ -353,7 +373,8 @@ class SiteGuard:
                                        rho=c.rho, noise_scale=c.scale)
                       for c, x, a, b in zip(compiled, noisy, offsets, offsets[1:])]
             secure = {"roster_sha256": secagg.roster_sha256(roster), "parties": len(roster),
-                      "colluding": plan.secure.colluding, "rho_alone": math.fsum(c.rho_alone for c in compiled)}
+                      "colluding": plan.secure.colluding, "rho_alone": math.fsum(c.rho_alone for c in compiled),
+                      "bound": accounting.combined_bound([c.bound for c in compiled])}
         else:
             tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=x, rho=c.rho, noise_scale=c.scale)
                       for c, x in zip(compiled, noisy)]
