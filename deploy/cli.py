@@ -207,9 +207,19 @@ def cmd_release_verify(args) -> int:
         pinned = (args.coordinator_key if who == "coordinator" else site_keys) is not None
         print(f"{who} key {keys.fingerprint(key)} ({'pinned' if pinned else 'from the manifest: compare with the published fingerprint'})")
     print(f"release {m['release_id']}: {len(m['files'])} files verified; privacy statement follows from "
-          f"{len(m['receipts'])} site receipt(s)")
+          f"{len(m['receipts'])} site receipt(s) for {len(m['plans'])} signed plan(s); every figure and sentence of the "
+          "privacy section, the site entries and sites_not_included re-derived and matched")
     for site, s in m["sites"].items():
-        print(f"  {site:<12} rho {s['rho']:.4g} -> epsilon {s['epsilon']:.3g} at delta {s['delta']:g}")
+        wasted = s.get("rho_charged_for_nothing", 0.0)
+        print(f"  {site:<12} rho {s['rho']:.4g} -> epsilon {s['epsilon']:.3g} at delta {s['delta']:g}"
+              + (f" (of which rho {wasted:.4g} charged for nothing: an unreadable secure sum)" if wasted else ""))
+    for f in m["sites_not_included"]:
+        print(f"  not included in round {f['round']}: {f.get('site') or f.get('node')} ({f['code']}); charged: {f['charged']}")
+    print(f"  statement: {m['privacy']['statement']}")
+    for e in m.get("evaluations", []):
+        print(f"  evaluation {e['evaluation_id']} ({e['file']}): signed, {len(e['answers'])} site answer(s) and their "
+              f"receipts verified, every figure recomputed; evaluation rho up to {e['privacy']['evaluation_rho_max']:.4g}, "
+              f"with the release up to {e['privacy']['combined_rho_max']:.4g}")
     return 0
 
 
