@@ -166,6 +166,7 @@ CASES = [
     # ---- privacy section, field by field
     ("privacy.unit", P, lambda m, k: m["privacy"].update(unit="one household"), False, r"privacy: unit 'one household'"),
     ("privacy.model", P, lambda m, k: m["privacy"].update(model="pure DP"), False, r"privacy: model 'pure DP'"),
+    ("privacy.delta", P, lambda m, k: m["privacy"].update(delta=1e-5), False, r"privacy.delta 1e-05 is not the delta"),
     ("privacy.release_rho_max", P, lambda m, k: m["privacy"].update(release_rho_max=1e-9), False, r"release_rho_max 1e-09"),
     ("privacy.release_epsilon_max", P, lambda m, k: m["privacy"].update(release_epsilon_max=0.1), False,
      r"release_epsilon_max 0.1 does not follow"),
