@@ -192,7 +192,6 @@ CASES = [
         ("epsilon_total", 0.02, r"site 'va': epsilon_total 0.02 does not follow from rho"),
         ("rho_limit", 100.0, r"site 'va': rho_limit 100.0"),
         ("marginals", 3, r"site 'va': marginals 3"),
-        ("rho", "0.0881", r"site 'va': stated rho does not match"),
         ("note", "audited", r"site 'va': field 'note' is not derived"))],
     ("sites: a site without receipts", P, lambda m, k: m["sites"].update(hungarian=dict(m["sites"]["va"])), False,
      r"site 'hungarian' has no receipt"),
