@@ -6,7 +6,9 @@ Gaussian noise), debit their exact privacy loss in the durable ledger, and only 
 them and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
-over all enrolled sites can be read (common/secagg.py). Everything that leaves is a noisy table
+over all enrolled sites can be read (common/secagg.py). An evaluation plan comes with a release's
+records and asks for noisy counts comparing them with the site's rows (client/evaluate.py), debited
+the same way. Everything that leaves is a noisy table
 over public cells or a number the site's policy already makes public; refusals carry fixed
 codes and messages built from the plan and the policy, never from data. Any other failure leaves as the fixed INTERNAL code; its
 details stay in the site's log. Threat model and the attacks tested: docs/security.md.
@@ -34,6 +36,7 @@ from ..common.mapping import EncodedTable, load_mapping, load_site_table
 from ..common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
+from . import evaluate
 from .config import SiteConfig
 from .ledger import BudgetExceeded, Debit, DuplicatePlan, Ledger, LedgerError, RateLimited
 
@@ -109,7 +112,7 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
     if plan.dictionary_hash != dictionary.hash:
         raise Refusal("DICTIONARY_MISMATCH", f"plan is for dictionary {plan.dictionary_hash[:80]!r}; "
                       f"this site uses {dictionary.name} {dictionary.version} ({dictionary.hash})")
-    if not plan.marginals:
+    if not plan.marginals and not plan.HasField("evaluation"):
         raise Refusal("MALFORMED_PLAN", "plan has no marginals")
     if len(plan.marginals) > policy.max_marginals:
         raise Refusal("POLICY_LIMIT", f"plan has {len(plan.marginals)} marginals; policy allows at most {policy.max_marginals}")
@@ -281,7 +284,7 @@ class SiteGuard:
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
             checking.plan = plan = self.open_plan(signed, claim=False)
-            if not plan.HasField("secure"):
+            if not plan.HasField("secure") or plan.HasField("evaluation"):
                 raise Refusal("SECURE_AGGREGATION", "only plans with secure aggregation are enrolled; send this one to Answer")
             with self._lock:
                 held = self._sessions.get(plan_sha)
@@ -339,6 +342,7 @@ class SiteGuard:
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
             checking.plan = plan = self.open_plan(signed)
+            evaluation = self._compile_evaluation(signed, plan)
             roster, session = self._roster(signed, plan, plan_sha)
             compiled = compile_plan(plan, self.dictionary, self.config,
                                     len(roster) - plan.secure.colluding if roster else None)
@@ -349,24 +353,46 @@ class SiteGuard:
                                       sum(math.prod(c.shape) for c in compiled))
                 except secagg.RosterError as e:
                     raise Refusal("SECURE_AGGREGATION", str(e)) from None
-            rho = math.fsum(c.rho for c in compiled)
+            rho = math.fsum([c.rho for c in compiled] + ([evaluation.rho] if evaluation else []))
+            if evaluation and rho > self.config.policy.max_rho_per_plan * (1 + 1e-12):
+                raise Refusal("POLICY_LIMIT", f"plan asks for rho {rho:.6g}; policy allows at most "
+                              f"{self.config.policy.max_rho_per_plan:.6g} per plan")
             secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding}} if roster else {}
+            evaluated = {"evaluation": {"release_id": plan.evaluation.release_id[:MAX_ID], "queries": len(evaluation.queries()),
+                                        "records_sha256": plan.evaluation.records_sha256.hex()}} if evaluation else {}
             debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
                                       {"marginals": len(compiled), "purpose": plan.purpose[:200],
                                        "coordinator_name": plan.coordinator[:MAX_ID], "policy": self.policy_sha256[:16]}
-                                      | secure, max_plans_per_day=self.config.policy.max_plans_per_day)
+                                      | secure | evaluated, max_plans_per_day=self.config.policy.max_plans_per_day)
         # The debit is durable: from here on, a failure wastes budget but never overspends it.
         try:
-            return self._measure(signed, plan, plan_sha, compiled, debit, roster, pad)
+            return self._measure(signed, plan, plan_sha, compiled, debit, roster, pad, evaluation)
         except Exception:
             log.exception("answering plan %r failed after its debit", plan.plan_id)
             self.ledger.audit("failed", plan.plan_id, signed.signer, "INTERNAL", {"rho_wasted": debit.rho})
             raise Refusal("INTERNAL", "measurement failed after the debit; the site admin has the details") from None
 
+    def _compile_evaluation(self, signed: pb.SignedPlan, plan: pb.QueryPlan) -> evaluate.CompiledEvaluation | None:
+        """An evaluation plan's own queries, checked and compiled before any debit (None for other plans)."""
+        if not plan.HasField("evaluation"):
+            if signed.records:
+                raise Refusal("MALFORMED_PLAN", "records come only with evaluation plans")
+            return None
+        try:
+            return evaluate.compile_evaluation(plan, signed.records, self.dictionary, self.config.policy, MIN_RHO)
+        except evaluate.EvaluationRefused as e:
+            raise Refusal(e.code, e.message) from None
+
+    def _rows(self) -> np.ndarray:
+        """This site's rows as (n, V) cells in dictionary order (evaluations compare whole rows)."""
+        return np.stack([np.asarray(self._table.columns[n], dtype=np.int64) for n in self.dictionary.names], axis=1)
+
     def _measure(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, compiled: list[CompiledMarginal],
-                 debit: Debit, roster: dict[str, bytes], pad: np.ndarray | None) -> pb.SignedSummary:
+                 debit: Debit, roster: dict[str, bytes], pad: np.ndarray | None,
+                 evaluation: evaluate.CompiledEvaluation | None = None) -> pb.SignedSummary:
         """Run the paid-for measurements (masked with `pad`, for a secure plan) and sign summary and receipt."""
         noisy = [c.measurement(self._table.cell_index(c.variables, c.shape, c.groups)) for c in compiled]
+        answer = evaluate.run_evaluation(evaluation, self._rows(), self.dictionary) if evaluation else None
         if pad is not None:
             offsets = np.cumsum([0] + [len(x) for x in noisy])
             tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, masked=secagg.masked(x, pad[a:b]).tolist(),
@@ -384,8 +410,8 @@ class SiteGuard:
                                    debited_at=debit.at, ledger_seq=debit.seq, dictionary_hash=self.dictionary.hash,
                                    coordinator=signed.signer, delta=self.config.delta, **secure).SerializeToString(deterministic=True)
         summary = pb.Summary(site=self.config.site, plan_id=plan.plan_id, dictionary_hash=self.dictionary.hash,
-                             marginals=tables, receipt=receipt,
-                             receipt_signature=self._signing_key.sign(receipt)).SerializeToString(deterministic=True)
+                             marginals=tables, receipt=receipt, receipt_signature=self._signing_key.sign(receipt),
+                             evaluation=answer).SerializeToString(deterministic=True)
         self.ledger.audit("answered", plan.plan_id, signed.signer, "OK", {"rho": debit.rho, "marginals": len(tables)})
         log.info("answered plan %r from %r: %d marginals, rho %.6g (site total %.6g of %.6g)", plan.plan_id,
                  plan.coordinator[:MAX_ID], len(tables), debit.rho, debit.total_after, self.config.rho_limit)
