@@ -54,7 +54,7 @@ def cmd_demo(args) -> int:
     manifest = json.loads((Path(final["out"]) / "manifest.json").read_text())
     if args.json:
         _print_json({"out": final["out"], "seconds": round(time.monotonic() - t0, 1), "sites": manifest["sites"],
-                     "rows": manifest["generator"]["rows"]})
+                     "rows": manifest["generator"]["rows"]} | ({"evaluation": evaluated["out"]} if args.evaluate else {}))
         return 0
     print(f"\nrelease {manifest['release_id']} in {final['out']}  ({time.monotonic() - t0:.1f} s)")
     print(f"  {manifest['generator']['rows']} synthetic records over {sum(len(p['marginals']) for p in manifest['plans'])} DP marginals")
