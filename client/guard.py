@@ -9,7 +9,9 @@ Gaussian noise), debit their exact privacy loss in the durable ledger, and only 
 them and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
-over all enrolled sites can be read (common/secagg.py). Everything that leaves is a noisy table
+over all enrolled sites can be read (common/secagg.py). An evaluation plan comes with a release's
+records and asks for noisy counts comparing them with the site's rows (client/evaluate.py), debited
+the same way. Everything that leaves is a noisy table
 over public cells or a number the site's policy already makes public; refusals carry fixed
 codes and messages built from the plan and the policy, never from data. Any other failure leaves as the fixed INTERNAL code; its
 details stay in the site's log. Threat model and the attacks tested: docs/security.md.
@@ -39,6 +41,7 @@ from ..common.source import load_site_table
 from ..common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
+from . import evaluate
 from .config import SiteConfig
 from .ledger import BudgetExceeded, Debit, DuplicatePlan, Ledger, LedgerError, RateLimited
 
@@ -90,6 +93,7 @@ class CompiledMarginal:
     rho: float  # privacy loss at d_in = 1 (OpenDP's map; secure: of the sum), at most the requested rho
     measurement: object
     rho_alone: float  # OpenDP's map of this site's own noise (what a secure answer costs if the others collude)
+    bound: str = ""  # secure plans: which bound `rho` is (accounting.BOUNDS)
 
 
 def _short(name: str) -> str:
@@ -101,13 +105,15 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
     """Check a plan against dictionary and policy and build its OpenDP measurements. Raises Refusal.
 
     A secure plan's noise is shared by `honest` sites (its roster minus the colluding ones): each
-    adds the smallest share whose distributed loss is within the planned rho. Without `honest`
-    (at enrollment) a secure plan is checked, and costed at its planned rho.
+    adds the smallest share whose distributed loss is within the planned rho, and each table is
+    charged the smaller of that bound and OpenDP's map of the site's own share (both valid;
+    `accounting.secure_table_rho`). Without `honest` (at enrollment) a secure plan is checked, and
+    costed at its planned rho.
 
     A planned rho is the loss of one privacy unit, a patient. When a patient contributes up to
     k = config.rows_per_patient records, each table's noise is calibrated for rho / k^2 per record
     and the patient's loss is charged by group privacy: OpenDP's privacy map at d_in = k (k^2 times
-    the per-record loss; secure sums: k^2 times the distributed bound)."""
+    the per-record loss; secure sums: the smaller of k^2 times the distributed bound and the map at k)."""
     policy = config.policy
     if plan.HasField("secure"):
         check_secure(plan.secure, config)
@@ -116,7 +122,7 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
     if plan.dictionary_hash != dictionary.hash:
         raise Refusal("DICTIONARY_MISMATCH", f"plan is for dictionary {plan.dictionary_hash[:80]!r}; "
                       f"this site uses {dictionary.name} {dictionary.version} ({dictionary.hash})")
-    if not plan.marginals:
+    if not plan.marginals and not plan.HasField("evaluation"):
         raise Refusal("MALFORMED_PLAN", "plan has no marginals")
     if len(plan.marginals) > policy.max_marginals:
         raise Refusal("POLICY_LIMIT", f"plan has {len(plan.marginals)} marginals; policy allows at most {policy.max_marginals}")
@@ -164,10 +170,11 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
         meas = space >> dp.t.then_count_by_categories(
             categories=list(range(n_cells)), null_category=False, MO=dp.L2Distance[int]) >> dp.m.then_gaussian(scale=scale)
         alone = float(meas.map(k))  # the loss of one patient: k records added or removed
-        actual = k * k * accounting.distributed_rho(scale, honest, n_cells) if honest else alone
+        # secure: the smaller of the distributed bound (k^2 x, group privacy) and OpenDP's map of this site's own share
+        actual, bound = accounting.secure_table_rho(scale, honest, n_cells, alone, k) if honest else (alone, "")
         if actual > rho * (1 + 1e-9):
             raise Refusal("INTERNAL", "noise calibration failed")
-        compiled.append(CompiledMarginal(names, shape, maps, scale, actual, meas, alone))
+        compiled.append(CompiledMarginal(names, shape, maps, scale, actual, meas, alone, bound))
     return compiled
 
 
@@ -281,20 +288,33 @@ class SiteGuard:
 
     def enroll(self, signed: pb.SignedPlan) -> pb.KeyShare:
         """Secure plans, step 1: check the plan as `answer` would, debit nothing, and return this
-        site's signed one-time key for it. Raises Refusal."""
+        site's signed one-time key for it. Raises Refusal.
+
+        A plan is enrolled once: a second Enroll for it gets the same signed share back while the
+        key is held, and is refused once the key is gone (answered, expired, or the guard
+        restarted), because that the site enrolled is recorded in the ledger. A new key would make
+        the roster the coordinator already holds unusable, and the round unreadable after the other
+        sites have paid; whoever can reach the guard port with a captured plan could do that."""
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
             checking.plan = plan = self.open_plan(signed, claim=False)
-            if not plan.HasField("secure"):
+            if not plan.HasField("secure") or plan.HasField("evaluation"):
                 raise Refusal("SECURE_AGGREGATION", "only plans with secure aggregation are enrolled; send this one to Answer")
+            with self._lock:
+                held = self._sessions.get(plan_sha)
+            if held is not None and held.share is not None:
+                return held.share  # the same key, never a new one
             rho = math.fsum(c.rho for c in compile_plan(plan, self.dictionary, self.config))
             per_day = self.config.policy.max_plans_per_day
             private, share = secagg.new_share(self.config.site, plan_sha, self._signing_key,
                                               set(self._peers) - {self.config.site},
                                               max(self.config.secure_aggregation.min_parties, plan.secure.min_parties))
             with self._lock:  # enrolled plans hold their budget and a daily slot until answered or expired
+                held = self._sessions.get(plan_sha)
+                if held is not None and held.share is not None:
+                    return held.share  # a concurrent Enroll of the same plan got there first
                 now = time.time()
-                self._sessions = {k: v for k, v in self._sessions.items() if v.expires_at >= now and k != plan_sha}
+                self._sessions = {k: v for k, v in self._sessions.items() if v.expires_at >= now}
                 if len(self._sessions) >= MAX_SESSIONS:
                     raise Refusal("RATE_LIMITED", f"{MAX_SESSIONS} enrolled plans are waiting for their answers")
                 if self.ledger.plans_since(86400) + len(self._sessions) >= per_day:
@@ -302,8 +322,11 @@ class SiteGuard:
                 left = self.config.rho_limit - self.ledger.spent() - math.fsum(v.rho for v in self._sessions.values())
                 if rho > left * (1 + 1e-12):
                     raise BudgetExceeded(rho, left)
-                self._sessions[plan_sha] = secagg.Session(private, share.public_key, float(plan.expires_at), rho)
-        self.ledger.audit("enrolled", plan.plan_id, signed.signer, "OK", {"rho_planned": rho, "marginals": len(plan.marginals)})
+                if not self.ledger.claim_enrollment(plan.plan_id, signed.signer,
+                                                    {"rho_planned": rho, "marginals": len(plan.marginals)}):
+                    raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was enrolled here before and its one-time key "
+                                  "is gone (answered, expired or the guard restarted); a plan is enrolled once")
+                self._sessions[plan_sha] = secagg.Session(private, share.public_key, float(plan.expires_at), rho, share)
         return share
 
     def _roster(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes) -> tuple[dict[str, bytes], secagg.Session | None]:
@@ -333,6 +356,7 @@ class SiteGuard:
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
             checking.plan = plan = self.open_plan(signed)
+            evaluation = self._compile_evaluation(signed, plan)
             roster, session = self._roster(signed, plan, plan_sha)
             compiled = compile_plan(plan, self.dictionary, self.config,
                                     len(roster) - plan.secure.colluding if roster else None)
@@ -343,31 +367,55 @@ class SiteGuard:
                                       sum(math.prod(c.shape) for c in compiled))
                 except secagg.RosterError as e:
                     raise Refusal("SECURE_AGGREGATION", str(e)) from None
-            rho = math.fsum(c.rho for c in compiled)
+            rho = math.fsum([c.rho for c in compiled] + ([evaluation.rho] if evaluation else []))
+            if evaluation and rho > self.config.policy.max_rho_per_plan * (1 + 1e-12):
+                raise Refusal("POLICY_LIMIT", f"plan asks for rho {rho:.6g}; policy allows at most "
+                              f"{self.config.policy.max_rho_per_plan:.6g} per plan")
             secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding}} if roster else {}
+            evaluated = {"evaluation": {"release_id": plan.evaluation.release_id[:MAX_ID], "queries": len(evaluation.queries()),
+                                        "records_sha256": plan.evaluation.records_sha256.hex()}} if evaluation else {}
             debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
                                       {"marginals": len(compiled), "purpose": plan.purpose[:200],
                                        "coordinator_name": plan.coordinator[:MAX_ID], "policy": self.policy_sha256[:16]}
-                                      | secure, max_plans_per_day=self.config.policy.max_plans_per_day)
+                                      | secure | evaluated, max_plans_per_day=self.config.policy.max_plans_per_day)
         # The debit is durable: from here on, a failure wastes budget but never overspends it.
         try:
-            return self._measure(signed, plan, plan_sha, compiled, debit, roster, pad)
+            return self._measure(signed, plan, plan_sha, compiled, debit, roster, pad, evaluation)
         except Exception:
             log.exception("answering plan %r failed after its debit", plan.plan_id)
             self.ledger.audit("failed", plan.plan_id, signed.signer, "INTERNAL", {"rho_wasted": debit.rho})
             raise Refusal("INTERNAL", "measurement failed after the debit; the site admin has the details") from None
 
+    def _compile_evaluation(self, signed: pb.SignedPlan, plan: pb.QueryPlan) -> evaluate.CompiledEvaluation | None:
+        """An evaluation plan's own queries, checked and compiled before any debit (None for other plans)."""
+        if not plan.HasField("evaluation"):
+            if signed.records:
+                raise Refusal("MALFORMED_PLAN", "records come only with evaluation plans")
+            return None
+        try:
+            return evaluate.compile_evaluation(plan, signed.records, self.dictionary, self.config.policy, MIN_RHO,
+                                               self.config.rows_per_patient)
+        except evaluate.EvaluationRefused as e:
+            raise Refusal(e.code, e.message) from None
+
+    def _rows(self) -> np.ndarray:
+        """This site's rows as (n, V) cells in dictionary order (evaluations compare whole rows)."""
+        return np.stack([np.asarray(self._table.columns[n], dtype=np.int64) for n in self.dictionary.names], axis=1)
+
     def _measure(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, compiled: list[CompiledMarginal],
-                 debit: Debit, roster: dict[str, bytes], pad: np.ndarray | None) -> pb.SignedSummary:
+                 debit: Debit, roster: dict[str, bytes], pad: np.ndarray | None,
+                 evaluation: evaluate.CompiledEvaluation | None = None) -> pb.SignedSummary:
         """Run the paid-for measurements (masked with `pad`, for a secure plan) and sign summary and receipt."""
         noisy = [c.measurement(self._table.cell_index(c.variables, c.shape, c.groups)) for c in compiled]
+        answer = evaluate.run_evaluation(evaluation, self._rows(), self.dictionary) if evaluation else None
         if pad is not None:
             offsets = np.cumsum([0] + [len(x) for x in noisy])
             tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, masked=secagg.masked(x, pad[a:b]).tolist(),
                                        rho=c.rho, noise_scale=c.scale)
                       for c, x, a, b in zip(compiled, noisy, offsets, offsets[1:])]
             secure = {"roster_sha256": secagg.roster_sha256(roster), "parties": len(roster),
-                      "colluding": plan.secure.colluding, "rho_alone": math.fsum(c.rho_alone for c in compiled)}
+                      "colluding": plan.secure.colluding, "rho_alone": math.fsum(c.rho_alone for c in compiled),
+                      "bound": accounting.combined_bound([c.bound for c in compiled])}
         else:
             tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=x, rho=c.rho, noise_scale=c.scale)
                       for c, x in zip(compiled, noisy)]
@@ -379,8 +427,8 @@ class SiteGuard:
                                    rows_per_patient=self.config.rows_per_patient,
                                    **secure).SerializeToString(deterministic=True)
         summary = pb.Summary(site=self.config.site, plan_id=plan.plan_id, dictionary_hash=self.dictionary.hash,
-                             marginals=tables, receipt=receipt,
-                             receipt_signature=self._signing_key.sign(receipt)).SerializeToString(deterministic=True)
+                             marginals=tables, receipt=receipt, receipt_signature=self._signing_key.sign(receipt),
+                             evaluation=answer).SerializeToString(deterministic=True)
         self.ledger.audit("answered", plan.plan_id, signed.signer, "OK", {"rho": debit.rho, "marginals": len(tables)})
         log.info("answered plan %r from %r: %d marginals, rho %.6g (site total %.6g of %.6g)", plan.plan_id,
                  plan.coordinator[:MAX_ID], len(tables), debit.rho, debit.total_after, self.config.rho_limit)

@@ -213,6 +213,23 @@ class Ledger:
         finally:
             db.close()
 
+    def enrolled(self, plan_id: str) -> bool:
+        """Whether this site ever enrolled in the secure plan `plan_id` (its audit entry is durable)."""
+        db = self._connect()
+        try:
+            return db.execute("SELECT 1 FROM audit WHERE event = 'enrolled' AND plan_id = ?", (plan_id,)).fetchone() is not None
+        finally:
+            db.close()
+
+    def claim_enrollment(self, plan_id: str, coordinator: str, detail: dict[str, Any]) -> bool:
+        """Record, durably and once, that this site enrolled in a secure plan (an `enrolled` audit entry);
+        False if it already had (in this process or another, before a restart or not)."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM audit WHERE event = 'enrolled' AND plan_id = ?", (plan_id,)).fetchone():
+                return False
+            self._append_audit(db, utcnow(), "enrolled", plan_id, coordinator, "OK", detail)
+            return True
+
     def audit(self, event: str, plan_id: str, coordinator: str, code: str, detail: dict[str, Any]) -> None:
         with self._tx() as db:
             self._append_audit(db, utcnow(), event, plan_id, coordinator, code, detail)

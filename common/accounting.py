@@ -63,6 +63,34 @@ def distributed_rho(share_scale: float, honest: int, cells: int) -> float:
     return float(_unit_gaussian(combined).map(1)) + tau / combined + cells * tau * tau / 2
 
 
+BOUNDS = ("distributed", "own-noise")  # the two valid bounds on a secure table's loss, as receipts name them
+
+
+def secure_table_rho(share_scale: float, honest: int, cells: int, own: float | None = None,
+                     rows_per_unit: int = 1) -> tuple[float, str]:
+    """The loss to charge for one secure table and which bound it is: the smaller of two valid bounds.
+
+    `distributed_rho` counts on the noise of `honest` sites; the site's own noise share alone is
+    also a valid bound (everything the other sites add is independent of this site's data, so the
+    sum is post-processing of its own noisy table): OpenDP's privacy map of one discrete Gaussian
+    at `share_scale` (`own`, if the caller already has it from its measurement). At large rho per
+    table the distributed bound's correction can exceed the own-noise map; zCDP composes table by
+    table, so charging each table the smaller bound stays sound. With `rows_per_unit` = k records per
+    privacy unit, both are the unit's loss: k^2 times the distributed bound by group privacy, and
+    the own-noise map at d_in = k (`own` must then be that map).
+    """
+    k = rows_per_unit
+    dist = k * k * distributed_rho(share_scale, honest, cells)
+    own = float(_unit_gaussian(share_scale).map(k)) if own is None else float(own)
+    return (dist, BOUNDS[0]) if dist <= own else (own, BOUNDS[1])
+
+
+def combined_bound(bounds: list[str]) -> str:
+    """What a receipt states for a plan whose tables were charged with these bounds."""
+    kinds = set(bounds)
+    return "" if not kinds else kinds.pop() if len(kinds) == 1 else "minimum-per-table"
+
+
 def share_scale_for_rho(rho: float, honest: int, cells: int) -> float:
     """Smallest per-site noise scale whose distributed loss (`distributed_rho`) is at most rho."""
     check_rho(rho)

@@ -135,9 +135,11 @@ def unmasked_sum(tables: list) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Session:
-    """What a guard keeps between Enroll and Answer for one plan (in memory only)."""
+    """What a guard keeps between Enroll and Answer for one plan (in memory only; that the site enrolled
+    is also recorded in its ledger, so a second Enroll, even after a restart, never makes a new key)."""
 
     private: X25519PrivateKey
     public: bytes
     expires_at: float
     rho: float  # planned loss, held back from the budget until the plan is answered or expires
+    share: pb.KeyShare | None = None  # the signed share given out: a repeated Enroll gets this one back

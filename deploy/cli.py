@@ -42,6 +42,9 @@ def cmd_demo(args) -> int:
             with consortium:
                 final = consortium.release(out, epsilon=args.epsilon, seed=args.seed, rows=args.rows, **options,
                                            on_event=progress.event)
+                if args.evaluate:
+                    evaluated = consortium.evaluate(Path(final["out"]), on_event=progress.event,
+                                                    job=lambda release, **kw: evaluation_job(args, release, **kw))
         ok = True
     finally:
         if not ok:
@@ -51,7 +54,7 @@ def cmd_demo(args) -> int:
     manifest = json.loads((Path(final["out"]) / "manifest.json").read_text())
     if args.json:
         _print_json({"out": final["out"], "seconds": round(time.monotonic() - t0, 1), "sites": manifest["sites"],
-                     "rows": manifest["generator"]["rows"]})
+                     "rows": manifest["generator"]["rows"]} | ({"evaluation": evaluated["out"]} if args.evaluate else {}))
         return 0
     print(f"\nrelease {manifest['release_id']} in {final['out']}  ({time.monotonic() - t0:.1f} s)")
     print(f"  {manifest['generator']['rows']} synthetic records over {sum(len(p['marginals']) for p in manifest['plans'])} DP marginals")
@@ -66,7 +69,9 @@ def cmd_demo(args) -> int:
         print(f"  {which}: the rho above counts on at most {secure[0]['secure']['colluding']} colluding site(s); "
               f"if all the others colluded, rho up to {worst:.4g}")
     for f in manifest["sites_not_included"]:
-        print(f"  not included: {f['site']} ({f['code']}: {f['message']})")
+        print(f"  not included in round {f['round']}: {f.get('site') or f.get('node')} ({f['code']}: {f['message']})")
+    if args.evaluate:
+        print_evaluation(json.loads(Path(evaluated["out"]).read_text()))
     print(f"  verify with: ppsehr release verify {final['out']}")
     return 0
 
@@ -219,10 +224,108 @@ def cmd_release_verify(args) -> int:
         pinned = (args.coordinator_key if who == "coordinator" else site_keys) is not None
         print(f"{who} key {keys.fingerprint(key)} ({'pinned' if pinned else 'from the manifest: compare with the published fingerprint'})")
     print(f"release {m['release_id']}: {len(m['files'])} files verified; privacy statement follows from "
-          f"{len(m['receipts'])} site receipt(s)")
+          f"{len(m['receipts'])} site receipt(s) for {len(m['plans'])} signed plan(s); every figure and sentence of the "
+          "privacy section, the site entries and sites_not_included re-derived and matched")
     for site, s in m["sites"].items():
-        print(f"  {site:<12} rho {s['rho']:.4g} -> epsilon {s['epsilon']:.3g} at delta {s['delta']:g}")
+        wasted = s.get("rho_charged_for_nothing", 0.0)
+        print(f"  {site:<12} rho {s['rho']:.4g} -> epsilon {s['epsilon']:.3g} at delta {s['delta']:g}"
+              + (f" (of which rho {wasted:.4g} charged for nothing: an unreadable secure sum)" if wasted else ""))
+    for f in m["sites_not_included"]:
+        print(f"  not included in round {f['round']}: {f.get('site') or f.get('node')} ({f['code']}); charged: {f['charged']}")
+    print(f"  statement: {m['privacy']['statement']}")
+    for e in m.get("evaluations", []):
+        print(f"  evaluation {e['evaluation_id']} ({e['file']}): signed, {len(e['answers'])} site answer(s) and their "
+              f"receipts verified, every figure recomputed; evaluation rho up to {e['privacy']['evaluation_rho_max']:.4g}, "
+              f"with the release up to {e['privacy']['combined_rho_max']:.4g}")
     return 0
+
+
+def evaluation_job(args, release: str, dictionary: str, signing_key: str, site_keys: dict[str, str], events: str | None):
+    """An EvaluationJob from `release evaluate` / `demo --evaluate` options."""
+    from ..server.evaluate.run import EvaluationJob
+
+    tables = []
+    for item in args.table or []:
+        pair = [x.strip() for x in item.split(",") if x.strip()]
+        if len(pair) != 2:
+            raise PpsehrError(f"--table takes VAR,VAR, got {item!r}")
+        tables.append(pair)
+    return EvaluationJob(release=release, dictionary=dictionary, signing_key=signing_key, site_keys=site_keys,
+                         epsilon=args.evaluation_epsilon, rho=getattr(args, "evaluation_rho", None), targets=args.target or [],
+                         tables=tables, max_tables=args.max_tables, bins=args.bins, distance=not args.no_distance,
+                         coordinator=getattr(args, "coordinator", "coordinator"), events=events)
+
+
+def print_evaluation(add: dict) -> None:
+    """A short account of an evaluation addendum."""
+    r = add["results"]
+    print(f"evaluation {add['evaluation_id']} of release {add['release_id']}: {len(add['sites'])} site(s) answered")
+    print(f"  {add['privacy']['statement']}")
+    fmt = lambda v, sd: "n/a" if v is None else f"{v:.3f} +/- {sd:.3f}"  # noqa: E731
+    for t in r["utility"]["tstr"]:
+        print(f"  TSTR {t['target']}={t['positive']}: AUC {fmt(t['auc'], t['auc_sd'])}, accuracy "
+              f"{fmt(t['accuracy'], t['accuracy_sd'])} (sd: noise)")
+    for u in r["fidelity"]["unmeasured"]:
+        tvd = "n/a" if u["tvd"] is None else f"{u['tvd']:.3f} (noise moves it by at most {u['tvd_noise_bound']:.3f})"
+        print(f"  unmeasured {'-'.join(u['variables'])}: TVD {tvd}")
+    risk = r["privacy_risk"]
+    if risk:
+        d, u, mi = risk["distance"]["all"], risk["unique_copied"]["all"], risk["membership"]
+        print(f"  distance to closest record: exact copies {fmt(d['exact_copy_share'], d['exact_copy_share_sd'])} of real rows, "
+              f"mean {fmt(d['mean_distance'], d['mean_distance_sd'])}; unique rows copied "
+              f"{fmt(u['share'], u['share_sd'])}")
+        print(f"  membership (members closer than held-out sites' patients): AUC {fmt(mi['auc'], mi['auc_sd'])}"
+              + ("" if mi["held_out_sites"] else " (no held-out site answered)")
+              + f"; the release's DP bound on any test's advantage: {risk['dp_bound']['max_advantage']:.3f}")
+
+
+def cmd_release_evaluate(args) -> int:
+    from ..server.evaluate.run import run_evaluation
+    from ..server.pipeline import Events
+
+    release = str(Path(args.dir).resolve())
+    site_keys = _site_keys(args.site_key)
+    if not site_keys:
+        raise PpsehrError("--site-key SITE=PUB is needed for every site whose answer should count")
+    job_dir = Path(args.job_dir or tempfile.mkdtemp(prefix="ppsehr-evaluate-")).resolve()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    job = evaluation_job(args, release, str(Path(args.dictionary).resolve()), str(Path(args.signing_key).resolve()),
+                         site_keys, str(job_dir / "events.jsonl"))
+    job.min_sites = args.min_sites
+    if args.guard:  # direct gRPC to guards (single host, tests): the same relay logic, no Flower
+        from .transports import DirectTransport
+
+        guards = dict(item.split("=", 1) for item in args.guard)
+        add = run_evaluation(job, DirectTransport(guards), Events(job.events, echo=lambda m: print(m, flush=True)))
+    else:
+        if not args.superlink:
+            raise PpsehrError("give --superlink (Flower) or --guard SITE=HOST:PORT (direct)")
+        from ..server.federation import follow, submit, write_app_dir, write_flwr_home
+        from ..common.progress import Progress
+
+        job.save(job_dir / "job.json")
+        home = write_flwr_home(job_dir / "flwr-home", "coordinator", args.superlink, args.root_certificates)
+        run_id = submit(job_dir / "job.json", write_app_dir(job_dir / "app"), home, "coordinator")
+        print(f"run {run_id} submitted to {args.superlink}", flush=True)
+        with Progress() as progress:
+            final = follow(job, run_id, home, "coordinator", args.timeout, progress.event)
+        add = json.loads(Path(final["out"]).read_text())
+    print_evaluation(add)
+    print(f"  addendum: {Path(release) / 'evaluations' / (add['evaluation_id'] + '.json')} (check: ppsehr release verify {release})")
+    return 0
+
+
+def add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    """What a federated evaluation asks the sites (shared by `release evaluate` and `demo --evaluate`)."""
+    p.add_argument("--evaluation-epsilon", type=float, default=0.5,
+                   help="budget each site spends on the evaluation (default 0.5, at the release's delta)")
+    p.add_argument("--target", action="append", metavar="VAR[=CATEGORY]",
+                   help="TSTR target (repeatable; default: binary categorical variables without missing values)")
+    p.add_argument("--table", action="append", metavar="VAR,VAR",
+                   help="an unmeasured 2-way table to ask for (repeatable; default: the smallest unmeasured ones)")
+    p.add_argument("--max-tables", type=int, default=6, help="unmeasured tables when none is named (default 6)")
+    p.add_argument("--bins", type=int, default=10, help="TSTR score bins (even; default 10)")
+    p.add_argument("--no-distance", action="store_true", help="no distance-to-closest-record / membership figures")
 
 
 def cmd_release_report(args) -> int:
@@ -363,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="keep site state, logs and Flower files here (default: a temporary directory)")
     d.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     d.add_argument("--json", action="store_true", help="print a JSON summary only")
+    d.add_argument("--evaluate", action="store_true",
+                   help="after the release, evaluate it at the sites under DP (signed addendum in the release)")
+    add_evaluation_options(d)
     add_release_options(d)
     d.set_defaults(func=cmd_demo)
 
@@ -456,6 +562,22 @@ def build_parser() -> argparse.ArgumentParser:
     kf.add_argument("--json", action="store_true")
     kf.set_defaults(func=cmd_keys_fingerprint)
     v.set_defaults(func=cmd_release_verify)
+    ev = rel.add_parser("evaluate", help="evaluate a release at the sites under DP (TSTR, unmeasured marginals, "
+                                         "distance to closest record); writes a signed addendum into the release")
+    ev.add_argument("dir")
+    ev.add_argument("--dictionary", required=True, help="the dictionary the release was made with")
+    ev.add_argument("--signing-key", required=True, help="the coordinator's Ed25519 key (the one that signed the release)")
+    ev.add_argument("--site-key", action="append", default=[], metavar="SITE=PUB", help="a site's public key; repeat per site")
+    ev.add_argument("--superlink", help="SuperLink Control API address (Flower deployment)")
+    ev.add_argument("--root-certificates", help="CA certificate for a TLS SuperLink (default: insecure)")
+    ev.add_argument("--guard", action="append", metavar="SITE=HOST:PORT", help="ask a guard directly (single host); repeat")
+    ev.add_argument("--coordinator", default="coordinator")
+    ev.add_argument("--min-sites", type=int, default=1)
+    ev.add_argument("--job-dir")
+    ev.add_argument("--timeout", type=float, default=900)
+    ev.add_argument("--evaluation-rho", type=float, help="the evaluation's budget as zCDP rho (instead of epsilon)")
+    add_evaluation_options(ev)
+    ev.set_defaults(func=cmd_release_evaluate)
     rr = rel.add_parser("report", help="write a release's report (self-contained HTML + PNG figures) to a new directory")
     rr.add_argument("dir")
     rr.add_argument("--dictionary", required=True, help="the dictionary the release was made with")

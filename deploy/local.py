@@ -185,3 +185,25 @@ class LocalConsortium:
         run_id = submit(job_dir / "job.json", write_app_dir(jobs / "app"), self.flwr_home, self.connection)
         self.progress(f"run {run_id} submitted to the SuperLink")
         return follow(job, run_id, self.flwr_home, self.connection, timeout, on_event)
+
+    def evaluate(self, release: Path, timeout: float = 600, on_event: Callable[[dict], None] = lambda e: None,
+                 job: Callable[..., object] | None = None, **options) -> dict:
+        """Evaluate a release at the sites through the SuperLink; return the final event (its `out` is the
+        addendum). `job(release, dictionary=, signing_key=, site_keys=, events=)` builds the EvaluationJob
+        (default: `EvaluationJob` with `options`)."""
+        from ..server.evaluate.run import EvaluationJob
+        from ..server.federation import follow, submit, write_app_dir
+
+        jobs = self.workdir / "jobs"
+        job_dir = jobs / time.strftime("%Y%m%d-%H%M%S") / str(time.monotonic_ns())
+        job_dir.mkdir(parents=True)
+        keys = self.keys
+        common = dict(dictionary=str(demo_dir() / "dictionary.toml"), signing_key=str(keys.coordinator_key),
+                      site_keys={s: str(keys.site_keys[s][1]) for s in self.sites}, events=str(job_dir / "events.jsonl"))
+        evaluation = (job or (lambda release, **kw: EvaluationJob(release=release, **kw, **options)))(
+            str(Path(release).resolve()), **common)
+        evaluation.coordinator, evaluation.min_sites = "demo-coordinator", len(self.sites)
+        evaluation.save(job_dir / "job.json")
+        run_id = submit(job_dir / "job.json", write_app_dir(jobs / "app"), self.flwr_home, self.connection)
+        self.progress(f"run {run_id} (evaluation) submitted to the SuperLink")
+        return follow(evaluation, run_id, self.flwr_home, self.connection, timeout, on_event)

@@ -55,7 +55,7 @@ class CellGroups(_message.Message):
     def __init__(self, cell_group: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class QueryPlan(_message.Message):
-    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at", "secure")
+    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at", "secure", "evaluation")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class QueryPlan(_message.Message):
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     dictionary_hash: str
     coordinator: str
@@ -70,7 +71,54 @@ class QueryPlan(_message.Message):
     purpose: str
     expires_at: int
     secure: SecureAggregation
-    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ..., expires_at: _Optional[int] = ..., secure: _Optional[_Union[SecureAggregation, _Mapping]] = ...) -> None: ...
+    evaluation: EvaluationQuery
+    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ..., expires_at: _Optional[int] = ..., secure: _Optional[_Union[SecureAggregation, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationQuery, _Mapping]] = ...) -> None: ...
+
+class EvaluationQuery(_message.Message):
+    __slots__ = ("records_sha256", "release_id", "manifest_sha256", "records", "tstr", "distance")
+    RECORDS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    TSTR_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    records_sha256: bytes
+    release_id: str
+    manifest_sha256: bytes
+    records: int
+    tstr: _containers.RepeatedCompositeFieldContainer[TstrQuery]
+    distance: DistanceQuery
+    def __init__(self, records_sha256: _Optional[bytes] = ..., release_id: _Optional[str] = ..., manifest_sha256: _Optional[bytes] = ..., records: _Optional[int] = ..., tstr: _Optional[_Iterable[_Union[TstrQuery, _Mapping]]] = ..., distance: _Optional[_Union[DistanceQuery, _Mapping]] = ...) -> None: ...
+
+class TstrQuery(_message.Message):
+    __slots__ = ("target", "positive", "bins", "rho")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    BINS_FIELD_NUMBER: _ClassVar[int]
+    RHO_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    positive: int
+    bins: int
+    rho: float
+    def __init__(self, target: _Optional[str] = ..., positive: _Optional[int] = ..., bins: _Optional[int] = ..., rho: _Optional[float] = ...) -> None: ...
+
+class DistanceQuery(_message.Message):
+    __slots__ = ("rho_histogram", "rho_unique")
+    RHO_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    RHO_UNIQUE_FIELD_NUMBER: _ClassVar[int]
+    rho_histogram: float
+    rho_unique: float
+    def __init__(self, rho_histogram: _Optional[float] = ..., rho_unique: _Optional[float] = ...) -> None: ...
+
+class EvaluationAnswer(_message.Message):
+    __slots__ = ("tstr", "distance", "unique_copied")
+    TSTR_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_COPIED_FIELD_NUMBER: _ClassVar[int]
+    tstr: _containers.RepeatedCompositeFieldContainer[NoisyMarginal]
+    distance: NoisyMarginal
+    unique_copied: NoisyMarginal
+    def __init__(self, tstr: _Optional[_Iterable[_Union[NoisyMarginal, _Mapping]]] = ..., distance: _Optional[_Union[NoisyMarginal, _Mapping]] = ..., unique_copied: _Optional[_Union[NoisyMarginal, _Mapping]] = ...) -> None: ...
 
 class SecureAggregation(_message.Message):
     __slots__ = ("colluding", "min_parties")
@@ -99,16 +147,18 @@ class KeyShare(_message.Message):
     def __init__(self, site: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ..., peers: _Optional[_Iterable[str]] = ..., min_parties: _Optional[int] = ...) -> None: ...
 
 class SignedPlan(_message.Message):
-    __slots__ = ("plan", "signature", "signer", "roster")
+    __slots__ = ("plan", "signature", "signer", "roster", "records")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SIGNER_FIELD_NUMBER: _ClassVar[int]
     ROSTER_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
     plan: bytes
     signature: bytes
     signer: str
     roster: _containers.RepeatedCompositeFieldContainer[KeyShare]
-    def __init__(self, plan: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ..., roster: _Optional[_Iterable[_Union[KeyShare, _Mapping]]] = ...) -> None: ...
+    records: bytes
+    def __init__(self, plan: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ..., roster: _Optional[_Iterable[_Union[KeyShare, _Mapping]]] = ..., records: _Optional[bytes] = ...) -> None: ...
 
 class NoisyMarginal(_message.Message):
     __slots__ = ("variables", "shape", "counts", "rho", "noise_scale", "masked")
@@ -127,20 +177,22 @@ class NoisyMarginal(_message.Message):
     def __init__(self, variables: _Optional[_Iterable[str]] = ..., shape: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., rho: _Optional[float] = ..., noise_scale: _Optional[float] = ..., masked: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("site", "plan_id", "dictionary_hash", "marginals", "receipt", "receipt_signature")
+    __slots__ = ("site", "plan_id", "dictionary_hash", "marginals", "receipt", "receipt_signature", "evaluation")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
     MARGINALS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     site: str
     plan_id: str
     dictionary_hash: str
     marginals: _containers.RepeatedCompositeFieldContainer[NoisyMarginal]
     receipt: bytes
     receipt_signature: bytes
-    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[NoisyMarginal, _Mapping]]] = ..., receipt: _Optional[bytes] = ..., receipt_signature: _Optional[bytes] = ...) -> None: ...
+    evaluation: EvaluationAnswer
+    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[NoisyMarginal, _Mapping]]] = ..., receipt: _Optional[bytes] = ..., receipt_signature: _Optional[bytes] = ..., evaluation: _Optional[_Union[EvaluationAnswer, _Mapping]] = ...) -> None: ...
 
 class SignedSummary(_message.Message):
     __slots__ = ("summary", "signature", "signer")
@@ -153,7 +205,7 @@ class SignedSummary(_message.Message):
     def __init__(self, summary: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
 
 class BudgetReceipt(_message.Message):
-    __slots__ = ("site", "plan_id", "plan_sha256", "rho_debited", "rho_spent_total", "rho_limit", "debited_at", "ledger_seq", "dictionary_hash", "coordinator", "delta", "roster_sha256", "parties", "colluding", "rho_alone", "unit", "rows_per_patient")
+    __slots__ = ("site", "plan_id", "plan_sha256", "rho_debited", "rho_spent_total", "rho_limit", "debited_at", "ledger_seq", "dictionary_hash", "coordinator", "delta", "roster_sha256", "parties", "colluding", "rho_alone", "unit", "rows_per_patient", "bound")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +223,7 @@ class BudgetReceipt(_message.Message):
     RHO_ALONE_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     ROWS_PER_PATIENT_FIELD_NUMBER: _ClassVar[int]
+    BOUND_FIELD_NUMBER: _ClassVar[int]
     site: str
     plan_id: str
     plan_sha256: bytes
@@ -188,4 +241,5 @@ class BudgetReceipt(_message.Message):
     rho_alone: float
     unit: str
     rows_per_patient: int
-    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., rho_debited: _Optional[float] = ..., rho_spent_total: _Optional[float] = ..., rho_limit: _Optional[float] = ..., debited_at: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., delta: _Optional[float] = ..., roster_sha256: _Optional[bytes] = ..., parties: _Optional[int] = ..., colluding: _Optional[int] = ..., rho_alone: _Optional[float] = ..., unit: _Optional[str] = ..., rows_per_patient: _Optional[int] = ...) -> None: ...
+    bound: str
+    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., rho_debited: _Optional[float] = ..., rho_spent_total: _Optional[float] = ..., rho_limit: _Optional[float] = ..., debited_at: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., delta: _Optional[float] = ..., roster_sha256: _Optional[bytes] = ..., parties: _Optional[int] = ..., colluding: _Optional[int] = ..., rho_alone: _Optional[float] = ..., unit: _Optional[str] = ..., rows_per_patient: _Optional[int] = ..., bound: _Optional[str] = ...) -> None: ...

@@ -180,8 +180,15 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
         columns, samples = llm.columns, encode(dictionary, llm.columns)
     release_id = uuid.uuid4().hex
     results = [r for rnd in rounds for r in rnd.results]
-    sites = sorted({r.site for r in results})
-    answered = {s: [r for r in results if r.site == s] for s in sites}
+    wasted = [r for rnd in rounds for r in rnd.wasted]  # charged for unreadable secure sums: counted all the same
+    sites = sorted({r.site for r in results + wasted})
+    try:
+        privacy, site_entries = mf.release_sections(
+            {s: [r.receipt for r in results + wasted if r.site == s] for s in sites},
+            [mf.plan_facts(rnd.number, rnd.plan, [k.site for k in rnd.signed.roster]) for rnd in rounds])
+    except mf.Inconsistent as e:
+        raise PpsehrError(f"no privacy statement can be made: {e}") from None
+    excluded = mf.exclusion_entries(rounds, set(site_keys))
     fidelity = mf.fidelity_to_aggregates(dictionary, syn.pooled, samples)
     records = ({SITE: syn.site_labels} | columns) if opts.site_variable == "release" and syn.site_labels else columns
     files = {
@@ -199,14 +206,15 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
         "started": started,
         "dictionary": {"name": dictionary.name, "version": dictionary.version, "hash": dictionary.hash},
         "coordinator": job.coordinator,
-        "privacy": mf.privacy_section(job.delta, opts.colluding, answered, rounds),
-        "sites": {s: mf.site_entry(rs) for s, rs in answered.items()},
-        "sites_not_included": [mf.failure_entry(f) for f in rounds[0].failures],
-        "receipts": [mf.receipt_entry(r) for r in results],
+        "privacy": privacy,
+        "sites": site_entries,
+        "sites_not_included": excluded,
+        "receipts": [mf.receipt_entry(r) for r in results] + [mf.receipt_entry(r, used=False) for r in wasted],
         "keys": {"coordinator": keys.public_pem(coordinator_key.public_key()),
                  "coordinator_fingerprint": rounds[0].signed.signer,
                  "sites": {s: keys.public_pem(site_keys[s])
-                           for s in sorted(set(sites) | {k.site for rnd in rounds for k in rnd.signed.roster})}},
+                           for s in sorted(set(sites) | {k.site for rnd in rounds for k in rnd.signed.roster}
+                                           | {e["site"] for e in excluded if "site" in e})}},
         "plans": [mf.plan_entry(rnd) for rnd in rounds],
         "generator": {"engine": "ppsehr graphical model (Private-PGM-style estimation on a junction tree)",
                       "strategy": opts.strategy, "compress": opts.compress, "site_variable": opts.site_variable,
@@ -216,8 +224,6 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
                       "formats": list(formats)},
         "llm": llm.manifest_section,
     }
-    for rnd in rounds[1:]:
-        manifest["sites_not_included"] += [mf.failure_entry(f, rnd.number) for f in rnd.failures]
     if job.output.report:
         events("building the report", stage="report")
         files |= build_report(dictionary, manifest, syn.pooled, samples, fidelity)

@@ -199,6 +199,45 @@ def test_secure_plans_that_must_not_be_answered_are_refused_without_debit(guards
         compile_plan(secure_plan(dictionary, marginals), running[0].guard.dictionary, cautious)
 
 
+def test_a_second_enroll_never_replaces_the_key_not_even_after_a_restart(guards, dictionary, sign, site_config):
+    """Issue #14.5: whoever reaches the guard port with a captured signed plan cannot swap a site's one-time key."""
+    from ppsehr.client.guard import SiteGuard
+
+    running = guards(*SITES, secure=True)
+    signed = sign(secure_plan(dictionary, [(("sex",), 0.01)]))
+    first = running[0].stub.Enroll(signed)
+    again = running[0].stub.Enroll(signed)  # e.g. the untrusted ClientApp replaying the plan
+    assert again.public_key == first.public_key and again.signature == first.signature
+    roster = enroll_all(running[1:], signed)
+    roster.roster.insert(0, first)
+    assert all(len(g.stub.Answer(roster).summary) > 0 for g in running)  # the round stays readable
+    # a restarted guard (same ledger) refuses to enroll the plan again: its key is gone, and it never makes a new one
+    other = sign(secure_plan(dictionary, [(("sex",), 0.01)]))
+    running[1].stub.Enroll(other)
+    restarted = SiteGuard(running[1].guard.config)
+    with pytest.raises(Refusal, match="REPLAYED_PLAN: .* enrolled here before"):
+        restarted.enroll(other)
+    assert restarted.ledger.check() is None
+
+
+def test_a_secure_table_is_charged_the_smaller_of_two_valid_bounds(guards, dictionary, sign):
+    """Issue #14.7: at large rho per table the distributed bound's correction exceeds the site's own noise."""
+    running = guards(*SITES, secure=True, epsilon=100.0, policy={"max_rho_per_plan": 10.0})
+    signed = enroll_all(running, sign(secure_plan(dictionary, [(("sex",), 2.0), (("age", "sex"), 0.02)])))
+    summaries = [pb.Summary.FromString(g.stub.Answer(signed).summary) for g in running]
+    for s in summaries:
+        rc = pb.BudgetReceipt.FromString(s.receipt)
+        big, small = s.marginals
+        own = accounting.rho_of_scales([big.noise_scale])
+        assert accounting.distributed_rho(big.noise_scale, 3, 2) > own  # the correction dominates here
+        assert big.rho == pytest.approx(own, rel=1e-12) and big.rho < 2.0  # charged its own noise: less than planned
+        assert small.rho == pytest.approx(accounting.distributed_rho(small.noise_scale, 3, small.shape[0] * small.shape[1]))
+        assert rc.bound == "minimum-per-table" and rc.rho_debited == pytest.approx(big.rho + small.rho, rel=1e-12)
+        assert rc.rho_debited <= rc.rho_alone
+    assert accounting.secure_table_rho(0.55, 3, 2)[1] == "own-noise"
+    assert accounting.secure_table_rho(5.0, 3, 2)[1] == "distributed"
+
+
 def test_a_key_masks_one_answer_only(guards, dictionary, sign):
     running = guards(*SITES, secure=True)
     signed = enroll_all(running, sign(secure_plan(dictionary, [(("sex",), 0.1)])))
@@ -293,8 +332,29 @@ def test_an_unreadable_secure_sum_is_reported_as_charged_and_the_release_goes_on
     assert sorted(f["site"] for f in wasted) == ["cleveland", "hungarian"]
     assert all(f["charged"].startswith("yes") and "va did not answer" in f["message"] for f in wasted)
     assert any("round 2 was answered by no site" in m for m in messages)
-    assert guards["cleveland"].ledger.spent() > manifest["sites"]["cleveland"]["rho"]  # paid for round 2 too
+    # the budget charged for the unreadable round is in the site's rho and the release's maximum, not only in text
+    for site in ("cleveland", "hungarian"):
+        entry = manifest["sites"][site]
+        assert guards[site].ledger.spent() == pytest.approx(entry["rho"], rel=1e-12)
+        assert entry["plans"] == 2 and entry["rho_charged_for_nothing"] > 0
+    assert manifest["sites"]["va"]["rho_charged_for_nothing"] == 0 and manifest["sites"]["va"]["plans"] == 1
+    assert manifest["privacy"]["release_rho_max"] == max(s["rho"] for s in manifest["sites"].values())
+    unused = [r for r in manifest["receipts"] if not r["used"]]
+    assert sorted(r["site"] for r in unused) == ["cleveland", "hungarian"] and all(r["bound"] for r in unused)
+    assert "charged for secure sums that could not be read" in manifest["privacy"]["statement"]
     assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]
+    # a coordinator cannot drop the charged-for-nothing receipts (or the exclusion saying so)
+    for change, match in ((lambda m: m.update(receipts=[r for r in m["receipts"] if r["used"]]), "does not follow|no receipt"),
+                          (lambda m: m.update(sites_not_included=[f for f in m["sites_not_included"]
+                                                                  if f["code"] != "SUM_INCOMPLETE"]), "does not say so"),
+                          (lambda m: m["sites_not_included"].remove(
+                              next(f for f in m["sites_not_included"] if f["site"] == "va")), "no sites_not_included entry for that site and round")):
+        copy = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tmp_path / "rel", copy)
+        edit_manifest(copy, change)
+        resign_manifest(copy, consortium_keys.coordinator_key)
+        with pytest.raises(ReleaseError, match=match):
+            verify_release(copy)
 
 
 def test_a_site_that_does_not_join_secure_sums_costs_the_others_nothing(tmp_path, demo, consortium_keys):

@@ -602,9 +602,11 @@ def _site_key_swapped(m, k):
     """Forge a receipt with a key of one's own and put that key into the manifest."""
     priv, pub = keys.new_signing_key(k.root.parent / f"forger-{uuid.uuid4().hex[:6]}", "signing")
     site = m["receipts"][-1]["site"]
+    forger = keys.load_signing_key(priv)
     for r in m["receipts"]:
         if r["site"] == site:
-            r["signature"] = keys.b64(keys.load_signing_key(priv).sign(keys.unb64(r["receipt"])))
+            r["signature"] = keys.b64(forger.sign(keys.unb64(r["receipt"])))
+            r["signer"] = keys.fingerprint(forger.public_key())  # a complete re-keying: self-consistent
     m["keys"]["sites"][site] = pub.read_text()
 
 

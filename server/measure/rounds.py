@@ -109,6 +109,8 @@ class Round:
     signed: pb.SignedPlan
     results: list[SiteResult]
     failures: list[SiteFailure]
+    wasted: list[SiteResult] = field(default_factory=list)  # verified answers to a secure sum that cannot be read
+    where: dict[str, str] = field(default_factory=dict)  # the transport's name of a sender -> its verified site
 
     @property
     def secure(self) -> bool:
@@ -137,17 +139,20 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     events(f"round {number}: plan {plan.plan_id} with {len(marginals)} marginals, rho {rho:.4g} per site, "
            f"signed by {signed.signer}" + (" (secure aggregation)" if secure else ""), stage="plan")
     failures: list[SiteFailure] = []
+    where: dict[str, str] = {}
     to = None
     if secure:
-        roster, to, failures = _enroll(signed, opts, site_keys, transport, events, cover)
+        roster, to, failures, where = _enroll(signed, opts, site_keys, transport, events, cover)
         need = max([opts.min_parties] + [k.min_parties for k in roster])
         absent = sorted((cover or set()) - {k.site for k in roster})
         if absent or len(roster) < need:
-            events(f"round {number}: " + (f"the secure sum must cover every round-1 site, and {', '.join(absent)} "
-                   "cannot be in it" if absent else f"{len(roster)} site(s) in the secure sum, {need} needed")
-                   + "; nothing was sent to answer (nothing was debited): "
+            why = (f"the secure sum must cover every round-1 site, and {', '.join(absent)} cannot be in it" if absent
+                   else f"{len(roster)} site(s) in the secure sum, {need} needed")
+            failures += [SiteFailure(k.site, "NOT_SENT", f"enrolled, but the plan was not sent to be answered: {why} "
+                                     "(not charged)") for k in roster]
+            events(f"round {number}: {why}; nothing was sent to answer (nothing was debited): "
                    + "; ".join(f"{f.site}: {f.code}" for f in failures))
-            return Round(number, marginals, plan, signed, [], failures)
+            return Round(number, marginals, plan, signed, [], failures, where=where)
         signed.roster.extend(roster)
         events(f"round {number}: {len(roster)} site(s) enrolled for the secure sum: {', '.join(s.site for s in roster)}")
     replies, more = transport.query(signed, opts.reply_timeout, events, to=to)
@@ -164,27 +169,29 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
             failures.append(SiteFailure(r.where, "REJECTED", f"a second summary for site {result.site!r}"))
             continue
         results.append(result)
+        where.setdefault(r.where, result.site)
     results.sort(key=lambda x: x.site)
     missing = sorted({s.site for s in signed.roster} - {r.site for r in results})
     if secure and results and missing:
+        events(f"round {number}: the masked sum cannot be read: {', '.join(missing)} did not answer")
         failures += [SiteFailure(r.site, "SUM_INCOMPLETE", f"answered and was charged rho {r.receipt.rho_debited:.4g} for "
                                  f"nothing: the masked sum needs every enrolled site, and {', '.join(missing)} did not answer")
                      for r in results]
-        results = []
+        return Round(number, marginals, plan, signed, [], failures, wasted=results, where=where)
     if not results:
         events(f"round {number}: no usable answers: " + "; ".join(f"{f.site}: {f.code}" for f in failures))
-        return Round(number, marginals, plan, signed, results, failures)
+        return Round(number, marginals, plan, signed, results, failures, where=where)
     events(f"round {number}: {len(results)} site(s) answered with verified signatures: "
            f"{', '.join(x.site for x in results)}" + (f"; {len(failures)} did not" if failures else ""), stage="aggregate")
-    return Round(number, marginals, plan, signed, results, failures)
+    return Round(number, marginals, plan, signed, results, failures, where=where)
 
 
 def _enroll(signed: pb.SignedPlan, opts: MeasureOptions, site_keys, transport: Transport, events: Progress,
-            cover: set[str] | None) -> tuple[list[pb.KeyShare], set[str], list[SiteFailure]]:
+            cover: set[str] | None) -> tuple[list[pb.KeyShare], set[str], list[SiteFailure], dict[str, str]]:
     """Secure plans: collect the sites' signed one-time keys and pick the roster: sites known to the
     coordinator (and in `cover`, if given) that all accept each other (`secagg.agreeing`).
-    Returns the roster, where to send the answer round (the transport's names of its members) and
-    the failures."""
+    Returns the roster, where to send the answer round (the transport's names of its members), the
+    failures, and the transport's name of each site whose signed share arrived."""
     replies, failures = transport.query(signed, opts.reply_timeout, events, kind="enroll")
     plan_sha = hashlib.sha256(signed.plan).digest()
     shares: dict[str, pb.KeyShare] = {}
@@ -206,7 +213,7 @@ def _enroll(signed: pb.SignedPlan, opts: MeasureOptions, site_keys, transport: T
     roster = secagg.agreeing(shares)
     failures += [SiteFailure(s, "NOT_IN_ROSTER", "left out of the secure sum: its peers or min_parties do not fit the "
                              "other enrolled sites' (not charged)") for s in sorted(set(shares) - set(roster))]
-    return [shares[s] for s in roster], {where[s] for s in roster}, failures
+    return [shares[s] for s in roster], {where[s] for s in roster}, failures, {w: s for s, w in where.items()}
 
 
 def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coordinator_key, site_keys,

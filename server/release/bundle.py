@@ -22,10 +22,11 @@ from typing import Any, Callable
 from ...common import accounting, keys, secagg
 from ...common.errors import ReleaseError
 from ...protos import guard_pb2 as pb
+from . import manifest as mf
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
-FORMAT = "ppsehr-release/1"
+FORMAT = "ppsehr-release/2"
 
 
 def sha256(data: bytes) -> str:
@@ -69,10 +70,13 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def verify_release(path: str | Path, coordinator_key: Path | None = None,
                    site_keys: dict[str, Path] | None = None) -> dict[str, Any]:
-    """Check a release: coordinator signature, file hashes, every site receipt, and that each stated
-    rho/epsilon follows from the receipts. Keys are pinned if given, else taken from the manifest
-    (then their fingerprints must be compared with the published ones). Returns the manifest;
-    raises ReleaseError naming the first problem found.
+    """Check a release: coordinator signature, file hashes, every site receipt and plan, and that
+    every figure and sentence of the privacy section, the per-site entries, the receipts' readable
+    fields, the plan entries and sites_not_included is what the signed receipts and plans give (the
+    manifest is recomputed from them with the same functions that wrote it). Then every evaluation
+    addendum under evaluations/. Keys are pinned if given, else taken from the manifest (then their
+    fingerprints must be compared with the published ones). Returns the manifest (with the verified
+    addenda under `evaluations`); raises ReleaseError naming the first problem found.
     """
     path = Path(path)
     mpath = path / MANIFEST
@@ -83,14 +87,15 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
         raise ReleaseError(f"{path}: no {MANIFEST}; not a release directory") from None
     except json.JSONDecodeError as e:
         raise ReleaseError(f"{mpath}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ReleaseError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ReleaseError(f"{mpath}: format {found!r}, expected {FORMAT!r}")
     try:
         ckey = keys.load_public_key(coordinator_key) if coordinator_key else keys.public_from_pem(manifest["keys"]["coordinator"])
         signature = keys.unb64((path / SIGNATURE).read_text().strip())
     except FileNotFoundError:
         raise ReleaseError(f"{path}: no {SIGNATURE}; the release is not signed") from None
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise ReleaseError(f"{mpath}: no usable coordinator key or signature ({e})") from None
     if not keys.verify(ckey, signature, data):
         raise ReleaseError(f"{path / SIGNATURE}: the coordinator's signature of {MANIFEST} does not verify")
@@ -101,67 +106,222 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
         if sha256(f.read_bytes()) != digest:
             raise ReleaseError(f"{f}: SHA-256 does not match the manifest")
     listed = set(manifest.get("files", {})) | {MANIFEST, SIGNATURE}
-    extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in listed)
+    present = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    addenda = [rel for rel in present if rel not in listed and _addendum_name(rel)]
+    extra = [rel for rel in present if rel not in listed and rel not in addenda]
     if extra:
         raise ReleaseError(f"{path}: files not covered by the manifest: {extra}")
-    plans = {p["plan_id"]: _verify_plan(p, manifest, ckey, mpath, site_keys) for p in manifest.get("plans", [])}
-    if not plans:
-        raise ReleaseError(f"{mpath}: no plans")
+    try:
+        _verify_accounts(manifest, ckey, mpath, site_keys)
+    except (KeyError, TypeError, AttributeError) as e:  # a section of the wrong shape
+        raise ReleaseError(f"{mpath}: a section is missing or malformed ({type(e).__name__}: {e})") from None
+    if addenda:
+        from ..evaluate.addendum import verify_addenda  # coordinator-side evaluation; imported only when present
+
+        manifest["evaluations"] = verify_addenda(path, addenda, manifest, data, ckey, site_keys)
+    return manifest
+
+
+ADDENDA = "evaluations"
+
+
+def _addendum_name(rel: str) -> bool:
+    """Whether a file not listed in the manifest may be an evaluation addendum (verified as one)."""
+    parts = Path(rel).parts
+    return len(parts) == 2 and parts[0] == ADDENDA and parts[1].endswith((".json", ".sig"))
+
+
+def _fail(mpath: Path, message: str) -> None:
+    raise ReleaseError(f"{mpath}: {message}")
+
+
+def known_sites(manifest: dict[str, Any], site_keys: dict[str, Path] | None) -> set[str]:
+    """Sites whose keys this verification knows: the manifest's, and any pinned."""
+    return set(manifest.get("keys", {}).get("sites", {})) | set(site_keys or {})
+
+
+def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dict[str, Path] | None) -> None:
+    """Plans, receipts, per-site entries, the privacy section and sites_not_included, recomputed."""
+    fingerprint = keys.fingerprint(ckey)
+    if manifest.get("keys", {}).get("coordinator_fingerprint") != fingerprint:
+        _fail(mpath, f"keys.coordinator_fingerprint {manifest.get('keys', {}).get('coordinator_fingerprint')!r} is not "
+                     f"the fingerprint of the key that signed the release ({fingerprint})")
+    entries = manifest.get("plans") or []
+    if not entries:
+        _fail(mpath, "no plans")
+    plans: dict[str, tuple[str, tuple | None]] = {}
+    facts: list[mf.PlanFacts] = []
+    for i, entry in enumerate(entries):
+        plan, plan_bytes, digest, secure, roster = _verify_plan(entry, manifest, ckey, mpath, site_keys)
+        if entry.get("round") != i + 1:
+            _fail(mpath, f"plan entry {entry.get('plan_id')!r}: round {entry.get('round')!r}; plans are rounds 1, 2, ... "
+                         "in order")
+        if plan.plan_id in plans:
+            _fail(mpath, f"plan {plan.plan_id!r} is listed twice")
+        _compare(mpath, f"plan entry {plan.plan_id!r}", entry,
+                 mf.plan_entry_of(i + 1, plan, plan_bytes, keys.unb64(entry["signature"]), roster))
+        plans[plan.plan_id] = (digest, secure)
+        facts.append(mf.plan_facts(i + 1, plan, [k.site for k in roster]))
     if not manifest.get("sites"):
-        raise ReleaseError(f"{mpath}: no site contributed; a release needs at least one site's receipt")
+        _fail(mpath, "no site contributed; a release needs at least one site's receipt")
     by_site: dict[str, list[pb.BudgetReceipt]] = {}
     for r in manifest.get("receipts", []):
         site = r.get("site")
         if site not in manifest["sites"]:
-            raise ReleaseError(f"{mpath}: a receipt names site {site!r}, which the manifest does not list")
-        by_site.setdefault(site, []).append(_verify_receipt(r, site, plans, manifest, site_keys, mpath))
-    for site, s in manifest["sites"].items():
+            _fail(mpath, f"a receipt names site {site!r}, which the manifest does not list")
+        by_site.setdefault(site, []).append(_verify_receipt(r, site, plans, manifest, site_keys, mpath, fingerprint))
+    for site in manifest["sites"]:
         rcs = by_site.get(site)
         if not rcs:
-            raise ReleaseError(f"{mpath}: site {site!r} has no receipt")
+            _fail(mpath, f"site {site!r} has no receipt")
         if len({rc.plan_id for rc in rcs}) != len(rcs):
-            raise ReleaseError(f"{mpath}: site {site!r} has two receipts for one plan")
-        rho = math.fsum(rc.rho_debited for rc in rcs)
-        last = max(rcs, key=lambda rc: rc.ledger_seq)
-        if not math.isclose(rho, s["rho"], rel_tol=1e-12) or not math.isclose(last.rho_spent_total, s["rho_total"], rel_tol=1e-12):
-            raise ReleaseError(f"{mpath}: site {site!r}: stated rho does not match its signed receipts")
-        alone = math.fsum(rc.rho_alone if rc.parties else rc.rho_debited for rc in rcs)
-        stated = s.get("rho_if_others_collude", None if not any(rc.parties for rc in rcs) else -1.0)
-        if stated is not None and not math.isclose(alone, stated, rel_tol=1e-12):
-            raise ReleaseError(f"{mpath}: site {site!r}: rho_if_others_collude does not match its signed receipts")
-        for key, value in (("epsilon", rho), ("epsilon_total", last.rho_spent_total)):
-            if not math.isclose(accounting.epsilon(value, last.delta), s[key], rel_tol=1e-6):
-                raise ReleaseError(f"{mpath}: site {site!r}: {key} {s[key]} does not follow from rho {value} at delta {last.delta}")
-    # Every listed site answered every plan, unless that plan's round lists as many sites not included.
-    for p in manifest["plans"]:
-        missing = [site for site in manifest["sites"] if not any(rc.plan_id == p["plan_id"] for rc in by_site[site])]
-        excused = [f for f in manifest.get("sites_not_included", []) if f.get("round", 1) == p.get("round", 1)]
-        if len(missing) > len(excused):
-            raise ReleaseError(f"{mpath}: plan {p['plan_id']!r} has no receipt from {missing} and no matching "
-                               "entry in sites_not_included")
-    worst = max(math.fsum(rc.rho_debited for rc in rcs) for rcs in by_site.values())
-    privacy = manifest["privacy"]
-    if not math.isclose(worst, privacy.get("release_rho_max", -1.0), rel_tol=1e-12):
-        raise ReleaseError(f"{mpath}: release_rho_max {privacy.get('release_rho_max')} does not follow from the receipts")
-    if not math.isclose(accounting.epsilon(worst, privacy["delta"]), privacy["release_epsilon_max"], rel_tol=1e-6):
-        raise ReleaseError(f"{mpath}: release_epsilon_max {privacy['release_epsilon_max']} does not follow from the receipts")
-    return manifest
+            _fail(mpath, f"site {site!r} has two receipts for one plan")
+        _check_running_totals(site, rcs, mpath)
+    try:
+        figures = mf.privacy_figures(by_site, facts)
+    except mf.Inconsistent as e:
+        _fail(mpath, str(e))
+    unreadable = mf.unreadable_plans(by_site, facts)
+    for r in manifest["receipts"]:
+        rc = pb.BudgetReceipt.FromString(keys.unb64(r["receipt"]))
+        _compare(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}", r,
+                 mf.receipt_entry_of(r["site"], r.get("signer"), keys.unb64(r["receipt"]), keys.unb64(r["signature"]), rc,
+                                     rc.plan_id not in unreadable))
+        if r.get("signer") != keys.fingerprint(_site_key(r["site"], manifest, site_keys)):
+            _fail(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}: signer {r.get('signer')!r} is not the "
+                         "fingerprint of the site's key")
+    for site, stated in manifest["sites"].items():
+        _compare(mpath, f"site {site!r}", stated, figures["sites"][site], _site_messages(site, figures["sites"][site]))
+    _compare(mpath, "privacy", manifest.get("privacy"), mf.privacy_section(figures), _privacy_messages(figures))
+    _verify_exclusions(manifest, by_site, facts, unreadable, known_sites(manifest, site_keys), mpath)
+
+
+def _site_messages(site: str, want: dict[str, Any]) -> dict[str, Callable[[Any], str]]:
+    def eps(key: str, rho_key: str) -> Callable[[Any], str]:
+        return lambda got: f"site {site!r}: {key} {got} does not follow from rho {want[rho_key]} at delta {want['delta']}"
+
+    return {"rho": lambda got: f"site {site!r}: stated rho does not match its signed receipts ({want['rho']})",
+            "rho_total": lambda got: f"site {site!r}: stated rho_total does not match its signed receipts ({want['rho_total']})",
+            "rho_if_others_collude": lambda got: f"site {site!r}: rho_if_others_collude does not match its signed receipts "
+                                                 f"({want['rho_if_others_collude']})",
+            "epsilon": eps("epsilon", "rho"), "epsilon_total": eps("epsilon_total", "rho_total")}
+
+
+def _privacy_messages(f: dict[str, Any]) -> dict[str, Callable[[Any], str]]:
+    return {"delta": lambda got: f"privacy.delta {got!r} is not the delta every receipt states ({f['delta']!r})",
+            "release_rho_max": lambda got: f"release_rho_max {got} does not follow from the receipts ({f['rho']})",
+            "release_epsilon_max": lambda got: f"release_epsilon_max {got} does not follow from the receipts "
+                                               f"({f['epsilon']} at delta {f['delta']})",
+            "statement": lambda got: "privacy.statement is not the statement its verified figures give; expected: "
+                                     + mf.privacy_statement(f)}
+
+
+def _compare(mpath: Path, where: str, stated: Any, expected: dict[str, Any],
+             messages: dict[str, Callable[[Any], str]] | None = None) -> None:
+    """Every field of `stated` must be exactly what the signed receipts and plans give (`expected`)."""
+    if not isinstance(stated, dict):
+        _fail(mpath, f"{where}: missing or not an object")
+    for key in list(expected) + [k for k in stated if k not in expected]:
+        if key not in expected:
+            _fail(mpath, f"{where}: field {key!r} is not derived from any signed receipt or plan")
+        if key not in stated:
+            _fail(mpath, f"{where}: field {key!r} is missing")
+        if stated[key] != expected[key] or type(stated[key]) is not type(expected[key]):
+            if messages and key in messages:
+                _fail(mpath, messages[key](stated[key]))
+            _fail(mpath, f"{where}: {key} {stated[key]!r} does not follow from the signed receipts and plans "
+                         f"(they give {expected[key]!r})")
+
+
+def _check_running_totals(site: str, rcs: list[pb.BudgetReceipt], mpath: Path) -> None:
+    """A site's receipts, in ledger order, must describe one ledger: increasing sequence and totals."""
+    ordered = sorted(rcs, key=lambda rc: rc.ledger_seq)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.ledger_seq == a.ledger_seq or b.rho_spent_total < a.rho_spent_total + b.rho_debited * (1 - 1e-9):
+            _fail(mpath, f"site {site!r}: receipts {a.plan_id!r} and {b.plan_id!r} do not describe one ledger "
+                         "(sequence numbers or running totals)")
+    for rc in ordered:
+        if not (math.isfinite(rc.rho_debited) and rc.rho_debited > 0
+                and rc.rho_spent_total >= rc.rho_debited * (1 - 1e-9) and rc.rho_limit >= rc.rho_spent_total * (1 - 1e-9)):
+            _fail(mpath, f"site {site!r}: receipt for plan {rc.plan_id!r} states impossible figures")
+
+
+def _verify_exclusions(manifest: dict[str, Any], by_site: dict[str, list[pb.BudgetReceipt]], facts: list[mf.PlanFacts],
+                       unreadable: set[str], known: set[str], mpath: Path) -> None:
+    """sites_not_included, matched per site and per round with the receipts, the listed sites and the rosters."""
+    rounds = {p.round: p for p in facts}
+    receipted = {(site, rc.plan_id): rc for site, rcs in by_site.items() for rc in rcs}
+    excused: dict[tuple[str, str], dict[str, Any]] = {}
+    entries = manifest.get("sites_not_included")
+    if not isinstance(entries, list):
+        _fail(mpath, "sites_not_included is missing or not a list")
+    for i, e in enumerate(entries):
+        where = f"sites_not_included[{i}]"
+        if not isinstance(e, dict) or ("site" in e) == ("node" in e):
+            _fail(mpath, f"{where}: an entry names either a site or (when the sender was never tied to a site) a node")
+        p = rounds.get(e.get("round"))
+        if p is None or e.get("plan_id") != p.plan_id:
+            _fail(mpath, f"{where}: round {e.get('round')!r} / plan {e.get('plan_id')!r} is not a plan of this release")
+        code, site = e.get("code"), e.get("site")
+        if not isinstance(code, str) or not isinstance(e.get("message"), str):
+            _fail(mpath, f"{where}: needs a code and a message")
+        fields = {"site" if site is not None else "node", "round", "plan_id", "code", "message", "charged"}
+        if set(e) != fields:
+            _fail(mpath, f"{where}: fields {sorted(set(e) ^ fields)} do not belong to an entry")
+        rc = receipted.get((site, p.plan_id)) if site is not None else None
+        if site is not None:
+            if site not in known:
+                _fail(mpath, f"{where}: names site {site!r}, which no key in this release (or pinned) belongs to")
+            if (site, p.plan_id) in excused:
+                _fail(mpath, f"{where}: site {site!r} is listed twice for round {p.round}")
+            if rc is not None and p.plan_id not in unreadable:
+                _fail(mpath, f"{where}: site {site!r} has a receipt for round {p.round}'s plan, whose answers were used, "
+                             "but is listed as not included")
+            excused[(site, p.plan_id)] = e
+        if (code == "SUM_INCOMPLETE") != (rc is not None):
+            _fail(mpath, f"{where}: code {code!r} " + ("is only for a site charged for an unreadable secure sum, whose "
+                                                       "receipt this release holds" if rc is None else
+                                                       f"for site {site!r}, which was charged for an unreadable sum"))
+        if e.get("charged") != mf.charged_text(code, rc is not None):
+            _fail(mpath, f"{where}: charged {e.get('charged')!r} does not follow from its code and the receipts "
+                         f"(expected {mf.charged_text(code, rc is not None)!r})")
+        if rc is not None:
+            missing = {s for s in p.roster if (s, p.plan_id) not in receipted}
+            if e["message"] != mf.sum_incomplete_message(rc.rho_debited, missing):
+                _fail(mpath, f"{where}: message is not what site {site!r}'s receipt and the roster give; expected: "
+                             + mf.sum_incomplete_message(rc.rho_debited, missing))
+    for (site, plan_id), rc in receipted.items():
+        if plan_id in unreadable and (site, plan_id) not in excused:
+            _fail(mpath, f"site {site!r} was charged for plan {plan_id!r}, whose secure sum cannot be read, and "
+                         "sites_not_included does not say so")
+    for p in facts:
+        for site in manifest["sites"]:
+            if (site, p.plan_id) not in receipted and (site, p.plan_id) not in excused:
+                _fail(mpath, f"site {site!r} has no receipt for plan {p.plan_id!r} (round {p.round}) and no "
+                             "sites_not_included entry for that site and round")
+        for site in p.roster:
+            if (site, p.plan_id) not in receipted and (site, p.plan_id) not in excused:
+                _fail(mpath, f"site {site!r} enrolled in the secure sum of plan {p.plan_id!r} (round {p.round}; its "
+                             "signed key share is in the roster) but has neither a receipt nor a sites_not_included entry")
 
 
 def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: Path,
-                 site_keys: dict[str, Path] | None) -> tuple[str, tuple | None]:
-    """Check one plan's coordinator signature and content; return its SHA-256 (hex) and, for a
-    secure plan, what its receipts must state: (roster digest, parties, colluding)."""
+                 site_keys: dict[str, Path] | None) -> tuple[pb.QueryPlan, bytes, str, tuple | None, list[pb.KeyShare]]:
+    """Check one plan's coordinator signature and content; return the plan, its bytes, its SHA-256 (hex),
+    for a secure plan what its receipts must state (roster digest, parties, colluding), and its
+    verified roster."""
     try:
         plan_bytes = keys.unb64(entry["signed_plan"])
         if not keys.verify(ckey, keys.unb64(entry["signature"]), plan_bytes):
             raise ReleaseError(f"{mpath}: the signature of plan {entry['plan_id']!r} does not verify")
         plan = pb.QueryPlan.FromString(plan_bytes)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise ReleaseError(f"{mpath}: a plan entry is unreadable ({e})") from None
     digest = hashlib.sha256(plan_bytes).hexdigest()
     if plan.plan_id != entry["plan_id"] or digest != entry["sha256"]:
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} does not match the signed plan")
+    if plan.HasField("evaluation"):
+        raise ReleaseError(f"{mpath}: plan {entry['plan_id']!r} is an evaluation plan, not a release's")
     try:
         stated = [(m["variables"], float(m["rho"]), m.get("groups")) for m in entry["marginals"]]
         per_site = float(entry["rho_per_site"])
@@ -178,22 +338,29 @@ def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: P
     if not plan.HasField("secure"):
         if "secure" in entry:
             raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} claims secure aggregation the signed plan lacks")
-        return digest, None
+        return plan, plan_bytes, digest, None, []
     try:
         sec = entry["secure"]
         roster = [pb.KeyShare(site=k["site"], plan_sha256=bytes.fromhex(digest), public_key=keys.unb64(k["public_key"]),
                               signature=keys.unb64(k["signature"]), signer=k["signer"]) for k in sec["roster"]]
         known = {s: _site_key(s, manifest, site_keys) for s in {k.site for k in roster}}
         parties = secagg.check_roster(roster, bytes.fromhex(digest), known)
-    except (KeyError, TypeError, ValueError, secagg.RosterError) as e:
+    except (KeyError, TypeError, ValueError, ReleaseError, secagg.RosterError) as e:
         raise ReleaseError(f"{mpath}: plan {entry['plan_id']!r}: its secure-aggregation roster does not verify ({e})") from None
     if (sec.get("colluding"), sec.get("min_parties")) != (plan.secure.colluding, plan.secure.min_parties):
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} states other secure-aggregation terms than the signed plan")
-    return digest, (secagg.roster_sha256(parties), len(parties), plan.secure.colluding)
+    return plan, plan_bytes, digest, (secagg.roster_sha256(parties), len(parties), plan.secure.colluding), roster
 
 
 def _site_key(site: str, manifest: dict[str, Any], site_keys: dict[str, Path] | None):
-    return keys.load_public_key(site_keys[site]) if site_keys else keys.public_from_pem(manifest["keys"]["sites"][site])
+    if site_keys:
+        if site not in site_keys:
+            raise ReleaseError(f"no pinned key for site {site!r}: pin every site's key (--site-key) or none")
+        return keys.load_public_key(site_keys[site])
+    try:
+        return keys.public_from_pem(manifest["keys"]["sites"][site])
+    except KeyError:
+        raise ReleaseError(f"the manifest carries no key for site {site!r}") from None
 
 
 def _groups(query: pb.MarginalQuery) -> list[list[int] | None] | None:
@@ -202,13 +369,16 @@ def _groups(query: pb.MarginalQuery) -> list[list[int] | None] | None:
     return groups if any(groups) else None
 
 
+BOUND_NAMES = (*accounting.BOUNDS, "minimum-per-table")
+
+
 def _verify_receipt(r: dict[str, Any], site: str, plans: dict[str, tuple], manifest: dict[str, Any],
-                    site_keys: dict[str, Path] | None, mpath: Path) -> pb.BudgetReceipt:
+                    site_keys: dict[str, Path] | None, mpath: Path, coordinator: str) -> pb.BudgetReceipt:
     try:
         key = _site_key(site, manifest, site_keys)
         raw = keys.unb64(r["receipt"])
         ok = keys.verify(key, keys.unb64(r["signature"]), raw)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise ReleaseError(f"{mpath}: site {site!r}: receipt or key unreadable ({e})") from None
     if not ok:
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt's signature does not verify")
@@ -220,4 +390,13 @@ def _verify_receipt(r: dict[str, Any], site: str, plans: dict[str, tuple], manif
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt's secure-aggregation roster or terms do not match plan {rc.plan_id!r}")
     if rc.dictionary_hash != manifest["dictionary"]["hash"]:
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another dictionary")
+    if rc.coordinator != coordinator:
+        raise ReleaseError(f"{mpath}: site {site!r}: the receipt names plan signer {rc.coordinator!r}, not the release's "
+                           f"coordinator ({coordinator})")
+    if secure and (rc.bound not in BOUND_NAMES or rc.rho_debited > rc.rho_alone * (1 + 1e-9)
+                   or (rc.bound == "own-noise" and not math.isclose(rc.rho_debited, rc.rho_alone, rel_tol=1e-9))):
+        raise ReleaseError(f"{mpath}: site {site!r}: the receipt for secure plan {rc.plan_id!r} states bound {rc.bound!r} "
+                           f"and rho {rc.rho_debited} against rho_alone {rc.rho_alone}, which no valid bound gives")
+    if not secure and rc.bound:
+        raise ReleaseError(f"{mpath}: site {site!r}: the receipt for plan {rc.plan_id!r} names a secure-sum bound")
     return rc

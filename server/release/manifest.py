@@ -6,33 +6,58 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import numpy as np
 
-from ...common import accounting, keys, privacy_unit
+from ...common import accounting, keys
+from ...common import privacy_unit as units
 from ...common.cells import group_labels
 from ...common.dictionary import Dictionary
 from ..measure.aggregate import SiteResult
 from ..measure.rounds import Round
-from ..measure.transport import SiteFailure
+from ...protos import guard_pb2 as pb
 from ..model.graphical import SITE
 from ..model.synthesize import Synthesis
 
-def site_unit(rs: list[SiteResult]) -> tuple[str, int]:
-    """The (unit, rows_per_patient) a site's signed receipts in this release support (common/privacy_unit.py)."""
-    return privacy_unit.weakest([(r.receipt.unit, r.receipt.rows_per_patient or 1) for r in rs])
+class Inconsistent(ValueError):
+    """Signed receipts and plans that no single privacy statement can be made from (the message says why)."""
+
+
+# ----------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class PlanFacts:
+    """What the privacy section needs from one signed plan (for a secure plan, with its verified roster)."""
+
+    round: int
+    plan_id: str
+    marginals: int
+    secure: bool
+    colluding: int = 0
+    roster: tuple[str, ...] = ()
+
+
+def plan_facts(number: int, plan: pb.QueryPlan, roster: Iterable[str] = ()) -> PlanFacts:
+    return PlanFacts(number, plan.plan_id, len(plan.marginals), plan.HasField("secure"),
+                     plan.secure.colluding if plan.HasField("secure") else 0, tuple(sorted(roster)))
+
+
+def plan_entry_of(number: int, plan: pb.QueryPlan, plan_bytes: bytes, signature: bytes, roster) -> dict[str, Any]:
+    """A plan's manifest entry, every field from the signed plan (and its signed roster)."""
+    return {"round": number, "plan_id": plan.plan_id, "purpose": plan.purpose,
+            "rho_per_site": math.fsum(m.rho for m in plan.marginals),
+            "marginals": [{"variables": list(m.variables), "rho": m.rho}
+                          | groups_entry([list(g.cell_group) or None for g in m.groups] or None) for m in plan.marginals],
+            "signed_plan": keys.b64(plan_bytes), "signature": keys.b64(signature),
+            "sha256": hashlib.sha256(plan_bytes).hexdigest()} | ({"secure": {
+                "colluding": plan.secure.colluding, "min_parties": plan.secure.min_parties,
+                "roster": [{"site": k.site, "public_key": keys.b64(k.public_key), "signature": keys.b64(k.signature),
+                            "signer": k.signer} for k in roster]}} if plan.HasField("secure") else {})
 
 
 def plan_entry(rnd: Round) -> dict[str, Any]:
-    return {"round": rnd.number, "plan_id": rnd.plan.plan_id, "purpose": rnd.plan.purpose,
-            "rho_per_site": sum(m.rho for m in rnd.marginals),
-            "marginals": [{"variables": list(m.variables), "rho": m.rho} | groups_entry(m.groups) for m in rnd.marginals],
-            "signed_plan": keys.b64(rnd.signed.plan), "signature": keys.b64(rnd.signed.signature),
-            "sha256": hashlib.sha256(rnd.signed.plan).hexdigest()} | ({"secure": {
-                "colluding": rnd.plan.secure.colluding, "min_parties": rnd.plan.secure.min_parties,
-                "roster": [{"site": k.site, "public_key": keys.b64(k.public_key), "signature": keys.b64(k.signature),
-                            "signer": k.signer} for k in rnd.signed.roster]}} if rnd.secure else {})
+    return plan_entry_of(rnd.number, rnd.plan, rnd.signed.plan, rnd.signed.signature, rnd.signed.roster)
 
 
 def groups_entry(groups) -> dict[str, Any]:
@@ -46,62 +71,180 @@ def to_json(obj: Any) -> bytes:
     return json.dumps(obj, indent=1).encode() + b"\n"
 
 
-def privacy_section(delta: float, colluding: int, answered: dict[str, list[SiteResult]],
-                    rounds: list[Round]) -> dict[str, Any]:
-    rho = max(sum(r.receipt.rho_debited for r in rs) for rs in answered.values())
-    eps = accounting.epsilon(rho, delta)
-    secure = [rnd for rnd in rounds if rnd.secure]
+# ----------------------------------------------------------------------------- receipts -> privacy
+def unreadable_plans(by_site: dict[str, list[pb.BudgetReceipt]], plans: list[PlanFacts]) -> set[str]:
+    """Secure plans whose masked sum cannot be read: a roster member has no receipt for them. Their
+    receipts were charged for nothing, and count like every other."""
+    receipted = {(site, rc.plan_id) for site, rcs in by_site.items() for rc in rcs}
+    return {p.plan_id for p in plans if p.secure and any((s, p.plan_id) not in receipted for s in p.roster)}
+
+
+def release_delta(by_site: dict[str, list[pb.BudgetReceipt]]) -> float:
+    """The one delta every receipt of a release states (a release makes one (epsilon, delta) statement)."""
+    deltas = {rc.delta for rcs in by_site.values() for rc in rcs}
+    if len(deltas) != 1:
+        raise Inconsistent(f"the sites' receipts state different deltas ({sorted(deltas)}); one release states one delta")
+    return deltas.pop()
+
+
+def site_entry(receipts: list[pb.BudgetReceipt], plans: list[PlanFacts], unreadable: set[str]) -> dict[str, Any]:
+    """One site's spending in a release, every figure from its signed receipts."""
+    last = max(receipts, key=lambda rc: rc.ledger_seq)
+    rho = math.fsum(rc.rho_debited for rc in receipts)
+    marginals = {p.plan_id: p.marginals for p in plans}
+    unit, k = site_unit(receipts)
+    return {"status": "answered", "plans": len(receipts), "rho": rho, "epsilon": accounting.epsilon(rho, last.delta),
+            "unit": unit, "rows_per_patient": k,
+            "rho_if_others_collude": math.fsum(rc.rho_alone if rc.parties else rc.rho_debited for rc in receipts),
+            "rho_charged_for_nothing": math.fsum(rc.rho_debited for rc in receipts if rc.plan_id in unreadable),
+            "delta": last.delta, "rho_total": last.rho_spent_total,
+            "epsilon_total": accounting.epsilon(last.rho_spent_total, last.delta),
+            "rho_limit": last.rho_limit, "marginals": sum(marginals[rc.plan_id] for rc in receipts)}
+
+
+def site_unit(receipts: list[pb.BudgetReceipt]) -> tuple[str, int]:
+    """The privacy unit a site's signed receipts in this release support together (common/privacy_unit.py)."""
+    return units.weakest([(rc.unit, rc.rows_per_patient or 1) for rc in receipts])
+
+
+def release_unit(by_site: dict[str, list[pb.BudgetReceipt]]) -> str:
+    """The privacy unit the statement names: the one place it is decided, from the receipts' units."""
+    return units.statement({site: site_unit(rcs) for site, rcs in by_site.items()})
+
+
+def privacy_figures(by_site: dict[str, list[pb.BudgetReceipt]], plans: list[PlanFacts]) -> dict[str, Any]:
+    """Every figure the privacy section and its statement state, from signed receipts and plans."""
+    if not by_site or not all(by_site.values()):
+        raise Inconsistent("no site's receipt: a privacy statement needs at least one")
+    delta = release_delta(by_site)
+    unreadable = unreadable_plans(by_site, plans)
+    sites = {s: site_entry(rcs, plans, unreadable) for s, rcs in sorted(by_site.items())}
+    answered = {rc.plan_id for rcs in by_site.values() for rc in rcs}
+    secure = [p for p in plans if p.secure and p.plan_id in answered]
+    rho = max(e["rho"] for e in sites.values())
+    alone = max(e["rho_if_others_collude"] for e in sites.values())
+    return {"unit": release_unit(by_site), "delta": delta, "rho": rho, "epsilon": accounting.epsilon(rho, delta),
+            "receipts": sum(len(rcs) for rcs in by_site.values()), "plans": len(answered),
+            "rho_charged_for_nothing": max(e["rho_charged_for_nothing"] for e in sites.values()),
+            "secure_rounds": sorted(p.round for p in secure),
+            "colluding": max((p.colluding for p in secure), default=0),
+            "rho_if_others_collude": alone, "epsilon_if_others_collude": accounting.epsilon(alone, delta),
+            "sites": sites}
+
+
+def privacy_statement(f: dict[str, Any]) -> str:
+    """The privacy statement, word for word, from verified figures (`privacy_figures`); verify regenerates it."""
+    text = [f"Privacy unit: {f['unit']}. Each patient is protected by the budget of the site that holds them.",
+            f"In this release no site spent more than rho = {f['rho']:.4g} (zCDP), i.e. ({f['epsilon']:.3g}, "
+            f"{f['delta']:g})-DP, as {f['receipts']} signed site receipt(s) for {f['plans']} signed plan(s) state."]
+    if f["rho_charged_for_nothing"] > 0:
+        text.append(f"That counts up to rho = {f['rho_charged_for_nothing']:.4g} a site was charged for secure sums "
+                    "that could not be read.")
+    if f["secure_rounds"]:
+        text.append(f"Round(s) {', '.join(map(str, f['secure_rounds']))} were secure sums: their rho counts on at most "
+                    f"{f['colluding']} enrolled site(s) colluding with the coordinator; if all the other sites colluded, "
+                    f"no site's loss would exceed rho = {f['rho_if_others_collude']:.4g}, i.e. "
+                    f"({f['epsilon_if_others_collude']:.3g}, {f['delta']:g})-DP.")
+    text.append("If a patient appears at k sites, their loss is at most the sum over those sites. Epsilon is OpenDP's "
+                "zCDP-to-approximate-DP privacy profile; each site's rho is the sum of its signed receipts.")
+    return " ".join(text)
+
+
+def privacy_section(f: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's privacy section from verified figures (`privacy_figures`)."""
     trust = {"secure_aggregation": (
-        f"Round(s) {', '.join(str(rnd.number) for rnd in secure)} were secure sums: each site masked its tables and "
-        "added a share of the noise, and only the sum over every enrolled site could be read. Their rho counts on "
-        f"at most {colluding} enrolled site(s) colluding with the coordinator (Kairouz, Liu & Steinke's distributed "
-        "discrete Gaussian bound); each site's rho_if_others_collude is its loss if all the other sites did.")} if secure else {}
-    units = {site: site_unit(rs) for site, rs in answered.items()}
+        f"Round(s) {', '.join(map(str, f['secure_rounds']))} were secure sums: each site masked its tables and added a "
+        "share of the noise, and only the sum over every enrolled site could be read. Each table is charged the smaller "
+        f"of two valid bounds: Kairouz, Liu & Steinke's distributed discrete Gaussian bound, which counts on at most "
+        f"{f['colluding']} enrolled site(s) colluding with the coordinator, and OpenDP's map of the site's own noise "
+        "share (receipts name the bound). Each site's rho_if_others_collude is its loss if all the other sites "
+        "colluded.")} if f["secure_rounds"] else {}
     return trust | {
-        "unit": privacy_unit.statement(units),
-        "site_units": {site: {"unit": u, "rows_per_patient": k, "description": privacy_unit.describe(u, k)}
-                       for site, (u, k) in sorted(units.items())},
+        "unit": f["unit"],
+        "site_units": {s: {"unit": e["unit"], "rows_per_patient": e["rows_per_patient"],
+                           "description": units.describe(e["unit"], e["rows_per_patient"])}
+                       for s, e in f["sites"].items()},
         "model": "zero-concentrated DP per site; rho composes additively across plans and releases",
-        "delta": delta,
-        "release_rho_max": rho,
-        "release_epsilon_max": eps,
-        "statement": (f"Each patient is protected by the budget of the site that holds them. In this release no "
-                      f"site spent more than rho = {rho:.4g}, i.e. ({eps:.3g}, {delta:g})-DP. "
-                      "If a patient appears at k sites, their loss is at most the sum over those sites. "
-                      "Epsilon is OpenDP's zCDP-to-approximate-DP privacy profile; each site's rho is in its signed receipts."),
+        "delta": f["delta"],
+        "release_rho_max": f["rho"],
+        "release_epsilon_max": f["epsilon"],
+        "rho_charged_for_nothing_max": f["rho_charged_for_nothing"],
+        "receipts": f["receipts"],
+        "statement": privacy_statement(f),
     }
 
 
-def site_entry(rs: list[SiteResult]) -> dict[str, Any]:
-    last = max((r.receipt for r in rs), key=lambda rc: rc.ledger_seq)
-    rho = sum(r.receipt.rho_debited for r in rs)
-    alone = math.fsum(r.receipt.rho_alone if r.receipt.parties else r.receipt.rho_debited for r in rs)
-    unit, k = site_unit(rs)
-    return {"status": "answered", "plans": len(rs), "rho": rho, "epsilon": accounting.epsilon(rho, last.delta),
-            "unit": unit, "rows_per_patient": k,
-            "rho_if_others_collude": alone,
-            "delta": last.delta, "rho_total": last.rho_spent_total,
-            "epsilon_total": accounting.epsilon(last.rho_spent_total, last.delta),
-            "rho_limit": last.rho_limit, "marginals": sum(len(r.summary.marginals) for r in rs)}
+def release_sections(by_site: dict[str, list[pb.BudgetReceipt]], plans: list[PlanFacts]) -> tuple[dict, dict]:
+    """The manifest's `privacy` and `sites` sections: what the builder writes and `verify` recomputes."""
+    f = privacy_figures(by_site, plans)
+    return privacy_section(f), f["sites"]
 
 
-def failure_entry(f: SiteFailure, number: int = 1) -> dict[str, Any]:
-    refused = f.code not in ("TIMEOUT", "GUARD_TIMEOUT", "GUARD_UNAVAILABLE", "REJECTED", "SUM_INCOMPLETE") \
-        and not f.code.startswith("FLOWER_")
-    charged = ("yes, for nothing (the masked sum could not be read)" if f.code == "SUM_INCOMPLETE"
-               else "no (the guard refused the plan)" if refused else "unknown: check the site's ledger")
-    return {"site": f.site, "round": number, "code": f.code, "message": f.message, "charged": charged}
-
-
-def receipt_entry(r: SiteResult) -> dict[str, Any]:
-    rc = r.receipt
-    return {"site": r.site, "signer": r.signer, "receipt": keys.b64(r.summary.receipt),
-            "signature": keys.b64(r.summary.receipt_signature),
+def receipt_entry_of(site: str, signer: str, raw: bytes, signature: bytes, rc: pb.BudgetReceipt,
+                     used: bool) -> dict[str, Any]:
+    """A receipt's manifest entry: the signed bytes, and its fields repeated for readers (verify compares them)."""
+    return {"site": site, "signer": signer, "receipt": keys.b64(raw), "signature": keys.b64(signature),
             "plan_id": rc.plan_id, "plan_sha256": rc.plan_sha256.hex(), "rho_debited": rc.rho_debited,
             "rho_spent_total": rc.rho_spent_total, "rho_limit": rc.rho_limit, "delta": rc.delta,
-            "debited_at": rc.debited_at, "ledger_seq": rc.ledger_seq,
+            "debited_at": rc.debited_at, "ledger_seq": rc.ledger_seq, "used": used,
             "unit": rc.unit, "rows_per_patient": rc.rows_per_patient} | (
-                {"parties": rc.parties, "colluding": rc.colluding, "rho_alone": rc.rho_alone} if rc.parties else {})
+                {"parties": rc.parties, "colluding": rc.colluding, "rho_alone": rc.rho_alone, "bound": rc.bound}
+                if rc.parties else {})
+
+
+def receipt_entry(r: SiteResult, used: bool = True) -> dict[str, Any]:
+    return receipt_entry_of(r.site, r.signer, r.summary.receipt, r.summary.receipt_signature, r.receipt, used)
+
+
+# ----------------------------------------------------------------------------- sites not included
+NO_RECEIPT_UNKNOWN = ("TIMEOUT", "GUARD_TIMEOUT", "GUARD_UNAVAILABLE", "REJECTED", "NO_REPLY", "BAD_REPLY", "GUARD_BUSY",
+                      "RELAY_ERROR", "RELAY_MISCONFIGURED", "PLAN_TOO_LARGE", "INTERNAL")
+
+
+def charged_text(code: str, receipted: bool) -> str:
+    """What an entry of sites_not_included says about the site's charge: from its code and whether the
+    release holds a receipt of the site for that plan (then it is counted in the site's rho)."""
+    if receipted:
+        return "yes, for nothing (the masked sum could not be read); its receipt is in this release and counted"
+    if code in ("NOT_SENT", "NOT_IN_ROSTER"):
+        return "no (the plan was not sent to it to be answered)"
+    if code in NO_RECEIPT_UNKNOWN or code.startswith("FLOWER_"):
+        return "unknown: no receipt in this release; check the site's ledger"
+    return "no (the guard refused the plan)"
+
+
+def sum_incomplete_message(rho: float, missing: Iterable[str]) -> str:
+    return (f"answered and was charged rho {rho:.4g} for nothing: the masked sum needs every enrolled site, and "
+            f"{', '.join(sorted(missing))} did not answer")
+
+
+def exclusion_entries(rounds: list[Round], known: set[str]) -> list[dict[str, Any]]:
+    """sites_not_included: one entry per site and round without a usable answer. A failure is tied to a
+    site when the transport's name for the sender is a site the coordinator knows or sent a verified
+    reply under that name in some round; otherwise it is listed by that name as a `node` (and excuses
+    nobody). A site charged for an unreadable secure sum is listed with its receipt's figures."""
+    where: dict[str, str] = {}
+    for rnd in rounds:
+        for name, site in rnd.where.items():
+            where.setdefault(name, site)
+    out: list[dict[str, Any]] = []
+    for rnd in rounds:
+        used = {r.site for r in rnd.results}
+        wasted = {r.site: r.receipt for r in rnd.wasted}
+        missing = {k.site for k in rnd.signed.roster} - set(wasted)  # roster members that did not answer
+        listed: set[str] = set()
+        for f in rnd.failures:
+            site = where.get(f.site) or (f.site if f.site in known else None)
+            head = {"round": rnd.number, "plan_id": rnd.plan.plan_id}
+            if site is None or site in used or site in listed or (site in wasted) != (f.code == "SUM_INCOMPLETE"):
+                out.append({"node": f.site} | head | {"code": f.code, "message": f.message,
+                                                      "charged": charged_text(f.code, False)})
+                continue
+            listed.add(site)
+            message = sum_incomplete_message(wasted[site].rho_debited, missing) if site in wasted else f.message
+            out.append({"site": site} | head | {"code": f.code, "message": message,
+                                                "charged": charged_text(f.code, site in wasted)})
+    return out
 
 
 def aggregates_json(dictionary: Dictionary, syn: Synthesis) -> dict[str, Any]:

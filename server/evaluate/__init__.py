@@ -1,0 +1,1 @@
+"""Federated evaluation of a release under DP: the coordinator's side (docs/evaluation.md)."""
