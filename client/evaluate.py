@@ -226,7 +226,10 @@ def tstr_scores(records: np.ndarray, rows: np.ndarray, dictionary: Dictionary, t
     y = (train[:, t] == positive).astype(int)
     kept = rows[:, t] != absent
     x_real = one_hot(rows[kept][:, features], sizes)
-    if len(train) == 0 or y.min() == y.max():  # one class only: every row gets the synthetic share
+    # Data-dependent failures after the debit would say something about the rows: none may happen here.
+    if len(x_real) == 0:
+        scores = np.zeros(0)
+    elif len(train) == 0 or y.min() == y.max():  # one class only: every row gets the synthetic share
         scores = np.full(len(x_real), float(y.mean()) if len(y) else 0.5)
     else:
         model = LogisticRegression(C=1.0, max_iter=2000, solver="lbfgs")
@@ -254,6 +257,8 @@ def nearest_distances(rows: np.ndarray, records: np.ndarray) -> np.ndarray:
 
 def unique_copied(rows: np.ndarray, distances: np.ndarray) -> int:
     """Rows with an exact synthetic copy and no exact duplicate among `rows`."""
+    if len(rows) == 0:
+        return 0
     _, inverse, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
     return int(np.sum((distances == 0) & (counts[inverse.ravel()] == 1)))
 

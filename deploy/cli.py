@@ -237,6 +237,10 @@ def cmd_release_verify(args) -> int:
         print(f"  evaluation {e['evaluation_id']} ({e['file']}): signed, {len(e['answers'])} site answer(s) and their "
               f"receipts verified, every figure recomputed; evaluation rho up to {e['privacy']['evaluation_rho_max']:.4g}, "
               f"with the release up to {e['privacy']['combined_rho_max']:.4g}")
+        for site in sorted(set(e["sites"]) - set(m["keys"]["sites"])):  # held-out sites: keys the release lacks
+            key = keys.load_public_key(site_keys[site]) if site_keys else keys.public_from_pem(e["keys"]["sites"][site])
+            print(f"    site {site} key {keys.fingerprint(key)} ("
+                  + ("pinned" if site_keys else "from the addendum: compare with the published fingerprint") + ")")
     return 0
 
 
