@@ -217,6 +217,10 @@ class Federation:
         from .pipeline import synthesize
 
         rounds, structure = self.collect(ds, epsilon, strategy, site_variable, **options)
+        failures = [f"round {r.number}: {f.site}: {f.code} {f.message}" for r in rounds for f in r.failures]
+        if failures:  # a release would go ahead without them (e.g. on round 1 alone): not the figure we mean to report
+            raise PpsehrError(f"{ds.name}: {len(failures)} site answer(s) missing, so this is not a full release: "
+                              + "; ".join(failures[:4]))
         syn = synthesize(ds.dictionary, rounds, structure, site_variable, {}, None, np.random.default_rng(seed))
         return syn.samples, syn.seconds
 
