@@ -535,7 +535,8 @@ def _generator(manifest: dict[str, Any]) -> str:
     llm = manifest.get("llm", {})
     rows = [[_e(k), f"<span class='mono'>{_num(v, '.6g') if isinstance(v, float) else _e(v)}</span>"]
             for k, v in manifest.get("generator", {}).items() if not isinstance(v, (dict, list))]
-    rows.append(["LLM stage", _e("used" if llm.get("used") else f"not used: {llm.get('reason', '')}")])
+    rows.append(["LLM stage", _e(("used" if llm.get("used") else f"not used: {llm.get('reason', '')}")
+                                 + ("; degraded: " + "; ".join(llm.get("degradations", [])) if llm.get("degraded") else ""))])
     body = _table(["setting", "value"], rows)
     if manifest.get("files"):
         body += _table(["file", "SHA-256"], [[f"<code>{_e(k)}</code>", f"<span class='mono'>{_e(v)}</span>"]
