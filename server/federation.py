@@ -113,7 +113,8 @@ def follow(job: ReleaseJob, run_id: int, flwr_home: Path, connection: str, timeo
                             f"see `flwr log {run_id}`")
         if llm_until is None and spent > timeout:
             raise RunFailed(f"run {run_id} did not finish within {timeout:g} s (LLM steps not counted)")
-        lines = events.read_text().splitlines() if events.exists() else []
+        text = events.read_text() if events.exists() else ""
+        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]  # complete lines only
         for line in lines[seen:]:
             ev = json.loads(line)
             on_event(ev)

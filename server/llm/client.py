@@ -694,7 +694,7 @@ class LLMClient:
         left = self.remaining()
         if left is not None:
             predicted = self.memory.speed.predict(prompt_tokens, min(max_tokens, 64))
-            if left < 1.0 or (predicted is not None and left < predicted):
+            if left < 0.1 or (predicted is not None and left < predicted):
                 raise LLMTimeBudgetError(f"{template}: the LLM time budget is spent ({max(left, 0):.0f} s left); not sent")
             t = min(t, left)
         return t

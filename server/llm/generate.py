@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -120,7 +121,7 @@ class _Batches:
         return int(self.per_record * n) + 40
 
     def max_tokens(self, n: int) -> int:
-        return min(self.client.config.max_tokens, int(self.reply_tokens(n) * 1.3) + 32)
+        return min(self.client.config.max_tokens, self.reply_tokens(n) + 32)
 
     def build(self, n: int, batch: int) -> tuple[Prompt, int]:
         """(the prompt for a batch of up to n records, its max_tokens); fewer records if the context is small.
@@ -142,7 +143,7 @@ class _Batches:
                 if n == 1:
                     raise LLMContextError(f"{TEMPLATES[STYLES[self.style]].id}: even a batch of one record does not fit the "
                                           f"endpoint's context of {c.context} tokens ({e}); not sent", c.context, e.needed) from None
-                n = max(1, n // 2)
+                n = max(1, n - max(1, n // 4))
                 self.size = n
                 continue
             for key, count in p.info.get("dropped", ()):
@@ -171,27 +172,45 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
         "errors": []}
     shown: set[tuple[str, ...]] = set()
 
-    def one(job: tuple[int, int]) -> tuple[Any, str, Prompt | None, int]:
-        size, batch = job
-        for attempt in range(2):
+    counter = iter(range(10 ** 9))
+    lock = threading.Lock()
+
+    def next_batch() -> int:
+        with lock:
+            return next(counter)
+
+    def one(size: int) -> list[tuple[Any, str, Prompt | None, int]]:
+        """Calls for `size` records: one, or several if the batch size has to shrink to fit the context."""
+        out: list[tuple[Any, str, Prompt | None, int]] = []
+        asked = overflows = 0
+        while asked < size:
             try:
-                prompt, max_tokens = batches.build(size, batch)
+                prompt, max_tokens = batches.build(size - asked, next_batch())
             except LLMContextError as e:
-                return None, str(e), None, size
+                out.append((None, str(e), None, size - asked))
+                break
+            want = prompt.info.get("n", size - asked)
             try:
-                obj, rec = client.json(prompt, validate=_records_shape, max_tokens=max_tokens)
-                return obj, "", prompt, prompt.info.get("n", size)
+                obj, _ = client.json(prompt, validate=_records_shape, max_tokens=max_tokens)
             except LLMContextError as e:  # the context is smaller than thought: it is known now; build again
-                if attempt or not (client.context or batches.size > 1):
-                    return None, str(e), prompt, size
+                overflows += 1
+                if overflows > 1 or not (client.context or batches.size > 1):
+                    out.append((None, str(e), prompt, size - asked))
+                    break
                 if not client.context:
                     batches.size = max(1, batches.size // 2)
+                continue
             except LLMError as e:
-                return None, str(e), prompt, size
-        return None, "no prompt fits the endpoint's context", None, size
+                out.append((None, str(e), prompt, want))
+                break
+            out.append((obj, "", prompt, want))
+            asked += want
+        return out
 
-    def take(results) -> None:
-        for obj, err, prompt, size in results:
+    def take(results) -> int:
+        calls = 0
+        for obj, err, prompt, size in (r for job in results for r in job):
+            calls += prompt is not None
             if prompt is not None and style == "example":
                 for line in prompt.info.get("examples_shown", ()):
                     rec, _, _ = validate_record(dictionary, json.loads(line))
@@ -220,29 +239,26 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
                 kept += 1
                 for name in dictionary.names:
                     cols[name].append(rec[name])
+        return calls
 
-    def jobs(count: int, first: int) -> list[tuple[int, int]]:
+    def jobs(count: int) -> list[int]:
         size = batches.size
-        return [(min(size, count - i * size), first + i) for i in range(math.ceil(count / size))]
+        return [min(size, count - i * size) for i in range(math.ceil(count / size))]
 
-    first = jobs(n, 0)
-    stats["batches"] = len(first)
-    take(client.map(one, first))
-    extra_limit = max(client.config.topup_calls, math.ceil(len(first) / 2)) if client.config.topup_calls else 0
-    next_batch = len(first)
+    stats["batches"] = take(client.map(one, jobs(n)))
+    extra_limit = max(client.config.topup_calls, math.ceil(stats["batches"] / 2)) if client.config.topup_calls else 0
     stopped = ""
     while len(cols[dictionary.names[0]]) < n and stats["topup_batches"] < extra_limit:
         if any("time budget" in e for e in stats["errors"]):
             stopped = "the LLM time budget is spent"
             break
         if stats["records_returned"] == 0 and stats["batches_failed"] >= stats["batches"] + stats["topup_batches"]:
-            stopped = "every batch failed"
+            stopped = "every batch failed: " + (stats["errors"][0] if stats["errors"] else "")
             break
         short = n - len(cols[dictionary.names[0]])
-        more = jobs(short, next_batch)[:extra_limit - stats["topup_batches"]]
-        next_batch += len(more)
-        stats["topup_batches"] += len(more)
-        take(client.map(one, more))
+        more = jobs(short)[:extra_limit - stats["topup_batches"]]
+        made = take(client.map(one, more))
+        stats["topup_batches"] += max(made, 1)
     valid = len(cols[dictionary.names[0]])
     stats["records_valid"] = valid
     stats["valid_rate"] = round(valid / n, 3) if n else None

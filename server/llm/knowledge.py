@@ -137,6 +137,14 @@ def _knowledge_request(client: LLMClient, dictionary: Dictionary) -> tuple[Promp
     (2 to 40 of each), the dictionary shortened if needed; and the reply's max_tokens."""
     if not client.context:
         return knowledge_prompt(dictionary), None
+    try:
+        return _sized_knowledge_request(client, dictionary)
+    except PromptTooLong as e:
+        raise LLMContextError(f"knowledge: the dictionary does not fit the endpoint's context of {client.context} tokens "
+                              f"({e}); not sent", client.context, e.needed) from None
+
+
+def _sized_knowledge_request(client: LLMClient, dictionary: Dictionary) -> tuple[Prompt, int | None]:
     probe = knowledge_prompt(dictionary, 8, None, client.tokens)
     prompt_tokens = client.prompt_tokens(probe)
     room = client.context - prompt_tokens - 48
@@ -145,12 +153,8 @@ def _knowledge_request(client: LLMClient, dictionary: Dictionary) -> tuple[Promp
         prompt_tokens = client.prompt_tokens(probe)
         room = client.context - prompt_tokens - 48
     items = int(min(40, max(2, (room - 40) // (2 * ITEM_TOKENS))))
-    try:
-        budget = client.context - 48 - (prompt_tokens - client.message_tokens(probe.chat_messages(False)[1:])) - 2 * ITEM_TOKENS * items
-        prompt = knowledge_prompt(dictionary, items, max(budget, 0), client.tokens)
-    except PromptTooLong as e:
-        raise LLMContextError(f"knowledge: the dictionary does not fit the endpoint's context of {client.context} tokens "
-                              f"({e}); not sent", client.context, e.needed) from None
+    budget = client.context - 48 - (prompt_tokens - client.message_tokens(probe.chat_messages(False)[1:])) - 2 * ITEM_TOKENS * items
+    prompt = knowledge_prompt(dictionary, items, max(budget, 0), client.tokens)
     return prompt, min(client.config.max_tokens, max(room, 64))
 
 

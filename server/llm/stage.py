@@ -221,7 +221,8 @@ def _generate_and_calibrate(client: LLMClient, config: LLMConfig, dictionary: Di
         for n in dictionary.names:
             pool[n] += cols[n]
     if not pool[dictionary.names[0]]:
-        raise LLMError("LLM-first generation produced no valid record")
+        why = "; ".join(f"{s['style']}: {s.get('shortfall_reason') or (s['errors'] or [''])[0]}" for s in per_style)
+        raise LLMError(f"LLM-first generation produced no valid record ({why[:400]})")
     out, cal = calibrate(dictionary, aggregates, pool, n_out, rng)
     _emit(progress, f"LLM-first records {'calibrated to' if cal['status'] == 'calibrated' else 'NOT calibrated to'} the DP "
           f"marginals: mean 1-way TVD {cal['tvd_before'].get('1')} -> {cal['tvd_after'].get('1')}, 2-way "
