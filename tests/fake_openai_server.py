@@ -20,7 +20,8 @@ by the first request whose prompt matches `template`, a substring of the system 
   "overflow"        HTTP 400 "maximum context length" (as llama-cpp-python / vLLM / OpenAI say it)
   "contradict"      a note that states a cholesterol value in another bin than the record's
 Server-wide switches: `json_schema=False` / `json_object=False` answer 400 to that
-`response_format` (like servers without structured output); `json_schema_status=500` answers
+`response_format` (like servers without structured output); `json_object_schema=False` refuses
+a "schema" field in a json_object response_format (llama-cpp-python honours it); `json_schema_status=500` answers
 json_schema with HTTP 500 instead (as llama.cpp's server does); `context=N` refuses prompts longer
 than N tokens (characters / 4) with a 400 naming the sizes (`overflow_numbers=False`: without
 them, as llama.cpp's message reads); replies are cut at `max_tokens` (finish_reason "length");
@@ -48,10 +49,12 @@ FAKE_NAME, FAKE_PHONE = "John Smith", "+1 (555) 234-5678"
 class FakeOpenAI:
     def __init__(self, model: str = "fake-model", json_schema: bool = True, json_object: bool = True,
                  ignore_schema: bool = False, slow_seconds: float = 1.0, delay: float = 0.0, usage: bool = True,
-                 json_schema_status: int = 400, context: int = 0, overflow_numbers: bool = True):
+                 json_schema_status: int = 400, context: int = 0, overflow_numbers: bool = True,
+                 json_object_schema: bool = True):
         self.model, self.json_schema, self.json_object, self.ignore_schema = model, json_schema, json_object, ignore_schema
         self.slow_seconds, self.delay, self.usage = slow_seconds, delay, usage
         self.json_schema_status, self.context, self.overflow_numbers = json_schema_status, context, overflow_numbers
+        self.json_object_schema = json_object_schema
         self.requests: list[dict[str, Any]] = []
         self.handlers: dict[str, Callable[[dict], str]] = {}  # schema name or "note" -> reply content
         self._actions: deque[tuple[str, str | None]] = deque()
@@ -155,6 +158,9 @@ class FakeOpenAI:
             # llama.cpp: the schema cannot be turned into a grammar -> a server error, the same every time
             return self.json_schema_status, {"error": {"code": self.json_schema_status, "type": "server_error",
                                                        "message": "Internal Server Error"}}, {}
+        if rf.get("type") == "json_object" and "schema" in rf and not self.json_object_schema:
+            return 400, {"error": {"message": "response_format: extra fields not permitted ('schema')",
+                                   "type": "invalid_request_error", "param": "response_format"}}, {}
         if (rf.get("type") == "json_schema" and not self.json_schema) or (rf.get("type") == "json_object" and not self.json_object):
             return 400, {"error": {"message": f"response_format type {rf['type']} is not supported by this server",
                                    "type": "invalid_request_error", "param": "response_format"}}, {}
@@ -181,6 +187,10 @@ class FakeOpenAI:
         schema, name = None, ""
         if rf.get("type") == "json_schema" and not self.ignore_schema:
             schema, name = rf["json_schema"].get("schema"), rf["json_schema"].get("name", "")
+        elif rf.get("type") == "json_object" and "schema" in rf:  # llama-cpp-python: constrained to the schema
+            schema = rf["schema"]
+            m = re.search(r"\(named (\w+)\)", system)
+            name = m.group(1) if m else ""
         else:
             m = re.search(r"\(named (\w+)\):\n```json\n(.*?)\n```", system, re.DOTALL)
             if m:

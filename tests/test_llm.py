@@ -167,7 +167,8 @@ def test_prompt_builders_refuse_a_site_table(dp):
 
 
 # ----------------------------------------------------------------------------- failure cases
-@pytest.mark.parametrize("supports, expected", [({"json_schema": False}, "json_object"),
+@pytest.mark.parametrize("supports, expected", [({"json_schema": False}, "json_object_schema"),
+                                                ({"json_schema": False, "json_object_schema": False}, "json_object"),
                                                 ({"json_schema": False, "json_object": False}, "prompt"),
                                                 ({"ignore_schema": True}, "json_schema")])
 def test_servers_without_structured_output(dp, tmp_path, supports, expected):
@@ -183,7 +184,8 @@ def test_servers_without_structured_output(dp, tmp_path, supports, expected):
         # after the refusal, the schema travels in the prompt instead
         later = [b for b in bodies(server) if b.get("response_format", {}).get("type") != "json_schema"]
         assert later and all("Reply with one JSON object only" in b["messages"][0]["content"] for b in later)
-        assert all(f != "json_schema" for f in formats[formats.index(expected if expected != "prompt" else None):])
+        first = {"prompt": None, "json_object_schema": "json_object"}.get(expected, expected)
+        assert all(f != "json_schema" for f in formats[formats.index(first):])
 
 
 def test_malformed_json_is_reasked_a_bounded_number_of_times(dp, fake):
@@ -209,14 +211,15 @@ def test_timeouts_429_and_500_are_retried_with_backoff(dp, fake):
     m = result.manifest_section
     assert m["uses"]["knowledge"]["ran"] is True and m["requests"] == 4 and m["calls"] == 1
     # more failures than retries: a structured request that fails twice falls back to the next mode
-    # (json_schema 2, json_object 2); without response_format the call fails for good after max_retries + 1
+    # (json_schema 2, json_object with a schema 2, json_object 2); without response_format the call fails for
+    # good after max_retries + 1
     fake.requests.clear()
     fake.script("500", KNOWLEDGE, times=10)
     client = LLMClient(config(fake, max_retries=2))
     with pytest.raises(LLMError, match="HTTP 500 after 3 attempt"):
         client.json(knowledge_prompt(dp["dictionary"]))
     formats = [b.get("response_format", {}).get("type") for b in bodies(fake)]
-    assert formats == ["json_schema"] * 2 + ["json_object"] * 2 + [None] * 3
+    assert formats == ["json_schema"] * 2 + ["json_object"] * 4 + [None] * 3
 
 
 def test_out_of_domain_values_are_repaired_or_rejected(dp, fake):
@@ -345,7 +348,7 @@ def test_llm_check_command(fake, capsys):
     with FakeOpenAI(json_schema=False) as limited:
         assert main(["llm", "check", "--llm-base-url", limited.base_url, "--llm-model", "fake-model", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["json_schema"] is False and out["structured_output"] == "json_object"
+    assert out["json_schema"] is False and out["structured_output"] == "json_object_schema"
 
 
 def test_bench_llm_command(tmp_path, capsys):

@@ -69,18 +69,24 @@ def test_a_reply_cut_off_is_salvaged_to_its_last_complete_item():
 
 
 # ----------------------------------------------------------------------------- structured-output fallback
-def test_http_500_on_json_schema_falls_back_to_json_object_and_works(dp):
-    """llama.cpp answers json_schema with HTTP 500: the client retries once, then uses json_object for the run."""
-    with FakeOpenAI(json_schema=False, json_schema_status=500) as server:
+@pytest.mark.parametrize("schema_field, expected", [(True, "json_object_schema"), (False, "json_object")])
+def test_http_500_on_json_schema_falls_back_to_json_object_and_works(dp, schema_field, expected):
+    """llama.cpp answers json_schema with HTTP 500: the client retries once, then uses json_object (with the
+    schema in response_format, as llama-cpp-python accepts, else without) for the rest of the run."""
+    with FakeOpenAI(json_schema=False, json_schema_status=500, json_object_schema=schema_field) as server:
         result = stage(dp, config(server, uses=("knowledge", "generate"), styles=("definition",), generate_rows=60,
                                   batch_size=20, pool_factor=1.0))
     m = result.manifest_section
-    assert m["structured_output"] == "json_object" and m["failed_calls"] == 0
+    assert m["structured_output"] == expected and m["failed_calls"] == 0
     assert not [x for x in m["degradations"] if "calibrat" not in x]  # (the fake's skewed pool may not calibrate)
     assert "HTTP 500" in m["structured_fallbacks"]["json_schema"]
     assert m["uses"]["knowledge"]["ran"] and m["uses"]["generate"]["styles"][0]["records_valid"] == 60
-    formats = [b.get("response_format", {}).get("type") for b in bodies(server)]
-    assert formats[:2] == ["json_schema", "json_schema"] and set(formats[2:]) == {"json_object"}
+    formats = [(b.get("response_format", {}).get("type"), "schema" in b.get("response_format", {})) for b in bodies(server)]
+    assert formats[:2] == [("json_schema", False)] * 2
+    if schema_field:
+        assert set(formats[2:]) == {("json_object", True)}
+    else:  # refused (400) once, then plain json_object for the run
+        assert formats[2] == ("json_object", True) and set(formats[3:]) == {("json_object", False)}
 
 
 def test_llm_check_measures_the_endpoint_and_writes_a_profile_releases_reuse(tmp_path, monkeypatch, capsys):
@@ -88,7 +94,7 @@ def test_llm_check_measures_the_endpoint_and_writes_a_profile_releases_reuse(tmp
     from ppsehr.server.llm.client import default_profile_path, llm_config_from_args
 
     monkeypatch.setenv("PPSEHR_LLM_PROFILE_DIR", str(tmp_path / "profiles"))
-    with FakeOpenAI(json_schema=False, json_schema_status=500, context=3000) as server:
+    with FakeOpenAI(json_schema=False, json_schema_status=500, json_object_schema=False, context=3000) as server:
         flags = ["--llm-base-url", server.base_url, "--llm-model", "fake-model"]
         assert main(["llm", "check", *flags, "--json"]) == 0
         out = json.loads(capsys.readouterr().out)

@@ -53,7 +53,9 @@ from ...common.errors import PpsehrError
 from .prompts import Prompt, probe_prompt, validate_schema
 
 KEY_VARIABLES = ("PPSEHR_LLM_API_KEY", "OPENAI_API_KEY")
-MODES = ("json_schema", "json_object", "prompt")
+MODES = ("json_schema", "json_object_schema", "json_object", "prompt")
+# json_object_schema: {"type": "json_object", "schema": ...}, llama-cpp-python's way of constraining a reply
+# to a JSON Schema (its server has no json_schema type); servers that refuse the extra field fall back
 PROFILE_FORMAT = "ppsehr-llm-profile"
 PROFILE_VERSION = 1
 DEFAULT_TIMEOUT = 120.0  # per request, while nothing is known about the endpoint's speed
@@ -107,7 +109,7 @@ class LLMConfig:
     note_max_tokens: int = 220
     context: int = 0
     reask: int = 2
-    structured: str = "auto"  # auto | json_schema | json_object | prompt
+    structured: str = "auto"  # auto | json_schema | json_object_schema | json_object | prompt
     cache_dir: str = str(Path("~/.cache/ppsehr/llm"))
     uses: tuple[str, ...] = ("knowledge", "notes")
     language: str | None = None  # None: the dictionary's [llm] language, else "en"
@@ -164,7 +166,7 @@ class LLMConfig:
             if u not in ("knowledge", "generate", "notes"):
                 raise PpsehrError(f"LLM: unknown use {u!r} (knowledge, generate, notes)")
         if self.structured not in ("auto",) + MODES:
-            raise PpsehrError(f"LLM: structured must be auto, json_schema, json_object or prompt, got {self.structured!r}")
+            raise PpsehrError(f"LLM: structured must be auto or one of {', '.join(MODES)}, got {self.structured!r}")
         if self.generate_output not in ("file", "records"):
             raise PpsehrError(f"LLM: generate_output must be 'file' or 'records', got {self.generate_output!r}")
         if self.concurrency < 1 or self.batch_size < 1 or self.max_retries < 0 or self.reask < 0:
@@ -710,9 +712,11 @@ class LLMClient:
         if mode == "json_schema":
             kwargs["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": prompt.schema_name or "reply", "schema": prompt.schema, "strict": True}}
+        elif mode == "json_object_schema":
+            kwargs["response_format"] = {"type": "json_object", "schema": prompt.schema}
         elif mode == "json_object":
             kwargs["response_format"] = {"type": "json_object"}
-        structured = mode in ("json_schema", "json_object")
+        structured = mode in MODES[:3]
         attempt = timeouts = server_errors = 0
         timeout_scale = 1.0
         while True:
@@ -1027,7 +1031,7 @@ def check_endpoint(config: LLMConfig, probe_context: bool = True) -> dict[str, A
         p_tiny = _usage(resp)[0]
     # 2. structured output, each mode on its own (the client falls back and says why)
     prompt = probe_prompt()
-    for mode in ("json_schema", "json_object"):
+    for mode in MODES[:3]:
         memory.mode = mode
         try:
             obj, rec = client.json(prompt)
@@ -1044,7 +1048,7 @@ def check_endpoint(config: LLMConfig, probe_context: bool = True) -> dict[str, A
             out[f"{mode}_note"] = str(e)[:200]
         memory.mode = None
         memory.failed.clear()
-    out["structured_output"] = "json_schema" if out.get("json_schema") else ("json_object" if out.get("json_object") else "prompt")
+    out["structured_output"] = next((m for m in MODES[:3] if out.get(m)), "prompt")
     # 3. speed: reading a prompt, writing tokens; characters per token of prompt-like text
     nonce = random.Random().randrange(10 ** 9)
     long_text = f"[{nonce}]\n" + _PROBE_TEXT * 12
@@ -1116,9 +1120,9 @@ def make_profile(config: LLMConfig, check: dict[str, Any]) -> dict[str, Any]:
             "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "base_url": (config.base_url or "").rstrip("/"), "model": config.model,
             "structured_output": check.get("structured_output"),
-            "capabilities": {"chat": bool(check.get("chat")), "json_schema": bool(check.get("json_schema")),
-                             "json_object": bool(check.get("json_object")),
-                             "json_schema_note": check.get("json_schema_note"), "json_object_note": check.get("json_object_note")},
+            "capabilities": {"chat": bool(check.get("chat")),
+                             **{m: bool(check.get(m)) for m in MODES[:3]},
+                             **{f"{m}_note": check.get(f"{m}_note") for m in MODES[:3]}},
             "context_tokens": ctx or None, "context_source": check.get("context_source"),
             "chars_per_token": check.get("chars_per_token"), "speed": sp, "settings": settings}
 
@@ -1200,8 +1204,8 @@ def run_check_cli(args) -> int:
         print(f"  models listed:    {'not available' if listed is None else ', '.join(listed[:10]) or 'none'}")
         print(f"  chat completions: {'ok (%.2f s)' % result['chat_latency_s'] if result.get('chat') else 'FAILED: ' + result.get('error', '')}")
         if result.get("chat"):
-            for mode in ("json_schema", "json_object"):
-                print(f"  {mode + ':':<17} {'supported' if result[mode] else 'no'} ({result[f'{mode}_note']})")
+            for mode in MODES[:3]:
+                print(f"  {mode + ':':<19} {'supported' if result[mode] else 'no'} ({result[f'{mode}_note']})")
             print(f"  structured output will use: {result['structured_output']}")
             sp = result.get("speed", {})
             print(f"  context:          {result.get('context_tokens') or 'unknown'} tokens ({result.get('context_source')})")
