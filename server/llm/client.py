@@ -736,9 +736,9 @@ class LLMClient:
                 timeouts += 1
                 with self._lock:
                     self._unreachable += 1
-                if timeouts > c.timeout_retries or c.timeout is not None and attempt >= c.max_retries:
+                if timeouts > c.timeout_retries or attempt >= c.max_retries:
                     raise LLMError(f"{prompt.template.id}: timed out after {timeouts} attempt(s) "
-                                   f"(last timeout {timeout:.0f} s)") from None
+                                   f"(last timeout {timeout:.3g} s)") from None
                 timeout_scale *= 2  # the same request again, with more time (not at once: a slow server is busy)
                 attempt += 1
                 self._sleep(self._delay(attempt - 1, None))
