@@ -1198,22 +1198,26 @@ def run_check_cli(args) -> int:
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     else:
+        def line(label: str, text: str) -> None:
+            print(f"  {label + ':':<20} {text}")
+
         print(f"endpoint {result['base_url_host']}, model {result['model']} "
               f"(API key {'from the environment' if result['api_key_set'] else 'not set'})")
         listed = result.get("models_listed")
-        print(f"  models listed:    {'not available' if listed is None else ', '.join(listed[:10]) or 'none'}")
-        print(f"  chat completions: {'ok (%.2f s)' % result['chat_latency_s'] if result.get('chat') else 'FAILED: ' + result.get('error', '')}")
+        line("models listed", "not available" if listed is None else ", ".join(listed[:10]) or "none")
+        line("chat completions", "ok (%.2f s)" % result["chat_latency_s"] if result.get("chat")
+             else "FAILED: " + result.get("error", ""))
         if result.get("chat"):
             for mode in MODES[:3]:
-                print(f"  {mode + ':':<19} {'supported' if result[mode] else 'no'} ({result[f'{mode}_note']})")
-            print(f"  structured output will use: {result['structured_output']}")
+                line(mode, f"{'supported' if result[mode] else 'no'} ({result[f'{mode}_note']})")
+            line("structured output", result["structured_output"])
             sp = result.get("speed", {})
-            print(f"  context:          {result.get('context_tokens') or 'unknown'} tokens ({result.get('context_source')})")
-            print(f"  speed:            reads {sp.get('prompt_tokens_per_s', '?')} tokens/s, writes "
-                  f"{sp.get('completion_tokens_per_s', '?')} tokens/s, {sp.get('parallel_slots') or '?'} request(s) at once")
+            line("context", f"{result.get('context_tokens') or 'unknown'} tokens ({result.get('context_source')})")
+            line("speed", f"reads {sp.get('prompt_tokens_per_s', '?')} tokens/s, writes {sp.get('completion_tokens_per_s', '?')} "
+                          f"tokens/s, {sp.get('parallel_slots') or '?'} request(s) at once")
             s = result["profile"]["settings"]
-            print(f"  release settings: context {s['context'] or 'unknown'}, max_tokens {s['max_tokens']}, concurrency "
-                  f"{s['concurrency']}, batch {s.get('batch_size', 'default')}, timeout per request from the speed")
+            line("release settings", f"context {s['context'] or 'unknown'}, max_tokens {s['max_tokens']}, concurrency "
+                                     f"{s['concurrency']}, batch {s.get('batch_size', 'default')}, timeout per request from the speed")
             if written:
-                print(f"  profile written:  {written} (releases with this endpoint and model use it; --llm-profile PATH)")
+                line("profile written", f"{written} (releases with this endpoint and model use it; --llm-profile PATH)")
     return 0 if result.get("chat") else 1
