@@ -1051,7 +1051,7 @@ def check_endpoint(config: LLMConfig, probe_context: bool = True) -> dict[str, A
     out["structured_output"] = next((m for m in MODES[:3] if out.get(m)), "prompt")
     # 3. speed: reading a prompt, writing tokens; characters per token of prompt-like text
     nonce = random.Random().randrange(10 ** 9)
-    long_text = f"[{nonce}]\n" + _PROBE_TEXT * 12
+    long_text = f"[{nonce}]\n" + _PROBE_TEXT * 6
     resp, t_read = _raw(client, [{"role": "user", "content": long_text + "\nReply with the single word: ok"}], 2,
                         config.timeout or 600.0)
     speed: dict[str, Any] = {}
