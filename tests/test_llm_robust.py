@@ -379,3 +379,21 @@ def test_bench_llm_never_crashes_and_says_why(tmp_path, capsys):
     for s in result["styles"].values():
         assert s["records_valid"] == 0 and "does not fit" in s["why_not"] and "120 tokens" in s["why_not"]
     assert "below 80% valid" in (tmp_path / "b" / "bench-llm.md").read_text()
+
+
+def test_requests_are_sized_to_what_a_slow_endpoint_can_write_in_the_time_left(dp, fake):
+    """At 10 tokens/s with 30 s left, the knowledge call asks for 2 items and a batch for a few records."""
+    from ppsehr.server.llm.generate import _Batches
+    from ppsehr.server.llm.knowledge import _knowledge_request
+
+    d = dp["dictionary"]
+    client = LLMClient(config(fake, context=4096, completion_tps=10.0, prompt_tps=200.0, batch_size=20))
+    client.set_deadline(30)
+    prompt, max_tokens = _knowledge_request(client, d)
+    assert prompt.info["max_items"] == 2 and "at most 2 dependencies" in prompt.messages[1][1] and max_tokens <= 300
+    batch, batch_tokens = _Batches(client, d, DPAggregates.from_measurements(d, dp["measurements"]), "definition", (),
+                                   ()).build(20, 0)
+    assert 1 <= batch.info["n"] <= 3 and batch_tokens <= 300
+    client.set_deadline(None)  # no deadline: the context alone decides
+    prompt, _ = _knowledge_request(client, d)
+    assert prompt.info["max_items"] > 2

@@ -62,9 +62,11 @@ def bench_llm_first(config: LLMConfig, rows: int = 1000, styles: Sequence[str] =
         "batch_size": config.batch_size, "pool_factor": config.pool_factor, "seed": seed,
         "statistical_engine": {"tvd": marginal_tvd(dictionary, aggregates, samples)}, "styles": {}}
     client = LLMClient(config)
-    client.set_deadline(config.time_budget or None)
     examples = [SyntheticRecord.from_columns(dictionary, engine, i) for i in range(min(rows, 200))]
-    for style in styles:
+    t_start = time.monotonic()
+    for k, style in enumerate(styles):
+        if config.time_budget:  # each style its share of what is left
+            client.set_deadline((config.time_budget - (time.monotonic() - t_start)) / (len(styles) - k))
         calls_before = len(client.calls)
         n_pool = int(math.ceil(rows * config.pool_factor))
         t1 = time.perf_counter()
@@ -89,6 +91,10 @@ def bench_llm_first(config: LLMConfig, rows: int = 1000, styles: Sequence[str] =
                      cached_calls=sum(c.cached for c in calls))
         if valid < VALID_TARGET * n_pool:
             entry["why_not"] = stats.get("shortfall_reason") or "; ".join(stats["errors"][:2]) or "fewer valid records than requested"
+            sp = client.memory.speed
+            if "time budget" in entry["why_not"] and sp.known:
+                entry["why_not"] += (f" (this style's share of --llm-time-budget {config.time_budget:g} s; the endpoint wrote "
+                                     f"about {sp.completion_tps / sp.factor:.2g} tokens/s)")
         if stats["errors"]:
             entry["errors"] = stats["errors"][:3]
         if valid:
@@ -103,7 +109,7 @@ def bench_llm_first(config: LLMConfig, rows: int = 1000, styles: Sequence[str] =
             + (f" ({entry['calibration']})" if entry.get("calibration") else "")
             + (f"; short: {entry['why_not'][:200]}" if entry.get("why_not") else ""))
     out["usage"] = client.usage()
-    out["settings"] = {"context": client.context or None, "batch_size": config.batch_size, "max_tokens": config.max_tokens,
+    out["settings"] = {"time_budget_s": config.time_budget or None, "context": client.context or None, "batch_size": config.batch_size, "max_tokens": config.max_tokens,
                        "timeout": config.timeout if config.timeout is not None else "adaptive",
                        "concurrency": config.concurrency, "profile": config.profile or None}
     return out
@@ -151,7 +157,7 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-llm", help="directory for bench-llm.json and bench-llm.md")
     p.add_argument("--engine-iters", type=int, default=1000, help="estimator iterations of the statistical-engine baseline")
-    p.set_defaults(llm_styles="definition,example,rule", llm_cache="", llm_time_budget=0)
+    p.set_defaults(llm_styles="definition,example,rule", llm_cache="")
 
 
 def run_bench_cli(args) -> int:

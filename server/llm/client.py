@@ -471,6 +471,16 @@ class LLMClient:
         """Tokens left for a reply after a prompt of this size (None: context unknown)."""
         return None if not self.context else self.context - prompt_tokens - CONTEXT_MARGIN
 
+    def affordable_tokens(self, prompt_tokens: int) -> int | None:
+        """Reply tokens the endpoint can write, at its observed speed, before the deadline (None: no
+        deadline or speed unknown); requests are sized to it so that a slow endpoint gives a short
+        answer in time rather than a long one cut off by the budget."""
+        left, sp = self.remaining(), self.memory.speed
+        if left is None or not sp.known:
+            return None
+        read = sp.predict(prompt_tokens, 0) or 0.0
+        return max(0, int(0.8 * (left - read) * sp.completion_tps / sp.factor))
+
     def set_deadline(self, seconds: float | None) -> None:
         """No request starts after this many seconds from now (None: no limit)."""
         self.deadline = None if seconds is None else time.monotonic() + max(seconds, 0.0)
@@ -1056,7 +1066,7 @@ def check_endpoint(config: LLMConfig, probe_context: bool = True) -> dict[str, A
                         config.timeout or 600.0)
     speed: dict[str, Any] = {}
     cpt = 0.0
-    overhead = max(0.0, t_tiny * 0.8)
+    overhead = min(max(0.0, t_tiny * 0.8), 2.0)  # a slow first answer is slow reading, not fixed cost
     if not isinstance(resp, Exception):
         p_read = _usage(resp)[0]
         if p_read > p_tiny > 0:
@@ -1113,9 +1123,10 @@ def make_profile(config: LLMConfig, check: dict[str, Any]) -> dict[str, Any]:
         "timeout": None,  # per request, from the speeds below
     }
     if sp.get("completion_tokens_per_s"):
-        # a batch's reply should take at most about two minutes to write
+        # a batch's reply should take about three minutes to write (the prompt is read once: servers
+        # that keep a prefix cache, as llama.cpp does, read only the batch's last line again)
         per_record = 90
-        settings["batch_size"] = int(max(2, min(20, 120 * sp["completion_tokens_per_s"] / per_record)))
+        settings["batch_size"] = int(max(4, min(20, 180 * sp["completion_tokens_per_s"] / per_record)))
     return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION,
             "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "base_url": (config.base_url or "").rstrip("/"), "model": config.model,

@@ -131,6 +131,9 @@ class _Batches:
         ex = ([self.examples[(batch * k + j) % len(self.examples)] for j in range(min(k, len(self.examples)))]
               if self.style == "example" else ())
         n = max(1, min(n, self.size))
+        afford = c.affordable_tokens(c.context // 3 if c.context else 1500)
+        if afford is not None:  # no more records than the endpoint can write in the time left
+            n = max(1, min(n, int((afford - 40) // self.per_record)))
         while True:
             budget = None
             if c.context:

@@ -133,10 +133,15 @@ ITEM_TOKENS = 60  # a dependency or a rule, in a reply
 
 
 def _knowledge_request(client: LLMClient, dictionary: Dictionary) -> tuple[Prompt, int | None]:
-    """The knowledge prompt sized to the endpoint: as many items as its context leaves room for
-    (2 to 40 of each), the dictionary shortened if needed; and the reply's max_tokens."""
+    """The knowledge prompt sized to the endpoint: as many items as its context and the time left
+    leave room for (2 to 40 of each), the dictionary shortened if needed; and the reply's max_tokens."""
     if not client.context:
-        return knowledge_prompt(dictionary), None
+        prompt = knowledge_prompt(dictionary)
+        afford = client.affordable_tokens(client.prompt_tokens(prompt))
+        if afford is None:
+            return prompt, None
+        items = int(min(40, max(2, (afford - 40) // (2 * ITEM_TOKENS))))
+        return knowledge_prompt(dictionary, items), min(client.config.max_tokens, max(afford, 2 * ITEM_TOKENS * items + 40))
     try:
         return _sized_knowledge_request(client, dictionary)
     except PromptTooLong as e:
@@ -152,6 +157,9 @@ def _sized_knowledge_request(client: LLMClient, dictionary: Dictionary) -> tuple
         probe = knowledge_prompt(dictionary, 8, client.context // 2, client.tokens)
         prompt_tokens = client.prompt_tokens(probe)
         room = client.context - prompt_tokens - 48
+    afford = client.affordable_tokens(prompt_tokens)
+    if afford is not None:
+        room = min(room, max(afford, 2 * 2 * ITEM_TOKENS + 40))
     items = int(min(40, max(2, (room - 40) // (2 * ITEM_TOKENS))))
     budget = client.context - 48 - (prompt_tokens - client.message_tokens(probe.chat_messages(False)[1:])) - 2 * ITEM_TOKENS * items
     prompt = knowledge_prompt(dictionary, items, max(budget, 0), client.tokens)
