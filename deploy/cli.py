@@ -70,6 +70,13 @@ def cmd_demo(args) -> int:
               f"if all the others colluded, rho up to {worst:.4g}")
     for f in manifest["sites_not_included"]:
         print(f"  not included in round {f['round']}: {f.get('site') or f.get('node')} ({f['code']}: {f['message']})")
+    llm = manifest.get("llm", {})
+    if llm.get("model"):
+        ran = [f"{u} {s.get('status', 'ok' if s.get('ran') else 'failed')}" for u, s in llm.get("uses", {}).items()]
+        notes = llm.get("uses", {}).get("notes", {})
+        print(f"  LLM {llm['model']}: {', '.join(ran) or 'nothing ran'}"
+              + (f"; {notes.get('notes', 0)} notes" if notes else "") + f" in {llm.get('elapsed_s', '?')} s"
+              + (" (degraded: " + "; ".join(llm.get("degradations", []))[:300] + ")" if llm.get("degraded") else ""))
     if args.evaluate:
         print_evaluation(json.loads(Path(evaluated["out"]).read_text()))
     print(f"  verify with: ppsehr release verify {final['out']}")
@@ -541,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..server.llm.client import add_llm_options
     add_llm_options(lc, required=True)
     lc.add_argument("--json", action="store_true")
+    lc.add_argument("--no-context-probe", action="store_true",
+                    help="do not send over-long prompts to find the context size (give --llm-context instead)")
     lc.set_defaults(func=cmd_llm_check)
 
     rel = sub.add_parser("release", help="release commands").add_subparsers(dest="release_command", required=True)

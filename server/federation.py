@@ -86,20 +86,55 @@ def run_status(run_id: int, flwr_home: Path, connection: str) -> str:
         return "unknown"
 
 
+LLM_GRACE = 120.0  # seconds past an LLM step's own budget before `follow` gives up on it
+AFTER_LLM = 300.0  # seconds the release has, at least, after its LLM stage (export, report, signing)
+
+
 def follow(job: ReleaseJob, run_id: int, flwr_home: Path, connection: str, timeout: float,
            on_event: Callable[[dict], None]) -> dict:
-    """Stream the job's events until it is done or failed; return the final event."""
+    """Stream the job's events until it is done or failed; return the final event.
+
+    `timeout` bounds the release's own work (planning, the sites' measurements, the model, the
+    files); LLM steps (events whose stage starts with "llm") run on their own clock: the budget
+    their first event announces (`budget_s`, else the job's LLM time budget) plus a grace. So a
+    slow LLM cannot make a release fail after the sites have paid for its measurements, and the
+    time it takes does not count against the sites' deadline."""
     events = Path(job.events or "")
-    seen, last_change, deadline = 0, time.monotonic(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = events.read_text().splitlines() if events.exists() else []
+    llm_budget = job.llm_config().time_budget if job.llm else 0.0
+    seen, last_change = 0, time.monotonic()
+    spent, tick = 0.0, time.monotonic()  # time outside LLM steps
+    llm_until: float | None = None  # while in an LLM step: when to give up on it
+    llm_stage = ""
+    while True:
+        now = time.monotonic()
+        if llm_until is None:
+            spent += now - tick
+        tick = now
+        if llm_until is not None and now > llm_until:
+            raise RunFailed(f"run {run_id}: the LLM step ({llm_stage}) ran past its time budget and grace; "
+                            f"see `flwr log {run_id}`")
+        if llm_until is None and spent > timeout:
+            raise RunFailed(f"run {run_id} did not finish within {timeout:g} s (LLM steps not counted)")
+        text = events.read_text() if events.exists() else ""
+        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]  # complete lines only
         for line in lines[seen:]:
             ev = json.loads(line)
             on_event(ev)
-            if ev.get("stage") == "done":
+            stage = str(ev.get("stage", ""))
+            if stage == "done":
                 return ev
-            if ev.get("stage") == "failed":
+            if stage == "failed":
                 raise RunFailed(ev.get("message", "release failed"))
+            if stage.startswith("llm"):
+                if llm_until is None or stage != llm_stage:  # a new LLM step: its own clock
+                    budget = ev.get("budget_s", llm_budget)
+                    llm_until = None if not budget else time.monotonic() + float(budget) + max(LLM_GRACE, 0.25 * float(budget))
+                    llm_stage = stage
+                    if llm_until is None:
+                        llm_until = float("inf")
+            elif llm_until is not None:  # back from an LLM step: the rest has at least AFTER_LLM seconds
+                llm_until, llm_stage = None, ""
+                spent = min(spent, max(0.0, timeout - AFTER_LLM))
         if len(lines) > seen:
             seen, last_change = len(lines), time.monotonic()
         elif time.monotonic() - last_change > 20:
@@ -108,4 +143,3 @@ def follow(job: ReleaseJob, run_id: int, flwr_home: Path, connection: str, timeo
                 raise RunFailed(f"run {run_id} ended ({status}) without finishing the release; see `flwr log {run_id}`")
             last_change = time.monotonic()
         time.sleep(0.2)
-    raise RunFailed(f"run {run_id} did not finish within {timeout:g} s")
