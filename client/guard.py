@@ -1,9 +1,10 @@
 """The site guard: the only process that reads a hospital's data, and its gRPC service.
 
 For each query plan: check it against the dictionary and the site policy (refusals cost
-nothing), build one OpenDP measurement per marginal (count by public cells, then discrete
-Gaussian noise), debit their exact privacy loss in the durable ledger, and only then run
-them and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
+nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
+over public cells, costed by OpenDP at the count's sensitivity), debit their exact privacy loss in
+the durable ledger, and only then count the whole plan in one pass over the rows
+(common/cells.py) and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
 over all enrolled sites can be read (common/secagg.py). Everything that leaves is a noisy table
@@ -14,6 +15,7 @@ details stay in the site's log. Threat model and the attacks tested: docs/securi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -83,12 +85,29 @@ class CompiledMarginal:
     groups: tuple  # per variable: cell -> group array, or None
     scale: float  # secure plans: this site's share of the noise
     rho: float  # privacy loss at d_in = 1 (OpenDP's map; secure: of the sum), at most the requested rho
-    measurement: object
+    measurement: object  # OpenDP: exact count vector -> noisy counts (`noisy_counts`)
     rho_alone: float  # OpenDP's map of this site's own noise (what a secure answer costs if the others collude)
 
 
 def _short(name: str) -> str:
     return repr(name if len(name) <= 64 else name[:61] + "...")
+
+
+@functools.lru_cache(maxsize=1)
+def count_sensitivity() -> int:
+    """L2 sensitivity of a marginal's count vector when one patient is added or removed: OpenDP's
+    stability map of `count_by_categories` (symmetric distance -> L2) at d_in = 1, i.e. 1."""
+    space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.symmetric_distance()
+    count = space >> dp.t.then_count_by_categories(categories=[0], null_category=False, MO=dp.L2Distance[int])
+    return count.map(1)
+
+
+@functools.lru_cache(maxsize=4096)
+def noisy_counts(n_cells: int, scale: float):
+    """The OpenDP measurement a marginal's exact count vector (int64, `n_cells` long) goes through:
+    discrete Gaussian noise of `scale` on every cell. Its privacy map at `count_sensitivity()` is
+    the loss of `count_by_categories >> gaussian` on the rows (tests/test_guard_speed.py)."""
+    return dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T=dp.i64), size=n_cells), dp.l2_distance(T=dp.i64), scale=scale)
 
 
 def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
@@ -145,13 +164,15 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
     if total_rho > policy.max_rho_per_plan * (1 + 1e-12):
         raise Refusal("POLICY_LIMIT", f"plan asks for rho {total_rho:.6g}; policy allows at most {policy.max_rho_per_plan:.6g} per plan")
     compiled = []
+    scales: dict[tuple[float, int], float] = {}  # a plan's marginals mostly share a few (rho, cells)
     for names, shape, maps, rho in specs:
         n_cells = math.prod(shape)
-        scale = accounting.share_scale_for_rho(rho, honest, n_cells) if honest else accounting.scale_for_rho(rho)
-        space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.symmetric_distance()
-        meas = space >> dp.t.then_count_by_categories(
-            categories=list(range(n_cells)), null_category=False, MO=dp.L2Distance[int]) >> dp.m.then_gaussian(scale=scale)
-        alone = float(meas.map(1))
+        key = (rho, n_cells if honest else 0)
+        if key not in scales:
+            scales[key] = accounting.share_scale_for_rho(rho, honest, n_cells) if honest else accounting.scale_for_rho(rho)
+        scale = scales[key]
+        meas = noisy_counts(n_cells, scale)
+        alone = float(meas.map(count_sensitivity()))
         actual = accounting.distributed_rho(scale, honest, n_cells) if honest else alone
         if actual > rho * (1 + 1e-9):
             raise Refusal("INTERNAL", "noise calibration failed")
@@ -346,7 +367,9 @@ class SiteGuard:
     def _measure(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, compiled: list[CompiledMarginal],
                  debit: Debit, roster: dict[str, bytes], pad: np.ndarray | None) -> pb.SignedSummary:
         """Run the paid-for measurements (masked with `pad`, for a secure plan) and sign summary and receipt."""
-        noisy = [c.measurement(self._table.cell_index(c.variables, c.shape, c.groups)) for c in compiled]
+        exact = cells.count_tables(self._table.columns, self._table.n_rows, [(c.variables, c.shape, c.groups) for c in compiled])
+        noisy = [c.measurement(x) for c, x in zip(compiled, exact)]
+        del exact
         if pad is not None:
             offsets = np.cumsum([0] + [len(x) for x in noisy])
             tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, masked=secagg.masked(x, pad[a:b]).tolist(),
