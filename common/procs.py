@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,13 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def flower_env(flwr_home: str | Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a Flower process: telemetry and update checks off, and this Python's
+    scripts first on PATH, so `flower-superlink`, `flwr-clientapp` & co. come from the environment
+    ppsehr runs in (not from another installation that happens to be on PATH)."""
     env = dict(os.environ, **FLOWER_ENV, **extra)
+    scripts = os.path.dirname(sys.executable)
+    if scripts and env.get("PATH", "").split(os.pathsep)[0] != scripts:
+        env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")]) if env.get("PATH") else scripts
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

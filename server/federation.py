@@ -64,9 +64,13 @@ def write_flwr_home(home: Path, connection: str, address: str, root_certificates
     return home
 
 
-def submit(job_path: Path, app_dir: Path, flwr_home: Path, connection: str) -> int:
-    """Start the run; return its run id."""
+def submit(job_path: Path, app_dir: Path, flwr_home: Path, connection: str,
+           federation_config: dict[str, object] | None = None) -> int:
+    """Start the run; return its run id. `federation_config` goes to `flwr run --federation-config`
+    (a simulation SuperLink's settings, e.g. {"num-supernodes": 100})."""
     cmd = ["flwr", "run", str(app_dir), connection, "--run-config", f'job="{job_path}"', "--format", "json"]
+    if federation_config:
+        cmd += ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())]
     res = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, timeout=120)
     m = re.search(r'"run-id"\s*:\s*"?(\d+)', res.stdout) or re.search(r"run (\d+)", res.stdout + res.stderr)
     if res.returncode != 0 or not m:
