@@ -93,6 +93,12 @@ def _short(name: str) -> str:
     return repr(name if len(name) <= 64 else name[:61] + "...")
 
 
+# Noise scales are pure functions of (rho[, parties, cells]); every site of a consortium gets the same
+# plan, so a process answering many (a simulation worker) computes each once.
+_scale_for_rho = functools.lru_cache(maxsize=65536)(accounting.scale_for_rho)
+_share_scale_for_rho = functools.lru_cache(maxsize=65536)(accounting.share_scale_for_rho)
+
+
 @functools.lru_cache(maxsize=1)
 def count_sensitivity() -> int:
     """L2 sensitivity of a marginal's count vector when one patient is added or removed: OpenDP's
@@ -102,7 +108,7 @@ def count_sensitivity() -> int:
     return count.map(1)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65536)
 def noisy_counts(n_cells: int, scale: float):
     """The OpenDP measurement a marginal's exact count vector (int64, `n_cells` long) goes through:
     discrete Gaussian noise of `scale` on every cell. Its privacy map at `count_sensitivity()` is
@@ -169,7 +175,7 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
         n_cells = math.prod(shape)
         key = (rho, n_cells if honest else 0)
         if key not in scales:
-            scales[key] = accounting.share_scale_for_rho(rho, honest, n_cells) if honest else accounting.scale_for_rho(rho)
+            scales[key] = _share_scale_for_rho(rho, honest, n_cells) if honest else _scale_for_rho(rho)
         scale = scales[key]
         meas = noisy_counts(n_cells, scale)
         alone = float(meas.map(count_sensitivity()))
