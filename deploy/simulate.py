@@ -106,6 +106,8 @@ def run(consortium: SimulatedConsortium, dictionary: Path, out: Path, epsilon: f
     work = consortium.workdir
     if options.get("secure_aggregation"):
         workers = 1  # a secure plan's one-time key lives in the guard that enrolled it: one worker holds them all
+    # a few workers answer the virtual sites one after another: give a round time for all of them
+    options.setdefault("reply_timeout", max(300.0, 5.0 * len(consortium.sites) / workers))
     group = ProcessGroup(work / "logs")
     control, fleet = free_port(), free_port()
     home = write_flwr_home(work / "flwr-home", "simulation", f"{HOST}:{control}")
