@@ -87,6 +87,11 @@ class SiteConfig:
     policy: Policy = field(default_factory=Policy)
     source: str = ""
     secure_aggregation: SecureAggregationPolicy | None = None
+    # Set by the guard from the mapping's source when it loads the data (not read from this file):
+    # the privacy unit it answers for and k, the most records one patient contributes. Plans are
+    # charged for the loss of one unit (client/guard.py compile_plan; common/privacy_unit.py).
+    privacy_unit: str = ""
+    rows_per_patient: int = 1
 
     @property
     def ledger_path(self) -> Path:

@@ -5,7 +5,8 @@ readability is checked for whoever runs it. Checks, in order:
 
 - config: the site configuration parses (then the dictionary and the mapping load);
 - data: the mapping's data file(s) exist, are readable, and give group/other no access at all;
-- mapping: the table loads through the mapping against the dictionary (what the guard does at start);
+- mapping: the data load through the mapping against the dictionary (what the guard does at start),
+  with the patient as the privacy unit: a source whose patients' rows are not bounded fails here;
 - signing key: present, mode 0600 (or stricter), an Ed25519 private key;
 - coordinator keys: every allowlisted coordinator public key loads;
 - ledger: the state directory is (or can be made) writable, not open to group/other; an existing
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..common import privacy_unit
 from ..common.errors import PpsehrError
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
@@ -203,7 +205,8 @@ def check_superlink(address: str, timeout: float = 3.0) -> Check:
 def diagnose(config_path: str | Path, superlink: str | None = None, timeout: float = 3.0) -> list[Check]:
     """Run every check; later checks that depend on an earlier failure are SKIP."""
     from ..common.dictionary import load_dictionary
-    from ..common.mapping import load_mapping, load_site_table
+    from ..common.mapping import load_mapping
+    from ..common.source import load_site_table
     from .config import load_site_config
 
     checks: list[Check] = []
@@ -226,12 +229,17 @@ def diagnose(config_path: str | Path, superlink: str | None = None, timeout: flo
     if mapping:
         checks.append(Check("config", OK, f"site {cfg.site}: {config_path}, dictionary {dictionary.name} "
                                           f"{dictionary.version}, mapping {cfg.mapping}"))
-        checks.append(check_data([Path(mapping.path)]))  # a table file, or an OMOP CDM folder / database
+        checks.append(check_data([Path(p) for p in mapping.data_paths]))  # table files, a database, or an OMOP CDM
         table = run("mapping", lambda: load_site_table(mapping, dictionary),
-                    "fix the mapping or the data at the place named (`ppsehr site check` prints a full report)")
+                    "fix the mapping or the data at the place named (`ppsehr site check` prints a full report); a "
+                    "patient with several rows needs a reduce rule per variable, or [source] rows_per_patient = k "
+                    "(docs/dictionary.md)")
         if table is not None:
-            checks.append(Check("mapping", OK, f"{table[0].n_rows} rows load into {len(dictionary.variables)} "
-                                               "dictionary variables"))
+            t, report = table
+            rows = f" from {report.source_rows} rows" if report.source_rows is not None else ""
+            checks.append(Check("mapping", OK, f"{t.n_rows} records{rows} load into {len(dictionary.variables)} "
+                                               f"dictionary variables; privacy unit: "
+                                               f"{privacy_unit.describe(t.unit, t.rows_per_patient)}"))
     else:
         checks += [Check("data", SKIP, "needs a valid mapping"), Check("mapping", SKIP, "needs a valid mapping")]
     checks.append(check_signing_key(cfg.signing_key))

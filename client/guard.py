@@ -1,6 +1,9 @@
 """The site guard: the only process that reads a hospital's data, and its gRPC service.
 
-For each query plan: check it against the dictionary and the site policy (refusals cost
+At start the guard loads the site's data through its mapping, one record per patient (or up to
+k per patient, charged k^2 by group privacy), and refuses to start on a source whose patients'
+contributions are not bounded (common/source.py, common/privacy_unit.py); every receipt states that
+unit. For each query plan: check it against the dictionary and the site policy (refusals cost
 nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
 over public cells, costed by OpenDP at the count's sensitivity), debit their exact privacy loss in
 the durable ledger, and only then count the whole plan in one pass over the rows
@@ -15,6 +18,7 @@ details stay in the site's log. Threat model and the attacks tested: docs/securi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -32,7 +36,8 @@ import opendp.prelude as dp
 
 from ..common import accounting, cells, keys, secagg
 from ..common.dictionary import Dictionary, load_dictionary
-from ..common.mapping import EncodedTable, load_mapping, load_site_table
+from ..common.mapping import EncodedTable, load_mapping
+from ..common.source import load_site_table
 from ..common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
@@ -111,13 +116,13 @@ def _noise_pool() -> futures.ThreadPoolExecutor:
     return futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="noise")
 
 
-@functools.lru_cache(maxsize=1)
-def count_sensitivity() -> int:
-    """L2 sensitivity of a marginal's count vector when one patient is added or removed: OpenDP's
-    stability map of `count_by_categories` (symmetric distance -> L2) at d_in = 1, i.e. 1."""
+@functools.lru_cache(maxsize=64)
+def count_sensitivity(records: int = 1) -> int:
+    """L2 sensitivity of a marginal's count vector when `records` rows are added or removed (one
+    patient's): OpenDP's stability map of `count_by_categories` (symmetric distance -> L2) at d_in = records."""
     space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.symmetric_distance()
     count = space >> dp.t.then_count_by_categories(categories=[0], null_category=False, MO=dp.L2Distance[int])
-    return count.map(1)
+    return count.map(records)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -134,7 +139,12 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
 
     A secure plan's noise is shared by `honest` sites (its roster minus the colluding ones): each
     adds the smallest share whose distributed loss is within the planned rho. Without `honest`
-    (at enrollment) a secure plan is checked, and costed at its planned rho."""
+    (at enrollment) a secure plan is checked, and costed at its planned rho.
+
+    A planned rho is the loss of one privacy unit, a patient. When a patient contributes up to
+    k = config.rows_per_patient records, each table's noise is calibrated for rho / k^2 per record
+    and the patient's loss is charged by group privacy: OpenDP's privacy map at d_in = k (k^2 times
+    the per-record loss; secure sums: k^2 times the distributed bound)."""
     policy = config.policy
     if plan.HasField("secure"):
         check_secure(plan.secure, config)
@@ -182,16 +192,18 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
     if total_rho > policy.max_rho_per_plan * (1 + 1e-12):
         raise Refusal("POLICY_LIMIT", f"plan asks for rho {total_rho:.6g}; policy allows at most {policy.max_rho_per_plan:.6g} per plan")
     compiled = []
+    k = config.rows_per_patient
     scales: dict[tuple[float, int], float] = {}  # a plan's marginals mostly share a few (rho, cells)
     for names, shape, maps, rho in specs:
         n_cells = math.prod(shape)
-        key = (rho, n_cells if honest else 0)
+        row_rho = rho / (k * k)  # group privacy: a patient's k records cost k^2 times one record
+        key = (row_rho, n_cells if honest else 0)
         if key not in scales:
-            scales[key] = _share_scale_for_rho(rho, honest, n_cells) if honest else _scale_for_rho(rho)
+            scales[key] = _share_scale_for_rho(row_rho, honest, n_cells) if honest else _scale_for_rho(row_rho)
         scale = scales[key]
         meas = noisy_counts(n_cells, scale)
-        alone = float(meas.map(count_sensitivity()))
-        actual = accounting.distributed_rho(scale, honest, n_cells) if honest else alone
+        alone = float(meas.map(count_sensitivity(k)))  # the loss of one patient: k records added or removed
+        actual = k * k * accounting.distributed_rho(scale, honest, n_cells) if honest else alone
         if actual > rho * (1 + 1e-9):
             raise Refusal("INTERNAL", "noise calibration failed")
         compiled.append(CompiledMarginal(names, shape, maps, scale, actual, meas, alone))
@@ -221,13 +233,15 @@ class SiteGuard:
     """A site's data, dictionary, policy and ledger, and the logic that answers plans."""
 
     def __init__(self, config: SiteConfig):
-        self.config = config
         self.dictionary = load_dictionary(config.dictionary)
         mapping = load_mapping(config.mapping, self.dictionary)
         if mapping.site != config.site:
             log.warning("mapping %s names site %r; the guard's configuration says %r", config.mapping, mapping.site, config.site)
-        self._table: EncodedTable
+        self._table: EncodedTable  # refuses a source whose patients' contributions are not bounded
         self._table, self.validation = load_site_table(mapping, self.dictionary)
+        # The unit every answer is charged for and every receipt states (common/privacy_unit.py).
+        self.config = config = dataclasses.replace(config, privacy_unit=self._table.unit,
+                                                   rows_per_patient=self._table.rows_per_patient)
         self.ledger = Ledger(config.ledger_path, config.rho_limit, config.site)
         problem = self.ledger.check()
         if problem:
@@ -244,7 +258,7 @@ class SiteGuard:
         self.policy_sha256 = self.ledger.record_policy({
             "rho_limit": config.rho_limit, "delta": config.delta, "policy": config.policy.__dict__,
             "coordinators": sorted(self._coordinators), "max_plan_lifetime_s": config.max_plan_lifetime_s,
-            "dictionary": self.dictionary.hash}
+            "dictionary": self.dictionary.hash, "unit": config.privacy_unit, "rows_per_patient": config.rows_per_patient}
             | ({"secure_aggregation": {"peers": sorted(f"{s}={keys.fingerprint(k)}" for s, k in self._peers.items()),
                                        "min_parties": sa.min_parties, "assume_colluding": sa.assume_colluding}} if sa else {}))
 
@@ -405,7 +419,9 @@ class SiteGuard:
         receipt = pb.BudgetReceipt(site=self.config.site, plan_id=plan.plan_id, plan_sha256=plan_sha, rho_debited=debit.rho,
                                    rho_spent_total=debit.total_after, rho_limit=self.config.rho_limit,
                                    debited_at=debit.at, ledger_seq=debit.seq, dictionary_hash=self.dictionary.hash,
-                                   coordinator=signed.signer, delta=self.config.delta, **secure).SerializeToString(deterministic=True)
+                                   coordinator=signed.signer, delta=self.config.delta, unit=self.config.privacy_unit,
+                                   rows_per_patient=self.config.rows_per_patient,
+                                   **secure).SerializeToString(deterministic=True)
         summary = pb.Summary(site=self.config.site, plan_id=plan.plan_id, dictionary_hash=self.dictionary.hash,
                              marginals=tables, receipt=receipt,
                              receipt_signature=self._signing_key.sign(receipt)).SerializeToString(deterministic=True)

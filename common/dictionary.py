@@ -6,6 +6,7 @@ domain is an ordered list of *cells*; harmonized site data is stored as cell ind
 
     [dictionary]
     name = "..."; version = "1.0.0"
+    encounter = "outpatient"  # the kind of encounter each record is (ENCOUNTER_TYPES; FHIR/OMOP exports)
     [variables.age]
     type = "numeric"; unit = "a"; bins = [28, 40, 50, 60, 78]; precision = 0
     out_of_range = "clip"   # or "missing" or "cell" (a declared out_of_range cell)
@@ -37,6 +38,16 @@ from typing import Any
 from .errors import DictionaryError
 
 MISSING = "missing"
+# [dictionary] encounter: the kind of encounter a record describes -> (FHIR v3-ActCode class, display,
+# OMOP CDM Visit concept id). Used by the FHIR Encounter and OMOP visit_occurrence exports.
+ENCOUNTER_TYPES = {
+    "outpatient": ("AMB", "ambulatory", 9202),          # Outpatient Visit
+    "inpatient": ("IMP", "inpatient encounter", 9201),  # Inpatient Visit
+    "emergency": ("EMER", "emergency", 9203),           # Emergency Room Visit
+    "intensive_care": ("ACUTE", "inpatient acute", 32037),  # Intensive Care
+    "home": ("HH", "home health", 581476),              # Home Visit
+    "virtual": ("VR", "virtual", 5083),                 # Telehealth
+}
 OUT_OF_RANGE = "out_of_range"
 OTHER = "other"
 TIERS = (1, 2, 3)
@@ -115,6 +126,7 @@ class Dictionary:
     dependencies: tuple[tuple[str, ...], ...]
     content: dict[str, Any]
     source: str = ""
+    encounter: str = "outpatient"  # ENCOUNTER_TYPES
 
     @property
     def hash(self) -> str:
@@ -173,7 +185,10 @@ def parse_dictionary(raw: dict[str, Any], source: str = "<dictionary>") -> Dicti
         holders = [n for n, v in variables.items() if v.codes.get("domain") == domain]
         if len(holders) > 1:
             raise DictionaryError(f"{source}: codes.domain = {domain!r} is declared by {holders}; at most one variable may hold it")
-    return Dictionary(str(head["name"]), str(head["version"]), variables, tuple(deps), raw, source)
+    encounter = head.get("encounter", "outpatient")
+    if encounter not in ENCOUNTER_TYPES:
+        raise DictionaryError(f"{source}: dictionary.encounter must be one of {sorted(ENCOUNTER_TYPES)}, got {encounter!r}")
+    return Dictionary(str(head["name"]), str(head["version"]), variables, tuple(deps), raw, source, encounter)
 
 
 _VAR_KEYS = {"type", "description", "tier", "categories", "bins", "unit", "precision", "missing",

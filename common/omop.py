@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import difflib
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from .dictionary import MISSING, OTHER, Dictionary, Variable
+from .dictionary import MISSING, Dictionary, Variable
+from .codemap import VariableMapping, check_target, norm_code
 from .errors import MappingError
 from .units import conversion, parse_number
 
@@ -95,38 +97,38 @@ class OmopSource:
 
 def parse_variable(name: str, spec: dict[str, Any], var: Variable, where: str):
     """An OMOP variable definition -> (OmopVariable, the VariableMapping the encoder applies)."""
-    from .mapping import VariableMapping, norm_code
 
     kind = spec["omop"]
     if kind not in KINDS:
         raise MappingError(f"{where}.omop: must be one of {KINDS}, got {kind!r}")
     allowed = _KEYS.get(kind) or _KEYS[var.type]
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise MappingError(f"{where}: key(s) {unknown} do not apply to omop = {kind!r} for a {var.type} variable "
-                           f"(keys: {sorted(allowed)})")
+    for key in spec:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+            raise MappingError(f"{where}: unknown key {key!r} for omop = {kind!r} and a {var.type} variable"
+                               + (f"; did you mean {close[0]!r}?" if close else f" (keys: {sorted(allowed)})"))
     column = f"omop:{name}"
     if kind == "age":
         if var.type != "numeric":
             raise MappingError(f"{where}: omop = 'age' gives years; {var.name!r} is not numeric")
         _convertible("a", var, f"{where}.omop")
-        return OmopVariable("age", where), VariableMapping(column)
+        return OmopVariable("age", where), VariableMapping(column, name=name, where_text=where)
     if kind == "person":
         fld = spec.get("field")
         if not isinstance(fld, str) or not fld:
             raise MappingError(f"{where}: omop = 'person' needs field = \"<person column>\" (e.g. gender_concept_id)")
-        values = {norm_code(k): str(v) for k, v in spec.get("values", {}).items()}
+        raw_values = spec.get("values", {})
+        if not isinstance(raw_values, dict):
+            raise MappingError(f"{where}.values: must be a table of local code = category")
         unmapped = spec.get("unmapped", "error")
-        if values and var.type != "categorical":
+        if raw_values and var.type != "categorical":
             raise MappingError(f"{where}.values: only categorical variables take a value map")
-        if var.type == "categorical":
-            bad = sorted({v for v in values.values() if v not in var.cells})
-            if bad:
-                raise MappingError(f"{where}.values: {bad} are not cells of {var.name!r} (cells: {list(var.cells)})")
+        values = {norm_code(k): check_target(v, k, var, f"{where}.values") for k, v in raw_values.items()}
         if unmapped not in ("error", "missing", "other") or (unmapped == "missing" and not var.missing) \
                 or (unmapped == "other" and not var.other):
             raise MappingError(f"{where}.unmapped: must be error, missing (needs a missing cell) or other (needs other = true)")
-        return OmopVariable("person", where, person_column=fld), VariableMapping(column, values=values, unmapped=unmapped)
+        return (OmopVariable("person", where, person_column=fld),
+                VariableMapping(column, values=values, unmapped=unmapped, name=name, where_text=where))
     window = spec.get("window", "before_index")
     if window not in ("before_index", "ever"):
         raise MappingError(f"{where}.window: must be 'before_index' or 'ever', got {window!r}")
@@ -150,7 +152,8 @@ def parse_variable(name: str, spec: dict[str, Any], var: Variable, where: str):
         if unit is not None:
             _convertible(unit, var, f"{where}.unit")
         return (OmopVariable(kind, where, concepts={"": _concept_list(spec.get("concepts"), f"{where}.concepts")},
-                             value=value, unit=unit, units=units, **common), VariableMapping(column))
+                             value=value, unit=unit, units=units, **common),
+                VariableMapping(column, name=name, where_text=where))
     if "categories" in spec:
         cats = spec["categories"]
         if not isinstance(cats, dict) or not cats:
@@ -169,7 +172,8 @@ def parse_variable(name: str, spec: dict[str, Any], var: Variable, where: str):
         if label not in var.categories and not (label == not_recorded == MISSING and var.missing):
             raise MappingError(f"{where}: {label!r} is not a category of {var.name!r} "
                                f"(categories: {list(var.categories)}{also})")
-    return OmopVariable(kind, where, concepts=concepts, not_recorded=not_recorded, **common), VariableMapping(column)
+    return (OmopVariable(kind, where, concepts=concepts, not_recorded=not_recorded, **common),
+            VariableMapping(column, name=name, where_text=where))
 
 
 def _convertible(unit: Any, var: Variable, where: str) -> None:
@@ -313,7 +317,6 @@ def read_columns(mapping, dictionary: Dictionary) -> tuple[dict[str, np.ndarray]
 
 
 def _derive(tables: _Tables, src: OmopSource, mapping, dictionary: Dictionary):
-    from .mapping import norm_code
 
     person_fields = sorted({ov.person_column for ov in src.variables.values() if ov.kind == "person"})
     age = any(ov.kind == "age" for ov in src.variables.values())
@@ -426,8 +429,7 @@ def _check_person_codes(raw: np.ndarray, ids: np.ndarray, var: Variable, vm, ov:
     if var.type != "categorical" or vm.unmapped != "error":
         return
     for k, code in enumerate(raw):
-        label = vm.values.get(code, code if not vm.values else None)
-        if code and (label is None or label not in var.cells or label in (MISSING, OTHER)):
+        if code and vm.label(code, var) is None:
             raise MappingError(f"{where}, person_id {ids[k]}, field {ov.person_column}: code {code!r} is not mapped to a "
                                f"category of {var.name!r} (categories: {list(var.categories)}); add it to "
                                f"{ov.where.split(': ', 1)[1]}.values or set unmapped = \"missing\"")

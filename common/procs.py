@@ -9,6 +9,7 @@ flwr-serverapp and flwr-clientapp in sessions of their own, so those descendants
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,20 +18,37 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import PpsehrError
+
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def flower_env(flwr_home: str | Path | None = None, **extra: str) -> dict[str, str]:
-    """The environment of a Flower process: telemetry and update checks off, and this Python's
-    scripts first on PATH, so `flower-superlink`, `flwr-clientapp` & co. come from the environment
-    ppsehr runs in (not from another installation that happens to be on PATH)."""
+    """The environment of a Flower process: telemetry and update checks off, and this interpreter's
+    scripts directory first on PATH, so that ppsehr installed in a virtualenv that was never
+    activated (as pipx installs tools) finds Flower's executables, and so do the processes Flower
+    spawns itself (flwr-serverapp, flwr-clientapp, flower-superexec)."""
     env = dict(os.environ, **FLOWER_ENV, **extra)
-    scripts = os.path.dirname(sys.executable)
-    if scripts and env.get("PATH", "").split(os.pathsep)[0] != scripts:
-        env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")]) if env.get("PATH") else scripts
+    scripts = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        env["PATH"] = scripts + (os.pathsep + path if path else "")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
+
+
+def command(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """argv with its program resolved on env's PATH (or this interpreter's scripts directory);
+    a clear error if it is not installed."""
+    if os.sep in argv[0]:
+        return argv
+    search = (env or flower_env()).get("PATH")
+    found = shutil.which(argv[0], path=search)
+    if found is None:
+        raise PpsehrError(f"{argv[0]!r} was not found beside {sys.executable} nor on PATH; install ppsehr's "
+                          "dependencies into this environment (`pip install ppsehr`, which brings flwr==1.39.0)")
+    return [found, *argv[1:]]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -80,7 +98,7 @@ class ProcessGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         with open(log, "ab") as f:
-            popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            popen = subprocess.Popen(command(argv, env), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, cwd=cwd, start_new_session=True)
         m = Managed(name, popen, log)
         self.procs.append(m)

@@ -87,12 +87,24 @@ def cmd_site_serve(args) -> int:
 
 
 def cmd_site_check(args) -> int:
+    """Load the site's data through its mapping as the guard would, and report. Works before any keys or
+    guard configuration exist (--dictionary and --mapping); exits 2 on any mapping or data error,
+    including a source whose per-patient contributions are not bounded."""
     from ..common.dictionary import load_dictionary
-    from ..common.mapping import load_mapping, load_site_table
+    from ..common.mapping import load_mapping
+    from ..common.source import load_site_table
 
-    cfg = _site(args)
-    d = load_dictionary(cfg.dictionary)
-    _, report = load_site_table(load_mapping(cfg.mapping, d), d)
+    if args.config and (args.dictionary or args.mapping):
+        raise PpsehrError("give --config, or --dictionary and --mapping, not both")
+    if args.config:
+        cfg = _site(args)
+        dictionary, mapping = cfg.dictionary, cfg.mapping
+    elif args.dictionary and args.mapping:
+        dictionary, mapping = args.dictionary, args.mapping
+    else:
+        raise PpsehrError("site check needs --config SITE.toml, or --dictionary DICTIONARY.toml --mapping MAPPING.toml")
+    d = load_dictionary(dictionary)
+    _, report = load_site_table(load_mapping(mapping, d), d)
     print(f"dictionary {d.name} {d.version} ({d.hash})")
     print(report.to_text())
     print("(this report stays at the site: it may quote local codes)")
@@ -286,6 +298,12 @@ def cmd_bench_speed(args) -> int:
     return run_speed_cli(args)
 
 
+def cmd_bench_source(args) -> int:
+    from .bench.source import run_source_cli
+
+    return run_source_cli(args)
+
+
 def cmd_bench_fidelity(args) -> int:
     from .bench.fidelity import run_fidelity_cli
 
@@ -317,6 +335,9 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", default="csv,parquet,fhir,omop",
                    help="record formats in the release (csv always; default csv,parquet,fhir,omop)")
     p.add_argument("--no-report", action="store_true", help="leave report.html and figures/ out of the release")
+    p.add_argument("--reply-timeout", type=float, default=300.0,
+                   help="seconds to wait for the sites' answers to each round (default 300); a site that has not "
+                        "answered by then is listed as not included")
     from ..server.llm.client import add_llm_options
 
     add_llm_options(p)
@@ -337,7 +358,8 @@ def job_options(args) -> dict:
             "compress": not args.no_compress, "oneway_fraction": args.oneway_fraction,
             "secure_aggregation": args.secure_aggregation, "colluding": args.colluding, "min_parties": args.min_parties,
             "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,
-            "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups}
+            "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups,
+            "reply_timeout": args.reply_timeout}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,8 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
                              ("audit", cmd_site_audit, "list the audit log and verify its hash chain"),
                              ("doctor", cmd_site_doctor, "check the site's setup before it goes live; explain each failure")):
         sp = s.add_parser(name, help=text)
-        sp.add_argument("--config", required=True, help="site configuration TOML")
+        sp.add_argument("--config", required=name != "check", help="site configuration TOML")
         sp.set_defaults(func=func)
+        if name == "check":
+            sp.add_argument("--dictionary", help="the consortium dictionary (instead of --config: no keys needed yet)")
+            sp.add_argument("--mapping", help="the site's mapping (with --dictionary)")
         if name == "serve":
             sp.add_argument("--listen", help="override the configured listen address")
         if name == "status":
@@ -417,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.llm import add_bench_arguments
     add_bench_arguments(bl)
     bl.set_defaults(func=cmd_bench_llm)
+
+    bs = bench.add_parser("source", help="a site guard on a large multi-table source: load + join + reduce + a "
+                                         "100-marginal plan, wall time and peak RSS (default 10M lab rows)")
+    from .bench.source import add_source_arguments
+    add_source_arguments(bs)
+    bs.set_defaults(func=cmd_bench_source)
 
     llm = sub.add_parser("llm", help="LLM endpoint tools").add_subparsers(dest="llm_command", required=True)
     lc = llm.add_parser("check", help="connectivity and structured-output support of an OpenAI-compatible endpoint")

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..common.procs import FlwrCli, ProcessGroup, flower_env, free_port, wait_for_port
+from ..common.procs import FlwrCli, ProcessGroup, command, flower_env, free_port, wait_for_port
 
 if TYPE_CHECKING:
     from ..common.keys import ConsortiumKeys

@@ -153,7 +153,7 @@ class SignedSummary(_message.Message):
     def __init__(self, summary: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
 
 class BudgetReceipt(_message.Message):
-    __slots__ = ("site", "plan_id", "plan_sha256", "rho_debited", "rho_spent_total", "rho_limit", "debited_at", "ledger_seq", "dictionary_hash", "coordinator", "delta", "roster_sha256", "parties", "colluding", "rho_alone")
+    __slots__ = ("site", "plan_id", "plan_sha256", "rho_debited", "rho_spent_total", "rho_limit", "debited_at", "ledger_seq", "dictionary_hash", "coordinator", "delta", "roster_sha256", "parties", "colluding", "rho_alone", "unit", "rows_per_patient")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,8 @@ class BudgetReceipt(_message.Message):
     PARTIES_FIELD_NUMBER: _ClassVar[int]
     COLLUDING_FIELD_NUMBER: _ClassVar[int]
     RHO_ALONE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_PATIENT_FIELD_NUMBER: _ClassVar[int]
     site: str
     plan_id: str
     plan_sha256: bytes
@@ -184,4 +186,6 @@ class BudgetReceipt(_message.Message):
     parties: int
     colluding: int
     rho_alone: float
-    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., rho_debited: _Optional[float] = ..., rho_spent_total: _Optional[float] = ..., rho_limit: _Optional[float] = ..., debited_at: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., delta: _Optional[float] = ..., roster_sha256: _Optional[bytes] = ..., parties: _Optional[int] = ..., colluding: _Optional[int] = ..., rho_alone: _Optional[float] = ...) -> None: ...
+    unit: str
+    rows_per_patient: int
+    def __init__(self, site: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_sha256: _Optional[bytes] = ..., rho_debited: _Optional[float] = ..., rho_spent_total: _Optional[float] = ..., rho_limit: _Optional[float] = ..., debited_at: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., delta: _Optional[float] = ..., roster_sha256: _Optional[bytes] = ..., parties: _Optional[int] = ..., colluding: _Optional[int] = ..., rho_alone: _Optional[float] = ..., unit: _Optional[str] = ..., rows_per_patient: _Optional[int] = ...) -> None: ...

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..common.errors import PpsehrError
-from ..common.procs import FlwrCli, flower_env
+from ..common.procs import FlwrCli, command, flower_env
 
 if TYPE_CHECKING:
     from .pipeline import ReleaseJob
@@ -68,7 +68,8 @@ def _flwr(args: list[str], flwr_home: Path, cli: FlwrCli | None, timeout: float)
     """`flwr ARGS`: through a running FlwrCli process if given, else a fresh `flwr` process."""
     if cli is not None:
         return cli.run(args, timeout)
-    res = subprocess.run(["flwr", *args], env=flower_env(flwr_home), capture_output=True, text=True, timeout=timeout)
+    env = flower_env(flwr_home)
+    res = subprocess.run(command(["flwr", *args], env), env=env, capture_output=True, text=True, timeout=timeout)
     return res.returncode, res.stdout + res.stderr
 
 

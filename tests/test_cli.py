@@ -42,7 +42,8 @@ def test_site_check_prints_local_report(site_config, capsys):
     cfg = site_config("va")
     assert main(["site", "check", "--config", cfg.source]) == 0
     out = capsys.readouterr().out
-    assert "site va: 200 rows" in out and re.search(r"chol\s+56 missing", out)
+    assert "site va: 200 records" in out and re.search(r"chol\s+56 missing", out)
+    assert "privacy unit: one patient, as one table row (the site admin attests" in out
 
 
 def test_bad_site_table_stops_the_guard_before_anything_is_debited(tmp_path, demo, capsys, consortium_keys):
@@ -56,7 +57,7 @@ def test_bad_site_table_stops_the_guard_before_anything_is_debited(tmp_path, dem
                             "127.0.0.1:0", 5.0, 1e-6, consortium_keys.site_keys["va"][0], [consortium_keys.coordinator_pub])
     assert main(["site", "serve", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "bad.data, data row 42 (line 42), column 'sex': code '9' is not mapped" in err
+    assert "bad.data, data row 42 (line 42), column 'sex' (variables.sex): code '9' is not mapped" in err
     assert not (tmp_path / "state" / "ledger.sqlite").exists()
 
 

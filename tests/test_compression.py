@@ -13,7 +13,8 @@ import pytest
 from ppsehr.common import accounting, keys
 from ppsehr.common.cells import check_groups, group_labels, grouped_index, project, spread
 from ppsehr.common.errors import ReleaseError
-from ppsehr.common.mapping import load_mapping, load_site_table
+from ppsehr.common.mapping import load_mapping
+from ppsehr.common.source import load_site_table
 from ppsehr.protos import guard_pb2 as pb
 from ppsehr.server.measure import planner
 from ppsehr.server.measure.aggregate import aggregate, verify_summary

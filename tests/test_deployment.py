@@ -108,10 +108,16 @@ def _flower_processes():
 
 
 def test_demo_command_end_to_end(tmp_path):
+    """`VENV/bin/ppsehr demo` as an installed tool is run: the environment is not activated, so
+    the interpreter's scripts directory (where Flower's executables are) is not on PATH."""
+    from pathlib import Path
+
     out = tmp_path / "release"
     before = _flower_processes()
-    res = subprocess.run([sys.executable, "-m", "ppsehr.deploy.cli", "demo", "--json", "--out", str(out), "--seed", "5"],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    scripts = Path(sys.executable).parent
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != scripts)
+    res = subprocess.run([str(scripts / "ppsehr"), "demo", "--json", "--out", str(out), "--seed", "5"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=dict(os.environ, PATH=path))
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout)
     assert set(summary["sites"]) == {"cleveland", "hungarian", "switzerland", "va"}

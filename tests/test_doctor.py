@@ -68,7 +68,7 @@ def _edit_config(site, old, new):
     (lambda s, k: s["table"].chmod(0o644), "data", "mode 0644: group/other can access it", "chmod 0600"),
     (lambda s, k: s["table"].unlink(), "data", "does not exist", "[source] path"),
     (lambda s, k: s["table"].write_text(s["table"].read_text().replace(",1,", ",7,", 1)), "mapping",
-     "data row 1 (line 1), column 'sex': code '7' is not mapped", "ppsehr site check"),
+     "data row 1 (line 1), column 'sex' (variables.sex): code '7' is not mapped", "ppsehr site check"),
     (lambda s, k: _copy_key(s, k, 0o640), "signing key", "mode 0640: group/other can read", "chmod 0600"),
     (lambda s, k: _copy_key(s, k, 0o600) or (s["tmp"] / "keys" / "site.key").write_text("junk"), "signing key",
      "PEM private key", "ppsehr keys init"),

@@ -198,3 +198,23 @@ def test_synthetic_ids_are_valid_and_plain():
     assert synthetic_id("demo 2025/01:01", 3) == "synthetic-demo-2025-01-01-3"
     long = synthetic_id("x" * 200, 123456, "o12")
     assert FHIR_ID.match(long) and long.startswith("synthetic-x") and long.endswith("-123456-o12")
+
+
+def test_the_declared_encounter_type_reaches_fhir_and_omop(dictionary, records):
+    """ICU stays are exported as intensive care, not outpatient visits; the dictionary says which."""
+    import dataclasses
+
+    from ppsehr.common.dictionary import load_dictionary, parse_dictionary
+    from ppsehr.common.errors import DictionaryError
+
+    assert dictionary.encounter == "outpatient"
+    icu = dataclasses.replace(dictionary, encounter="intensive_care")
+    files = export_files(icu, records, RELEASE, {"fhir", "omop"})
+    assert {e["class"]["code"] for e in ndjson(files, "Encounter")} == {"ACUTE"}
+    assert {v["visit_concept_id"] for v in omop(files, "visit_occurrence")} == {"32037"}
+    content = dict(dictionary.content, dictionary=dict(dictionary.content["dictionary"], encounter="icu"))
+    with pytest.raises(DictionaryError, match=r"dictionary.encounter must be one of .*'intensive_care'.*got 'icu'"):
+        parse_dictionary(content, "d.toml")
+    content["dictionary"]["encounter"] = "inpatient"
+    assert parse_dictionary(content, "d.toml").encounter == "inpatient"
+    assert load_dictionary(dictionary.source).encounter == "outpatient"

