@@ -400,6 +400,18 @@ def cmd_bench_llm(args) -> int:
     return run_bench_cli(args)
 
 
+def cmd_simulate(args) -> int:
+    from .simulate import run_cli
+
+    return run_cli(args)
+
+
+def cmd_bench_speed(args) -> int:
+    from .bench.speed import run_speed_cli
+
+    return run_speed_cli(args)
+
+
 def cmd_bench_source(args) -> int:
     from .bench.source import run_source_cli
 
@@ -526,7 +538,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_release_options(r)
     r.set_defaults(func=cmd_coordinator_release)
 
+    sm = sub.add_parser("simulate", help="a release over Flower's Simulation Engine: N virtual sites, each with an "
+                                         "in-process guard over a simulated consortium; wall time, memory, fidelity")
+    from .simulate import add_arguments as add_simulate_arguments
+    add_simulate_arguments(sm)
+    sm.set_defaults(func=cmd_simulate)
+
     bench = sub.add_parser("bench", help="benchmarks (JSON + markdown table)").add_subparsers(dest="bench_command", required=True)
+    bs = bench.add_parser("speed", help="demo phases, guard throughput, fit and sampling, simulation wall time "
+                                        "(see docs/benchmarks.md)")
+    from .bench.speed import add_speed_arguments
+    add_speed_arguments(bs)
+    bs.set_defaults(func=cmd_bench_speed)
     bf = bench.add_parser("fidelity", help="fidelity of ppsehr against central DP baselines (see docs/benchmarks.md)")
     from .bench.fidelity import add_fidelity_arguments
     add_fidelity_arguments(bf)
