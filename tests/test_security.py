@@ -243,7 +243,9 @@ def test_no_exception_text_crosses_the_site_boundary(guards, dictionary, sign, m
         raise ValueError(SECRET)
 
     # 1. the data read fails after the debit: the budget is spent, the coordinator learns only a fixed code
-    monkeypatch.setattr(g.guard._table, "cell_index", leak)
+    from ppsehr.client import guard as guard_module
+
+    monkeypatch.setattr(guard_module.cells, "count_tables", leak)  # the one pass over the site's columns
     plan = sign(make_plan(dictionary, [(["chol"], 0.01)]))
     status, details = refused(g.stub, plan)
     assert status == grpc.StatusCode.INTERNAL
@@ -258,7 +260,7 @@ def test_no_exception_text_crosses_the_site_boundary(guards, dictionary, sign, m
     # 2. a failure before the debit (here: OpenDP calibration): refused, audited, nothing debited
     monkeypatch.undo()
     spent = g.guard.ledger.spent()
-    monkeypatch.setattr(accounting, "scale_for_rho", leak)
+    monkeypatch.setattr(guard_module, "_scale_for_rho", leak)  # the guard's (cached) noise calibration
     status, details = refused(g.stub, sign(make_plan(dictionary, [(["age"], 0.01)])))
     assert details == "INTERNAL: the guard failed; the site admin has the details (nothing was debited)"
     assert g.guard.ledger.spent() == spent and g.guard.ledger.audit_entries()[-1].code == "INTERNAL"
