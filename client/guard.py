@@ -4,9 +4,10 @@ At start the guard loads the site's data through its mapping, one record per pat
 k per patient, charged k^2 by group privacy), and refuses to start on a source whose patients'
 contributions are not bounded (common/source.py, common/privacy_unit.py); every receipt states that
 unit. For each query plan: check it against the dictionary and the site policy (refusals cost
-nothing), build one OpenDP measurement per marginal (count by public cells, then discrete
-Gaussian noise), debit their exact privacy loss in the durable ledger, and only then run
-them and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
+nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
+over public cells, costed by OpenDP at the count's sensitivity), debit their exact privacy loss in
+the durable ledger, and only then count the whole plan in one pass over the rows
+(common/cells.py) and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
 over all enrolled sites can be read (common/secagg.py). An evaluation plan comes with a release's
@@ -20,6 +21,7 @@ details stay in the site's log. Threat model and the attacks tested: docs/securi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -91,13 +93,48 @@ class CompiledMarginal:
     groups: tuple  # per variable: cell -> group array, or None
     scale: float  # secure plans: this site's share of the noise
     rho: float  # privacy loss at d_in = 1 (OpenDP's map; secure: of the sum), at most the requested rho
-    measurement: object
+    measurement: object  # OpenDP: exact count vector -> noisy counts (`noisy_counts`)
     rho_alone: float  # OpenDP's map of this site's own noise (what a secure answer costs if the others collude)
     bound: str = ""  # secure plans: which bound `rho` is (accounting.BOUNDS)
 
 
 def _short(name: str) -> str:
     return repr(name if len(name) <= 64 else name[:61] + "...")
+
+
+# Noise scales are pure functions of (rho[, parties, cells]); every site of a consortium gets the same
+# plan, so a process answering many (a simulation worker) computes each once.
+_scale_for_rho = functools.lru_cache(maxsize=65536)(accounting.scale_for_rho)
+_share_scale_for_rho = functools.lru_cache(maxsize=65536)(accounting.share_scale_for_rho)
+
+
+# Exact discrete Gaussian noise costs 50-100 us a cell; plans with this many cells are noised on
+# several threads (each marginal's measurement is still invoked exactly once).
+PARALLEL_NOISE_CELLS = 2000
+
+
+@functools.lru_cache(maxsize=1)
+def _noise_pool() -> futures.ThreadPoolExecutor:
+    import os
+
+    return futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="noise")
+
+
+@functools.lru_cache(maxsize=64)
+def count_sensitivity(records: int = 1) -> int:
+    """L2 sensitivity of a marginal's count vector when `records` rows are added or removed (one
+    patient's): OpenDP's stability map of `count_by_categories` (symmetric distance -> L2) at d_in = records."""
+    space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.symmetric_distance()
+    count = space >> dp.t.then_count_by_categories(categories=[0], null_category=False, MO=dp.L2Distance[int])
+    return count.map(records)
+
+
+@functools.lru_cache(maxsize=65536)
+def noisy_counts(n_cells: int, scale: float):
+    """The OpenDP measurement a marginal's exact count vector (int64, `n_cells` long) goes through:
+    discrete Gaussian noise of `scale` on every cell. Its privacy map at `count_sensitivity()` is
+    the loss of `count_by_categories >> gaussian` on the rows (tests/test_guard_speed.py)."""
+    return dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T=dp.i64), size=n_cells), dp.l2_distance(T=dp.i64), scale=scale)
 
 
 def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
@@ -162,14 +199,16 @@ def compile_plan(plan: pb.QueryPlan, dictionary: Dictionary, config: SiteConfig,
         raise Refusal("POLICY_LIMIT", f"plan asks for rho {total_rho:.6g}; policy allows at most {policy.max_rho_per_plan:.6g} per plan")
     compiled = []
     k = config.rows_per_patient
+    scales: dict[tuple[float, int], float] = {}  # a plan's marginals mostly share a few (rho, cells)
     for names, shape, maps, rho in specs:
         n_cells = math.prod(shape)
         row_rho = rho / (k * k)  # group privacy: a patient's k records cost k^2 times one record
-        scale = accounting.share_scale_for_rho(row_rho, honest, n_cells) if honest else accounting.scale_for_rho(row_rho)
-        space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.symmetric_distance()
-        meas = space >> dp.t.then_count_by_categories(
-            categories=list(range(n_cells)), null_category=False, MO=dp.L2Distance[int]) >> dp.m.then_gaussian(scale=scale)
-        alone = float(meas.map(k))  # the loss of one patient: k records added or removed
+        key = (row_rho, n_cells if honest else 0)
+        if key not in scales:
+            scales[key] = _share_scale_for_rho(row_rho, honest, n_cells) if honest else _scale_for_rho(row_rho)
+        scale = scales[key]
+        meas = noisy_counts(n_cells, scale)
+        alone = float(meas.map(count_sensitivity(k)))  # the loss of one patient: k records added or removed
         # secure: the smaller of the distributed bound (k^2 x, group privacy) and OpenDP's map of this site's own share
         actual, bound = accounting.secure_table_rho(scale, honest, n_cells, alone, k) if honest else (alone, "")
         if actual > rho * (1 + 1e-9):
@@ -406,7 +445,12 @@ class SiteGuard:
                  debit: Debit, roster: dict[str, bytes], pad: np.ndarray | None,
                  evaluation: evaluate.CompiledEvaluation | None = None) -> pb.SignedSummary:
         """Run the paid-for measurements (masked with `pad`, for a secure plan) and sign summary and receipt."""
-        noisy = [c.measurement(self._table.cell_index(c.variables, c.shape, c.groups)) for c in compiled]
+        exact = cells.count_tables(self._table.columns, self._table.n_rows, [(c.variables, c.shape, c.groups) for c in compiled])
+        if sum(len(x) for x in exact) >= PARALLEL_NOISE_CELLS:  # OpenDP's sampler releases the GIL: use the cores
+            noisy = list(_noise_pool().map(lambda cx: cx[0].measurement(cx[1]), zip(compiled, exact)))
+        else:
+            noisy = [c.measurement(x) for c, x in zip(compiled, exact)]
+        del exact
         answer = evaluate.run_evaluation(evaluation, self._rows(), self.dictionary) if evaluation else None
         if pad is not None:
             offsets = np.cumsum([0] + [len(x) for x in noisy])

@@ -7,9 +7,21 @@ one-time key (`query.enroll`).
 Whatever goes wrong, the reply carries a fixed error code and a data-free message: Flower
 would otherwise forward exception text to the coordinator word for word. Imports stay light
 (no numpy, no OpenDP) because Flower starts a fresh process for every message.
+
+Simulation only (`ppsehr simulate`, Flower's Simulation Engine): a virtual SuperNode has no guard
+process. When the environment of the simulation (set by whoever starts it, never by a run or its
+FAB) names a site index in PPSEHR_SIMULATION_SITES, a virtual node without guard-address answers
+through an in-process guard built from the site config its partition-id points at, once per
+worker process (`SIMULATION_GUARDS` most recently used kept). Same guard code, same ledger.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
 
 import grpc
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -20,6 +32,12 @@ from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
 
 app = ClientApp()
+
+SIMULATION_SITES_ENV = "PPSEHR_SIMULATION_SITES"  # JSON list of site config paths, by partition-id
+SIMULATION_GUARDS = int(os.environ.get("PPSEHR_SIMULATION_GUARDS", "4096"))  # in-process guards kept per worker
+_sim_guards: OrderedDict[str, object] = OrderedDict()
+_sim_index: dict[str, list[str]] = {}
+_sim_lock = threading.Lock()
 
 
 def _error(code: str, message: str) -> ConfigRecord:
@@ -72,10 +90,64 @@ def enroll(msg: Message, context: Context) -> Message:
     return _relay(msg, context, "enroll")
 
 
+def simulation_site_config(node_config) -> str | None:
+    """Simulation only: the site config path of this virtual node (None outside a simulation)."""
+    index = os.environ.get(SIMULATION_SITES_ENV, "")
+    if not index or "guard-address" in node_config or "partition-id" not in node_config:
+        return None
+    if index not in _sim_index:
+        with open(index, encoding="utf-8") as f:
+            _sim_index[index] = [str(p) for p in json.load(f)]
+    return _sim_index[index][int(node_config["partition-id"])]
+
+
+def _simulation_guard(config_path: str):
+    """The in-process guard of a simulated site, built on first use in this worker process."""
+    with _sim_lock:
+        guard = _sim_guards.get(config_path)
+        if guard is not None:
+            _sim_guards.move_to_end(config_path)
+            return guard
+    from .config import load_site_config
+    from .guard import SiteGuard
+
+    guard = SiteGuard(load_site_config(config_path))
+    with _sim_lock:
+        _sim_guards[config_path] = guard
+        while len(_sim_guards) > SIMULATION_GUARDS:
+            _sim_guards.popitem(last=False)
+    return guard
+
+
+def relay_in_process(plan_bytes: bytes, config_path: str, kind: str = "summary") -> ConfigRecord:
+    """`relay_plan` for a simulated site: the same checks and reply record, the guard in this process."""
+    if len(plan_bytes) > MAX_PLAN_BYTES:
+        return _error("PLAN_TOO_LARGE", f"the signed plan has {len(plan_bytes)} bytes; guards accept at most {MAX_PLAN_BYTES}")
+    try:
+        plan = pb.SignedPlan.FromString(plan_bytes)
+    except Exception:
+        return _error("MALFORMED_PLAN", "the relay could not parse the signed query plan")
+    from .guard import Refusal
+
+    try:
+        guard = _simulation_guard(config_path)
+        reply = (guard.enroll if kind == "enroll" else guard.answer)(plan)
+    except Refusal as r:  # the guard's own refusal: fixed code, data-free message
+        return _error(r.code, _printable(r.message))
+    except Exception:  # details stay in this (simulated) site's log
+        logging.getLogger("ppsehr.relay").exception("in-process guard for %s failed", config_path)
+        return _error("GUARD_UNAVAILABLE", RELAY_CODES["GUARD_UNAVAILABLE"])
+    return ConfigRecord({"reply": reply.SerializeToString()})
+
+
 def _relay(msg: Message, context: Context, kind: str) -> Message:
     try:
         address = str(context.node_config.get("guard-address", ""))
-        if not address:
+        simulated = None if address else simulation_site_config(context.node_config)
+        if simulated:
+            plan_bytes = msg.content.config_records["plan"]["plan"]
+            record = relay_in_process(bytes(plan_bytes), simulated, kind)
+        elif not address:
             record = _error("RELAY_MISCONFIGURED", "the SuperNode has no guard-address in its --node-config")
         else:
             plan_bytes = msg.content.config_records["plan"]["plan"]

@@ -10,7 +10,8 @@ these functions, so a grouping means the same everywhere.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -50,6 +51,110 @@ def grouped_index(columns: Sequence[np.ndarray], maps: Sequence[np.ndarray | Non
         return np.zeros(0, dtype=np.int64)
     cols = [c if g is None else g[c] for c, g in zip(columns, maps)]
     return np.ravel_multi_index(cols, shape).astype(np.int64, copy=False)
+
+
+# `count_tables` walks the rows in blocks of this many; a block's cell indices (8 bytes a row) and
+# the joint tables being counted stay in cache while every table of the plan is counted.
+COUNT_BLOCK_ROWS = 1 << 16
+# Tables whose variables fit together in a joint table of at most this many cells are counted once,
+# as that joint table, and read off it by summing (a 2-way table costs a pass over the rows; six
+# variables' fifteen 2-way tables then cost about one).
+JOINT_CELLS = 1 << 13
+
+
+def count_tables(columns: Mapping[str, np.ndarray], n_rows: int,
+                 tables: Sequence[tuple[Sequence[str], tuple[int, ...], Sequence[np.ndarray | None]]],
+                 block_rows: int = COUNT_BLOCK_ROWS, joint_cells: int = JOINT_CELLS) -> list[np.ndarray]:
+    """Exact counts of several (grouped) contingency tables over the same rows, in one pass.
+
+    `tables` holds (variable names, grouped shape, groupings) per table, as `check_groups` returns
+    them; `columns` maps each variable to its rows' dictionary cell codes. Each result (int64,
+    row-major over the grouped shape) equals `np.bincount(grouped_index(...), minlength=cells)`:
+    every row adds 1 to exactly one cell of every table. Tables are packed into joint tables of at
+    most `joint_cells` cells; the rows are walked once, block by block, each joint table's flat
+    cell index built with integer arithmetic in a reused buffer and counted with np.bincount; each
+    table is then the sum of its joint table over the other variables. Codes outside a variable's
+    domain raise ValueError (nothing is counted then).
+    """
+    axes_of: list[list[tuple]] = []  # per table: (axis key, column, grouping or None, grouped size)
+    checked: set[tuple[str, int]] = set()
+    for names, shape, maps in tables:
+        maps = tuple(maps) if maps else (None,) * len(names)
+        if len(maps) != len(names) or len(shape) != len(names):
+            raise ValueError("each table needs one grouping (or None) and one grouped size per variable")
+        axes = []
+        for name, size, g in zip(names, shape, maps):
+            col = columns[name]
+            g = None if g is None else np.asarray(g, dtype=np.intp)
+            full = int(size) if g is None else len(g)
+            if len(col) != n_rows:
+                raise ValueError(f"column {name!r} has {len(col)} rows, expected {n_rows}")
+            if (name, full) not in checked and n_rows:
+                if int(col.min()) < 0 or int(col.max()) >= full:
+                    raise ValueError(f"column {name!r} holds codes outside its {full} cells")
+                checked.add((name, full))
+            axes.append(((name, None if g is None else g.tobytes()), col, g, int(size)))
+        axes_of.append(axes)
+    joints = _pack(axes_of, joint_cells)
+    counts = [np.zeros(math.prod(a[3] for a in axes), dtype=np.int64) for axes in joints]
+    if n_rows:
+        block_rows = max(1, min(int(block_rows), n_rows))
+        index = np.empty(block_rows, dtype=np.intp)
+        scratch = np.empty(block_rows, dtype=np.intp)
+        plans = []
+        for axes in joints:
+            strides = np.cumprod([1] + [a[3] for a in axes[:0:-1]])[::-1]
+            plans.append([(col, g, np.intp(s)) for (_, col, g, _), s in zip(axes, strides)])
+        for start in range(0, n_rows, block_rows):
+            stop = min(start + block_rows, n_rows)
+            idx, tmp = index[:stop - start], scratch[:stop - start]
+            for plan, out in zip(plans, counts):
+                if len(plan) == 1 and plan[0][1] is None:  # one plain variable: count its codes
+                    out += np.bincount(plan[0][0][start:stop], minlength=len(out))
+                    continue
+                for k, (col, g, stride) in enumerate(plan):
+                    part = col[start:stop]
+                    if g is not None:
+                        np.take(g, part, out=tmp)
+                        part = tmp
+                    if k == 0:
+                        np.multiply(part, stride, out=idx)
+                    elif stride == 1:
+                        np.add(idx, part, out=idx)
+                    else:
+                        np.multiply(part, stride, out=tmp)
+                        np.add(idx, tmp, out=idx)
+                out += np.bincount(idx, minlength=len(out))
+    keys = [[a[0] for a in axes] for axes in joints]
+    results = []
+    for axes in axes_of:
+        want = [a[0] for a in axes]
+        j = next(i for i, k in enumerate(keys) if set(want) <= set(k))
+        joint = counts[j].reshape([a[3] for a in joints[j]])
+        other = tuple(i for i, k in enumerate(keys[j]) if k not in want)
+        table = joint.sum(axis=other) if other else joint
+        kept = [k for k in keys[j] if k in want]
+        results.append(np.ascontiguousarray(table.transpose([kept.index(k) for k in want])).reshape(-1))
+    return results
+
+
+def _pack(axes_of: list[list[tuple]], joint_cells: int) -> list[list[tuple]]:
+    """Group tables into joint tables (lists of axes) of at most `joint_cells` cells, greedily: each
+    table, largest first, joins the joint table it enlarges least, or starts one."""
+    joints: list[dict] = []  # axis key -> axis
+    order = sorted(range(len(axes_of)), key=lambda i: -math.prod(a[3] for a in axes_of[i]))
+    for i in order:
+        axes = {a[0]: a for a in axes_of[i]}
+        best, best_cells = next((j for j in joints if axes.keys() <= j.keys()), None), None
+        for joint in [] if best is not None else joints:
+            cells = math.prod(a[3] for a in (joint | axes).values())
+            if cells <= joint_cells and (best_cells is None or cells < best_cells):
+                best, best_cells = joint, cells
+        if best is None:
+            joints.append(dict(axes))
+        else:
+            best.update(axes)
+    return [list(j.values()) for j in joints]
 
 
 def _one_hot(g: np.ndarray) -> np.ndarray:

@@ -179,3 +179,78 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+_FLWR_CLI_SCRIPT = r"""
+import json, os, sys, tempfile
+import click
+from flwr.cli.app import app
+proto = os.fdopen(os.dup(1), "w")  # replies; whatever the CLI prints (fd 1 and 2) is captured per command
+proto.write("ready\n"); proto.flush()
+for line in sys.stdin:
+    args, code = json.loads(line), 0
+    with tempfile.TemporaryFile("w+") as tmp:
+        sys.stdout.flush(); sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(tmp.fileno(), 1); os.dup2(tmp.fileno(), 2)
+        try:
+            result = app(args, prog_name="flwr", standalone_mode=False)
+            code = result if isinstance(result, int) else 0
+        except click.exceptions.ClickException as e:
+            e.show(); code = e.exit_code
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.exceptions.Abort:
+            code = 1
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException as e:
+            print(f"{type(e).__name__}: {e}"); code = 1
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(saved[0], 1); os.dup2(saved[1], 2); os.close(saved[0]); os.close(saved[1])
+        tmp.seek(0)
+        output = tmp.read()
+    proto.write(json.dumps({"code": code, "output": output}) + "\n"); proto.flush()
+"""
+
+
+class FlwrCli:
+    """The `flwr` command line in one long-lived process: Flower is imported once (1-2 s of CPU),
+    not once per command. `run(args)` gives (exit code, output) as `flwr ARGS` would."""
+
+    def __init__(self, env: dict[str, str], group: ProcessGroup | None = None):
+        import threading
+
+        self._lock = threading.Lock()
+        argv = [sys.executable, "-c", _FLWR_CLI_SCRIPT]
+        self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=env, text=True, start_new_session=True)
+        self._ready = False
+        if group is not None:  # stopped with the other processes
+            group.procs.append(Managed("flwr-cli", self.popen, group.log_dir / "flwr-cli.log"))
+
+    def run(self, args: list[str], timeout: float = 120) -> tuple[int, str]:
+        import json
+
+        with self._lock:
+            if not self._ready:
+                line = self.popen.stdout.readline()
+                if line.strip() != "ready":
+                    raise RuntimeError(f"the flwr CLI process did not start: {line}{self.popen.stdout.read()[-2000:]}")
+                self._ready = True
+            self.popen.stdin.write(json.dumps(list(args)) + "\n")
+            self.popen.stdin.flush()
+            line = self.popen.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the flwr CLI process exited (code {self.popen.poll()})")
+        reply = json.loads(line)
+        return int(reply["code"]), str(reply["output"])
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                self.popen.stdin.close()
+                self.popen.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                _signal_group(self.popen.pid, signal.SIGKILL)

@@ -70,6 +70,13 @@ def cmd_demo(args) -> int:
               f"if all the others colluded, rho up to {worst:.4g}")
     for f in manifest["sites_not_included"]:
         print(f"  not included in round {f['round']}: {f.get('site') or f.get('node')} ({f['code']}: {f['message']})")
+    llm = manifest.get("llm", {})
+    if llm.get("model"):
+        ran = [f"{u} {s.get('status', 'ok' if s.get('ran') else 'failed')}" for u, s in llm.get("uses", {}).items()]
+        notes = llm.get("uses", {}).get("notes", {})
+        print(f"  LLM {llm['model']}: {', '.join(ran) or 'nothing ran'}"
+              + (f"; {notes.get('notes', 0)} notes" if notes else "") + f" in {llm.get('elapsed_s', '?')} s"
+              + (" (degraded: " + "; ".join(llm.get("degradations", []))[:300] + ")" if llm.get("degraded") else ""))
     if args.evaluate:
         print_evaluation(json.loads(Path(evaluated["out"]).read_text()))
     print(f"  verify with: ppsehr release verify {final['out']}")
@@ -393,6 +400,18 @@ def cmd_bench_llm(args) -> int:
     return run_bench_cli(args)
 
 
+def cmd_simulate(args) -> int:
+    from .simulate import run_cli
+
+    return run_cli(args)
+
+
+def cmd_bench_speed(args) -> int:
+    from .bench.speed import run_speed_cli
+
+    return run_speed_cli(args)
+
+
 def cmd_bench_source(args) -> int:
     from .bench.source import run_source_cli
 
@@ -519,7 +538,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_release_options(r)
     r.set_defaults(func=cmd_coordinator_release)
 
+    sm = sub.add_parser("simulate", help="a release over Flower's Simulation Engine: N virtual sites, each with an "
+                                         "in-process guard over a simulated consortium; wall time, memory, fidelity")
+    from .simulate import add_arguments as add_simulate_arguments
+    add_simulate_arguments(sm)
+    sm.set_defaults(func=cmd_simulate)
+
     bench = sub.add_parser("bench", help="benchmarks (JSON + markdown table)").add_subparsers(dest="bench_command", required=True)
+    bs = bench.add_parser("speed", help="demo phases, guard throughput, fit and sampling, simulation wall time "
+                                        "(see docs/benchmarks.md)")
+    from .bench.speed import add_speed_arguments
+    add_speed_arguments(bs)
+    bs.set_defaults(func=cmd_bench_speed)
     bf = bench.add_parser("fidelity", help="fidelity of ppsehr against central DP baselines (see docs/benchmarks.md)")
     from .bench.fidelity import add_fidelity_arguments
     add_fidelity_arguments(bf)
@@ -541,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..server.llm.client import add_llm_options
     add_llm_options(lc, required=True)
     lc.add_argument("--json", action="store_true")
+    lc.add_argument("--no-context-probe", action="store_true",
+                    help="do not send over-long prompts to find the context size (give --llm-context instead)")
     lc.set_defaults(func=cmd_llm_check)
 
     rel = sub.add_parser("release", help="release commands").add_subparsers(dest="release_command", required=True)

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..common.procs import ProcessGroup, command, flower_env, free_port, wait_for_port
+from ..common.procs import FlwrCli, ProcessGroup, flower_env, free_port, wait_for_port
 
 if TYPE_CHECKING:
     from ..common.keys import ConsortiumKeys
@@ -63,15 +63,24 @@ class LocalConsortium:
     secure: bool = True
     policy: dict[str, object] = field(default_factory=dict)
     progress: Callable[[str], None] = lambda msg: None
+    # Flower app processes forked from one warm process (deploy/warm.py, `--isolation process`) instead
+    # of a fresh flwr-clientapp / flwr-serverapp per message; False: Flower's own SuperExecs
+    warm: bool = True
     group: ProcessGroup = field(init=False)
     guard_addresses: dict[str, str] = field(init=False, default_factory=dict)
     control_address: str = field(init=False, default="")
+    cli: FlwrCli | None = field(init=False, default=None)
     connection: str = "local-deploy"
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
         self.group = ProcessGroup(self.workdir / "logs")
         self.flwr_home = self.workdir / "flwr-home"
+        self.runtime_apis = self.workdir / "runtime-apis.txt"  # what the warm SuperExec serves
+
+    def _serve_runtime_api(self, address: str, root_ca: Path | None = None) -> None:
+        with open(self.runtime_apis, "a") as f:
+            f.write(f"{address} {root_ca}\n" if root_ca else f"{address}\n")
 
     def site_config(self, site: str) -> Path:
         return self.workdir / "sites" / f"{site}.toml"
@@ -88,6 +97,14 @@ class LocalConsortium:
 
         demo = demo_dir()
         env = flower_env(self.flwr_home)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.runtime_apis.write_text("")
+        isolation = ["--isolation", "process"] if self.warm else []
+        self.cli = FlwrCli(env, self.group)  # Flower's CLI, imported once while the rest starts
+        if self.warm:  # first: its imports overlap everything else's start-up
+            self.group.start("warm-superexec", [sys.executable, "-m", "ppsehr.deploy.warm", "--addresses",
+                                                str(self.runtime_apis), "--preload", "ppsehr.client.relay",
+                                                "--preload", "ppsehr.server.serverapp"], env=env)
         keys = self.keys
         guards = {}
         for site in self.sites:
@@ -110,44 +127,45 @@ class LocalConsortium:
         tls = (["--ssl-ca-certfile", str(keys.tls.ca_cert), "--ssl-certfile", str(keys.tls.server_cert),
                 "--ssl-keyfile", str(keys.tls.server_key), "--enable-supernode-auth"] if self.secure else ["--insecure"])
         superlink = self.group.start("superlink", [
-            "flower-superlink", *tls, "--host", HOST, "--port", str(control),
+            "flower-superlink", *tls, *isolation, "--host", HOST, "--port", str(control),
             "--fleet-api-address", self.fleet_address, "--disable-runtime-dependency-installation"], env=env)
+        if self.warm:
+            self._serve_runtime_api(self.control_address, keys.tls.ca_cert if self.secure else None)
         write_flwr_home(self.flwr_home, self.connection, self.control_address,
                         str(keys.tls.ca_cert) if self.secure else None)
         self.progress(f"starting {len(self.sites)} site guards and a Flower SuperLink on {HOST}"
                       + (" (TLS, SuperNode authentication)" if self.secure else " (insecure)"))
-        for site, (proc, port) in guards.items():
-            wait_for_port(HOST, port, 60, proc)
         wait_for_port(HOST, fleet, 60, superlink)
         wait_for_port(HOST, control, 60, superlink)
         if self.secure:
             self.register_supernodes([keys.supernode_keys[s][1] for s in self.sites])
-        for site in self.sites:
+        for site in self.sites:  # SuperNodes are the slowest to start: before waiting for the guards
             self.start_supernode(site, keys.supernode_keys[site][0])
+        for site, (proc, port) in guards.items():
+            wait_for_port(HOST, port, 60, proc)
         self.progress(f"{len(self.sites)} guards ready; {len(self.sites)} SuperNodes connecting to the SuperLink")
         return self
 
     def register_supernodes(self, public_keys: list[Path]) -> None:
-        """Register SuperNode public keys with the SuperLink (`flwr supernode register`), in parallel."""
-        import subprocess
-
-        env = flower_env(self.flwr_home)
-        procs = [subprocess.Popen(command(["flwr", "supernode", "register", str(k), self.connection], env), env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in public_keys]
-        for k, p in zip(public_keys, procs):
-            out, _ = p.communicate(timeout=120)
-            if p.returncode != 0:
-                raise RuntimeError(f"`flwr supernode register {k}` failed (exit {p.returncode}):\n{out[-2000:]}")
+        """Register SuperNode public keys with the SuperLink (`flwr supernode register`)."""
+        for k in public_keys:
+            code, out = self.cli.run(["supernode", "register", str(k), self.connection])
+            if code != 0:
+                raise RuntimeError(f"`flwr supernode register {k}` failed (exit {code}):\n{out[-2000:]}")
 
     def start_supernode(self, site: str, auth_key: Path | None, name: str | None = None):
         """Start one SuperNode for a site, authenticated with auth_key when the deployment is secure."""
         keys = self.keys
         security = (["--root-certificates", str(keys.tls.ca_cert)] + (["--auth-supernode-private-key", str(auth_key)] if auth_key else [])
                     if self.secure else ["--insecure"])
-        return self.group.start(name or f"supernode-{site}", [
-            "flower-supernode", *security, "--superlink", self.fleet_address, "--host", HOST,
-            "--port", str(free_port()), "--node-config",
+        port = free_port()
+        proc = self.group.start(name or f"supernode-{site}", [
+            "flower-supernode", *security, *(["--isolation", "process"] if self.warm else []),
+            "--superlink", self.fleet_address, "--host", HOST, "--port", str(port), "--node-config",
             f'guard-address="{self.guard_addresses[site]}" site="{site}"'], env=flower_env(self.flwr_home))
+        if self.warm:
+            self._serve_runtime_api(f"{HOST}:{port}")
+        return proc
 
     def stop(self) -> None:
         self.group.stop()
@@ -182,9 +200,9 @@ class LocalConsortium:
                          min_sites=min_sites or len(self.sites), events=str(job_dir / "events.jsonl"), **options)
         job.validate()
         job.save(job_dir / "job.json")
-        run_id = submit(job_dir / "job.json", write_app_dir(jobs / "app"), self.flwr_home, self.connection)
+        run_id = submit(job_dir / "job.json", write_app_dir(jobs / "app"), self.flwr_home, self.connection, cli=self.cli)
         self.progress(f"run {run_id} submitted to the SuperLink")
-        return follow(job, run_id, self.flwr_home, self.connection, timeout, on_event)
+        return follow(job, run_id, self.flwr_home, self.connection, timeout, on_event, cli=self.cli)
 
     def evaluate(self, release: Path, timeout: float = 600, on_event: Callable[[dict], None] = lambda e: None,
                  job: Callable[..., object] | None = None, **options) -> dict:
@@ -204,6 +222,6 @@ class LocalConsortium:
             str(Path(release).resolve()), **common)
         evaluation.coordinator, evaluation.min_sites = "demo-coordinator", len(self.sites)
         evaluation.save(job_dir / "job.json")
-        run_id = submit(job_dir / "job.json", write_app_dir(jobs / "app"), self.flwr_home, self.connection)
+        run_id = submit(job_dir / "job.json", write_app_dir(jobs / "app"), self.flwr_home, self.connection, cli=self.cli)
         self.progress(f"run {run_id} (evaluation) submitted to the SuperLink")
-        return follow(evaluation, run_id, self.flwr_home, self.connection, timeout, on_event)
+        return follow(evaluation, run_id, self.flwr_home, self.connection, timeout, on_event, cli=self.cli)

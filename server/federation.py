@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..common.errors import PpsehrError
-from ..common.procs import command, flower_env
+from ..common.procs import FlwrCli, command, flower_env
 
 if TYPE_CHECKING:
     from .pipeline import ReleaseJob
@@ -64,48 +64,96 @@ def write_flwr_home(home: Path, connection: str, address: str, root_certificates
     return home
 
 
-def submit(job_path: Path, app_dir: Path, flwr_home: Path, connection: str) -> int:
-    """Start the run; return its run id."""
+def _flwr(args: list[str], flwr_home: Path, cli: FlwrCli | None, timeout: float) -> tuple[int, str]:
+    """`flwr ARGS`: through a running FlwrCli process if given, else a fresh `flwr` process."""
+    if cli is not None:
+        return cli.run(args, timeout)
     env = flower_env(flwr_home)
-    cmd = command(["flwr", "run", str(app_dir), connection, "--run-config", f'job="{job_path}"', "--format", "json"], env)
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    m = re.search(r'"run-id"\s*:\s*"?(\d+)', res.stdout) or re.search(r"run (\d+)", res.stdout + res.stderr)
-    if res.returncode != 0 or not m:
-        raise RunFailed(f"`flwr run` did not start a run (exit {res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    res = subprocess.run(command(["flwr", *args], env), env=env, capture_output=True, text=True, timeout=timeout)
+    return res.returncode, res.stdout + res.stderr
+
+
+def submit(job_path: Path, app_dir: Path, flwr_home: Path, connection: str,
+           federation_config: dict[str, object] | None = None, cli: FlwrCli | None = None) -> int:
+    """Start the run; return its run id. `federation_config` goes to `flwr run --federation-config`
+    (a simulation SuperLink's settings, e.g. {"num-supernodes": 100}); `cli` is a FlwrCli started
+    with this FLWR_HOME (common/procs.py), which saves starting Flower's CLI again."""
+    cmd = ["run", str(app_dir), connection, "--run-config", f'job="{job_path}"', "--format", "json"]
+    if federation_config:
+        cmd += ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())]
+    code, output = _flwr(cmd, flwr_home, cli, 120)
+    m = re.search(r'"run-id"\s*:\s*"?(\d+)', output) or re.search(r"run (\d+)", output)
+    if code != 0 or not m:
+        raise RunFailed(f"`flwr run` did not start a run (exit {code}):\n{output[-4000:]}")
     return int(m.group(1))
 
 
-def run_status(run_id: int, flwr_home: Path, connection: str) -> str:
-    env = flower_env(flwr_home)
-    res = subprocess.run(command(["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"], env),
-                         env=env, capture_output=True, text=True, timeout=60)
+def run_status(run_id: int, flwr_home: Path, connection: str, cli: FlwrCli | None = None) -> str:
+    _, output = _flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], flwr_home, cli, 60)
     try:
-        runs = json.loads(res.stdout).get("runs", [])
+        runs = json.loads(output[output.find("{"):]).get("runs", [])
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
     except (json.JSONDecodeError, AttributeError, IndexError):
         return "unknown"
 
 
+LLM_GRACE = 120.0  # seconds past an LLM step's own budget before `follow` gives up on it
+AFTER_LLM = 300.0  # seconds the release has, at least, after its LLM stage (export, report, signing)
+
+
 def follow(job: ReleaseJob, run_id: int, flwr_home: Path, connection: str, timeout: float,
-           on_event: Callable[[dict], None]) -> dict:
-    """Stream the job's events until it is done or failed; return the final event."""
+           on_event: Callable[[dict], None], cli: FlwrCli | None = None) -> dict:
+    """Stream the job's events until it is done or failed; return the final event.
+
+    `timeout` bounds the release's own work (planning, the sites' measurements, the model, the
+    files); LLM steps (events whose stage starts with "llm") run on their own clock: the budget
+    their first event announces (`budget_s`, else the job's LLM time budget) plus a grace. So a
+    slow LLM cannot make a release fail after the sites have paid for its measurements, and the
+    time it takes does not count against the sites' deadline."""
     events = Path(job.events or "")
-    seen, last_change, deadline = 0, time.monotonic(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = events.read_text().splitlines() if events.exists() else []
+    llm_budget = job.llm_config().time_budget if job.llm else 0.0
+    seen, last_change = 0, time.monotonic()
+    spent, tick = 0.0, time.monotonic()  # time outside LLM steps
+    llm_until: float | None = None  # while in an LLM step: when to give up on it
+    llm_stage = ""
+    while True:
+        now = time.monotonic()
+        if llm_until is None:
+            spent += now - tick
+        tick = now
+        if llm_until is not None and now > llm_until:
+            raise RunFailed(f"run {run_id}: the LLM step ({llm_stage}) ran past its time budget and grace; "
+                            f"see `flwr log {run_id}`")
+        if llm_until is None and spent > timeout:
+            raise RunFailed(f"run {run_id} did not finish within {timeout:g} s (LLM steps not counted)")
+        text = events.read_text() if events.exists() else ""
+        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]  # complete lines only
         for line in lines[seen:]:
             ev = json.loads(line)
             on_event(ev)
-            if ev.get("stage") == "done":
+            stage = str(ev.get("stage", ""))
+            if stage == "done":
                 return ev
-            if ev.get("stage") == "failed":
+            if stage == "failed":
                 raise RunFailed(ev.get("message", "release failed"))
+            if stage.startswith("llm"):
+                if llm_until is None or stage != llm_stage:  # a new LLM step: its own clock
+                    budget = ev.get("budget_s", llm_budget)
+                    llm_until = None if not budget else time.monotonic() + float(budget) + max(LLM_GRACE, 0.25 * float(budget))
+                    llm_stage = stage
+                    if llm_until is None:
+                        llm_until = float("inf")
+            elif llm_until is not None:  # back from an LLM step: the rest has at least AFTER_LLM seconds
+                llm_until, llm_stage = None, ""
+                spent = min(spent, max(0.0, timeout - AFTER_LLM))
         if len(lines) > seen:
             seen, last_change = len(lines), time.monotonic()
         elif time.monotonic() - last_change > 20:
-            status = run_status(run_id, flwr_home, connection)
+            status = run_status(run_id, flwr_home, connection, cli)
             if status.startswith("finished"):
+                done = events.read_text() if events.exists() else ""
+                if '"stage": "done"' in done or '"stage": "failed"' in done:
+                    continue  # it finished while we asked: read the rest
                 raise RunFailed(f"run {run_id} ended ({status}) without finishing the release; see `flwr log {run_id}`")
             last_change = time.monotonic()
-        time.sleep(0.2)
-    raise RunFailed(f"run {run_id} did not finish within {timeout:g} s")
+        time.sleep(0.1)

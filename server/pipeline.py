@@ -23,7 +23,7 @@ import numpy as np
 from ..common import accounting, keys
 from ..common.dictionary import load_dictionary
 from ..common.errors import PpsehrError
-from .llm.client import LLMConfig
+from .llm.client import EndpointMemory, LLMConfig
 from .llm.knowledge import knowledge_dependencies
 from .llm.stage import run_llm_stage
 from .measure.rounds import MeasureOptions, Request, collect, round_measurements
@@ -150,6 +150,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+PLANNER_KNOWLEDGE_SHARE = 0.25  # of the LLM time budget, for the knowledge call before the plan
+
+
+def llm_budget(config: LLMConfig, share: float = 1.0) -> float | None:
+    """Seconds an LLM step of the release may take (None: no limit)."""
+    return share * config.time_budget if config.time_budget else None
+
+
 def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[str, Any]:
     """Run one release end to end and write it to job.out. Returns the manifest."""
     started = _now()
@@ -164,9 +172,15 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     if Path(job.out).exists():
         raise PpsehrError(f"{job.out} already exists; choose a new output directory. Nothing was sent.")
     llm_config = job.llm_config()
+    llm_memory = EndpointMemory()  # what the release learns about its LLM endpoint (modes, context, failures)
     prior: list[tuple[str, ...]] = []
     if opts.strategy == "dictionary" and llm_config.enabled and "knowledge" in llm_config.uses:
-        prior = knowledge_dependencies(llm_config, dictionary, events)  # from the public dictionary: no privacy cost
+        # from the public dictionary: no privacy cost; on its own clock (`follow` does not count it against the sites)
+        budget = llm_budget(llm_config, PLANNER_KNOWLEDGE_SHARE)
+        events("LLM knowledge for the plan" + (f" (budget {budget:.0f} s)" if budget else ""), stage="llm-plan",
+               budget_s=budget)
+        prior = knowledge_dependencies(llm_config, dictionary, lambda m: events(m, stage="llm-plan"),
+                                       memory=llm_memory, time_budget=budget)
     rounds, structure = collect(opts, job.request(), dictionary, coordinator_key, site_keys, transport, events, prior)
     seed = job.seed if job.seed is not None else secrets.randbits(63)
     rng = np.random.default_rng(seed)
@@ -174,7 +188,11 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     syn = synthesize(dictionary, measurements, groups, job.rows, rng)
     events(f"model fitted and {len(syn.samples)} records sampled in {syn.seconds:.2f} s", stage="synthesize")
     columns = decode(syn.samples, dictionary, rng)
-    llm = run_llm_stage(llm_config, dictionary, full_domain(syn), columns, rng, events)
+    if llm_config.enabled:  # the sites are paid: from here on the LLM can only add to the release, never fail it
+        budget = llm_budget(llm_config)
+        events("LLM stage" + (f" (budget {budget:.0f} s)" if budget else ""), stage="llm", budget_s=budget)
+    llm = run_llm_stage(llm_config, dictionary, full_domain(syn), columns, rng,
+                        lambda m, **d: events(m, stage="llm", **d), llm_memory)
     samples = syn.samples
     if llm.columns is not columns:  # repaired or LLM-first records: fidelity and report follow what is released
         columns, samples = llm.columns, encode(dictionary, llm.columns)

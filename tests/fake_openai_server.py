@@ -14,9 +14,20 @@ by the first request whose prompt matches `template`, a substring of the system 
   "prose"           wrap the JSON reply in chatty prose and a ```json fence
   "ood"             put out-of-domain values into generated records
   "pii"             add a fake person name and phone number to the reply
+  "short" / "long"  a records reply with half / 3 more records than asked for
+  "copy"            a records reply that copies the prompt's example records verbatim
+  "truncate"        the reply cut off mid-way, finish_reason "length" (a model looping to max_tokens)
+  "overflow"        HTTP 400 "maximum context length" (as llama-cpp-python / vLLM / OpenAI say it)
+  "contradict"      a note that states a cholesterol value in another bin than the record's
 Server-wide switches: `json_schema=False` / `json_object=False` answer 400 to that
-`response_format` (like servers without structured output); `ignore_schema=True` accepts
-json_schema but answers prose around the JSON; `handlers[schema name or "note"]` replaces the reply.
+`response_format` (like servers without structured output); `json_object_schema=False` refuses
+a "schema" field in a json_object response_format (llama-cpp-python honours it); `json_schema_status=500` answers
+json_schema with HTTP 500 instead (as llama.cpp's server does); `context=N` refuses prompts longer
+than N tokens (characters / 4) with a 400 naming the sizes (`overflow_numbers=False`: without
+them, as llama.cpp's message reads); replies are cut at `max_tokens` (finish_reason "length");
+`ignore_schema=True` accepts json_schema but answers prose around the JSON;
+`handlers[schema name or "note"]` replaces the reply. Requests without a JSON Schema (the reply's
+shape given as a hint in the prompt) are answered from the dictionary the prompt spells out.
 Every request is kept in `requests` (path, headers, body) for assertions.
 """
 
@@ -37,9 +48,13 @@ FAKE_NAME, FAKE_PHONE = "John Smith", "+1 (555) 234-5678"
 
 class FakeOpenAI:
     def __init__(self, model: str = "fake-model", json_schema: bool = True, json_object: bool = True,
-                 ignore_schema: bool = False, slow_seconds: float = 1.0, delay: float = 0.0, usage: bool = True):
+                 ignore_schema: bool = False, slow_seconds: float = 1.0, delay: float = 0.0, usage: bool = True,
+                 json_schema_status: int = 400, context: int = 0, overflow_numbers: bool = True,
+                 json_object_schema: bool = True):
         self.model, self.json_schema, self.json_object, self.ignore_schema = model, json_schema, json_object, ignore_schema
         self.slow_seconds, self.delay, self.usage = slow_seconds, delay, usage
+        self.json_schema_status, self.context, self.overflow_numbers = json_schema_status, context, overflow_numbers
+        self.json_object_schema = json_object_schema
         self.requests: list[dict[str, Any]] = []
         self.handlers: dict[str, Callable[[dict], str]] = {}  # schema name or "note" -> reply content
         self._actions: deque[tuple[str, str | None]] = deque()
@@ -139,12 +154,29 @@ class FakeOpenAI:
         system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
         text = "\n".join(str(m.get("content", "")) for m in messages)
         rf = body.get("response_format") or {}
+        if rf.get("type") == "json_schema" and not self.json_schema and self.json_schema_status >= 500:
+            # llama.cpp: the schema cannot be turned into a grammar -> a server error, the same every time
+            return self.json_schema_status, {"error": {"code": self.json_schema_status, "type": "server_error",
+                                                       "message": "Internal Server Error"}}, {}
+        if rf.get("type") == "json_object" and "schema" in rf and not self.json_object_schema:
+            return 400, {"error": {"message": "response_format: extra fields not permitted ('schema')",
+                                   "type": "invalid_request_error", "param": "response_format"}}, {}
         if (rf.get("type") == "json_schema" and not self.json_schema) or (rf.get("type") == "json_object" and not self.json_object):
             return 400, {"error": {"message": f"response_format type {rf['type']} is not supported by this server",
                                    "type": "invalid_request_error", "param": "response_format"}}, {}
+        prompt_tokens = len(text) // 4 + 1
+        action = self._next_action(system)
+        if action == "overflow" or (self.context and prompt_tokens > self.context):
+            ctx = self.context or max(256, prompt_tokens // 2)
+            if self.overflow_numbers:
+                message = (f"This model's maximum context length is {ctx} tokens. However, you requested "
+                           f"{prompt_tokens + int(body.get('max_tokens') or 0)} tokens ({prompt_tokens} in the messages, "
+                           f"{int(body.get('max_tokens') or 0)} in the completion). Please reduce the length of the messages or completion.")
+            else:
+                message = "the request exceeds the available context size, try increasing it"
+            return 400, {"error": {"message": message, "type": "invalid_request_error", "code": "context_length_exceeded"}}, {}
         if self.delay:
             time.sleep(self.delay)
-        action = self._next_action(system)
         if action in ("429", "500"):
             return int(action), {"error": {"message": "rate limited" if action == "429" else "internal error"}}, (
                 {"retry-after": "0"} if action == "429" else {})
@@ -155,10 +187,18 @@ class FakeOpenAI:
         schema, name = None, ""
         if rf.get("type") == "json_schema" and not self.ignore_schema:
             schema, name = rf["json_schema"].get("schema"), rf["json_schema"].get("name", "")
+        elif rf.get("type") == "json_object" and "schema" in rf:  # llama-cpp-python: constrained to the schema
+            schema = rf["schema"]
+            m = re.search(r"\(named (\w+)\)", system)
+            name = m.group(1) if m else ""
         else:
             m = re.search(r"\(named (\w+)\):\n```json\n(.*?)\n```", system, re.DOTALL)
             if m:
                 name, schema = m.group(1), json.loads(m.group(2))
+            else:
+                m = re.search(r"shaped like this \(named (\w+)\):\n```\n", system)
+                if m:
+                    name, schema = m.group(1), schema_from_prompt(m.group(1), text)
         if rf.get("type") == "json_schema" and self.ignore_schema and name == "":
             m = re.search(r'"name":\s*"(\w+)"', json.dumps(rf))
             name, schema = (m.group(1) if m else ""), rf["json_schema"].get("schema")
@@ -174,6 +214,13 @@ class FakeOpenAI:
                     follow_prompt(obj, schema, text, rng)
                 if action == "ood" and name == "records":
                     corrupt(obj, schema, rng)
+                if action == "short" and name == "records":
+                    obj["records"] = obj["records"][:max(1, len(obj["records"]) // 2)]
+                if action == "long" and name == "records":
+                    obj["records"] += [dict(r) for r in obj["records"][:3]]
+                if action == "copy" and name == "records":
+                    examples = json_lines(text)
+                    obj["records"] = (examples * len(obj["records"]))[:len(obj["records"])] if examples else obj["records"]
                 if action == "pii":
                     inject_pii(obj)
                 content = json.dumps(obj)
@@ -185,12 +232,20 @@ class FakeOpenAI:
             content = self.handlers["note"](body) if "note" in self.handlers else note_from_facts(text)
             if action == "pii":
                 content += f" Her brother {FAKE_NAME} can be reached at {FAKE_PHONE}."
+            if action == "contradict":
+                content = contradict(content, text)
+        finish = "stop"
+        limit = int(body.get("max_tokens") or 0)
+        if action == "truncate":
+            content, finish = content[: max(1, int(len(content) * 0.6))], "length"
+        elif limit and len(content) // 4 + 1 > limit:
+            content, finish = content[: limit * 4], "length"
         completion = {"id": f"chatcmpl-{seed:x}", "object": "chat.completion", "created": int(time.time()),
                       "model": body.get("model", self.model),
-                      "choices": [{"index": 0, "finish_reason": "stop",
+                      "choices": [{"index": 0, "finish_reason": finish,
                                    "message": {"role": "assistant", "content": content}}]}
         if self.usage:
-            p, c = len(text) // 4 + 1, len(content) // 4 + 1
+            p, c = prompt_tokens, len(content) // 4 + 1
             completion["usage"] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         return 200, completion, {}
 
@@ -229,7 +284,7 @@ def follow_prompt(obj: dict, schema: dict, prompt: str, rng: random.Random) -> N
         cells = re.findall(r'(\[[-\d.]+,[-\d.]+[\])]|"" \(unknown\)|[\w.-]+) ([\d.]+)%', spec)
         if var in props and cells:
             dists[var] = ([c for c, _ in cells], [float(p) ** 1.6 for _, p in cells])
-    examples = [json.loads(line) for line in re.findall(r"^(\{.*\})$", prompt, re.MULTILINE)]
+    examples = json_lines(prompt)
     for rec in obj["records"]:
         if examples and not dists:
             base = dict(rng.choice(examples))
@@ -277,6 +332,57 @@ def inject_pii(obj: Any) -> None:
     elif isinstance(obj, list):
         for x in obj:
             inject_pii(x)
+
+
+def json_lines(text: str) -> list[dict]:
+    """The lines of a prompt that are JSON objects (example records)."""
+    out = []
+    for line in re.findall(r"^(\{.*\})$", text, re.MULTILINE):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def schema_from_prompt(name: str, prompt: str) -> dict:
+    """The JSON Schema a hint stands for, rebuilt from the dictionary the prompt spells out."""
+    props: dict[str, Any] = {}
+    for var, kind, dom in re.findall(r"^- (\w+) \((categorical|numeric)[^)]*\): .*?Value: (.*)$", prompt, re.MULTILINE):
+        missing = '"" if unknown' in dom
+        if kind == "categorical":
+            cats = [c.strip() for c in dom.split("one of:", 1)[1].split(";")[0].rstrip(".").split(",")]
+            props[var] = {"type": "string", "enum": cats + ([""] if missing else [])}
+        else:
+            lo, hi = (float(x) for x in re.search(r"\[([-\d.]+), ([-\d.]+)\]", dom).groups())
+            props[var] = {"type": ["number", "null"] if missing else "number", "minimum": lo, "maximum": hi}
+    names = list(props)
+    if name == "records":
+        n = int((re.search(r"generate (\d+) new records", prompt) or re.search(r"(\d+)", "1")).group(1))
+        item = {"type": "object", "required": names, "properties": props}
+        return {"type": "object", "properties": {"records": {"type": "array", "minItems": n, "maxItems": n, "items": item}}}
+    if name == "knowledge":
+        var = {"type": "string", "enum": names}
+        return {"type": "object", "properties": {
+            "dependencies": {"type": "array", "maxItems": 3, "items": {"type": "object", "properties": {
+                "variables": {"type": "array", "minItems": 2, "maxItems": 3, "items": var}, "reason": {"type": "string"}}}},
+            "rules": {"type": "array", "items": {"type": "object", "properties": {
+                "description": {"type": "string"}, "conditions": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "properties": {"variable": var, "op": {"type": "string", "enum": ["in"]},
+                                                     "values": {"type": "array", "items": {"type": "string"}},
+                                                     "value": {"type": "null"}}}},
+                "repair": var}}}}}
+    return {"type": "object", "properties": {}}
+
+
+def contradict(note: str, prompt: str) -> str:
+    """A note that gets the record's cholesterol wrong (another bin)."""
+    m = re.search(r"cholesterol: (\d+)", prompt, re.IGNORECASE)
+    if not m:
+        return note + " Serum total cholesterol was 610 mg/dL."
+    x = int(m.group(1))
+    wrong = x + 200 if x < 400 else x - 250
+    return f"The patient's serum total cholesterol was {wrong} mg/dL. " + note
 
 
 def note_from_facts(prompt: str) -> str:

@@ -127,7 +127,7 @@ def test_every_use_end_to_end_and_no_site_value_reaches_a_prompt(dp, fake, tmp_p
     assert set(m["uses"]) == {"knowledge", "generate", "notes"} and all(u["ran"] for u in m["uses"].values())
     assert m["calls"] == m["requests"] == len(fake.requests) and m["failed_calls"] == 0
     assert m["prompt_tokens"] > 0 and m["completion_tokens"] > 0 and m["structured_output"] == "json_schema"
-    assert {"knowledge@1", "generate-definition@1", "generate-example@1", "generate-rule@1", "note@1"} <= set(m["templates"])
+    assert {"knowledge@2", "generate-definition@2", "generate-example@2", "generate-rule@2", "note@2"} <= set(m["templates"])
     assert set(result.files) == {"llm_rules.json", "llm_records.csv", "notes.jsonl", "llm_calls.jsonl"}
     notes = [json.loads(line) for line in result.files["notes.jsonl"].decode().splitlines()]
     assert [n["record"] for n in notes] == list(range(30)) and all(n["note"] for n in notes)
@@ -168,7 +168,8 @@ def test_prompt_builders_refuse_a_site_table(dp):
 
 
 # ----------------------------------------------------------------------------- failure cases
-@pytest.mark.parametrize("supports, expected", [({"json_schema": False}, "json_object"),
+@pytest.mark.parametrize("supports, expected", [({"json_schema": False}, "json_object_schema"),
+                                                ({"json_schema": False, "json_object_schema": False}, "json_object"),
                                                 ({"json_schema": False, "json_object": False}, "prompt"),
                                                 ({"ignore_schema": True}, "json_schema")])
 def test_servers_without_structured_output(dp, tmp_path, supports, expected):
@@ -183,8 +184,9 @@ def test_servers_without_structured_output(dp, tmp_path, supports, expected):
     if expected != "json_schema":
         # after the refusal, the schema travels in the prompt instead
         later = [b for b in bodies(server) if b.get("response_format", {}).get("type") != "json_schema"]
-        assert later and all("validate against this JSON Schema" in b["messages"][0]["content"] for b in later)
-        assert all(f != "json_schema" for f in formats[formats.index(expected if expected != "prompt" else None):])
+        assert later and all("Reply with one JSON object only" in b["messages"][0]["content"] for b in later)
+        first = {"prompt": None, "json_object_schema": "json_object"}.get(expected, expected)
+        assert all(f != "json_schema" for f in formats[formats.index(first):])
 
 
 def test_malformed_json_is_reasked_a_bounded_number_of_times(dp, fake):
@@ -209,13 +211,16 @@ def test_timeouts_429_and_500_are_retried_with_backoff(dp, fake):
     result = stage(dp, config(fake, uses=("knowledge",), timeout=0.3))
     m = result.manifest_section
     assert m["uses"]["knowledge"]["ran"] is True and m["requests"] == 4 and m["calls"] == 1
-    # more failures than retries: the call fails for good after max_retries + 1 requests
+    # more failures than retries: a structured request that fails twice falls back to the next mode
+    # (json_schema 2, json_object with a schema 2, json_object 2); without response_format the call fails for
+    # good after max_retries + 1
     fake.requests.clear()
     fake.script("500", KNOWLEDGE, times=10)
     client = LLMClient(config(fake, max_retries=2))
     with pytest.raises(LLMError, match="HTTP 500 after 3 attempt"):
         client.json(knowledge_prompt(dp["dictionary"]))
-    assert len(fake.requests) == 3
+    formats = [b.get("response_format", {}).get("type") for b in bodies(fake)]
+    assert formats == ["json_schema"] * 2 + ["json_object"] * 4 + [None] * 3
 
 
 def test_out_of_domain_values_are_repaired_or_rejected(dp, fake):
@@ -223,7 +228,8 @@ def test_out_of_domain_values_are_repaired_or_rejected(dp, fake):
     result = stage(dp, config(fake, uses=("generate",), styles=("definition",), generate_rows=10, batch_size=10,
                               pool_factor=1.0))
     gen = result.manifest_section["uses"]["generate"]["styles"][0]
-    assert gen["records_returned"] == 10
+    assert gen["records_returned"] == 12 and gen["topup_batches"] == 1  # the 2 rejected are made up by one more call
+    assert gen["records_valid"] == 10 and gen["valid_rate"] == 1.0
     assert gen["records_rejected"] == 2  # "banana" and an absurd number
     assert gen["values_repaired"] >= 2, gen  # "MALE"-style spelling, a number slightly out of range (clipped)
     assert set(gen["rejections"]) == {"age", "thal"}
@@ -343,7 +349,7 @@ def test_llm_check_command(fake, capsys):
     with FakeOpenAI(json_schema=False) as limited:
         assert main(["llm", "check", "--llm-base-url", limited.base_url, "--llm-model", "fake-model", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["json_schema"] is False and out["structured_output"] == "json_object"
+    assert out["json_schema"] is False and out["structured_output"] == "json_object_schema"
 
 
 def test_bench_llm_command(tmp_path, capsys):

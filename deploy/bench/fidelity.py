@@ -10,6 +10,11 @@ Metrics use the dictionary's discretization against the pooled real data: mean t
 variation distance over all 1-way and 2-way marginals and a fixed sample of 3-way marginals,
 and the AUC of a logistic regression trained on synthetic (TSTR) or real (TRTR) rows and
 tested on held-out real rows.
+
+Datasets: the demo consortium, a simulated one, any consortium directory (`--consortium DIR`:
+dictionary.toml and sites/*.toml, loaded as the demo is), or a real benchmark consortium from
+`deploy/consortia` (`--dataset flchain|gbsg2|actg175|ncctg-lung`, materialized from lifelines or
+scikit-survival into the work directory).
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import numpy as np
 
 from ...common import accounting
 from ...common.dictionary import Dictionary, load_dictionary
+from ...common.errors import DictionaryError, MappingError, PpsehrError
 from ...common.mapping import EncodedTable, load_mapping
-
-# ppsehr's configurations: strategy, site variable and further ReleaseJob options
 from ...common.source import load_site_table
+from ..consortia import NAMES as CONSORTIA
 
 # ppsehr's configurations: strategy, site variable and further ReleaseJob options
 PPSEHR_METHODS = {
@@ -67,6 +72,53 @@ def demo_dataset(mappings: dict[str, Path] | None = None) -> Dataset:
     maps = {s: demo / "sites" / f"{s}.toml" for s in DEMO_SITES} | (mappings or {})
     tables = {s: load_site_table(load_mapping(m, d), d)[0] for s, m in maps.items()}
     return Dataset("demo", d, demo / "dictionary.toml", maps, tables, "heart_disease")
+
+
+def consortium_dataset(directory: str | Path, target: str | None = None, name: str | None = None) -> Dataset:
+    """A consortium directory, loaded as the demo is: `dictionary.toml` and one site mapping per
+    site in `sites/*.toml` (each mapping's [source] path relative to the mapping file).
+
+    `target` (TSTR) defaults to the dictionary's `[benchmark] target`, else its first binary
+    categorical variable (`resolve_target`). Errors name the file they are about."""
+    root = Path(directory).resolve()
+    if not root.is_dir():
+        raise PpsehrError(f"{root}: consortium directory not found (expected dictionary.toml and sites/*.toml)")
+    dict_path = root / "dictionary.toml"
+    d = load_dictionary(dict_path)
+    files = sorted((root / "sites").glob("*.toml"))
+    if not files:
+        raise PpsehrError(f"{root / 'sites'}: no site mappings (sites/*.toml) in the consortium directory")
+    maps: dict[str, Path] = {}
+    tables: dict[str, EncodedTable] = {}
+    for f in files:
+        mapping = load_mapping(f, d)
+        if mapping.site in maps:
+            raise MappingError(f"{f}: site id {mapping.site!r} is already used by {maps[mapping.site]}")
+        maps[mapping.site] = f
+        tables[mapping.site] = load_site_table(mapping, d)[0]
+    return Dataset(name or root.name, d, dict_path, maps, tables, resolve_target(d, target))
+
+
+def resolve_target(d: Dictionary, target: str | None = None) -> str:
+    """The TSTR target: `target`, else the dictionary's `[benchmark] target`, else its first
+    categorical variable with two categories. It must be categorical (first category vs the rest)."""
+    bench = d.content.get("benchmark", {})
+    declared = bench.get("target") if isinstance(bench, dict) else None
+    name = target or declared
+    if name is None:
+        binary = [n for n, v in d.variables.items() if v.type == "categorical" and len(v.categories) == 2]
+        if not binary:
+            raise DictionaryError(f"{d.source}: no binary categorical variable to use as the TSTR target; "
+                                  f"give --target or declare [benchmark] target = \"...\"")
+        return binary[0]
+    origin = "--target" if target else "benchmark.target"
+    if name not in d.variables:
+        raise DictionaryError(f"{d.source}: {origin} {name!r} is not a variable of the dictionary "
+                              f"(variables: {', '.join(d.names)})")
+    if d[name].type != "categorical":
+        raise DictionaryError(f"{d.source}: {origin} {name!r} is numeric; the TSTR target must be categorical "
+                              f"(its first category is predicted against the rest)")
+    return name
 
 
 def simulated_dataset(workdir: Path, sites: int, rows: int, attributes: int, heterogeneity: float,
@@ -167,6 +219,10 @@ class Federation:
         from ...server.model.synthesize import synthesize
 
         rounds, structure = self.collect(ds, epsilon, strategy, site_variable, **options)
+        failures = [f"round {r.number}: {f.site}: {f.code} {f.message}" for r in rounds for f in r.failures]
+        if failures:  # a release would go ahead without them (e.g. on round 1 alone): not the figure we mean to report
+            raise PpsehrError(f"{ds.name}: {len(failures)} site answer(s) missing, so this is not a full release: "
+                              + "; ".join(failures[:4]))
         measurements, groups = round_measurements(ds.dictionary, rounds, structure, site_variable, {})
         syn = synthesize(ds.dictionary, measurements, groups, None, np.random.default_rng(seed))
         return syn.samples, syn.seconds
@@ -409,7 +465,13 @@ def plot(summary: list[dict], path: Path) -> None:
 
 
 def add_fidelity_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="demo", choices=["demo", "simulated"])
+    p.add_argument("--dataset", default=None, choices=["demo", "simulated", *CONSORTIA],
+                   help="demo (default), simulated, or a real benchmark consortium materialized from lifelines / "
+                        "scikit-survival into the work directory (deploy/consortia)")
+    p.add_argument("--consortium", metavar="DIR", help="a consortium directory: dictionary.toml and sites/*.toml "
+                   "(each mapping's [source] path relative to it); instead of --dataset")
+    p.add_argument("--target", help="TSTR target (a categorical variable: its first category against the rest); default: "
+                   "the dictionary's [benchmark] target, else its first binary variable")
     p.add_argument("--epsilon", default="0.5,1,2,4,8", help="comma-separated epsilons per site (default 0.5,1,2,4,8)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default="ppsehr,ppsehr-secure,ppsehr-adaptive,central-mst,central-aim,independent,bootstrap",
@@ -432,15 +494,29 @@ def run_fidelity_cli(args) -> int:
         raise SystemExit(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     if not 1 <= args.attributes <= 40 or not 1 <= args.rows <= 1_000_000 or args.sites < 1:
         raise SystemExit("simulated consortium: 1-40 attributes, 1-1,000,000 rows, at least one site")
+    if args.consortium and args.dataset:
+        raise SystemExit("give --dataset or --consortium, not both")
+    dataset = args.dataset or "demo"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ppsehr-bench-") as tmp:
         say = lambda m: print(m, flush=True)  # noqa: E731
-        if args.dataset == "demo":
+        if args.consortium:
+            ds = consortium_dataset(args.consortium, args.target)
+        elif dataset in CONSORTIA:
+            from .. import consortia
+
+            say(f"materializing consortium {dataset} from its package into the work directory")
+            ds = consortium_dataset(consortia.materialize(dataset, Path(tmp) / "data" / dataset), args.target)
+        elif dataset == "demo":
             ds = demo_dataset()
+            ds.target = resolve_target(ds.dictionary, args.target or ds.target)
         else:
             say(f"drawing a simulated consortium: {args.sites} sites, {args.rows} rows, {args.attributes} attributes")
             ds = simulated_dataset(Path(tmp) / "data", args.sites, args.rows, args.attributes, args.heterogeneity)
+            ds.target = resolve_target(ds.dictionary, args.target or ds.target)
+        say(f"{ds.name}: {sum(t.n_rows for t in ds.tables.values())} rows, {len(ds.dictionary.names)} variables, "
+            f"{len(ds.tables)} sites, TSTR target {ds.target}")
         rows = run_fidelity(ds, epsilons, args.seeds, methods, Path(tmp) / "federation", say)
     summary = summarize(rows)
     command = "ppsehr bench fidelity " + " ".join(sys.argv[3:])

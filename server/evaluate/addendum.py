@@ -311,8 +311,6 @@ def _first_difference(stated: Any, expected: Any, where: str = "results") -> str
 def verify_addendum(a: dict[str, Any], stem: str, path: Path, manifest: dict[str, Any], manifest_bytes: bytes, ckey,
                     site_keys: dict[str, Path] | None, where: Path) -> None:
     """Recompute an evaluation addendum from its signed plan and answers and the release; raise on any difference."""
-    from ..release.bundle import _compare
-
     if a.get("format") != FORMAT or a.get("evaluation_id") != stem:
         _fail(where, f"format {a.get('format')!r} / evaluation_id {a.get('evaluation_id')!r}: not the addendum {stem}")
     if a["manifest_sha256"] != hashlib.sha256(manifest_bytes).hexdigest() or a["release_id"] != manifest["release_id"]:
@@ -330,7 +328,7 @@ def verify_addendum(a: dict[str, Any], stem: str, path: Path, manifest: dict[str
     plan = pb.QueryPlan.FromString(plan_bytes)
     if not plan.HasField("evaluation") or plan.HasField("secure") or plan.plan_id != stem:
         _fail(where, "plan is not this evaluation's plan")
-    _compare(where, "plan", entry, plan_entry(plan, plan_bytes, keys.unb64(entry["signature"])))
+    mf.compare_derived(where, "plan", entry, plan_entry(plan, plan_bytes, keys.unb64(entry["signature"])))
     ev = plan.evaluation
     if (ev.records_sha256.hex(), ev.manifest_sha256.hex(), ev.release_id, plan.dictionary_hash) != (
             a["records_sha256"], a["manifest_sha256"], manifest["release_id"], dictionary.hash):
@@ -374,7 +372,7 @@ def verify_addendum(a: dict[str, Any], stem: str, path: Path, manifest: dict[str
     if len(a["receipts"]) != len(receipts):
         _fail(where, "receipts: one per answer")
     for stated, want in zip(a["receipts"], receipts):
-        _compare(where, f"receipt of site {want['site']!r}", stated, want)
+        mf.compare_derived(where, f"receipt of site {want['site']!r}", stated, want)
     try:
         sites, privacy = spending(answers, manifest)
     except mf.Inconsistent as e:
@@ -382,8 +380,8 @@ def verify_addendum(a: dict[str, Any], stem: str, path: Path, manifest: dict[str
     if set(a["sites"]) != set(sites):
         _fail(where, f"sites {sorted(a['sites'])} are not the answering sites {sorted(sites)}")
     for s, want in sites.items():
-        _compare(where, f"site {s!r}", a["sites"][s], want)
-    _compare(where, "privacy", a["privacy"], privacy, {
+        mf.compare_derived(where, f"site {s!r}", a["sites"][s], want)
+    mf.compare_derived(where, "privacy", a["privacy"], privacy, {
         "statement": lambda got: "privacy.statement is not the statement its verified figures give; expected: "
                                  + privacy["statement"]})
     known = set(key_of)

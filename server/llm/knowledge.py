@@ -18,9 +18,9 @@ import numpy as np
 
 from ...common.dictionary import MISSING, OTHER, OUT_OF_RANGE, Dictionary, Variable
 from ..model.graphical import JunctionTree
-from .client import LLMClient, LLMConfig, LLMError
+from .client import EndpointMemory, LLMClient, LLMConfig, LLMContextError, LLMError
 from .pii import PIIGuard
-from .prompts import Condition, DPAggregates, Rule, knowledge_prompt
+from .prompts import Condition, DPAggregates, Prompt, PromptTooLong, Rule, knowledge_prompt
 
 Progress = Callable[[str], None]
 MAX_RULE_MASS = 0.03  # an "impossible" combination holding this share of the DP records is contradicted by data
@@ -129,11 +129,61 @@ def rule_mass(dictionary: Dictionary, rule: Rule, aggregates: DPAggregates) -> t
     return mass, noise
 
 
+ITEM_TOKENS = 60  # a dependency or a rule, in a reply
+
+
+def _knowledge_request(client: LLMClient, dictionary: Dictionary) -> tuple[Prompt, int | None]:
+    """The knowledge prompt sized to the endpoint: as many items as its context and the time left
+    leave room for (2 to 40 of each), the dictionary shortened if needed; and the reply's max_tokens."""
+    if not client.context:
+        prompt = knowledge_prompt(dictionary)
+        afford = client.affordable_tokens(client.prompt_tokens(prompt))
+        if afford is None:
+            return prompt, None
+        items = int(min(40, max(2, (afford - 40) // (2 * ITEM_TOKENS))))
+        return knowledge_prompt(dictionary, items), min(client.config.max_tokens, max(afford, 2 * ITEM_TOKENS * items + 40))
+    try:
+        return _sized_knowledge_request(client, dictionary)
+    except PromptTooLong as e:
+        raise LLMContextError(f"knowledge: the dictionary does not fit the endpoint's context of {client.context} tokens "
+                              f"({e}); not sent", client.context, e.needed) from None
+
+
+def _sized_knowledge_request(client: LLMClient, dictionary: Dictionary) -> tuple[Prompt, int | None]:
+    probe = knowledge_prompt(dictionary, 8, None, client.tokens)
+    prompt_tokens = client.prompt_tokens(probe)
+    room = client.context - prompt_tokens - 48
+    if room < 4 * ITEM_TOKENS:  # shorten the dictionary first
+        probe = knowledge_prompt(dictionary, 8, client.context // 2, client.tokens)
+        prompt_tokens = client.prompt_tokens(probe)
+        room = client.context - prompt_tokens - 48
+    afford = client.affordable_tokens(prompt_tokens)
+    if afford is not None:
+        room = min(room, max(afford, 2 * 2 * ITEM_TOKENS + 40))
+    items = int(min(40, max(2, (room - 40) // (2 * ITEM_TOKENS))))
+    budget = client.context - 48 - (prompt_tokens - client.message_tokens(probe.chat_messages(False)[1:])) - 2 * ITEM_TOKENS * items
+    prompt = knowledge_prompt(dictionary, items, max(budget, 0), client.tokens)
+    return prompt, min(client.config.max_tokens, max(room, 64))
+
+
+def ask_knowledge(client: LLMClient, dictionary: Dictionary) -> tuple[Any, Prompt]:
+    """The LLM's raw proposal and the prompt that got it. A prompt the server finds too long for its
+    context is asked again once, sized to the context the answer names (or half as many items)."""
+    for attempt in range(2):
+        prompt, max_tokens = _knowledge_request(client, dictionary)
+        try:
+            obj, _ = client.json(prompt, validate=_knowledge_shape, max_tokens=max_tokens)
+            return obj, prompt
+        except LLMContextError:
+            if attempt or not client.context:
+                raise
+    raise AssertionError("unreachable")
+
+
 def propose_knowledge(client: LLMClient, dictionary: Dictionary, aggregates: DPAggregates | None,
                       guard: PIIGuard | None = None) -> Knowledge:
     """Ask for dependencies and impossible combinations; keep what the dictionary and DP aggregates allow."""
-    prompt = knowledge_prompt(dictionary)
-    obj, rec = client.json(prompt, validate=_knowledge_shape)  # item by item checks below: one bad rule spoils nothing
+    obj, prompt = ask_knowledge(client, dictionary)  # item by item checks below: one bad rule spoils nothing
     deps, reasons, dep_rejected = [], [], []
     for i, d in enumerate(obj.get("dependencies", [])):
         vs = tuple(dict.fromkeys(d.get("variables") or []))
@@ -174,18 +224,23 @@ def propose_knowledge(client: LLMClient, dictionary: Dictionary, aggregates: DPA
 
 
 def knowledge_dependencies(config: LLMConfig, dictionary: Dictionary, progress: Progress | None = None,
-                           max_clique_cells: int = 100_000) -> list[tuple[str, ...]]:
+                           max_clique_cells: int = 100_000, memory: EndpointMemory | None = None,
+                           time_budget: float | None = None) -> list[tuple[str, ...]]:
     """Dependencies the LLM proposes from the dictionary alone (no privacy cost), for the planner's `extra`.
 
     In the LLM's order of importance, keeping only those that leave the model's junction tree
     (with the dictionary's declared dependencies) within max_clique_cells per clique. Offline or
-    on any LLM failure: [] (the planner then uses the dictionary's structure alone).
+    on any LLM failure: [] (the planner then uses the dictionary's structure alone). `memory`: what
+    the release learns about the endpoint (shared with its LLM stage); `time_budget`: seconds this
+    call may take.
     """
     say = progress or (lambda m: None)
     if not config.enabled:
         return []
     try:
-        knowledge = propose_knowledge(LLMClient(config), dictionary, None)
+        client = LLMClient(config, memory=memory)
+        client.set_deadline(time_budget)
+        knowledge = propose_knowledge(client, dictionary, None)
     except LLMError as e:
         say(f"LLM knowledge unavailable ({e}); planning with the dictionary's structure alone")
         return []
@@ -203,6 +258,10 @@ def knowledge_dependencies(config: LLMConfig, dictionary: Dictionary, progress: 
 
 
 def _knowledge_shape(obj: Any) -> None:
+    """Both lists, or one of them from a reply cut off mid-way (salvaged: the other is taken as empty)."""
+    if isinstance(obj, dict) and any(isinstance(obj.get(k), list) for k in ("dependencies", "rules")):
+        for k in ("dependencies", "rules"):
+            obj.setdefault(k, [])
     if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list) for k in ("dependencies", "rules")):
         raise ValueError('expected an object {"dependencies": [...], "rules": [...]}')
     if not all(isinstance(x, dict) for k in ("dependencies", "rules") for x in obj[k]):

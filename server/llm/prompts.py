@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -200,30 +200,34 @@ _SAFETY = ("Everything you write is synthetic. Never write names of people, plac
            "addresses, phone numbers, e-mail addresses, dates or identification numbers.")
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
-    Template("knowledge", "1",
+    Template("knowledge", "2",
              "You are a clinical data scientist. From a data dictionary alone (variable names, descriptions, units "
              "and value domains; no data), state (1) which groups of 2 or 3 variables are clinically dependent and "
              "matter most for realistic synthetic records, most important first, and (2) which value combinations are "
              "impossible in real patients (for example pregnancy with male sex, values outside the population a unit "
              "serves). A rule lists conditions that can never all hold at once; comparisons use the variable's unit; "
              "'repair' names the variable that should be changed when a record breaks the rule. Propose only rules "
-             "that are certain, not merely unlikely. " + _SAFETY),
-    Template("generate-definition", "1",
+             "that are certain, not merely unlikely. Keep every text short. " + _SAFETY),
+    Template("generate-definition", "2",
              "You generate synthetic patient records for a research consortium. Follow the data dictionary's "
              "definitions and value domains exactly and match the given differentially private population "
-             "percentages as a whole batch. Records must be clinically coherent. " + _SAFETY),
-    Template("generate-example", "1",
+             "percentages as a whole batch. Records must be clinically coherent and differ from each other. " + _SAFETY),
+    Template("generate-example", "2",
              "You generate synthetic patient records for a research consortium. Write new records that look like "
-             "the example records (themselves synthetic) in distribution and clinical coherence, without copying "
-             "them, using only the dictionary's value domains. " + _SAFETY),
-    Template("generate-rule", "1",
+             "the example records (themselves synthetic) in distribution and clinical coherence, using only the "
+             "dictionary's value domains. Never repeat an example record: every record you write must differ from "
+             "each example in several values. " + _SAFETY),
+    Template("generate-rule", "2",
              "You generate synthetic patient records for a research consortium. Obey every rule given: the value "
              "domains, the differentially private percentages and conditional percentages, and the impossible "
-             "combinations. Records must be clinically coherent. " + _SAFETY),
-    Template("note", "1",
-             "You are a clinician writing a short free-text note (2 to 4 sentences) about one synthetic patient. Use "
-             "only the facts given, in plain clinical language; do not add findings, diagnoses or history that the "
-             "facts do not state. Do not list raw variable names. " + _SAFETY),
+             "combinations. Records must be clinically coherent and differ from each other. " + _SAFETY),
+    Template("note", "2",
+             "You are a clinician writing a short clinical narrative (2 to 4 sentences of prose, as in a clinic "
+             "letter) about one synthetic patient. Weave the facts given into sentences that connect them clinically; "
+             "do not write a list, headings or bullet points, and do not repeat the facts one by one. Use only the facts "
+             "given: when you state a value, state exactly the value given; leave out facts marked unknown; do not add "
+             "findings, diagnoses, measurements or history that the facts do not state. Do not write raw variable "
+             "names. " + _SAFETY),
     Template("probe", "1", "You answer with exactly what is asked."),
 )}
 STYLES = {"definition": "generate-definition", "example": "generate-example", "rule": "generate-rule"}
@@ -242,6 +246,7 @@ class Prompt:
     schema_name: str = ""
     seed_offset: int = 0
     meta: tuple[tuple[str, Any], ...] = field(default=())
+    schema_hint: str | None = None  # the reply's shape in a few lines, sent instead of the schema in prompt mode
 
     @property
     def schema(self) -> dict | None:
@@ -251,25 +256,49 @@ class Prompt:
     def hash(self) -> str:
         content = {"template": self.template.id, "messages": self.messages, "schema": self.schema_json,
                    "schema_name": self.schema_name, "seed_offset": self.seed_offset}
+        if self.schema_hint is not None:
+            content["schema_hint"] = self.schema_hint
         return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
+    @property
+    def info(self) -> dict[str, Any]:
+        return dict(self.meta)
+
     def chat_messages(self, schema_in_prompt: bool) -> list[dict[str, str]]:
-        """OpenAI chat messages; with schema_in_prompt the JSON Schema is spelled out in the system message
-        (for servers without `response_format` JSON-Schema support)."""
+        """OpenAI chat messages; with schema_in_prompt the reply's shape is spelled out in the system message
+        (for servers without `response_format` JSON-Schema support): the schema hint if the prompt has one
+        (a few lines, for small contexts), else the JSON Schema."""
         msgs = [{"role": r, "content": c} for r, c in self.messages]
         if schema_in_prompt and self.schema_json is not None:
-            msgs[0] = {"role": "system", "content": msgs[0]["content"] + (
-                f"\n\nReply with one JSON object only, no other text. It must validate against this JSON Schema "
-                f"(named {self.schema_name}):\n```json\n{self.schema_json}\n```")}
+            if self.schema_hint is not None:
+                extra = (f"\n\nReply with one JSON object only, no other text, shaped like this (named "
+                         f"{self.schema_name}):\n```\n{self.schema_hint}\n```")
+            else:
+                extra = (f"\n\nReply with one JSON object only, no other text. It must validate against this JSON "
+                         f"Schema (named {self.schema_name}):\n```json\n{self.schema_json}\n```")
+            msgs[0] = {"role": "system", "content": msgs[0]["content"] + extra}
         return msgs
 
 
 def _prompt(name: str, user: str, schema: dict | None = None, schema_name: str = "", seed_offset: int = 0,
-            **meta: Any) -> Prompt:
+            hint: str | None = None, **meta: Any) -> Prompt:
     t = TEMPLATES[name]
     return Prompt(t, (("system", t.system), ("user", user)),
                   None if schema is None else json.dumps(schema, sort_keys=True, separators=(",", ":")),
-                  schema_name, seed_offset, tuple(sorted(meta.items())))
+                  schema_name, seed_offset, tuple(sorted(meta.items())), hint)
+
+
+class PromptTooLong(ValueError):
+    """Even the shortest form of a prompt exceeds the tokens available for it."""
+
+    def __init__(self, message: str, needed: int, available: int):
+        super().__init__(message)
+        self.needed, self.available = needed, available
+
+
+def rough_tokens(text: str) -> int:
+    """A conservative token estimate when nothing better is known (3 characters a token)."""
+    return -(-len(text) // 3)
 
 
 # ----------------------------------------------------------------------------- rendering public inputs
@@ -277,7 +306,7 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def describe_variable(var: Variable) -> str:
+def describe_variable(var: Variable, compact: bool = False) -> str:
     if var.type == "categorical":
         dom = "one of: " + ", ".join(var.categories) + (f", {OTHER}" if var.other else "")
     else:
@@ -285,13 +314,16 @@ def describe_variable(var: Variable) -> str:
                + (f", or {OUT_OF_RANGE}" if var.out_of_range == "cell" else ""))
     unit = f", unit {var.unit}" if var.unit else ""
     miss = '; "" if unknown' if var.missing else "; never missing"
+    if compact:  # the description cut to its first clause
+        desc = (var.description or var.name).split(",")[0].split("(")[0].split(":")[0].strip()[:48]
+        return f"- {var.name} ({var.type}{unit}): {desc}. Value: {dom}{miss}."
     return f"- {var.name} ({var.type}{unit}): {var.description or var.name}. Value: {dom}{miss}."
 
 
-def describe_dictionary(dictionary: Dictionary, max_tier: int = 3) -> str:
+def describe_dictionary(dictionary: Dictionary, max_tier: int = 3, compact: bool = False) -> str:
     _require(dictionary, Dictionary, "dictionary")
     lines = [f"Data dictionary {dictionary.name} {dictionary.version}:"]
-    lines += [describe_variable(v) for v in dictionary.variables.values() if v.tier <= max_tier]
+    lines += [describe_variable(v, compact) for v in dictionary.variables.values() if v.tier <= max_tier]
     return "\n".join(lines)
 
 
@@ -303,37 +335,54 @@ def _pct(p: float) -> str:
     return f"{100 * p:.1f}%" if p < 0.1 else f"{100 * p:.0f}%"
 
 
-def describe_marginals(dictionary: Dictionary, aggregates: DPAggregates) -> str:
+MARGINALS_HEADER = "Population percentages (differentially private estimates; numeric variables by range):"
+CONDITIONALS_HEADER = "Conditional percentages (differentially private estimates):"
+
+
+def marginal_lines(dictionary: Dictionary, aggregates: DPAggregates) -> list[str]:
     _require(aggregates, DPAggregates, "aggregates")
     if aggregates.dictionary_hash != dictionary.hash:
         raise ValueError("the DP aggregates are for another dictionary")
-    lines = ["Population percentages (differentially private estimates; numeric variables by range):"]
+    lines = []
     for name, var in dictionary.variables.items():
         p = aggregates.probabilities((name,))
         if p is None:
             continue
         lines.append(f"- {name}: " + ", ".join(f"{_cell_label(var, c)} {_pct(q)}" for c, q in zip(var.cells, p) if q >= 0.0005))
-    return "\n".join(lines)
+    return lines
 
 
-def describe_conditionals(dictionary: Dictionary, aggregates: DPAggregates) -> str:
-    """Conditional percentages from every 2-way DP marginal: P(b | a), a being the variable with fewer cells."""
+def describe_marginals(dictionary: Dictionary, aggregates: DPAggregates) -> str:
+    return "\n".join([MARGINALS_HEADER] + marginal_lines(dictionary, aggregates))
+
+
+def conditional_lines(dictionary: Dictionary, aggregates: DPAggregates) -> list[str]:
+    """Conditional percentages P(b | a) from every 2-way DP marginal (a: the variable with fewer cells),
+    most informative first: marginals by mutual information, rows by their mass."""
     _require(aggregates, DPAggregates, "aggregates")
-    lines = ["Conditional percentages (differentially private estimates):"]
+    ranked = []
     for m in aggregates.marginals:
         if len(m.variables) != 2:
             continue
         a, b = sorted(m.variables, key=lambda v: (dictionary[v].size, m.variables.index(v)))
         joint = aggregates.probabilities((a, b))
+        pa, pb = joint.sum(axis=1, keepdims=True), joint.sum(axis=0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mi = float(np.nansum(np.where(joint > 0, joint * np.log(joint / (pa * pb)), 0.0)))
         va, vb = dictionary[a], dictionary[b]
         for i, ca in enumerate(va.cells):
             row = joint[i]
             if row.sum() < 0.01:
                 continue
             cond = row / row.sum()
-            lines.append(f"- {b} given {a} = {_cell_label(va, ca)}: "
-                         + ", ".join(f"{_cell_label(vb, c)} {_pct(q)}" for c, q in zip(vb.cells, cond) if q >= 0.005))
-    return "\n".join(lines)
+            line = (f"- {b} given {a} = {_cell_label(va, ca)}: "
+                    + ", ".join(f"{_cell_label(vb, c)} {_pct(q)}" for c, q in zip(vb.cells, cond) if q >= 0.005))
+            ranked.append((-mi, -float(row.sum()), line))
+    return [line for *_, line in sorted(ranked)]
+
+
+def describe_conditionals(dictionary: Dictionary, aggregates: DPAggregates) -> str:
+    return "\n".join([CONDITIONALS_HEADER] + conditional_lines(dictionary, aggregates))
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -358,6 +407,14 @@ def knowledge_schema(dictionary: Dictionary, max_items: int = 40) -> dict:
                 "repair": {"type": "string", "enum": names}}}}}}
 
 
+KNOWLEDGE_HINT = (
+    '{"dependencies": [{"variables": ["<variable>", "<variable>"], "reason": "<short reason>"}, ...],\n'
+    ' "rules": [{"description": "<short>", "conditions": [{"variable": "<variable>", '
+    '"op": "in" | "not_in" | "<" | "<=" | ">" | ">=", "values": ["<category>", ...], "value": <number or null>}, ...], '
+    '"repair": "<variable>"}, ...]}\n'
+    "variables by their dictionary names; \"values\" for in/not_in (else []), \"value\" for comparisons (else null).")
+
+
 def value_schema(var: Variable) -> dict:
     if var.type == "categorical":
         return {"type": "string", "enum": list(var.categories) + ([OTHER] if var.other else []) + ([""] if var.missing else [])}
@@ -372,17 +429,77 @@ def records_schema(dictionary: Dictionary, n: int) -> dict:
             "properties": {"records": {"type": "array", "minItems": n, "maxItems": n, "items": item}}}
 
 
+def records_hint(dictionary: Dictionary, n: int) -> str:
+    """The shape of a records reply in a few lines: one record's fields with their JSON types."""
+    fields = []
+    for name, var in dictionary.variables.items():
+        if var.type == "numeric":
+            t = "number" + (" or null" if var.missing else "")
+        elif len(var.categories) <= 4 and sum(map(len, var.categories)) <= 40:
+            t = " | ".join(f'"{c}"' for c in var.categories) + (' | ""' if var.missing else "")
+        else:
+            t = "<category>" + (' or ""' if var.missing else "")
+        fields.append(f'"{name}": {t}')
+    return '{"records": [{' + ", ".join(fields) + f"}}, ... exactly {n} records]}}"
+
+
 # ----------------------------------------------------------------------------- builders
-def knowledge_prompt(dictionary: Dictionary) -> Prompt:
-    """Clinical knowledge from the dictionary alone (costs no privacy budget)."""
-    user = (describe_dictionary(dictionary) + "\n\nPropose the clinically important dependencies (pairs or triples) "
-            "and the impossible combinations as JSON.")
-    return _prompt("knowledge", user, knowledge_schema(dictionary), "knowledge")
+def _fit(required: Sequence[str], groups: Sequence[tuple[str, str, Sequence[str], int]], budget: int | None,
+         tokens: Callable[[str], int]) -> tuple[list[str], dict[str, int]]:
+    """Parts of a prompt within `budget` tokens: every required part, then each group (key, header,
+    lines, fewest lines) in order, as many of its lines (in their order of priority) as fit.
+    Returns the parts and, per group, how many lines were left out."""
+    used = sum(tokens(p) + 1 for p in required)
+    if budget is not None and used > budget:
+        raise PromptTooLong(f"the prompt needs about {used} tokens, {budget} are available", used, budget)
+    parts, dropped = list(required[:-1]), {}
+    for key, header, lines, least in groups:
+        if not lines:
+            continue
+        take, cost = [], tokens(header) + 2
+        for line in lines:
+            c = tokens(line) + 1
+            if budget is not None and used + cost + c > budget:
+                continue
+            take.append(line)
+            cost += c
+        if len(take) < least:
+            need = used + tokens(header) + sum(tokens(x) + 1 for x in lines[:least]) + 2
+            raise PromptTooLong(f"the prompt needs about {need} tokens with its {key}, {budget} are available", need, budget or 0)
+        if take:
+            keep = set(take)
+            parts.append("\n".join([header] + [x for x in lines if x in keep]))  # kept lines in their order
+            used += cost
+        if len(take) < len(lines):
+            dropped[key] = len(lines) - len(take)
+    parts.append(required[-1])
+    return parts, dropped
+
+
+def knowledge_prompt(dictionary: Dictionary, max_items: int = 40, budget: int | None = None,
+                     tokens: Callable[[str], int] = rough_tokens) -> Prompt:
+    """Clinical knowledge from the dictionary alone (costs no privacy budget). `budget`: tokens available
+    for the user message (the dictionary is shortened if it does not fit)."""
+    ask = (f"Propose the clinically important dependencies (pairs or triples) and the impossible combinations as JSON: "
+           f"at most {max_items} dependencies and at most {max_items} rules, most important first.")
+    desc = describe_dictionary(dictionary)
+    compact = budget is not None and tokens(desc) + tokens(ask) + 4 > budget
+    if compact:
+        desc = describe_dictionary(dictionary, compact=True)
+    parts, _ = _fit([desc, ask], [], budget, tokens)
+    return _prompt("knowledge", "\n\n".join(parts), knowledge_schema(dictionary, max_items), "knowledge",
+                   hint=KNOWLEDGE_HINT, max_items=max_items, compact_dictionary=compact)
 
 
 def generation_prompt(style: str, dictionary: Dictionary, aggregates: DPAggregates, n: int, batch: int,
-                      examples: Sequence[SyntheticRecord] = (), rules: Sequence[Rule] = ()) -> Prompt:
-    """A batch of n records in one of the prompt styles: definition, example or rule."""
+                      examples: Sequence[SyntheticRecord] = (), rules: Sequence[Rule] = (), budget: int | None = None,
+                      tokens: Callable[[str], int] = rough_tokens) -> Prompt:
+    """A batch of n records in one of the prompt styles: definition, example or rule.
+
+    `budget`: tokens available for the user message. What does not fit is left out by priority
+    (conditional percentages least informative first, then rules and examples from the end; the
+    dictionary is shortened); the prompt's `info["dropped"]` says how many lines of each. A prompt
+    whose essentials do not fit raises PromptTooLong."""
     if style not in STYLES:
         raise ValueError(f"unknown prompt style {style!r}; choose from {sorted(STYLES)}")
     _require(dictionary, Dictionary, "dictionary")
@@ -391,22 +508,35 @@ def generation_prompt(style: str, dictionary: Dictionary, aggregates: DPAggregat
         _require(r, SyntheticRecord, f"examples[{i}]")
     for i, r in enumerate(rules):
         _require(r, Rule, f"rules[{i}]")
-    parts = [describe_dictionary(dictionary)]
+    if style == "example" and not examples:
+        raise ValueError("the example style needs synthetic example records")
+    ask = (f"Batch {batch}: generate {n} new records as JSON "
+           '{"records": [...]}, each with every variable; numbers as JSON numbers, unknown values as "" or null.')
+    groups: list[tuple[str, str, Sequence[str], int]] = []
     if style == "example":
-        if not examples:
-            raise ValueError("the example style needs synthetic example records")
-        parts.append("Example records (synthetic):\n" + "\n".join(
-            json.dumps(_typed(dictionary, r.as_dict()), ensure_ascii=False) for r in examples))
+        shown = [json.dumps(_typed(dictionary, r.as_dict()), ensure_ascii=False) for r in examples]
+        groups.append(("examples", "Example records (synthetic; do not copy them):", shown, 1))
     else:
-        parts.append(describe_marginals(dictionary, aggregates))
+        groups.append(("marginals", MARGINALS_HEADER, marginal_lines(dictionary, aggregates), 1))
     if style == "rule":
-        parts.append(describe_conditionals(dictionary, aggregates))
+        groups.append(("conditionals", CONDITIONALS_HEADER, conditional_lines(dictionary, aggregates), 0))
         if rules:
-            parts.append("Impossible combinations (never generate them):\n" + "\n".join(f"- {r.text()}: {r.description}" for r in rules))
-    parts.append(f"Batch {batch}: generate {n} new records as JSON "
-                 '{"records": [...]}, each with every variable; numbers as JSON numbers, unknown values as "" or null.')
+            groups.append(("rules", "Impossible combinations (never generate them):",
+                           [f"- {r.text()}: {r.description}" for r in rules], 0))
+    desc = describe_dictionary(dictionary)
+    compact = False
+    if budget is not None:
+        least = sum(tokens(h) + sum(tokens(x) + 1 for x in lines[:k]) + 2 for _, h, lines, k in groups)
+        if tokens(desc) + tokens(ask) + least + 4 > budget:
+            desc, compact = describe_dictionary(dictionary, compact=True), True
+    parts, dropped = _fit([desc, ask], groups, budget, tokens)
+    kept_examples = ()
+    if style == "example":
+        kept = parts[1].splitlines()[1:]
+        kept_examples = tuple(kept)
     return _prompt(STYLES[style], "\n\n".join(parts), records_schema(dictionary, n), "records", seed_offset=batch,
-                   style=style, batch=batch, n=n)
+                   hint=records_hint(dictionary, n), style=style, batch=batch, n=n, dropped=tuple(sorted(dropped.items())),
+                   compact_dictionary=compact, examples_shown=kept_examples)
 
 
 def _typed(dictionary: Dictionary, values: Mapping[str, str]) -> dict[str, Any]:
@@ -417,20 +547,29 @@ def _typed(dictionary: Dictionary, values: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def note_prompt(dictionary: Dictionary, record: SyntheticRecord, language: str, max_tier: int = 2) -> Prompt:
-    """One short note conditioned only on this synthetic record (variables above max_tier left out)."""
-    _require(dictionary, Dictionary, "dictionary")
-    _require(record, SyntheticRecord, "record")
-    lang = LANGUAGES.get(language, language)
+def note_facts(dictionary: Dictionary, record: SyntheticRecord, max_tier: int = 2) -> list[tuple[str, str, str]]:
+    """(variable, description, value as shown) of the record's facts a note may use."""
     facts = []
     for name, value in record.values:
         var = dictionary[name]
         if var.tier > max_tier:
             continue
         shown = "unknown" if value == "" else (f"{value} {var.unit}".strip() if var.type == "numeric" else value.replace("_", " "))
-        facts.append(f"- {var.description or name}: {shown}")
-    user = f"Write the note in {lang}.\nFacts about the patient:\n" + "\n".join(facts)
-    return _prompt("note", user)
+        facts.append((name, var.description or name, shown))
+    return facts
+
+
+def note_prompt(dictionary: Dictionary, record: SyntheticRecord, language: str, max_tier: int = 2,
+                attempt: int = 0) -> Prompt:
+    """One short narrative note conditioned only on this synthetic record (variables above max_tier left
+    out). `attempt` > 0: a new draw (another seed) after a note that contradicted its record."""
+    _require(dictionary, Dictionary, "dictionary")
+    _require(record, SyntheticRecord, "record")
+    lang = LANGUAGES.get(language, language)
+    facts = [f"- {desc}: {shown}" for _, desc, shown in note_facts(dictionary, record, max_tier)]
+    user = (f"Write the note in {lang}, as 2 to 4 sentences of connected prose (no list).\n"
+            "Facts about the patient:\n" + "\n".join(facts))
+    return _prompt("note", user, seed_offset=attempt * 104729)
 
 
 def probe_prompt() -> Prompt:

@@ -135,6 +135,9 @@ def _fail(mpath: Path, message: str) -> None:
     raise ReleaseError(f"{mpath}: {message}")
 
 
+
+
+
 def known_sites(manifest: dict[str, Any], site_keys: dict[str, Path] | None) -> set[str]:
     """Sites whose keys this verification knows: the manifest's, and any pinned."""
     return set(manifest.get("keys", {}).get("sites", {})) | set(site_keys or {})
@@ -158,7 +161,7 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
                          "in order")
         if plan.plan_id in plans:
             _fail(mpath, f"plan {plan.plan_id!r} is listed twice")
-        _compare(mpath, f"plan entry {plan.plan_id!r}", entry,
+        mf.compare_derived(mpath, f"plan entry {plan.plan_id!r}", entry,
                  mf.plan_entry_of(i + 1, plan, plan_bytes, keys.unb64(entry["signature"]), roster))
         plans[plan.plan_id] = (digest, secure)
         facts.append(mf.plan_facts(i + 1, plan, [k.site for k in roster]))
@@ -184,15 +187,15 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
     unreadable = mf.unreadable_plans(by_site, facts)
     for r in manifest["receipts"]:
         rc = pb.BudgetReceipt.FromString(keys.unb64(r["receipt"]))
-        _compare(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}", r,
+        mf.compare_derived(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}", r,
                  mf.receipt_entry_of(r["site"], r.get("signer"), keys.unb64(r["receipt"]), keys.unb64(r["signature"]), rc,
                                      rc.plan_id not in unreadable))
         if r.get("signer") != keys.fingerprint(_site_key(r["site"], manifest, site_keys)):
             _fail(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}: signer {r.get('signer')!r} is not the "
                          "fingerprint of the site's key")
     for site, stated in manifest["sites"].items():
-        _compare(mpath, f"site {site!r}", stated, figures["sites"][site], _site_messages(site, figures["sites"][site]))
-    _compare(mpath, "privacy", manifest.get("privacy"), mf.privacy_section(figures), _privacy_messages(figures))
+        mf.compare_derived(mpath, f"site {site!r}", stated, figures["sites"][site], _site_messages(site, figures["sites"][site]))
+    mf.compare_derived(mpath, "privacy", manifest.get("privacy"), mf.privacy_section(figures), _privacy_messages(figures))
     _verify_exclusions(manifest, by_site, facts, unreadable, known_sites(manifest, site_keys), mpath)
 
 
@@ -214,23 +217,6 @@ def _privacy_messages(f: dict[str, Any]) -> dict[str, Callable[[Any], str]]:
                                                f"({f['epsilon']} at delta {f['delta']})",
             "statement": lambda got: "privacy.statement is not the statement its verified figures give; expected: "
                                      + mf.privacy_statement(f)}
-
-
-def _compare(mpath: Path, where: str, stated: Any, expected: dict[str, Any],
-             messages: dict[str, Callable[[Any], str]] | None = None) -> None:
-    """Every field of `stated` must be exactly what the signed receipts and plans give (`expected`)."""
-    if not isinstance(stated, dict):
-        _fail(mpath, f"{where}: missing or not an object")
-    for key in list(expected) + [k for k in stated if k not in expected]:
-        if key not in expected:
-            _fail(mpath, f"{where}: field {key!r} is not derived from any signed receipt or plan")
-        if key not in stated:
-            _fail(mpath, f"{where}: field {key!r} is missing")
-        if stated[key] != expected[key] or type(stated[key]) is not type(expected[key]):
-            if messages and key in messages:
-                _fail(mpath, messages[key](stated[key]))
-            _fail(mpath, f"{where}: {key} {stated[key]!r} does not follow from the signed receipts and plans "
-                         f"(they give {expected[key]!r})")
 
 
 def _check_running_totals(site: str, rcs: list[pb.BudgetReceipt], mpath: Path) -> None:

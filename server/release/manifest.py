@@ -7,7 +7,8 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from ...common import accounting, keys
 from ...common import privacy_unit as units
 from ...common.cells import group_labels
 from ...common.dictionary import Dictionary
+from ...common.errors import ReleaseError
 from ..measure.aggregate import SiteResult
 from ..measure.rounds import Round
 from ...protos import guard_pb2 as pb
@@ -278,3 +280,25 @@ def fidelity_to_aggregates(dictionary: Dictionary, measurements, samples: np.nda
         by_width.setdefault(len(r["variables"]), []).append(r["tvd"])
     return {"note": "TVD between the synthetic records and the noisy DP aggregates they were fitted to (no raw data used)",
             "mean_tvd_by_width": {str(k): float(np.mean(v)) for k, v in sorted(by_width.items())}, "marginals": rows}
+
+
+# ----------------------------------------------------------------------------- checking derived fields
+def _raise(mpath: Path, message: str) -> None:
+    raise ReleaseError(f"{mpath}: {message}")
+
+
+def compare_derived(mpath: Path, where: str, stated: Any, expected: dict[str, Any],
+             messages: dict[str, Callable[[Any], str]] | None = None) -> None:
+    """Every field of `stated` must be exactly what the signed receipts and plans give (`expected`)."""
+    if not isinstance(stated, dict):
+        _raise(mpath, f"{where}: missing or not an object")
+    for key in list(expected) + [k for k in stated if k not in expected]:
+        if key not in expected:
+            _raise(mpath, f"{where}: field {key!r} is not derived from any signed receipt or plan")
+        if key not in stated:
+            _raise(mpath, f"{where}: field {key!r} is missing")
+        if stated[key] != expected[key] or type(stated[key]) is not type(expected[key]):
+            if messages and key in messages:
+                _raise(mpath, messages[key](stated[key]))
+            _raise(mpath, f"{where}: {key} {stated[key]!r} does not follow from the signed receipts and plans "
+                         f"(they give {expected[key]!r})")

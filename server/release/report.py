@@ -170,7 +170,8 @@ def _generator(manifest: dict[str, Any]) -> dict[str, Any]:
     llm = manifest.get("llm", {})
     rows = [[k, _mono(_num(v, ".6g") if isinstance(v, float) else v)]
             for k, v in manifest.get("generator", {}).items() if not isinstance(v, (dict, list))]
-    rows.append(["LLM stage", "used" if llm.get("used") else f"not used: {llm.get('reason', '')}"])
+    rows.append(["LLM stage", ("used" if llm.get("used") else f"not used: {llm.get('reason', '')}")
+                 + ("; degraded: " + "; ".join(llm.get("degradations", [])) if llm.get("degraded") else "")])
     return {"rows": rows, "files": [[_code(k), _mono(v)] for k, v in manifest.get("files", {}).items()]}
 
 
