@@ -389,3 +389,17 @@ def test_a_site_with_k_rows_per_patient_calibrates_and_charges_evaluations_by_gr
     # the coordinator checks it like any answer
     key = {"cleveland": keys.load_public_key(consortium_keys.site_keys["cleveland"][1])}
     assert ad.verify_answer(reply, plan, signed.plan, dictionary, key).site == "cleveland"
+
+
+def test_the_flower_path_follows_an_evaluation_job_and_the_serverapp_dispatches_it(tmp_path):
+    """`ppsehr demo --evaluate` / `release evaluate --superlink` hand an EvaluationJob to the same follow()
+    and ServerApp as a release (the job file says "kind": "evaluation")."""
+    from ppsehr.server.federation import follow
+
+    job = EvaluationJob(release="r", dictionary="d", signing_key="k", site_keys={}, events=str(tmp_path / "events.jsonl"))
+    job.save(tmp_path / "job.json")
+    assert json.loads((tmp_path / "job.json").read_text())["kind"] == "evaluation"
+    assert EvaluationJob.load(tmp_path / "job.json") == job
+    done = {"t": 0, "stage": "done", "message": "evaluation x", "out": "r/evaluations/x.json"}
+    (tmp_path / "events.jsonl").write_text(json.dumps({"t": 0, "stage": "plan", "message": "p"}) + "\n" + json.dumps(done) + "\n")
+    assert follow(job, 1, tmp_path, "none", 10, lambda e: None) == done
