@@ -165,8 +165,8 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
         raise PpsehrError(f"{job.out} already exists; choose a new output directory. Nothing was sent.")
     llm_config = job.llm_config()
     prior: list[tuple[str, ...]] = []
-    if opts.strategy == "dictionary" and llm_config.enabled and "knowledge" in llm_config.uses:
-        prior = knowledge_dependencies(llm_config, dictionary, events)  # from the public dictionary: no privacy cost
+    if llm_config.enabled and "knowledge" in llm_config.uses:  # a prior for the selection, at no privacy cost
+        prior = knowledge_dependencies(llm_config, dictionary, events)
     rounds, structure = collect(opts, job.request(), dictionary, coordinator_key, site_keys, transport, events, prior)
     seed = job.seed if job.seed is not None else secrets.randbits(63)
     rng = np.random.default_rng(seed)
@@ -209,7 +209,9 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
                            for s in sorted(set(sites) | {k.site for rnd in rounds for k in rnd.signed.roster})}},
         "plans": [mf.plan_entry(rnd) for rnd in rounds],
         "generator": {"engine": "ppsehr graphical model (Private-PGM-style estimation on a junction tree)",
-                      "strategy": opts.strategy, "compress": opts.compress, "site_variable": opts.site_variable,
+                      "strategy": "selected in rounds: 1-way tables, candidate pairs, selected marginals",
+                      "secure_aggregation": {None: "automatic", True: "required", False: "off"}[opts.secure_aggregation],
+                      "site_variable": opts.site_variable,
                       "site_groups": syn.groups, "cliques": [list(c) for c in syn.model.cliques],
                       "estimated_total": syn.model.total, "rows": len(samples), "seed": seed,
                       "fit_seconds": round(syn.seconds, 3), "python": platform.python_version(),
