@@ -145,7 +145,8 @@ def test_the_fit_stops_once_what_is_left_is_noise(tree_joint):
           for vs in (("a", "b"), ("b", "c"), ("b", "d"), ("a",), ("c",))]
     early, full = estimate(DOMAIN, ms), estimate(DOMAIN, ms, stall=0, iters=2000, tol=1e-12)
     assert len(early.history) < len(full.history) / 3
-    assert early.history[-1] - full.history[-1] < 1.0 + 0.01 * full.history[-1]
+    cells = sum(m.values.size for m in ms)  # the loss at the truth is about cells / 2 (noise alone)
+    assert early.history[-1] - full.history[-1] < 0.1 * cells
 
 
 def test_controlled_rounding_is_unbiased_for_small_groups():

@@ -257,7 +257,7 @@ def select(dictionary: Dictionary, oneway: Sequence[Measurement], candidates: Se
     domain = dictionary.domain()
     prior = _prior_pairs(priors)
     pairs = {tuple(m.variables): m for m in candidates if len(m.variables) == 2}
-    base = estimate(domain, list(oneway), iters=iters)  # independence: consistent 1-way margins and total
+    base = estimate(domain, list(oneway), iters=iters, warm="full")  # independence: consistent 1-way margins, total
     N = base.total
     margins = {v: base.marginal((v,)) for v in names}
     scores: dict[tuple[str, ...], Score] = {}
@@ -294,7 +294,8 @@ def select(dictionary: Dictionary, oneway: Sequence[Measurement], candidates: Se
     limit = max(1, len(names) // 2)
     while len(sel.extras) < limit:
         chosen = {frozenset(p) for p in sel.pairs}
-        fitted = estimate(domain, list(oneway) + [pairs[p] for p in sel.pairs if p in pairs], iters=iters, total=N)
+        fitted = estimate(domain, list(oneway) + [pairs[p] for p in sel.pairs if p in pairs], iters=iters, total=N,
+                          warm="full")
         residual: list[tuple[float, Score]] = []
         joints: dict[str, dict[str, np.ndarray]] = {}
         for (a, b), m in pairs.items():

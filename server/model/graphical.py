@@ -327,38 +327,71 @@ def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator) -> np.
 
 
 def calibrate(tree: JunctionTree, theta: list[np.ndarray]) -> list[np.ndarray]:
-    """Sum-product on the junction tree in log space: normalised log-marginal of every clique."""
+    """Sum-product on the junction tree: normalised log-marginal of every clique."""
+    with np.errstate(divide="ignore"):
+        return [np.log(p) for p in calibrate_p(tree, theta)]
+
+
+def _plan(tree: JunctionTree) -> tuple[list[list[int]], dict[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Per clique its children; per (clique, neighbour) the axes summed out to reach their separator
+    and the separator's broadcast shape in the neighbour (cached on the tree)."""
+    cached = getattr(tree, "_calibration_plan", None)
+    if cached is not None:
+        return cached
     cl = tree.cliques
-    up: dict[int, np.ndarray] = {}  # message child -> parent, over their separator
-    down: dict[int, np.ndarray] = {}  # message parent -> child
-
-    def sep(i: int, j: int) -> Vars:
-        return tuple(v for v in cl[i] if v in cl[j])
-
-    def send(i: int, j: int, belief: np.ndarray) -> np.ndarray:
-        s = sep(i, j)
-        return _lse(belief, tuple(k for k, v in enumerate(cl[i]) if v not in s)).reshape(tree.shape(s))
-
-    children: dict[int, list[int]] = {i: [] for i in range(len(cl))}
+    children: list[list[int]] = [[] for _ in cl]
     for i, p in enumerate(tree.parent):
         if p >= 0:
             children[p].append(i)
+    edges = {}
+    for i, p in enumerate(tree.parent):
+        if p < 0:
+            continue
+        for a, b in ((i, p), (p, i)):
+            sep = [v for v in cl[a] if v in cl[b]]
+            edges[(a, b)] = (tuple(k for k, v in enumerate(cl[a]) if v not in sep),
+                             tuple(tree.domain[v] if v in sep else 1 for v in cl[b]))
+    tree._calibration_plan = (children, edges)  # type: ignore[attr-defined]
+    return children, edges
+
+
+def calibrate_p(tree: JunctionTree, theta: list[np.ndarray]) -> list[np.ndarray]:
+    """Sum-product on the junction tree in probability space (each potential scaled by its maximum,
+    each message normalised): the normalised marginal of every clique."""
+    children, edges = _plan(tree)
+    pot = [np.exp(t - t.max()) for t in theta]
+    up: dict[int, np.ndarray] = {}  # message child -> parent, shaped for the parent
+
+    def send(i: int, j: int, table: np.ndarray) -> np.ndarray:
+        axes, shape = edges[(i, j)]
+        msg = (table.sum(axis=axes) if axes else table).reshape(shape)
+        total = msg.sum()
+        return msg / total if total > 0 else msg
+
+    inner: list[np.ndarray] = [np.empty(0)] * len(pot)
     for i in reversed(tree.bfs):
-        b = theta[i].copy()
+        b = pot[i]
         for ch in children[i]:
-            b = b + tree.expand(up[ch], sep(ch, i), cl[i])
+            b = b * up[ch]
+        inner[i] = b
         if tree.parent[i] >= 0:
             up[i] = send(i, tree.parent[i], b)
-    beliefs: list[np.ndarray] = [np.empty(0)] * len(cl)
+    beliefs: list[np.ndarray] = [np.empty(0)] * len(pot)
+    down: dict[int, np.ndarray] = {}
     for i in tree.bfs:
-        b = theta[i].copy()
+        b = inner[i] * down[i] if tree.parent[i] >= 0 else inner[i]
         for ch in children[i]:
-            b = b + tree.expand(up[ch], sep(ch, i), cl[i])
-        if tree.parent[i] >= 0:
-            b = b + tree.expand(down[i], sep(tree.parent[i], i), cl[i])
-        for ch in children[i]:
-            down[ch] = send(i, ch, b - tree.expand(up[ch], sep(ch, i), cl[i]))
-        beliefs[i] = b - _lse(b, tuple(range(b.ndim)))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                # the product of everything but the child's own message (division is safe where it is > 0)
+                rest = np.where(up[ch] > 0, b / np.where(up[ch] > 0, up[ch], 1), 0.0) if len(children[i]) < 3 else None
+            if rest is None or not np.all(np.isfinite(rest)):
+                rest = (pot[i] * down[i] if tree.parent[i] >= 0 else pot[i])
+                for other in children[i]:
+                    if other != ch:
+                        rest = rest * up[other]
+            down[ch] = send(i, ch, rest)
+        total = b.sum()
+        beliefs[i] = b / total if total > 0 else np.full(b.shape, 1.0 / b.size)
     return beliefs
 
 
@@ -378,7 +411,7 @@ STALL_LOSS = 1.0  # ... a loss decrease below this (in noise variances) ends the
 
 def estimate(domain: dict[str, int], measurements: Sequence[Measurement], cliques: Sequence[Sequence[str]] | None = None,
              iters: int = 1000, tol: float = 1e-7, total: float | None = None, stall: float = STALL_LOSS,
-             warm: bool = True) -> Model:
+             warm: str | None = None) -> Model:
     """Fit a junction-tree model to noisy marginals (Private-PGM's estimator, entropic mirror descent).
 
     The loss is in units of noise variance, so once it falls by less than `stall` over
@@ -386,6 +419,13 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
     (on the demo consortium at epsilon 1 this early stop is also more accurate, mean 2-way TVD of
     the model 0.140 against 0.145 when run to 1,000 iterations, and 20x faster). `stall=0` runs to
     `tol` or `iters`.
+
+    The fit starts from the uniform distribution (`warm=None`): with the early stop, the result
+    leans towards maximum entropy where the measurements are noisy (on the demo at epsilon 1 and 4
+    this is 1.5-2.5% better in mean 2-way TVD than starting from the measurements). `warm="full"`
+    starts from the measurements themselves (`_warm_start`): the same answer, faster, where the
+    measurements are precise, and much closer to convergence for near-deterministic structure; the
+    selection's intermediate fits use it.
     """
     if not measurements:
         raise ValueError("no measurements to fit")
@@ -434,38 +474,47 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
             index = np.ravel_multi_index([grid[k] if g is None else g[grid[k]] for k, g in enumerate(maps)], y.shape)
         attached.append((vs, y, w, index, maps))
 
+    order = list(marginals)
+    slot = {vs: k for k, vs in enumerate(order)}
+    plan = [(marginals[vs][0], marginals[vs][1], tree.shape(vs),
+             tuple(tree.domain[v] if v in vs else 1 for v in tree.cliques[marginals[vs][0]])) for vs in order]
+    terms = [(slot[vs], y, w, index, y.shape) for vs, y, w, index, _ in attached]
+    clique_shapes = [tree.shape(c) for c in tree.cliques]
+
     def loss_grad(beliefs: list[np.ndarray]) -> tuple[float, list[np.ndarray]]:
-        grad = [np.zeros(tree.shape(c)) for c in tree.cliques]
+        mus = [N * beliefs[i].sum(axis=axes) if axes else N * beliefs[i] for i, axes, _, _ in plan]
+        gs = [np.zeros(shape) for _, _, shape, _ in plan]
         loss = 0.0
-        ps = {i: N * np.exp(beliefs[i]) for i, _ in marginals.values()}
-        mus = {vs: ps[i].sum(axis=axes) if axes else ps[i] for vs, (i, axes) in marginals.items()}
-        gs = {vs: np.zeros(tree.shape(vs)) for vs in marginals}
-        for vs, y, w, index, _ in attached:
-            mu = mus[vs]
+        for k, y, w, index, yshape in terms:
+            mu = mus[k]
             if index is None:
                 r = mu - y
-                gs[vs] += w * r
+                wr = w * r
+                gs[k] += wr
             else:
-                r = np.bincount(index, weights=mu.ravel(), minlength=y.size).reshape(y.shape) - y
-                gs[vs] += (w * r).ravel()[index].reshape(mu.shape)
-            loss += 0.5 * float(np.sum(w * r * r))
-        for vs, (i, _) in marginals.items():
-            grad[i] += tree.expand(gs[vs], vs, tree.cliques[i])
+                r = np.bincount(index, weights=mu.ravel(), minlength=y.size).reshape(yshape) - y
+                wr = w * r
+                gs[k] += wr.ravel()[index].reshape(mu.shape)
+            loss += 0.5 * float(np.vdot(wr, r))
+        grad = [np.zeros(shape) for shape in clique_shapes]
+        for (i, _, _, expand), g in zip(plan, gs):
+            grad[i] += g.reshape(expand)
         return loss, grad
 
-    theta = _warm_start(tree, attached, N) if warm else [np.zeros(tree.shape(c)) for c in tree.cliques]
-    beliefs = calibrate(tree, theta)
+    theta = (_warm_start(tree, attached, N, WARM_SWEEPS if warm == "full" else 0) if warm
+             else [np.zeros(tree.shape(c)) for c in tree.cliques])
+    beliefs = calibrate_p(tree, theta)
     loss, grad = loss_grad(beliefs)
     history = [loss]
     alpha = 1.0 / (N * max(float(a[2].max()) for a in attached))
     for _ in range(iters):
-        mu = [N * np.exp(b) for b in beliefs]
+        mu = [N * b for b in beliefs]
         alpha *= 2.0
         for _ in range(30):
             new_theta = [t - alpha * g for t, g in zip(theta, grad)]
-            new_beliefs = calibrate(tree, new_theta)
+            new_beliefs = calibrate_p(tree, new_theta)
             new_loss, new_grad = loss_grad(new_beliefs)
-            gap = sum(float(np.sum(g * (m - N * np.exp(b)))) for g, m, b in zip(grad, mu, new_beliefs))
+            gap = sum(float(np.sum(g * (m - N * b))) for g, m, b in zip(grad, mu, new_beliefs))
             if loss - new_loss >= 0.5 * gap:
                 break
             alpha *= 0.5
@@ -482,58 +531,52 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
 
 
 WARM_FLOOR = 0.1  # noise standard deviations added to every cell of a warm start's table (none starts impossible)
+WARM_SWEEPS = 3  # raking sweeps per clique in the warm start
 
 
-def _warm_start(tree: JunctionTree, attached: list, N: float) -> list[np.ndarray]:
-    """Log-potentials of the decomposable model built from the measurements themselves: each clique's
-    table from the most precise measurement over exactly its variables (clipped at 0; a compressed
-    table spread over its cells in proportion to the 1-way tables), else the product of its 1-way
-    tables; each non-root clique divided by its separator's marginal. Mirror descent then starts
-    close to the answer instead of from the uniform distribution, which matters most for
-    near-deterministic structure (variables missing together) that it reaches only slowly."""
-    oneway: dict[str, np.ndarray] = {}
-    best: dict[Vars, tuple[float, np.ndarray, np.ndarray | None, tuple | None]] = {}
+def _warm_start(tree: JunctionTree, attached: list, N: float, sweeps: int = WARM_SWEEPS) -> list[np.ndarray]:
+    """Log-potentials of a decomposable model built from the measurements themselves: each clique's
+    table starts as the product of its 1-way tables and is raked (iterative proportional fitting, a
+    few sweeps) to every measurement inside the clique (clipped at 0, scaled to a common total; a
+    compressed table by its groups); each non-root clique is divided by its separator's marginal.
+    Mirror descent then starts close to the answer instead of from the uniform distribution, which
+    matters most for precise measurements and near-deterministic structure (variables missing
+    together), which it reaches only slowly."""
+    prepared = []
+    oneway: dict[str, tuple[np.ndarray, float]] = {}
     for vs, y, w, index, maps in attached:
         floor = WARM_FLOOR / math.sqrt(max(float(w.max()), 1e-300))
         y = np.clip(y, 0, None) + floor
-        if len(vs) == 1 and index is None:
-            prev = oneway.get(vs[0])
-            if prev is None or w.sum() > prev[1]:
-                oneway[vs[0]] = (y, w.sum())  # type: ignore[assignment]
-        score = float(w.sum())
-        if vs not in best or score > best[vs][0]:
-            best[vs] = (score, y, index, maps)
-    p1 = {v: (oneway[v][0] / oneway[v][0].sum() if v in oneway else np.full(n, 1.0 / n))  # type: ignore[index]
-          for v, n in tree.domain.items()}
+        precision = float(w.sum())
+        if len(vs) == 1 and index is None and (vs[0] not in oneway or precision > oneway[vs[0]][1]):
+            oneway[vs[0]] = (y / y.sum(), precision)
+        prepared.append((precision, vs, y, w > 0, index))
+    prepared.sort(key=lambda x: x[0])  # the most precise measurement is raked to last
     theta = []
     for i, c in enumerate(tree.cliques):
-        shape = tree.shape(c)
-        table = None
-        if c in best:
-            _, y, index, maps = best[c]
-            if index is None:
-                table = y
-            else:
-                share = np.ones(shape)  # each cell's share of its group, by the 1-way tables
-                for k, (v, g) in enumerate(zip(c, maps)):
-                    if g is not None:
-                        group_mass = np.bincount(g, weights=p1[v], minlength=int(g.max()) + 1)
-                        ratio = p1[v] / np.where(group_mass[g] > 0, group_mass[g], 1)
-                        share = share * ratio.reshape([-1 if j == k else 1 for j in range(len(c))])
-                table = y.ravel()[index].reshape(shape) * share
-        if table is None:
-            table = np.ones(shape)
-            for k, v in enumerate(c):
-                table = table * p1[v].reshape([-1 if j == k else 1 for j in range(len(c))])
-        logp = np.log(table / table.sum())
+        table = np.full(tree.shape(c), float(N))
+        for k, v in enumerate(c):
+            p = oneway[v][0] if v in oneway else np.full(tree.domain[v], 1.0 / tree.domain[v])
+            table = table * p.reshape([-1 if j == k else 1 for j in range(len(c))])
+        inside = [x for x in prepared if set(x[1]) <= set(c) and (sweeps or len(x[1]) == 1)]
+        for _ in range(max(1, sweeps) if inside else 0):
+            for _, vs, y, seen, index in inside:
+                axes = tuple(k for k, v in enumerate(c) if v not in vs)
+                marg = table.sum(axis=axes) if axes else table
+                total = float(table.sum())
+                if index is None:
+                    target = np.where(seen, y * (total / y[seen].sum()), marg)
+                    ratio = target / np.where(marg > 0, marg, 1)
+                else:
+                    got = np.bincount(index, weights=marg.ravel(), minlength=y.size).reshape(y.shape)
+                    target = np.where(seen, y * (total / y[seen].sum()), got)
+                    ratio = (target / np.where(got > 0, got, 1)).ravel()[index].reshape(marg.shape)
+                table = table * tree.expand(ratio, vs, c)
+        logp = np.log(np.clip(table, 1e-300, None) / table.sum())
         parent = tree.parent[i]
         if parent >= 0:
-            sep = [k for k, v in enumerate(c) if v in tree.cliques[parent]]
-            other = tuple(k for k in range(len(c)) if k not in sep)
-            if other:
-                logp = logp - _lse(logp, other)
-            else:
-                logp = np.zeros(shape)
+            other = tuple(k for k, v in enumerate(c) if v not in tree.cliques[parent])
+            logp = logp - _lse(logp, other) if other else np.zeros(tree.shape(c))
         theta.append(logp)
     return theta
 
