@@ -426,21 +426,19 @@ def cmd_bench_fidelity(args) -> int:
 
 def add_release_options(p: argparse.ArgumentParser) -> None:
     """How a release measures and models (shared by `demo` and `coordinator release`)."""
-    p.add_argument("--strategy", choices=["dictionary", "adaptive"], default="dictionary",
-                   help="dictionary: the declared structure; adaptive: candidate pairs, then a selected tree")
-    p.add_argument("--select-fraction", type=float, default=0.2, help="adaptive: share of the budget for round 1")
-    p.add_argument("--no-compress", action="store_true",
-                   help="measure joint tables over full domains (dictionary: in one round) instead of over domains "
-                        "compressed by round-1 1-way counts")
-    p.add_argument("--oneway-fraction", type=float, default=None,
-                   help="dictionary strategy with compression: share of the budget for the round-1 1-way tables "
-                        "(default 0.85; 0.5 with --secure-aggregation and site effects modelled)")
+    p.add_argument("--depends", action="append", default=[], metavar="A,B[,C]",
+                   help="a dependency you believe in: a prior for the selection of what to measure, like the "
+                        "dictionary's declared dependencies (never a fixed structure); repeat per dependency")
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")
-    p.add_argument("--secure-aggregation", action="store_true",
-                   help="measure round 2 (every round, with --site-variable pooled) as masked sums: each site adds a "
-                        "share of the noise, the coordinator reads only the sum (sites need [secure_aggregation])")
+    secure = p.add_mutually_exclusive_group()
+    secure.add_argument("--secure-aggregation", dest="secure_aggregation", action="store_const", const=True, default=None,
+                        help="require secure sums (masked, each site adds a share of the noise, the coordinator reads "
+                             "only the sum) for every round after the first; by default they are used when every site "
+                             "allows them ([secure_aggregation] in its config) and plain sums otherwise")
+    secure.add_argument("--no-secure-aggregation", dest="secure_aggregation", action="store_const", const=False,
+                        help="plain sums only, even where every site allows secure ones")
     p.add_argument("--colluding", type=int, default=0,
                    help="secure aggregation: sites that may collude with the coordinator; their noise is not counted")
     p.add_argument("--min-parties", type=int, default=3, help="secure aggregation: fewest sites in a masked sum")
@@ -468,8 +466,8 @@ def job_options(args) -> dict:
         groups[site] = group
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     llm = llm_config_from_args(args)
-    return {"strategy": args.strategy, "select_fraction": args.select_fraction, "site_variable": args.site_variable,
-            "compress": not args.no_compress, "oneway_fraction": args.oneway_fraction,
+    structure = [[v.strip() for v in item.split(",") if v.strip()] for item in args.depends]
+    return {"site_variable": args.site_variable, "structure": structure,
             "secure_aggregation": args.secure_aggregation, "colluding": args.colluding, "min_parties": args.min_parties,
             "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,
             "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups,

@@ -185,7 +185,7 @@ class LocalConsortium:
                 min_sites: int | None = None, **options) -> dict:
         """Run one release through the SuperLink; return the final event (stage 'done').
 
-        `options` are further release options (strategy, site_variable, ...: `ReleaseJob.create`)."""
+        `options` are further release options (site_variable, secure_aggregation, ...: `ReleaseJob.create`)."""
         from ..server.federation import follow, submit, write_app_dir
         from ..server.pipeline import ReleaseJob
 

@@ -39,16 +39,17 @@ def test_releases_over_flower_match_the_ledgers(consortium, tmp_path):
     events = []
     final = consortium.release(tmp_path / "r1", epsilon=1.0, seed=11, on_event=events.append)
     m1 = verify_release(final["out"])
+    assert ["secure" in p for p in m1["plans"]] == [False, True, True]  # every site allows secure sums: used
     assert set(m1["sites"]) == set(SITES) and m1["sites_not_included"] == []
     assert any(e["stage"] == "aggregate" for e in events)
     totals = ledger_totals(consortium)
     for site in SITES:
         assert m1["sites"][site]["rho_total"] == pytest.approx(totals[site], rel=1e-12)
-    # a second release, with secure aggregation (Enroll, then Answer with the roster, over Flower),
+    # a second release, with secure aggregation required (Enroll, then Answer with the roster, over Flower),
     # spends more, and the manifest says so
     m2 = verify_release(consortium.release(tmp_path / "r2", epsilon=1.0, seed=12, secure_aggregation=True)["out"])
     totals2 = ledger_totals(consortium)
-    assert [p["secure"]["roster"] and len(p["secure"]["roster"]) for p in m2["plans"] if "secure" in p] == [len(SITES)]
+    assert [p["secure"]["roster"] and len(p["secure"]["roster"]) for p in m2["plans"] if "secure" in p] == [len(SITES)] * 2
     for site in SITES:
         assert totals2[site] > totals[site]
         assert m2["sites"][site]["rho_total"] == pytest.approx(totals2[site], rel=1e-12)
@@ -61,7 +62,8 @@ def test_releases_over_flower_match_the_ledgers(consortium, tmp_path):
 
 
 def test_coordinator_cli_runs_an_adaptive_release_over_the_secure_superlink(consortium, tmp_path):
-    """What a coordinator types: two signed rounds over TLS + node auth, receipts for both, verify passes."""
+    """What a coordinator types (no strategy flags): three signed rounds over TLS + node auth, receipts for
+    each, verify passes."""
     from ppsehr.deploy.local import demo_dir
 
     before = ledger_totals(consortium)
@@ -70,17 +72,17 @@ def test_coordinator_cli_runs_an_adaptive_release_over_the_secure_superlink(cons
     cmd = [sys.executable, "-m", "ppsehr.deploy.cli", "coordinator", "release", "--dictionary",
            str(demo_dir() / "dictionary.toml"), "--out", str(out), "--superlink", consortium.control_address,
            "--root-certificates", str(k.tls.ca_cert), "--signing-key", str(k.coordinator_key),
-           "--epsilon", "0.5", "--strategy", "adaptive", "--min-sites", str(len(SITES)), "--seed", "3",
+           "--epsilon", "0.5", "--min-sites", str(len(SITES)), "--seed", "3",
            *[a for s in SITES for a in ("--site-key", f"{s}={k.site_keys[s][1]}")]]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "round 2" in res.stderr  # progress goes to stderr, results to stdout
+    assert "round 3" in res.stderr  # progress goes to stderr, results to stdout
     assert "release written to" in res.stdout
     m = verify_release(out, coordinator_key=k.coordinator_pub, site_keys={s: k.site_keys[s][1] for s in SITES})
-    assert len(m["plans"]) == 2
+    assert len(m["plans"]) == 3
     after = ledger_totals(consortium)
     for site in SITES:
-        assert m["sites"][site]["plans"] == 2
+        assert m["sites"][site]["plans"] == 3
         assert m["sites"][site]["rho"] == pytest.approx(after[site] - before[site], rel=1e-9)
 
 
@@ -92,7 +94,8 @@ def test_a_dead_guard_is_reported_and_not_charged(consortium, tmp_path):
     m = verify_release(consortium.release(tmp_path / "r4", epsilon=0.5, seed=13)["out"])
     assert set(m["sites"]) == {"cleveland", "hungarian"}
     missing = m["sites_not_included"]
-    assert [(x["round"], x["code"]) for x in missing] == [(1, "GUARD_UNAVAILABLE"), (2, "GUARD_UNAVAILABLE")]  # 1-ways, compressed tables
+    assert [(x["round"], x["code"]) for x in missing] == [(1, "GUARD_UNAVAILABLE"), (2, "GUARD_UNAVAILABLE"),
+                                                          (3, "GUARD_UNAVAILABLE")]  # 1-ways, candidates, selected
     assert ledger_totals(consortium)["va"] == before["va"]
 
 

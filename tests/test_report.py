@@ -101,7 +101,7 @@ def test_budget_history_counts_each_receipt_once(releases):
     assert set(hist) == {"cleveland", "hungarian", "va"}
     for site, points in hist.items():
         receipts = [r for m in (first, second) for r in m["receipts"] if r["site"] == site]
-        assert len(points) == len(receipts) == 4  # two releases of two rounds (1-ways, then compressed tables)
+        assert len(points) == len(receipts) == 6  # two releases of three rounds (1-ways, candidates, selected tables)
         spent = 0.0
         for (t, total, _, debit), earlier in zip(points, [points[0]] + points[:-1]):
             spent += debit

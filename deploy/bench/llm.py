@@ -35,7 +35,7 @@ def demo_measurements(workdir: Path, epsilon: float = 4.0,
     from .fidelity import Federation, demo_dataset
 
     ds = demo_dataset(mappings)
-    (first,), _ = Federation(ds, workdir).collect(ds, epsilon, site_variable="pooled", compress=False)
+    first = Federation(ds, workdir).one_round(ds, epsilon)
     return ds.dictionary, aggregate(first.plan, first.results, ds.dictionary)
 
 

@@ -208,7 +208,7 @@ def simulation_speed(sites_list: list[int], rows: int, attributes: int, say: Cal
     for sites in sites_list:
         with tempfile.TemporaryDirectory(prefix="ppsehr-speed-sim-") as tmp:
             f = simulate(sites, rows, attributes, 1.0, Path(tmp) / "work", Path(tmp) / "release", say=lambda m: None,
-                         strategy="adaptive", site_variable="model", formats=["csv"], report=False)
+                         site_variable="model", formats=["csv"], report=False)
         f.pop("out", None)
         out.append(f)
         say(f"simulation: {sites} sites: {f['wall_s']:.1f} s wall, peak {f['peak_rss_bytes_flower'] / 2**30:.2f} GiB, "
