@@ -194,6 +194,10 @@ def test_candidates_respect_the_default_site_policy_and_keep_the_priors():
     assert {("v00", "v39"), ("v10", "v20"), ("v10", "v30"), ("v20", "v30")} <= set(pairs)
     assert pairs == planner.candidate_pairs(d, priors)  # the same dictionary, the same sample
     assert len(planner.candidate_pairs(make_dictionary({f"v{i}": (3, False) for i in range(12)}))) == 66
+    tiered = parse_dictionary({"dictionary": {"name": "t", "version": "1"}, "variables": {
+        "a": {"type": "categorical", "categories": ["x", "y"]}, "b": {"type": "categorical", "categories": ["x", "y"]},
+        "hiv": {"type": "categorical", "categories": ["x", "y"], "tier": 3}}})
+    assert planner.candidate_pairs(tiered) == [("a", "b")]  # tier 3: 1-way tables only (the default site policy)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -57,6 +57,7 @@ ONE_WAY_WEIGHT = 3.0
 ONEWAY_SHARE = 0.3  # round 1: the per-site 1-way tables
 CANDIDATE_SHARE = 0.15  # round 2: every pair, compressed (round 3 gets the rest)
 MAX_CANDIDATES = 500  # the default site policy's max_marginals: more pairs than this are sampled
+MAX_TABLE_CELLS = 100_000  # the default site policy's max_cells: a joint table is compressed to fit
 CANDIDATE_NOISE = 2.0  # compression of candidates: a typical cell holds this many noise sigmas
 PRIOR_SIGMAS = 2.0  # a declared (prior) pair's score gains this many noise standard deviations
 TREE_SIGMAS = 0.0  # a spanning-tree edge is kept if its score clears this many standard deviations
@@ -110,11 +111,19 @@ def oneway_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
     return allocate(dictionary, [(n,) for n in dictionary.names], rho)
 
 
+def joint_names(dictionary: Dictionary) -> list[str]:
+    """The variables that may appear in joint tables: all but tier 3 (highly sensitive), which the
+    default site policy (`tier3 = "one-way"`) releases in 1-way tables only; a plan with such a
+    pair would be refused whole."""
+    return [n for n in dictionary.names if dictionary[n].tier < 3]
+
+
 def candidate_pairs(dictionary: Dictionary, priors: Sequence[Sequence[str]] = (),
                     limit: int = MAX_CANDIDATES) -> list[tuple[str, str]]:
-    """Every pair of variables, or (beyond `limit`) the prior pairs and a fixed sample of the rest
-    (seeded by the dictionary's hash, so the same dictionary always gives the same sample)."""
-    names = dictionary.names
+    """Every pair of variables (tier 3 left out), or (beyond `limit`) the prior pairs and a fixed
+    sample of the rest (seeded by the dictionary's hash, so the same dictionary always gives the
+    same sample)."""
+    names = joint_names(dictionary)
     pairs = list(itertools.combinations(names, 2))
     if len(pairs) <= limit:
         return pairs
@@ -393,8 +402,11 @@ def compressed_plan(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], one
             return None
         sigma = math.sqrt(sites) * accounting.scale_for_rho(p.rho)
         share = min(1.0, ((COMPRESS_NOISE if noise is None else noise) * sigma / total) ** (1 / len(p.variables)))
-        groups = tuple(compress(dictionary[v], counts[v], share * total) for v in p.variables)
-        return groups if any(g is not None for g in groups) else None
+        while True:
+            groups = tuple(compress(dictionary[v], counts[v], share * total) for v in p.variables)
+            if PlannedMarginal(p.variables, 0.0, groups).cells(dictionary) <= MAX_TABLE_CELLS or share >= 1.0:
+                return groups if any(g is not None for g in groups) else None
+            share = min(1.0, share * 1.5)  # a table the default site policy would refuse: coarser
 
     plan = allocate(dictionary, sets, rho)
     for _ in range(3):

@@ -263,14 +263,15 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     args = (opts, request, dictionary, coordinator_key, site_keys, transport, events)
     state = _Secure(opts.secure_aggregation)
     pooled_sites = opts.site_variable == "pooled"
-    shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if len(names) > 1 else (1.0, 0.0)
-    r1 = planner.oneway_plan(dictionary, rho * shares[0] if len(names) > 1 else rho)
+    joint = len(planner.joint_names(dictionary)) > 1  # else there is nothing to select: one round of 1-way tables
+    shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
+    r1 = planner.oneway_plan(dictionary, rho * shares[0])
     if pooled_sites:  # nothing is modelled per site: round 1 may be a secure sum too
         first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events))
     else:
         first = _answered(measure(1, r1, *args))
     rounds = [first]
-    if len(names) < 2:
+    if not joint:
         return rounds, [(n,) for n in names] + ([(SITE,)] if opts.site_variable == "release" else [])
     cover = {r.site for r in first.results}
     oneway = aggregate(first.plan, first.results, dictionary)
@@ -305,9 +306,10 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
                + (f"; site effects on {', '.join(selection.site)}" if selection.site else "; no site effects modelled"),
                stage="plan")
     else:
+        allowed = set(planner.joint_names(dictionary))
         known = [tuple(p) for p in planner.structure(dictionary, [tuple(x) for x in opts.structure] + list(prior))
                  if dictionary.dependencies or opts.structure or prior]
-        selection = planner.Selection([p for p in known if len(p) == 2])  # type: ignore[misc]
+        selection = planner.Selection([p for p in known if len(p) == 2 and set(p) <= allowed])  # type: ignore[misc]
         events("no candidates were measured: round 3 measures the prior dependencies"
                + (f" ({', '.join('-'.join(p) for p in selection.tree)})" if selection.tree else " (none: 1-way tables only)"),
                stage="plan")
