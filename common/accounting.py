@@ -63,6 +63,19 @@ def distributed_rho(share_scale: float, honest: int, cells: int) -> float:
     return float(_unit_gaussian(combined).map(1)) + tau / combined + cells * tau * tau / 2
 
 
+def honest_shares(parties: int, colluding: int, dropouts: int = 0) -> int:
+    """How many noise shares a secure sum's distributed bound counts on: the roster, minus the sites
+    that may drop before answering (their shares may be missing from the sum), minus the sites that
+    may collude with the coordinator (their shares are known to it). Every site sizes its share for
+    this many, so the sum of any n - dropouts survivors still carries the planned noise; the shares
+    of further survivors are independent of the data, so the bound holds for them too."""
+    honest = parties - dropouts - colluding
+    if not (isinstance(honest, int) and honest >= 1 and dropouts >= 0 and colluding >= 0):
+        raise ValueError(f"a secure sum of {parties!r} sites tolerating {dropouts!r} dropouts with {colluding!r} "
+                         "colluding counts on no site's noise")
+    return honest
+
+
 BOUNDS = ("distributed", "own-noise")  # the two valid bounds on a secure table's loss, as receipts name them
 
 
