@@ -10,7 +10,10 @@ the durable ledger, and only then count the whole plan in one pass over the rows
 (common/cells.py) and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
-over all enrolled sites can be read (common/secagg.py). An evaluation plan comes with a release's
+over all enrolled sites can be read (common/secagg.py). A secure plan that tolerates dropouts takes
+a third call: Reveal, once, after the coordinator signs who answered; the guard reveals shares of
+the survivors' self-mask seeds and its pair-mask seeds with the sites that dropped, never both for
+one site, and never for a site whose answer it is shown. An evaluation plan comes with a release's
 records and asks for noisy counts comparing them with the site's rows (client/evaluate.py), debited
 the same way. Everything that leaves is a noisy table
 over public cells or a number the site's policy already makes public; refusals carry fixed
@@ -261,6 +264,7 @@ class SiteGuard:
         self._peers = ({site: keys.load_public_key(path) for site, path in sa.peers.items()}
                        | {config.site: self._signing_key.public_key()}) if sa else {}
         self._sessions: dict[bytes, secagg.Session] = {}
+        self._answered: dict[bytes, secagg.Answered] = {}  # secure plans with dropouts: answered, not yet revealed
         self._lock = threading.Lock()
         self.policy_sha256 = self.ledger.record_policy({
             "rho_limit": config.rho_limit, "delta": config.delta, "policy": config.policy.__dict__,
@@ -386,8 +390,14 @@ class SiteGuard:
         if roster.get(self.config.site) != session.public:
             raise Refusal("SECURE_AGGREGATION", "the roster does not carry this site's key for the plan")
         need = max(plan.secure.min_parties, self.config.secure_aggregation.min_parties)
-        if len(roster) < need:
-            raise Refusal("SECURE_AGGREGATION", f"the roster has {len(roster)} site(s); the sum needs at least {need}")
+        d = plan.secure.dropouts
+        if len(roster) - d < need:
+            raise Refusal("SECURE_AGGREGATION", f"the roster has {len(roster)} site(s)" + (
+                f"; tolerating {d} dropout(s) leaves {len(roster) - d}" if d else "") + f"; the sum needs at least {need}")
+        if d and len(roster) - d < plan.secure.colluding + 2:
+            raise Refusal("SECURE_AGGREGATION", f"the plan's dropouts ({d}) leave a threshold of {len(roster) - d} "
+                          f"shares; with {plan.secure.colluding} colluding site(s) it must be at least "
+                          f"{plan.secure.colluding + 2}, or the coordinator could unmask an answer")
         return roster, session
 
     def answer(self, signed: pb.SignedPlan) -> pb.SignedSummary:
@@ -397,20 +407,23 @@ class SiteGuard:
             checking.plan = plan = self.open_plan(signed)
             evaluation = self._compile_evaluation(signed, plan)
             roster, session = self._roster(signed, plan, plan_sha)
-            compiled = compile_plan(plan, self.dictionary, self.config,
-                                    len(roster) - plan.secure.colluding if roster else None)
-            pad = None
+            honest = accounting.honest_shares(len(roster), plan.secure.colluding, plan.secure.dropouts) if roster else None
+            compiled = compile_plan(plan, self.dictionary, self.config, honest)
+            pad, sealed, held = None, [], None
             if session is not None:  # agree the masks before paying: a peer key that fails is refused for free
+                length = sum(math.prod(c.shape) for c in compiled)
                 try:
-                    pad = secagg.mask(self.config.site, session.private, roster, plan_sha,
-                                      sum(math.prod(c.shape) for c in compiled))
+                    pad = secagg.mask(self.config.site, session.private, roster, plan_sha, length)
+                    if plan.secure.dropouts:
+                        pad, sealed, held = self._self_mask(signed, plan, plan_sha, session, roster, pad, length)
                 except secagg.RosterError as e:
                     raise Refusal("SECURE_AGGREGATION", str(e)) from None
             rho = math.fsum([c.rho for c in compiled] + ([evaluation.rho] if evaluation else []))
             if evaluation and rho > self.config.policy.max_rho_per_plan * (1 + 1e-12):
                 raise Refusal("POLICY_LIMIT", f"plan asks for rho {rho:.6g}; policy allows at most "
                               f"{self.config.policy.max_rho_per_plan:.6g} per plan")
-            secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding}} if roster else {}
+            secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding,
+                                 "dropouts": plan.secure.dropouts}} if roster else {}
             evaluated = {"evaluation": {"release_id": plan.evaluation.release_id[:MAX_ID], "queries": len(evaluation.queries()),
                                         "records_sha256": plan.evaluation.records_sha256.hex()}} if evaluation else {}
             debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
@@ -419,11 +432,107 @@ class SiteGuard:
                                       | secure | evaluated, max_plans_per_day=self.config.policy.max_plans_per_day)
         # The debit is durable: from here on, a failure wastes budget but never overspends it.
         try:
-            return self._measure(signed, plan, plan_sha, compiled, debit, roster, pad, evaluation)
+            reply = self._measure(signed, plan, plan_sha, compiled, debit, roster, pad, evaluation, sealed)
+            if held is not None:
+                with self._lock:
+                    now = time.time()
+                    self._answered = {k: v for k, v in self._answered.items() if v.expires_at >= now}
+                    self._answered[plan_sha] = held
+            return reply
         except Exception:
             log.exception("answering plan %r failed after its debit", plan.plan_id)
             self.ledger.audit("failed", plan.plan_id, signed.signer, "INTERNAL", {"rho_wasted": debit.rho})
             raise Refusal("INTERNAL", "measurement failed after the debit; the site admin has the details") from None
+
+    def _self_mask(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, session: secagg.Session,
+                   roster: dict[str, bytes], pad: np.ndarray, length: int):
+        """Dropout tolerance: add a self-mask from a fresh seed, Shamir-share the seed among the roster
+        (threshold n - dropouts), seal each peer's share for it; return the pad, the sealed shares and
+        what Reveal will need."""
+        me = self.config.site
+        seed = secagg.new_self_seed()
+        shares = secagg.shamir_split(seed, secagg.threshold(len(roster), plan.secure.dropouts),
+                                     [secagg.index(roster, s) for s in sorted(roster)])
+        sealed = [pb.SealedShare(recipient=s, ciphertext=secagg.seal_share(me, session.private, s, roster[s], plan_sha,
+                                                                         shares[secagg.index(roster, s)]))
+                  for s in sorted(roster) if s != me]
+        held = secagg.Answered(session.private, roster, shares[secagg.index(roster, me)], plan.secure.dropouts,
+                               max(plan.secure.min_parties, self.config.secure_aggregation.min_parties), signed.signer,
+                               plan.plan_id, float(plan.expires_at), plan.secure.colluding)
+        return pad + secagg.self_pad(me, seed, plan_sha, length), sealed, held
+
+    def reveal(self, signed: pb.SignedPlan) -> pb.SignedReveal:
+        """Secure plans with dropouts, step 3: given the coordinator's signed statement of who answered,
+        reveal this site's shares of the survivors' self-mask seeds and its pair-mask seeds with the
+        dropped sites. Once per answered plan: the held key is gone after the first request, refused
+        or not, so a coordinator cannot ask again with another story. Costs no budget. Raises Refusal.
+
+        Never for a site that answered: a site the statement lists as dropped but whose sealed share
+        (sent only with an answer) is forwarded here is refused, as is a statement listing this site
+        (which answered) as dropped. A coordinator that hides an answer and calls its site dropped gets
+        that site's pair seeds but not its self-mask shares from every honest guard, so its answer stays
+        masked."""
+        plan_sha = hashlib.sha256(signed.plan).digest()
+        with self._refusals(signed) as checking:
+            try:
+                checking.plan = plan = pb.QueryPlan.FromString(signed.plan)
+            except Exception:
+                raise Refusal("MALFORMED_PLAN", "the signed bytes are not a query plan") from None
+            with self._lock:
+                held = self._answered.pop(plan_sha, None)  # one reveal per answer, whatever happens below
+            if held is None or held.expires_at < time.time():
+                raise Refusal("SECURE_AGGREGATION", "this guard holds no answer of this plan to recover: it did not "
+                              "answer it, already revealed for it, its plan expired, or the guard restarted since")
+            key = self._coordinators.get(held.signer)
+            if signed.signer != held.signer or key is None or not keys.verify(key, signed.signature, signed.plan):
+                raise Refusal("BAD_SIGNATURE", "the plan is not signed by the coordinator whose plan this site answered")
+            rec = signed.recovery
+            if not keys.verify(key, rec.signature, rec.statement):
+                raise Refusal("BAD_SIGNATURE", "the recovery statement is not signed by the plan's coordinator")
+            me, roster = self.config.site, held.roster
+            try:
+                statement = pb.RecoveryStatement.FromString(rec.statement)
+                secagg.check_statement(statement, plan_sha, roster, held.dropouts)
+            except secagg.RosterError as e:
+                raise Refusal("SECURE_AGGREGATION", str(e)) from None
+            except Exception:
+                raise Refusal("MALFORMED_PLAN", "the recovery statement cannot be parsed") from None
+            survivors, dropped = list(statement.survivors), list(statement.dropped)
+            if me not in survivors:
+                raise Refusal("SECURE_AGGREGATION", "the recovery statement lists this site as dropped, but it answered: "
+                              "it reveals nothing for it")
+            if len(survivors) < held.need:
+                raise Refusal("SECURE_AGGREGATION", f"the recovery statement leaves {len(survivors)} site(s) in the sum; "
+                              f"this site joins sums of at least {held.need}")
+            mine: dict[str, int] = {me: held.own_share}
+            try:
+                for f in rec.shares:
+                    if f.recipient != me:
+                        continue
+                    if f.sender in dropped:
+                        raise Refusal("SECURE_AGGREGATION", f"the recovery statement lists {f.sender!r} as dropped, but "
+                                      f"its answer's sealed share is here: {f.sender!r} answered, and its masks are "
+                                      "never revealed")
+                    if f.sender not in survivors or f.sender in mine:
+                        raise Refusal("SECURE_AGGREGATION", f"a forwarded share names sender {f.sender[:80]!r}, not a "
+                                      "survivor in the roster (or twice)")
+                    mine[f.sender] = secagg.open_share(me, held.private, f.sender, roster[f.sender], plan_sha, f.ciphertext)
+                seeds = [pb.RevealedSeed(peer=x, seed=secagg.pair_seed(me, held.private, x, roster[x], plan_sha))
+                         for x in dropped]
+            except secagg.RosterError as e:
+                raise Refusal("SECURE_AGGREGATION", str(e)) from None
+            owners = sorted(mine)
+            receipt = pb.RevealReceipt(site=me, plan_id=plan.plan_id, plan_sha256=plan_sha,
+                                       statement_sha256=hashlib.sha256(rec.statement).digest(), shares_of=owners,
+                                       seeds_with=dropped, revealed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                                       ).SerializeToString(deterministic=True)
+            self.ledger.audit("revealed", plan.plan_id, signed.signer, "OK", {"shares_of": owners, "seeds_with": dropped})
+        reveal = pb.Reveal(site=me, plan_sha256=plan_sha, receipt=receipt, receipt_signature=self._signing_key.sign(receipt),
+                           shares=[pb.RevealedShare(owner=o, share=mine[o].to_bytes(16, "big")) for o in owners],
+                           seeds=seeds).SerializeToString(deterministic=True)
+        log.info("revealed for plan %r: self-mask shares of %d survivor(s), pair seeds with %s", plan.plan_id,
+                 len(owners), ", ".join(dropped) or "no dropped site")
+        return pb.SignedReveal(reveal=reveal, signature=self._signing_key.sign(reveal), signer=self.fingerprint)
 
     def _compile_evaluation(self, signed: pb.SignedPlan, plan: pb.QueryPlan) -> evaluate.CompiledEvaluation | None:
         """An evaluation plan's own queries, checked and compiled before any debit (None for other plans)."""
@@ -443,7 +552,7 @@ class SiteGuard:
 
     def _measure(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, compiled: list[CompiledMarginal],
                  debit: Debit, roster: dict[str, bytes], pad: np.ndarray | None,
-                 evaluation: evaluate.CompiledEvaluation | None = None) -> pb.SignedSummary:
+                 evaluation: evaluate.CompiledEvaluation | None = None, sealed=()) -> pb.SignedSummary:
         """Run the paid-for measurements (masked with `pad`, for a secure plan) and sign summary and receipt."""
         exact = cells.count_tables(self._table.columns, self._table.n_rows, [(c.variables, c.shape, c.groups) for c in compiled])
         if sum(len(x) for x in exact) >= PARALLEL_NOISE_CELLS:  # OpenDP's sampler releases the GIL: use the cores
@@ -458,7 +567,8 @@ class SiteGuard:
                                        rho=c.rho, noise_scale=c.scale)
                       for c, x, a, b in zip(compiled, noisy, offsets, offsets[1:])]
             secure = {"roster_sha256": secagg.roster_sha256(roster), "parties": len(roster),
-                      "colluding": plan.secure.colluding, "rho_alone": math.fsum(c.rho_alone for c in compiled),
+                      "colluding": plan.secure.colluding, "dropouts": plan.secure.dropouts,
+                      "rho_alone": math.fsum(c.rho_alone for c in compiled),
                       "bound": accounting.combined_bound([c.bound for c in compiled])}
         else:
             tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=x, rho=c.rho, noise_scale=c.scale)
@@ -472,7 +582,7 @@ class SiteGuard:
                                    **secure).SerializeToString(deterministic=True)
         summary = pb.Summary(site=self.config.site, plan_id=plan.plan_id, dictionary_hash=self.dictionary.hash,
                              marginals=tables, receipt=receipt, receipt_signature=self._signing_key.sign(receipt),
-                             evaluation=answer).SerializeToString(deterministic=True)
+                             evaluation=answer, shares=sealed).SerializeToString(deterministic=True)
         self.ledger.audit("answered", plan.plan_id, signed.signer, "OK", {"rho": debit.rho, "marginals": len(tables)})
         log.info("answered plan %r from %r: %d marginals, rho %.6g (site total %.6g of %.6g)", plan.plan_id,
                  plan.coordinator[:MAX_ID], len(tables), debit.rho, debit.total_after, self.config.rho_limit)
@@ -497,6 +607,9 @@ class GuardServicer(pb_grpc.SiteGuardServicer):
 
     def Enroll(self, request, context):
         return self._call(self.guard.enroll, request, context)
+
+    def Reveal(self, request, context):
+        return self._call(self.guard.reveal, request, context)
 
     @staticmethod
     def _call(method, request, context):

@@ -3,7 +3,8 @@
 It holds no data and no keys. It forwards the serialized query plan to the guard named in
 the SuperNode's `--node-config guard-address=...` and returns the guard's serialized reply: a
 signed summary (message type `query.summary`) or, for secure aggregation, the site's signed
-one-time key (`query.enroll`).
+one-time key (`query.enroll`) and, for secure sums that tolerate dropouts, its signed reveal
+(`query.reveal`).
 Whatever goes wrong, the reply carries a fixed error code and a data-free message: Flower
 would otherwise forward exception text to the coordinator word for word. Imports stay light
 (no numpy, no OpenDP) because Flower starts a fresh process for every message.
@@ -49,8 +50,8 @@ def _printable(text: str, limit: int = 1000) -> str:
 
 
 def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float, kind: str = "summary") -> ConfigRecord:
-    """Send one signed plan to the guard (Answer, or Enroll for kind "enroll"); the record holds the
-    guard's serialized `reply` (SignedSummary or KeyShare) or `error_code`/`error`.
+    """Send one signed plan to the guard (Answer, or Enroll / Reveal for kind "enroll" / "reveal"); the
+    record holds the guard's serialized `reply` (SignedSummary, KeyShare or SignedReveal) or `error_code`/`error`.
 
     Only the guard's own refusals ("CODE: message", built from plan and policy) pass through;
     every other error becomes a relay code with its fixed message (common/refusals.py)."""
@@ -63,7 +64,7 @@ def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float, kind: str 
     try:
         with grpc.insecure_channel(guard_address) as channel:
             stub = pb_grpc.SiteGuardStub(channel)
-            reply = (stub.Enroll if kind == "enroll" else stub.Answer)(plan, timeout=timeout)
+            reply = {"enroll": stub.Enroll, "reveal": stub.Reveal}.get(kind, stub.Answer)(plan, timeout=timeout)
     except grpc.RpcError as e:
         details = (e.details() or "") if hasattr(e, "details") else ""
         code, _, message = details.partition(":")
@@ -88,6 +89,11 @@ def summary(msg: Message, context: Context) -> Message:
 @app.query("enroll")
 def enroll(msg: Message, context: Context) -> Message:
     return _relay(msg, context, "enroll")
+
+
+@app.query("reveal")
+def reveal(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, "reveal")
 
 
 def simulation_site_config(node_config) -> str | None:
@@ -119,6 +125,11 @@ def _simulation_guard(config_path: str):
     return guard
 
 
+def guard_method(guard, kind: str):
+    """The SiteGuard method that answers a request of this kind."""
+    return {"enroll": guard.enroll, "reveal": guard.reveal}.get(kind, guard.answer)
+
+
 def relay_in_process(plan_bytes: bytes, config_path: str, kind: str = "summary") -> ConfigRecord:
     """`relay_plan` for a simulated site: the same checks and reply record, the guard in this process."""
     if len(plan_bytes) > MAX_PLAN_BYTES:
@@ -131,7 +142,7 @@ def relay_in_process(plan_bytes: bytes, config_path: str, kind: str = "summary")
 
     try:
         guard = _simulation_guard(config_path)
-        reply = (guard.enroll if kind == "enroll" else guard.answer)(plan)
+        reply = guard_method(guard, kind)(plan)
     except Refusal as r:  # the guard's own refusal: fixed code, data-free message
         return _error(r.code, _printable(r.message))
     except Exception:  # details stay in this (simulated) site's log

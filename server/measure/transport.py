@@ -2,7 +2,7 @@
 
 Transports composed on one host (gRPC without Flower, in-process guards) live in
 `ppsehr.deploy.transports`. Each delivers one serialized SignedPlan to every site and returns the parsed replies (signed
-summaries, or for kind "enroll" the sites' signed one-time keys) plus a failure record per
+summaries, for kind "enroll" the sites' signed one-time keys, for kind "reveal" their signed reveals) plus a failure record per
 site that did not answer (a site that did not answer was not charged by
 this coordinator: its guard either refused, which costs nothing, or was never reached).
 """
@@ -31,7 +31,7 @@ class SiteReply:
     signed: pb.SignedSummary | pb.KeyShare
 
 
-KINDS = {"summary": pb.SignedSummary, "enroll": pb.KeyShare}  # what a site replies to each kind of request
+KINDS = {"summary": pb.SignedSummary, "enroll": pb.KeyShare, "reveal": pb.SignedReveal}  # what a site replies to each kind
 
 
 class Transport(Protocol):
@@ -83,7 +83,7 @@ class FlowerTransport:
                             dst_node_id=n, message_type=f"query.{kind}", group_id="release", ttl=timeout + 60)
                     for n in nodes]
         pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes)}
-        progress(f"plan sent to {len(nodes)} site(s); waiting for " + ("their one-time keys" if kind == "enroll" else "summaries"))
+        progress(f"plan sent to {len(nodes)} site(s); waiting for " + {"enroll": "their one-time keys", "reveal": "their reveals"}.get(kind, "summaries"))
         replies: list[SiteReply] = []
         failures: list[SiteFailure] = []
         deadline = time.monotonic() + timeout
