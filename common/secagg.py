@@ -299,6 +299,21 @@ def correction(plan_sha256: bytes, roster: dict[str, bytes], dropouts: int, surv
     return total
 
 
+def check_reveal_receipt(raw: bytes, signature: bytes, key, site: str, plan_sha256: bytes, statement: bytes,
+                         survivors, dropped) -> pb.RevealReceipt:
+    """A survivor's signed reveal receipt: signed by its site key, for this plan and statement, revealing
+    self-mask shares of exactly the survivors and pair seeds with exactly the dropped sites."""
+    if not keys.verify(key, signature, raw):
+        raise RosterError(f"the reveal receipt of {site!r}: its signature does not verify")
+    rc = pb.RevealReceipt.FromString(raw)
+    if rc.site != site or rc.plan_sha256 != plan_sha256 or rc.statement_sha256 != hashlib.sha256(statement).digest():
+        raise RosterError(f"the reveal receipt of {site!r} is for another site, plan or recovery statement")
+    if list(rc.shares_of) != sorted(survivors) or list(rc.seeds_with) != sorted(dropped):
+        raise RosterError(f"the reveal receipt of {site!r} reveals for other sites than the statement's survivors "
+                          "and dropped sites")
+    return rc
+
+
 def unmasked_sum(tables: list, correction: np.ndarray | None = None) -> np.ndarray:
     """Sum masked tables mod 2^64 and read the result as signed counts (masks cancel over a full roster;
     with dropouts, after the `correction` is subtracted)."""

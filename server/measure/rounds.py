@@ -23,7 +23,7 @@ from ...common.errors import PpsehrError
 from ...protos import guard_pb2 as pb
 from ..model.graphical import SITE, JunctionTree, Measurement, pooled
 from . import planner
-from .aggregate import SiteResult, SummaryRejected, aggregate, verify_summary
+from .aggregate import SiteResult, SummaryRejected, aggregate, planned_shape, verify_reveal, verify_summary
 from .transport import SiteFailure, Transport
 
 Progress = Callable[..., None]  # progress(message, stage=..., **data): pipeline.Events
@@ -50,7 +50,8 @@ class MeasureOptions:
     (model coarser site groups), `secure_aggregation` (None: automatic, secure sums when every
     site allows them; True: require them; False: plain sums), `colluding` and `min_parties` (the
     trust terms of secure sums), `structure` (dependencies the coordinator believes in: priors for
-    the selection, like the dictionary's declared dependencies, never a fixed structure).
+    the selection, like the dictionary's declared dependencies, never a fixed structure),
+    `dropouts` (enrolled sites a secure sum may lose and still be read; None: `auto_dropouts`).
     """
 
     site_variable: str = "model"  # SITE_MODES
@@ -58,6 +59,7 @@ class MeasureOptions:
     secure_aggregation: bool | None = None  # None: secure sums when every site allows them, else plain
     colluding: int = 0  # secure: sites that may collude with the coordinator (their noise is not counted)
     min_parties: int = 3  # secure: a masked sum needs at least this many sites
+    dropouts: int | None = None  # secure: enrolled sites that may drop before answering (None: auto_dropouts)
     structure: list[list[str]] = field(default_factory=list)  # further prior dependencies (2-3 variables each)
     reply_timeout: float = 300.0
     plan_lifetime_s: float = 1800.0
@@ -72,6 +74,9 @@ class MeasureOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PpsehrError(f"{name} must be an integer of at least {low}, got {value!r}")
+        if self.dropouts is not None and (isinstance(self.dropouts, bool) or not isinstance(self.dropouts, int)
+                                          or self.dropouts < 0):
+            raise PpsehrError(f"dropouts must be a non-negative integer (or null: automatic), got {self.dropouts!r}")
         if self.colluding >= self.min_parties:
             raise PpsehrError(f"colluding ({self.colluding}) must be below min_parties ({self.min_parties}): "
                               "someone's noise must count")
@@ -80,6 +85,30 @@ class MeasureOptions:
         if not all(isinstance(s, (list, tuple)) and 2 <= len(s) <= 3 and all(isinstance(v, str) for v in s)
                    for s in self.structure):
             raise PpsehrError(f"structure must list dependencies of 2 or 3 variable names, got {self.structure!r}")
+
+
+    def tolerated(self, parties: int) -> int:
+        """The dropouts a secure plan for `parties` expected sites declares: the option, or `auto_dropouts`."""
+        return self.dropouts if self.dropouts is not None else auto_dropouts(parties, self.min_parties, self.colluding)
+
+
+def auto_dropouts(parties: int, min_parties: int, colluding: int) -> int:
+    """The default dropout tolerance of a secure sum of `parties` sites: a third of the others
+    (floor((n - 1) / 3), SecAgg's usual provisioning), but never so many that the survivors could be
+    fewer than `min_parties` or the Shamir threshold n - d could be reached by the colluding sites and
+    one more (n - d >= colluding + 2). 1 for 4 to 6 sites with the defaults, 0 for 3."""
+    return max(0, min((parties - 1) // 3, parties - min_parties, parties - colluding - 2))
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A secure sum with dropouts: the coordinator's signed statement of who answered, and the
+    survivors' signed reveal receipts (site, receipt bytes, signature) that made it readable (empty if
+    the reveals did not suffice)."""
+
+    statement: bytes
+    signature: bytes
+    reveals: tuple[tuple[str, bytes, bytes], ...] = ()
 
 
 @dataclass
@@ -95,6 +124,8 @@ class Round:
     wasted: list[SiteResult] = field(default_factory=list)  # verified answers to a secure sum that cannot be read
     where: dict[str, str] = field(default_factory=dict)  # the transport's name of a sender -> its verified site
     unenrolled: bool = False  # a secure plan that was never sent to be answered (no roster): nothing was debited
+    recovery: Recovery | None = None  # secure plans with dropouts: who answered, and the reveals
+    correction: np.ndarray | None = None  # secure plans with dropouts: masks to subtract from the survivors' sum
 
     @property
     def secure(self) -> bool:
@@ -107,21 +138,27 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     """Sign one plan, send it to every site, keep the summaries whose signatures and receipts verify.
 
     A secure plan goes out twice: to enroll (the sites check it, debit nothing and return signed
-    one-time keys), then with the roster of enrolled keys, to be answered. Its masked sum can be
-    read only if every enrolled site answers; otherwise the round counts as unanswered, and the
-    sites that did answer are listed as charged for nothing. With `cover` (round 1's sites), a
-    secure sum must cover exactly those sites, since it cannot be cut down to fit round 1's tables:
-    others are left out of the roster, and if one of them did not enroll the plan is not sent to
-    be answered (nothing is debited).
+    one-time keys), then with the roster of enrolled keys, to be answered. It declares d dropouts
+    (`MeasureOptions.tolerated`). With d = 0 its masked sum can be read only if every enrolled
+    site answers. With d > 0 it goes out a third time, to the sites that answered, with the
+    coordinator's signed statement of who answered: their reveals remove the self-masks and the
+    masks shared with up to d sites that did not answer. Otherwise the round counts as unanswered,
+    and the sites that did answer are listed as charged for nothing. With `cover` (round 1's sites,
+    or the previous secure round's survivors), a secure sum must be enrolled by exactly those sites:
+    others are left out of the roster, and if one of them did not enroll, or the roster is too small
+    for the declared dropouts, the plan is not sent to be answered (nothing is debited).
     """
     plan = planner.to_proto(marginals, dictionary, request.coordinator, f"{request.purpose} (round {number})",
                             opts.plan_lifetime_s)
+    dropouts = 0
     if secure:
-        plan.secure.colluding, plan.secure.min_parties = opts.colluding, opts.min_parties
+        dropouts = opts.tolerated(len(cover) if cover is not None else len(site_keys))
+        plan.secure.colluding, plan.secure.min_parties, plan.secure.dropouts = opts.colluding, opts.min_parties, dropouts
     signed = planner.sign_plan(plan, coordinator_key)
     rho = sum(m.rho for m in marginals)
     events(f"round {number}: plan {plan.plan_id} with {len(marginals)} marginals, rho {rho:.4g} per site, "
-           f"signed by {signed.signer}" + (" (secure aggregation)" if secure else ""), stage="plan")
+           f"signed by {signed.signer}" + (f" (secure aggregation, tolerating {dropouts} dropout(s))" if secure else ""),
+           stage="plan")
     failures: list[SiteFailure] = []
     where: dict[str, str] = {}
     to = None
@@ -129,9 +166,12 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
         roster, to, failures, where = _enroll(signed, opts, site_keys, transport, events, cover)
         need = max([opts.min_parties] + [k.min_parties for k in roster])
         absent = sorted((cover or set()) - {k.site for k in roster})
-        if absent or len(roster) < need:
-            why = (f"the secure sum must cover every round-1 site, and {', '.join(absent)} cannot be in it" if absent
-                   else f"{len(roster)} site(s) in the secure sum, {need} needed")
+        short = len(roster) - dropouts < need or (dropouts and len(roster) - dropouts < opts.colluding + 2)
+        if absent or short:
+            why = (f"the secure sum must cover every site of the earlier rounds, and {', '.join(absent)} cannot be in it"
+                   if absent else f"{len(roster)} site(s) in the secure sum, {need} needed" if not dropouts else
+                   f"{len(roster)} site(s) in the secure sum; tolerating {dropouts} dropout(s) leaves {len(roster) - dropouts}, "
+                   f"and {max(need, opts.colluding + 2)} are needed")
             failures += [SiteFailure(k.site, "NOT_SENT", f"enrolled, but the plan was not sent to be answered: {why} "
                                      "(not charged)") for k in roster]
             events(f"round {number}: {why}; nothing was sent to answer (nothing was debited): "
@@ -156,18 +196,68 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
         where.setdefault(r.where, result.site)
     results.sort(key=lambda x: x.site)
     missing = sorted({s.site for s in signed.roster} - {r.site for r in results})
-    if secure and results and missing:
-        events(f"round {number}: the masked sum cannot be read: {', '.join(missing)} did not answer")
-        failures += [SiteFailure(r.site, "SUM_INCOMPLETE", f"answered and was charged rho {r.receipt.rho_debited:.4g} for "
-                                 f"nothing: the masked sum needs every enrolled site, and {', '.join(missing)} did not answer")
-                     for r in results]
-        return Round(number, marginals, plan, signed, [], failures, wasted=results, where=where)
+    recovery, correction = None, None
+    if secure and results and (missing or dropouts):
+        why = f"{', '.join(missing)} did not answer"
+        if len(missing) <= dropouts:
+            recovery, correction, why = _recover(number, signed, results, missing, where, dropouts, opts, coordinator_key,
+                                                 site_keys, dictionary, transport, events)
+        elif dropouts:
+            why += f": more than the {dropouts} dropout(s) the plan tolerates"
+        if correction is None:
+            events(f"round {number}: the masked sum cannot be read: {why}")
+            failures += [SiteFailure(r.site, "SUM_INCOMPLETE", f"answered and was charged rho {r.receipt.rho_debited:.4g} "
+                                     f"for nothing: the masked sum cannot be read ({why})") for r in results]
+            return Round(number, marginals, plan, signed, [], failures, wasted=results, where=where, recovery=recovery)
     if not results:
         events(f"round {number}: no usable answers: " + "; ".join(f"{f.site}: {f.code}" for f in failures))
         return Round(number, marginals, plan, signed, results, failures, where=where)
     events(f"round {number}: {len(results)} site(s) answered with verified signatures: "
            f"{', '.join(x.site for x in results)}" + (f"; {len(failures)} did not" if failures else ""), stage="aggregate")
-    return Round(number, marginals, plan, signed, results, failures, where=where)
+    return Round(number, marginals, plan, signed, results, failures, where=where, recovery=recovery, correction=correction)
+
+
+def _recover(number: int, signed: pb.SignedPlan, results: list[SiteResult], dropped: list[str], where: dict[str, str],
+             dropouts: int, opts: MeasureOptions, coordinator_key, site_keys, dictionary: Dictionary, transport: Transport,
+             events: Progress) -> tuple[Recovery, np.ndarray | None, str]:
+    """Secure plans with dropouts: sign who answered, ask the survivors to reveal, and rebuild the masks
+    to remove. Returns the recovery record, the correction (None if the sum cannot be read) and why not."""
+    plan_sha = hashlib.sha256(signed.plan).digest()
+    roster = {k.site: bytes(k.public_key) for k in signed.roster}
+    survivors = sorted(r.site for r in results)
+    statement = secagg.statement_bytes(plan_sha, roster, survivors, dropped)
+    request = pb.SignedPlan()
+    request.CopyFrom(signed)
+    request.recovery.statement, request.recovery.signature = statement, coordinator_key.sign(statement)
+    for r in results:
+        request.recovery.shares.extend(pb.ForwardedShare(sender=r.site, recipient=sh.recipient, ciphertext=sh.ciphertext)
+                                       for sh in r.summary.shares if sh.recipient in survivors)
+    names = {site: name for name, site in where.items()}
+    events(f"round {number}: " + (f"{', '.join(dropped)} did not answer; " if dropped else "")
+           + f"asking the {len(survivors)} site(s) that answered to reveal what removes the masks", stage="measure")
+    replies, failures = transport.query(request, opts.reply_timeout, events, kind="reveal",
+                                        to={names.get(s, s) for s in survivors})
+    reveals: dict[str, pb.Reveal] = {}
+    receipts: list[tuple[str, bytes, bytes]] = []
+    for r in replies:
+        try:
+            site, reveal = verify_reveal(r.signed, site_keys, plan_sha, statement, survivors, dropped)
+        except secagg.RosterError as e:
+            events(f"{r.where}: reveal rejected: {e}")
+            continue
+        if site not in reveals:
+            reveals[site] = reveal
+            receipts.append((site, bytes(reveal.receipt), bytes(reveal.receipt_signature)))
+    for f in failures:
+        events(f"{f.site}: did not reveal ({f.code}: {f.message})")
+    length = sum(math.prod(planned_shape(m, dictionary)[1]) for m in pb.QueryPlan.FromString(signed.plan).marginals)
+    try:
+        correction = secagg.correction(plan_sha, roster, dropouts, survivors, dropped, reveals, length)
+    except secagg.RecoveryError as e:
+        return Recovery(statement, bytes(request.recovery.signature)), None, f"the masks could not be removed: {e}"
+    events(f"round {number}: masks removed with the reveals of {len(reveals)} site(s)"
+           + (f"; the sum is over the {len(survivors)} that answered" if dropped else ""), stage="aggregate")
+    return Recovery(statement, bytes(request.recovery.signature), tuple(sorted(receipts))), correction, ""
 
 
 def _enroll(signed: pb.SignedPlan, opts: MeasureOptions, site_keys, transport: Transport, events: Progress,
@@ -277,8 +367,8 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     oneway = aggregate(first.plan, first.results, dictionary)
     n = len(first.results)
 
-    def copies(secure: bool) -> float:
-        return n / max(1, n - opts.colluding) if secure else float(n)
+    def copies(secure: bool) -> float:  # the sum's noise variance in units of one site's planned variance
+        return n / max(1, n - opts.tolerated(n) - opts.colluding) if secure else float(n)
 
     second = None
     if not state.stop:
@@ -294,7 +384,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
         return model_clique(opts, dictionary, sets, sites)[1]
 
     if second is not None and second.results:
-        candidates = aggregate(second.plan, second.results, dictionary)
+        candidates = aggregate(second.plan, second.results, dictionary, correction=second.correction)
         rest = rho * (1 - shares[0] - shares[1])
         sigma3 = planner.pair_sigma(dictionary, candidates, rest, copies(state.on and state.mode is not False
                                                                            and second.secure))
@@ -318,6 +408,8 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     if state.stop:
         return rounds, structure
     rest = rho * (1 - shares[0] - shares[1])
+    if second is not None and second.secure and second.results:  # a site that dropped out of round 2 is not waited for
+        cover = {r.site for r in second.results}
     third = _round(3, lambda secure: planner.final_plan(dictionary, selection.pairs, oneway, rest, copies(secure)),
                    state, args, cover, events)
     rounds.append(third)
@@ -371,7 +463,11 @@ def round_measurements(dictionary: Dictionary, rounds: list[Round], structure: l
     Every table whose variables lie inside one of the model's cliques is used, candidates included
     (they are noisier than round 3's tables, and the estimator weighs each by its noise). Per-site
     tables keep their `site` axis where the model has site effects on their variables and are
-    summed over sites elsewhere; secure rounds arrive as pooled sums.
+    summed over sites elsewhere; secure rounds arrive as pooled sums. A secure sum over fewer sites
+    than the model has (some dropped, `Round.correction`) is the model's table summed over those
+    sites' groups only (`over_sites`), kept where the model has site effects on its variables; when
+    tables are pooled, a secure sum is used only if it covers exactly the sites every round shares
+    (it cannot be cut down).
     """
     answered = [rnd for rnd in rounds if rnd.results]
     sites = sorted({r.site for rnd in answered for r in rnd.results})
@@ -384,12 +480,22 @@ def round_measurements(dictionary: Dictionary, rounds: list[Round], structure: l
         common = set.intersection(*({r.site for r in rnd.results} for rnd in answered))
         if not common:  # no site answered every round: pool round 1 alone
             answered, common = answered[:1], {r.site for r in answered[0].results}
-        measurements = [m for rnd in answered for m in aggregate(rnd.plan, [r for r in rnd.results if r.site in common], dictionary)]
+        measurements = [m for rnd in answered if not rnd.secure or {r.site for r in rnd.results} == common
+                        for m in aggregate(rnd.plan, [r for r in rnd.results if r.site in common], dictionary,
+                                           correction=rnd.correction)]
         groups: dict[str, str] = {}
         domain = dictionary.domain()
     else:
         groups = {s: site_groups.get(s, s) for s in sites}
-        measurements = [m for rnd in answered for m in aggregate(rnd.plan, rnd.results, dictionary, None if rnd.secure else groups)]
+        measurements = []
+        for rnd in answered:
+            if not rnd.secure:
+                measurements += aggregate(rnd.plan, rnd.results, dictionary, groups)
+                continue
+            summed = aggregate(rnd.plan, rnd.results, dictionary, correction=rnd.correction)
+            within = {r.site for r in rnd.results}
+            measurements += summed if within == set(sites) else [
+                x for x in (over_sites(m, groups, within) for m in summed) if x is not None]
         domain = {SITE: len(set(groups.values()))} | dictionary.domain()
     cliques = [set(c) for c in JunctionTree(domain, sets).cliques]
     kept = []
@@ -401,3 +507,17 @@ def round_measurements(dictionary: Dictionary, rounds: list[Round], structure: l
         if np.any(m.weights() > 0) and any(set(m.variables) <= c for c in cliques):
             kept.append(m)
     return kept, sorted(set(groups.values()))
+
+
+def over_sites(m: Measurement, groups: dict[str, str], within: set[str]) -> Measurement | None:
+    """A pooled table summed over the sites `within` only, as a table over the `site` axis grouped into
+    [within, the others], the others unobserved (None when `within` splits a site group)."""
+    labels = sorted(set(groups.values()))
+    inside = [all(s in within for s, lab in groups.items() if lab == label) for label in labels]
+    if any(inside[i] != any(s in within for s, lab in groups.items() if lab == label) for i, label in enumerate(labels)):
+        return None
+    site_map = np.array([0 if x else 1 for x in inside])
+    values = np.stack([m.values, np.zeros_like(m.values)])
+    variance = np.array([float(np.max(m.variance)), np.inf]).reshape((2,) + (1,) * m.values.ndim)
+    return Measurement((SITE,) + tuple(m.variables), values, variance,
+                       (site_map,) + (tuple(m.groups) if m.groups is not None else (None,) * len(m.variables)))

@@ -1,0 +1,238 @@
+"""Dropout-tolerant secure sums (issue #16.2): Shamir-shared self-masks, sealed shares, the guard's
+Reveal, noise provisioned for the survivors, and releases that state what was provisioned and what
+happened."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from ppsehr.common import accounting, keys, secagg
+from ppsehr.common.errors import ReleaseError
+from ppsehr.deploy.transports import InProcessTransport
+from ppsehr.protos import guard_pb2 as pb
+from ppsehr.server.measure.aggregate import aggregate, verify_reveal, verify_summary
+from ppsehr.server.measure.rounds import MeasureOptions, auto_dropouts
+from ppsehr.server.measure.transport import SiteFailure
+from ppsehr.server.release.bundle import verify_release
+
+from conftest import edit_manifest, resign_manifest
+
+SITES = ("cleveland", "hungarian", "switzerland", "va")
+
+
+# ------------------------------------------------------------------ Shamir and sealed shares
+def test_any_threshold_of_shares_rebuilds_a_seed_and_fewer_do_not():
+    secret = secagg.new_self_seed()
+    shares = secagg.shamir_split(secret, 3, [1, 2, 3, 4, 5])
+    for xs in ([1, 2, 3], [2, 4, 5], [1, 3, 5], [1, 2, 3, 4, 5]):
+        assert secagg.shamir_combine({x: shares[x] for x in xs}) == secret
+    assert secagg.shamir_combine({x: shares[x] for x in (1, 2)}) != secret  # t - 1 shares: a random field element
+    # the coefficients depend only on the points, so one set serves every seed
+    other = secagg.new_self_seed()
+    more = secagg.shamir_split(other, 3, [1, 2, 3, 4, 5])
+    c = secagg.lagrange_at_zero([2, 3, 5])
+    assert secagg.shamir_combine({x: more[x] for x in (2, 3, 5)}, c) == other
+    with pytest.raises(ValueError, match="threshold 6 among 5"):
+        secagg.shamir_split(secret, 6, [1, 2, 3, 4, 5])
+
+
+def test_sealed_shares_open_only_for_their_recipient():
+    plan_sha = hashlib.sha256(b"plan").digest()
+    a, b, c = (X25519PrivateKey.generate() for _ in range(3))
+    pub = {n: k.public_key().public_bytes_raw() for n, k in zip("abc", (a, b, c))}
+    share = secagg.new_self_seed()
+    sealed = secagg.seal_share("a", a, "b", pub["b"], plan_sha, share)
+    assert secagg.open_share("b", b, "a", pub["a"], plan_sha, sealed) == share
+    assert share.to_bytes(16, "big") not in sealed
+    # the coordinator (or any third site, with its own key) cannot open it, nor pass it off as another's
+    with pytest.raises(secagg.RosterError, match="does not open"):
+        secagg.open_share("c", c, "a", pub["a"], plan_sha, sealed)
+    with pytest.raises(secagg.RosterError, match="does not open"):
+        secagg.open_share("b", b, "c", pub["c"], plan_sha, sealed)
+    with pytest.raises(secagg.RosterError, match="does not open"):
+        secagg.open_share("b", b, "a", pub["a"], hashlib.sha256(b"other").digest(), sealed)
+    tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
+    with pytest.raises(secagg.RosterError, match="does not open"):
+        secagg.open_share("b", b, "a", pub["a"], plan_sha, tampered)
+
+
+def test_default_dropouts():
+    assert [auto_dropouts(n, 3, 0) for n in (3, 4, 5, 6, 7, 10, 100)] == [0, 1, 1, 1, 2, 3, 33]
+    assert auto_dropouts(4, 3, 2) == 0  # the threshold n - d must stay above colluding + 1
+    assert MeasureOptions(dropouts=2).tolerated(4) == 2 and MeasureOptions().tolerated(4) == 1
+    with pytest.raises(Exception, match="dropouts must be a non-negative integer"):
+        MeasureOptions(dropouts=-1).validate()
+    assert accounting.honest_shares(4, 0, 1) == 3
+    with pytest.raises(ValueError, match="counts on no site's noise"):
+        accounting.honest_shares(3, 1, 2)
+
+
+# ------------------------------------------------------------------ the guard's protocol
+def secure_plan(dictionary, marginals, dropouts=1, colluding=0, min_parties=3):
+    plan = pb.QueryPlan(plan_id=f"d-{np.random.randint(1 << 62)}", coordinator="tester", purpose="dropout test",
+                        dictionary_hash=dictionary.hash,
+                        marginals=[pb.MarginalQuery(variables=v, rho=r) for v, r in marginals])
+    plan.secure.colluding, plan.secure.min_parties, plan.secure.dropouts = colluding, min_parties, dropouts
+    return plan
+
+
+def enroll_all(running, signed):
+    out = pb.SignedPlan()
+    out.CopyFrom(signed)
+    out.roster.extend(g.stub.Enroll(signed) for g in running)
+    return out
+
+
+def refused(call, request):
+    with pytest.raises(grpc.RpcError) as e:
+        call(request)
+    return e.value.details()
+
+
+def reveal_request(signed, results, survivors, dropped, coordinator_key, forward=None):
+    """What the coordinator sends to Reveal: its signed statement and the survivors' sealed shares."""
+    plan_sha = hashlib.sha256(signed.plan).digest()
+    roster = {k.site: bytes(k.public_key) for k in signed.roster}
+    request = pb.SignedPlan()
+    request.CopyFrom(signed)
+    statement = secagg.statement_bytes(plan_sha, roster, survivors, dropped)
+    request.recovery.statement, request.recovery.signature = statement, coordinator_key.sign(statement)
+    for r in results:
+        if forward is None or r.site in forward:
+            request.recovery.shares.extend(pb.ForwardedShare(sender=r.site, recipient=s.recipient, ciphertext=s.ciphertext)
+                                           for s in r.summary.shares)
+    return request
+
+
+@pytest.fixture
+def four(guards):
+    return guards(*SITES, secure=True)
+
+
+@pytest.fixture
+def site_keys(consortium_keys):
+    return {s: keys.load_public_key(consortium_keys.site_keys[s][1]) for s in SITES}
+
+
+def truth(running, shape):
+    return sum(np.bincount(g.guard._table.cell_index(("age", "sex"), shape, (None, None)), minlength=math.prod(shape))
+               for g in running)
+
+
+def test_a_sum_with_a_dropped_site_is_read_from_the_survivors_and_carries_the_planned_noise(
+        four, dictionary, sign, coordinator_key, site_keys):
+    rho = 0.03
+    signed = enroll_all(four, sign(secure_plan(dictionary, [(("age", "sex"), rho)], dropouts=1)))
+    survivors, lost = four[:3], four[3]  # va enrolled, then crashed before answering
+    replies = [g.stub.Answer(signed) for g in survivors]
+    results = [verify_summary(r, signed, dictionary, site_keys) for r in replies]
+    plan = pb.QueryPlan.FromString(signed.plan)
+    shape = tuple(results[0].summary.marginals[0].shape)
+    cells = math.prod(shape)
+    for r in results:
+        t = r.summary.marginals[0]
+        # each share is sized for n - d = 3 honest sites, and charged that bound
+        assert t.noise_scale == pytest.approx(accounting.share_scale_for_rho(rho, 3, cells), rel=1e-12)
+        assert t.rho == pytest.approx(accounting.distributed_rho(t.noise_scale, 3, cells), rel=1e-12) and t.rho <= rho
+        assert (r.receipt.parties, r.receipt.dropouts) == (4, 1)
+        assert [s.recipient for s in r.summary.shares] == sorted(set(SITES) - {r.site})
+    # the three survivors' noise alone is the planned noise
+    planned = accounting.scale_for_rho(rho) ** 2
+    assert sum(r.summary.marginals[0].noise_scale ** 2 for r in results) >= planned * (1 - 1e-9)
+    with pytest.raises(ValueError, match="before its masks are removed"):
+        aggregate(plan, results, dictionary)
+    request = reveal_request(signed, results, [r.site for r in results], ["va"], coordinator_key)
+    plan_sha = hashlib.sha256(signed.plan).digest()
+    reveals = dict(verify_reveal(g.stub.Reveal(request), site_keys, plan_sha, request.recovery.statement,
+                                 [r.site for r in results], ["va"]) for g in survivors)
+    roster = {k.site: bytes(k.public_key) for k in signed.roster}
+    correction = secagg.correction(plan_sha, roster, 1, sorted(reveals), ["va"], reveals, cells)
+    summed = aggregate(plan, results, dictionary, correction=correction)[0]
+    exact = truth(survivors, shape)
+    sd = math.sqrt(summed.variance)
+    assert np.all(np.abs(summed.values.ravel() - exact) < 6 * sd + 1)
+    assert np.mean(np.abs(summed.values.ravel() - exact)) < 2 * sd  # noise, not masks
+    # reveals cost nothing, and a guard reveals once
+    spent = [g.guard.ledger.spent() for g in survivors]
+    assert "holds no answer of this plan" in refused(survivors[0].stub.Reveal, request)
+    assert [g.guard.ledger.spent() for g in survivors] == spent and lost.guard.ledger.spent() == 0
+    assert "holds no answer" in refused(lost.stub.Reveal, request)  # va never answered: nothing to reveal
+
+
+def test_without_dropouts_the_reveal_only_removes_the_self_masks(four, dictionary, sign, coordinator_key, site_keys):
+    signed = enroll_all(four, sign(secure_plan(dictionary, [(("age", "sex"), 0.03)], dropouts=1)))
+    results = [verify_summary(g.stub.Answer(signed), signed, dictionary, site_keys) for g in four]
+    plan = pb.QueryPlan.FromString(signed.plan)
+    shape = tuple(results[0].summary.marginals[0].shape)
+    # the plain sum of the four masked tables is not the counts: each carries a self-mask
+    raw = secagg.unmasked_sum([r.summary.marginals[0].masked for r in results])
+    assert np.mean(np.abs(raw) > 1e12) > 0.9
+    request = reveal_request(signed, results, list(SITES), [], coordinator_key)
+    plan_sha = hashlib.sha256(signed.plan).digest()
+    # three reveals (the threshold n - d) are enough: the fourth site may drop now
+    reveals = dict(verify_reveal(g.stub.Reveal(request), site_keys, plan_sha, request.recovery.statement, list(SITES), [])
+                   for g in four[1:])
+    roster = {k.site: bytes(k.public_key) for k in signed.roster}
+    with pytest.raises(secagg.RecoveryError, match="do not suffice"):
+        secagg.correction(plan_sha, roster, 1, list(SITES), [], dict(list(reveals.items())[:2]), math.prod(shape))
+    correction = secagg.correction(plan_sha, roster, 1, list(SITES), [], reveals, math.prod(shape))
+    summed = aggregate(plan, results, dictionary, correction=correction)[0]
+    assert np.all(np.abs(summed.values.ravel() - truth(four, shape)) < 6 * math.sqrt(summed.variance) + 1)
+
+
+def test_a_guard_never_reveals_for_a_site_that_answered(four, dictionary, sign, coordinator_key, site_keys):
+    signed = enroll_all(four, sign(secure_plan(dictionary, [(("age", "sex"), 0.03)], dropouts=1)))
+    results = [verify_summary(g.stub.Answer(signed), signed, dictionary, site_keys) for g in four]
+    names = [r.site for r in results]
+    # the coordinator calls va dropped but forwards va's sealed share (sent only with an answer): refused
+    lie = reveal_request(signed, results, names[:3], ["va"], coordinator_key)
+    assert "SECURE_AGGREGATION: the recovery statement lists 'va' as dropped, but its answer's sealed share is here" \
+        in refused(four[0].stub.Reveal, lie)
+    # and that guard's reveal is spent: asking again with another story gets nothing
+    honest = reveal_request(signed, results, names, [], coordinator_key)
+    assert "holds no answer" in refused(four[0].stub.Reveal, honest)
+    # a guard told that it dropped itself, though it answered, reveals nothing
+    assert "lists this site as dropped" in refused(four[3].stub.Reveal,
+                                                   reveal_request(signed, results, names[:3], ["va"], coordinator_key,
+                                                                  forward=names[:3]))
+    # more dropped than the plan tolerates, a statement not signed by the plan's coordinator, or for another roster
+    assert "tolerates 1" in refused(four[1].stub.Reveal, reveal_request(signed, results, names[:2], names[2:],
+                                                                         coordinator_key, forward=names[:2]))
+    forged = reveal_request(signed, results, names, [], ed25519.Ed25519PrivateKey.generate())
+    assert "BAD_SIGNATURE" in refused(four[2].stub.Reveal, forged)
+    assert all(g.guard.ledger.spent() == pytest.approx(results[0].receipt.rho_debited) for g in four)
+
+
+def test_a_hidden_answer_stays_masked_when_its_site_is_called_dropped(four, dictionary, sign, coordinator_key, site_keys):
+    """The coordinator hides va's answer and tells every other site that va dropped (forwarding nothing of
+    va's): it gets their pair seeds with va, but not va's self-mask shares, so va's table stays masked."""
+    signed = enroll_all(four, sign(secure_plan(dictionary, [(("age", "sex"), 0.03)], dropouts=1)))
+    results = [verify_summary(g.stub.Answer(signed), signed, dictionary, site_keys) for g in four]
+    names = [r.site for r in results]
+    request = reveal_request(signed, results, names[:3], ["va"], coordinator_key, forward=names[:3])
+    plan_sha = hashlib.sha256(signed.plan).digest()
+    reveals = dict(verify_reveal(g.stub.Reveal(request), site_keys, plan_sha, request.recovery.statement, names[:3], ["va"])
+                   for g in four[:3])
+    assert all("va" not in [s.owner for s in rv.shares] for rv in reveals.values())
+    va = results[3].summary.marginals[0]
+    n = len(va.masked)
+    pairs = np.zeros(n, dtype=np.uint64)  # every pair mask of va's, from the others' seeds
+    for site, rv in reveals.items():
+        pairs += secagg.pair_pad("va", site, next(s.seed for s in rv.seeds if s.peer == "va"), n)
+    left = (np.asarray(va.masked, dtype=np.uint64) - pairs).view(np.int64)
+    assert np.mean(np.abs(left) > 1e12) > 0.9  # still the self-mask: nothing like counts
+
+
+def test_a_roster_too_small_for_the_declared_dropouts_is_refused_before_any_debit(four, dictionary, sign):
+    # 4 sites, 2 dropouts: the survivors could be 2, below min_parties 3
+    signed = enroll_all(four, sign(secure_plan(dictionary, [(("sex",), 0.01)], dropouts=2)))
+    assert "tolerating 2 dropout(s) leaves 2; the sum needs at least 3" in refused(four[0].stub.Answer, signed)
+    assert all(g.guard.ledger.spent() == 0 for g in four)
