@@ -203,7 +203,7 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     try:
         privacy, site_entries = mf.release_sections(
             {s: [r.receipt for r in results + wasted if r.site == s] for s in sites},
-            [mf.plan_facts(rnd.number, rnd.plan, [k.site for k in rnd.signed.roster]) for rnd in rounds])
+            [mf.round_facts(rnd) for rnd in rounds])
     except mf.Inconsistent as e:
         raise PpsehrError(f"no privacy statement can be made: {e}") from None
     excluded = mf.exclusion_entries(rounds, set(site_keys))

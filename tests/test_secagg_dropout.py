@@ -236,3 +236,165 @@ def test_a_roster_too_small_for_the_declared_dropouts_is_refused_before_any_debi
     signed = enroll_all(four, sign(secure_plan(dictionary, [(("sex",), 0.01)], dropouts=2)))
     assert "tolerating 2 dropout(s) leaves 2; the sum needs at least 3" in refused(four[0].stub.Answer, signed)
     assert all(g.guard.ledger.spent() == 0 for g in four)
+
+
+# ------------------------------------------------------------------ releases
+class CrashesAfterEnrolling(InProcessTransport):
+    """Sites in `lost` enroll in the first secure round and crash before answering it (their guards are
+    never asked to answer: nothing is debited there); later rounds reach them again."""
+
+    def __init__(self, guards, lost):
+        super().__init__(guards)
+        self.lost, self.done = set(lost), False
+
+    def query(self, plan, timeout, progress, kind="summary", to=None):
+        if kind != "summary" or not plan.roster or self.done:
+            return super().query(plan, timeout, progress, kind, to)
+        self.done = True
+        replies, failures = super().query(plan, timeout, progress, kind, (to or set(self.guards)) - self.lost)
+        return replies, failures + [SiteFailure(s, "TIMEOUT", "no reply within 300 s") for s in sorted(self.lost)]
+
+
+def in_process(tmp_path, demo, consortium_keys, **options):
+    from ppsehr.client.config import load_site_config
+    from ppsehr.client.guard import SiteGuard
+    from ppsehr.deploy.local import write_site_config
+    from ppsehr.server.pipeline import ReleaseJob
+
+    guards = {}
+    for site in SITES:
+        cfg = write_site_config(tmp_path / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
+                                tmp_path / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
+                                [consortium_keys.coordinator_pub],
+                                peers={p: consortium_keys.site_keys[p][1] for p in SITES if p != site})
+        guards[site] = SiteGuard(load_site_config(cfg))
+    job = ReleaseJob.create(dictionary=str(demo / "dictionary.toml"), out=str(tmp_path / "rel"),
+                            signing_key=str(consortium_keys.coordinator_key),
+                            site_keys={s: str(consortium_keys.site_keys[s][1]) for s in SITES}, epsilon=1.0, seed=2,
+                            secure_aggregation=True, report=False, formats=["csv"], **options)
+    return guards, job
+
+
+@pytest.fixture(scope="module")
+def dropped_release(tmp_path_factory, demo, consortium_keys):
+    """Four sites, the default tolerance (1 dropout); va enrolls in round 2 and crashes before answering."""
+    from ppsehr.server.pipeline import Events, run_release
+
+    tmp = tmp_path_factory.mktemp("dropped")
+    guards, job = in_process(tmp, demo, consortium_keys)
+    messages = []
+    manifest = run_release(job, CrashesAfterEnrolling(guards, {"va"}), Events(echo=messages.append))
+    return tmp / "rel", manifest, guards, messages
+
+
+def test_a_release_with_a_dropped_site_is_readable_states_what_happened_and_verifies(dropped_release):
+    path, manifest, guards, messages = dropped_release
+    _, second, third = manifest["plans"]
+    sec = second["secure"]
+    assert (sec["dropouts"], sec["threshold"]) == (1, 3)
+    rec = sec["recovery"]
+    assert rec["dropped"] == ["va"] and rec["survivors"] == ["cleveland", "hungarian", "switzerland"]
+    assert rec["recovered"] is True and rec["revealed_by"] == rec["survivors"]
+    # round 3 is a secure sum of the three that answered round 2 (va, back, is left out at no cost); three
+    # sites with min_parties 3 tolerate no dropout, so it goes without one
+    assert sorted(k["site"] for k in third["secure"]["roster"]) == rec["survivors"]
+    assert "dropouts" not in third["secure"] and "recovery" not in third["secure"]
+    assert {(f["site"], f["round"]): f["code"] for f in manifest["sites_not_included"]} == {
+        ("va", 2): "TIMEOUT", ("va", 3): "NOT_IN_ROSTER"}
+    # nothing was charged for nothing: every survivor's round-2 receipt is used, and states the tolerance
+    assert not any(f["code"] == "SUM_INCOMPLETE" for f in manifest["sites_not_included"])
+    assert all(r["used"] for r in manifest["receipts"])
+    assert all(r["dropouts"] == 1 for r in manifest["receipts"] if r["plan_id"] == second["plan_id"])
+    assert manifest["privacy"]["rho_charged_for_nothing_max"] == 0
+    assert [(t["round"], t["dropped"]) for t in manifest["privacy"]["secure_dropouts"]] == [(2, ["va"])]
+    assert "va enrolled but did not answer; its sum was read over the other 3 sites" in manifest["privacy"]["statement"]
+    for site, guard in guards.items():  # every ledger is what the release says (va paid for round 1 only)
+        assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
+        assert manifest["sites"][site]["rho"] <= 1.0 * 1.0001 or site == "va"
+    assert manifest["sites"]["va"]["plans"] == 1
+    assert any("masks removed with the reveals of 3 site(s)" in m for m in messages)
+    assert verify_release(path)["release_id"] == manifest["release_id"]
+
+
+def test_the_model_covers_the_sites_of_the_survivors_sum(dropped_release):
+    """A secure sum cannot be cut down: the release models the three sites whose sums were read, with
+    every selected pair, and va's round-1 tables are left out rather than read against sums without va."""
+    import json
+
+    path, manifest, _, _ = dropped_release
+    aggregates = json.loads((path / "aggregates.json").read_text())["marginals"]
+    pairs = [m for m in aggregates if len([v for v in m["variables"] if v != "site"]) == 2]
+    assert len(pairs) >= len([m for m in manifest["plans"][2]["marginals"] if len(m["variables"]) == 2])
+    labels = {c for m in aggregates if m["variables"][0] == "site" for c in m["cells"][0]}
+    assert labels and "va" not in labels and labels <= {"cleveland", "hungarian", "switzerland"}
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m["plans"][1]["secure"]["recovery"]["reveals"].pop(), "does not follow"),
+    (lambda m: m["plans"][1]["secure"].update(threshold=4), "does not follow"),
+    (lambda m: m["plans"][1]["secure"].pop("dropouts"), "other secure-aggregation terms"),
+    (lambda m: m["plans"][1]["secure"]["recovery"].update(dropped=[], survivors=["cleveland", "hungarian", "switzerland",
+                                                                                 "va"]), "does not follow"),
+    (lambda m: m["privacy"].update(secure_dropouts=[]), "does not follow"),
+])
+def test_a_coordinator_cannot_misstate_a_recovery(dropped_release, tmp_path, consortium_keys, change, match):
+    copy = tmp_path / "copy"
+    shutil.copytree(dropped_release[0], copy)
+    edit_manifest(copy, change)
+    resign_manifest(copy, consortium_keys.coordinator_key)
+    with pytest.raises(ReleaseError, match=match):
+        verify_release(copy)
+
+
+def test_a_recovery_statement_calling_a_site_that_answered_dropped_does_not_verify(dropped_release, tmp_path,
+                                                                                  consortium_keys, coordinator_key):
+    copy = tmp_path / "copy"
+    shutil.copytree(dropped_release[0], copy)
+
+    def lie(m):  # a re-signed statement listing cleveland (whose receipt is in the release) as dropped
+        entry = m["plans"][1]
+        plan_sha = bytes.fromhex(entry["sha256"])
+        roster = {k["site"]: keys.unb64(k["public_key"]) for k in entry["secure"]["roster"]}
+        statement = secagg.statement_bytes(plan_sha, roster, ["hungarian", "switzerland", "va"], ["cleveland"])
+        entry["secure"]["recovery"].update(statement=keys.b64(statement), signature=keys.b64(coordinator_key.sign(statement)),
+                                           survivors=["hungarian", "switzerland", "va"], dropped=["cleveland"], reveals=[],
+                                           revealed_by=[], recovered=False)
+    edit_manifest(copy, lie)
+    resign_manifest(copy, consortium_keys.coordinator_key)
+    with pytest.raises(ReleaseError, match="'cleveland' answered plan .* lists it as dropped"):
+        verify_release(copy)
+
+
+def test_more_dropouts_than_declared_lose_the_round_with_its_cost_stated(tmp_path, demo, consortium_keys):
+    from ppsehr.server.pipeline import Events, run_release
+
+    guards, job = in_process(tmp_path, demo, consortium_keys)
+    messages = []
+    manifest = run_release(job, CrashesAfterEnrolling(guards, {"switzerland", "va"}), Events(echo=messages.append))
+    wasted = [f for f in manifest["sites_not_included"] if f["code"] == "SUM_INCOMPLETE"]
+    assert sorted((f["round"], f["site"]) for f in wasted) == [(2, "cleveland"), (2, "hungarian")]
+    assert all("switzerland, va did not answer, more than the 1 dropout(s) the plan tolerates" in f["message"]
+               and f["charged"].startswith("yes") for f in wasted)
+    assert any("more than the 1 dropout(s)" in m for m in messages)
+    assert "recovery" not in manifest["plans"][1]["secure"]  # nobody was asked to reveal anything
+    for site in ("cleveland", "hungarian"):
+        entry = manifest["sites"][site]
+        assert entry["rho_charged_for_nothing"] > 0
+        assert guards[site].ledger.spent() == pytest.approx(entry["rho"], rel=1e-12)
+    assert "could not be read" in manifest["privacy"]["statement"]
+    assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]
+
+
+def test_a_tolerance_the_roster_cannot_carry_is_refused_before_anybody_pays(tmp_path, demo, consortium_keys):
+    from ppsehr.server.pipeline import Events, run_release
+
+    guards, job = in_process(tmp_path, demo, consortium_keys, dropouts=2)  # 4 sites - 2 < min_parties 3
+    messages = []
+    manifest = run_release(job, InProcessTransport(guards), Events(echo=messages.append))
+    assert any("tolerating 2 dropout(s) leaves 2, and 3 are needed" in m and "nothing was debited" in m for m in messages)
+    assert {(f["site"], f["code"]) for f in manifest["sites_not_included"]} == {(s, "NOT_SENT") for s in SITES}
+    assert all(f["charged"].startswith("no") for f in manifest["sites_not_included"])
+    for site, guard in guards.items():  # round 1 only
+        assert manifest["sites"][site]["plans"] == 1
+        assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
+    assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]

@@ -280,8 +280,8 @@ def _enroll(signed: pb.SignedPlan, opts: MeasureOptions, site_keys, transport: T
             failures.append(SiteFailure(r.where, "REJECTED", f"a second key share for site {site!r}"))
             continue
         if cover is not None and site not in cover:
-            failures.append(SiteFailure(site, "NOT_IN_ROSTER", "left out of the secure sum: it did not answer round 1 "
-                                        "(not charged)"))
+            failures.append(SiteFailure(site, "NOT_IN_ROSTER", "left out of the secure sum: it did not answer the earlier "
+                                        "rounds it builds on (not charged)"))
             continue
         shares[site], where[site] = r.signed, r.where
     roster = secagg.agreeing(shares)
@@ -463,39 +463,36 @@ def round_measurements(dictionary: Dictionary, rounds: list[Round], structure: l
     Every table whose variables lie inside one of the model's cliques is used, candidates included
     (they are noisier than round 3's tables, and the estimator weighs each by its noise). Per-site
     tables keep their `site` axis where the model has site effects on their variables and are
-    summed over sites elsewhere; secure rounds arrive as pooled sums. A secure sum over fewer sites
-    than the model has (some dropped, `Round.correction`) is the model's table summed over those
-    sites' groups only (`over_sites`), kept where the model has site effects on its variables; when
-    tables are pooled, a secure sum is used only if it covers exactly the sites every round shares
-    (it cannot be cut down).
+    summed over sites elsewhere; secure rounds arrive as pooled sums. A secure sum cannot be cut
+    down, so when sites dropped out of one (`Round.correction`), the model covers the sites of the
+    last secure sum that was read: per-site tables are kept for those sites only, and an earlier
+    secure sum over other sites is left out (it still served the selection).
     """
     answered = [rnd for rnd in rounds if rnd.results]
-    sites = sorted({r.site for rnd in answered for r in rnd.results})
+    secure_sets = [{r.site for r in rnd.results} for rnd in answered if rnd.secure]
+    keep = secure_sets[-1] if secure_sets else {r.site for rnd in answered for r in rnd.results}
+    used = [(rnd, [r for r in rnd.results if r.site in keep]) for rnd in answered
+            if not rnd.secure or {r.site for r in rnd.results} == keep]
+    used = [(rnd, results) for rnd, results in used if results]
+    sites = sorted({r.site for _, results in used for r in results})
     with_site = site_variable != "pooled" and any(SITE in s for s in structure)
     if with_site and SITE in dictionary.variables:
         raise PpsehrError(f"the dictionary has a variable named {SITE!r}; use site_variable = 'pooled'")
     sets = [tuple(v) for v in structure if SITE not in v or with_site]
     if not with_site:
         # pooled sums must cover the same sites in every round, or totals would disagree
-        common = set.intersection(*({r.site for r in rnd.results} for rnd in answered))
+        common = set.intersection(*({r.site for r in results} for _, results in used))
         if not common:  # no site answered every round: pool round 1 alone
-            answered, common = answered[:1], {r.site for r in answered[0].results}
-        measurements = [m for rnd in answered if not rnd.secure or {r.site for r in rnd.results} == common
-                        for m in aggregate(rnd.plan, [r for r in rnd.results if r.site in common], dictionary,
+            used, common = used[:1], {r.site for r in used[0][1]}
+        measurements = [m for rnd, results in used if not rnd.secure or {r.site for r in results} == common
+                        for m in aggregate(rnd.plan, [r for r in results if r.site in common], dictionary,
                                            correction=rnd.correction)]
         groups: dict[str, str] = {}
         domain = dictionary.domain()
     else:
         groups = {s: site_groups.get(s, s) for s in sites}
-        measurements = []
-        for rnd in answered:
-            if not rnd.secure:
-                measurements += aggregate(rnd.plan, rnd.results, dictionary, groups)
-                continue
-            summed = aggregate(rnd.plan, rnd.results, dictionary, correction=rnd.correction)
-            within = {r.site for r in rnd.results}
-            measurements += summed if within == set(sites) else [
-                x for x in (over_sites(m, groups, within) for m in summed) if x is not None]
+        measurements = [m for rnd, results in used for m in aggregate(rnd.plan, results, dictionary,
+                                                                       None if rnd.secure else groups, rnd.correction)]
         domain = {SITE: len(set(groups.values()))} | dictionary.domain()
     cliques = [set(c) for c in JunctionTree(domain, sets).cliques]
     kept = []
@@ -507,17 +504,3 @@ def round_measurements(dictionary: Dictionary, rounds: list[Round], structure: l
         if np.any(m.weights() > 0) and any(set(m.variables) <= c for c in cliques):
             kept.append(m)
     return kept, sorted(set(groups.values()))
-
-
-def over_sites(m: Measurement, groups: dict[str, str], within: set[str]) -> Measurement | None:
-    """A pooled table summed over the sites `within` only, as a table over the `site` axis grouped into
-    [within, the others], the others unobserved (None when `within` splits a site group)."""
-    labels = sorted(set(groups.values()))
-    inside = [all(s in within for s, lab in groups.items() if lab == label) for label in labels]
-    if any(inside[i] != any(s in within for s, lab in groups.items() if lab == label) for i, label in enumerate(labels)):
-        return None
-    site_map = np.array([0 if x else 1 for x in inside])
-    values = np.stack([m.values, np.zeros_like(m.values)])
-    variance = np.array([float(np.max(m.variance)), np.inf]).reshape((2,) + (1,) * m.values.ndim)
-    return Measurement((SITE,) + tuple(m.variables), values, variance,
-                       (site_map,) + (tuple(m.groups) if m.groups is not None else (None,) * len(m.variables)))
