@@ -68,6 +68,10 @@ def cmd_demo(args) -> int:
                  else f"rounds {', '.join(str(p['round']) for p in secure)} were secure sums")
         print(f"  {which}: the rho above counts on at most {secure[0]['secure']['colluding']} colluding site(s); "
               f"if all the others colluded, rho up to {worst:.4g}")
+        for t in manifest["privacy"].get("secure_dropouts", []):
+            print(f"  round {t['round']}: tolerated {t['dropouts']} of {t['parties']} sites dropping (threshold "
+                  f"{t['threshold']})" + (f"; {', '.join(t['dropped'])} dropped" if t["dropped"] else "")
+                  + ("" if t["recovered"] else "; the sum could not be read"))
     for f in manifest["sites_not_included"]:
         print(f"  not included in round {f['round']}: {f.get('site') or f.get('node')} ({f['code']}: {f['message']})")
     llm = manifest.get("llm", {})
@@ -442,6 +446,10 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colluding", type=int, default=0,
                    help="secure aggregation: sites that may collude with the coordinator; their noise is not counted")
     p.add_argument("--min-parties", type=int, default=3, help="secure aggregation: fewest sites in a masked sum")
+    p.add_argument("--dropouts", type=int, default=None, metavar="D",
+                   help="secure aggregation: enrolled sites that may drop out before answering while the sum stays "
+                        "readable (each site's noise share is sized for the others; default: floor((n-1)/3) of n "
+                        "sites, at most n - min-parties; 0: every enrolled site must answer)")
     p.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
                    help="model (or release) a coarser site group instead of the site; repeat per site")
     p.add_argument("--formats", default="csv,parquet,fhir,omop",
@@ -469,6 +477,7 @@ def job_options(args) -> dict:
     structure = [[v.strip() for v in item.split(",") if v.strip()] for item in args.depends]
     return {"site_variable": args.site_variable, "structure": structure,
             "secure_aggregation": args.secure_aggregation, "colluding": args.colluding, "min_parties": args.min_parties,
+            "dropouts": args.dropouts,
             "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,
             "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups,
             "reply_timeout": args.reply_timeout}

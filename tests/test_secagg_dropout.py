@@ -398,3 +398,17 @@ def test_a_tolerance_the_roster_cannot_carry_is_refused_before_anybody_pays(tmp_
         assert manifest["sites"][site]["plans"] == 1
         assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
     assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]
+
+
+def test_the_coordinator_cli_declares_dropouts_and_the_relay_carries_reveals(guards, dictionary, sign):
+    from ppsehr.client.relay import relay_plan
+    from ppsehr.deploy.cli import build_parser, job_options
+
+    base = ["coordinator", "release", "--dictionary", "d.toml", "--out", "o", "--superlink", "127.0.0.1:1",
+            "--signing-key", "k"]
+    assert job_options(build_parser().parse_args(base + ["--dropouts", "1"]))["dropouts"] == 1
+    assert job_options(build_parser().parse_args(base))["dropouts"] is None
+    # query.reveal goes to the guard's Reveal: a guard that answered nothing has nothing to reveal (fixed code)
+    g = guards("cleveland", secure=True)
+    record = relay_plan(sign(secure_plan(dictionary, [(("sex",), 0.01)])).SerializeToString(), g.address, 10, "reveal")
+    assert record["error_code"] == "SECURE_AGGREGATION" and "holds no answer of this plan" in record["error"]
