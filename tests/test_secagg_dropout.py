@@ -307,7 +307,7 @@ def test_a_release_with_a_dropped_site_is_readable_states_what_happened_and_veri
     assert all(r["dropouts"] == 1 for r in manifest["receipts"] if r["plan_id"] == second["plan_id"])
     assert manifest["privacy"]["rho_charged_for_nothing_max"] == 0
     assert [(t["round"], t["dropped"]) for t in manifest["privacy"]["secure_dropouts"]] == [(2, ["va"])]
-    assert "va enrolled but did not answer; its sum was read over the other 3 sites" in manifest["privacy"]["statement"]
+    assert "va enrolled but did not answer, and its sum was read over the other 3 sites." in manifest["privacy"]["statement"]
     for site, guard in guards.items():  # every ledger is what the release says (va paid for round 1 only)
         assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
         assert manifest["sites"][site]["rho"] <= 1.0 * 1.0001 or site == "va"

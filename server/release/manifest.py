@@ -208,13 +208,14 @@ def privacy_statement(f: dict[str, Any]) -> str:
                     f"no site's loss would exceed rho = {f['rho_if_others_collude']:.4g}, i.e. "
                     f"({f['epsilon_if_others_collude']:.3g}, {f['delta']:g})-DP.")
     for t in f["dropouts"]:
-        text.append(f"Round {t['round']} tolerated {t['dropouts']} of its {t['parties']} enrolled sites dropping out: "
-                    f"each site's noise share was sized so that the other {t['threshold']} sites' shares alone carry the "
-                    "planned noise, and its masks could be removed with the reveals of " + (
-                        f"{t['threshold']} sites." if not t["dropped"] else "every site that answered.")
-                    + (f" {', '.join(t['dropped'])} enrolled but did not answer; " if t["dropped"] else " ")
-                    + ("its sum was read" + (f" over the other {t['parties'] - len(t['dropped'])} sites." if t["dropped"]
-                                             else ".") if t["recovered"] else "its sum could not be read."))
+        happened = ((f"{', '.join(t['dropped'])} enrolled but did not answer, and " if t["dropped"] else
+                     "every enrolled site answered, and ")
+                    + ("its sum was read" + (f" over the other {t['parties'] - len(t['dropped'])} sites" if t["dropped"]
+                                             else "") if t["recovered"] else "its sum could not be read"))
+        text.append(f"Round {t['round']} tolerated {t['dropouts']} of its {t['parties']} enrolled sites dropping out "
+                    f"(each site's noise share sized so that any {t['threshold']} shares carry the planned noise; masks "
+                    f"removable with the reveals of {t['threshold']} sites, or of every site that answered if some did "
+                    f"not): {happened}.")
     text.append("If a patient appears at k sites, their loss is at most the sum over those sites. Epsilon is OpenDP's "
                 "zCDP-to-approximate-DP privacy profile; each site's rho is the sum of its signed receipts.")
     return " ".join(text)
