@@ -394,10 +394,10 @@ class SiteGuard:
         if len(roster) - d < need:
             raise Refusal("SECURE_AGGREGATION", f"the roster has {len(roster)} site(s)" + (
                 f"; tolerating {d} dropout(s) leaves {len(roster) - d}" if d else "") + f"; the sum needs at least {need}")
-        if d and len(roster) - d < plan.secure.colluding + 2:
+        if d and len(roster) - d < secagg.min_threshold(d, plan.secure.colluding):
             raise Refusal("SECURE_AGGREGATION", f"the plan's dropouts ({d}) leave a threshold of {len(roster) - d} "
                           f"shares; with {plan.secure.colluding} colluding site(s) it must be at least "
-                          f"{plan.secure.colluding + 2}, or the coordinator could unmask an answer")
+                          f"{secagg.min_threshold(d, plan.secure.colluding)}, or the coordinator could unmask an answer")
         return roster, session
 
     def answer(self, signed: pb.SignedPlan) -> pb.SignedSummary:

@@ -17,7 +17,7 @@ self-mask seeds and its pair-mask seeds with the dropped sites. The coordinator 
 self-masks from t shares each, and the masks the survivors share with the dropped sites from
 those seeds, and removes both. An honest guard reveals for a site either a self-mask share (it is
 told the site answered) or its pair seed (told it dropped), never both, so an answer stays masked
-unless t sites, or every other site, collude with the coordinator (t > colluding + 1 is required).
+unless the threshold is reachable by the colluding sites plus d + 1 (`min_threshold`, required).
 Without d (d = 0) a site that enrolls but does not answer makes the sum unreadable: that round is
 lost, and the budget of the sites that did answer is wasted, never overspent.
 """
@@ -231,6 +231,15 @@ def open_share(recipient: str, private: X25519PrivateKey, sender: str, public: b
 # ----------------------------------------------------------------------------- recovery (coordinator)
 class RecoveryError(Exception):
     """Masks that cannot be removed (the message says which site's)."""
+
+
+def min_threshold(dropouts: int, colluding: int) -> int:
+    """The smallest safe threshold. To unmask an answer it hid, a coordinator needs the answering
+    site's pair seed with every other site and t shares of its self-mask seed. An honest guard gives
+    one or the other per site, and the hidden site itself reveals its seeds with at most `dropouts`
+    sites it is told dropped: so the coordinator gets at most dropouts + colluding + 1 shares (those
+    sites, the colluders, the hidden site's own), and t must exceed that."""
+    return dropouts + colluding + 2
 
 
 def threshold(parties: int, dropouts: int) -> int:

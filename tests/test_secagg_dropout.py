@@ -235,6 +235,10 @@ def test_a_roster_too_small_for_the_declared_dropouts_is_refused_before_any_debi
     # 4 sites, 2 dropouts: the survivors could be 2, below min_parties 3
     signed = enroll_all(four, sign(secure_plan(dictionary, [(("sex",), 0.01)], dropouts=2)))
     assert "tolerating 2 dropout(s) leaves 2; the sum needs at least 3" in refused(four[0].stub.Answer, signed)
+    # 4 sites, 1 dropout, 1 colluder: a threshold of 3 that the colluder, the hidden site and one site it is told
+    # dropped could reach together
+    signed = enroll_all(four, sign(secure_plan(dictionary, [(("sex",), 0.01)], dropouts=1, colluding=1)))
+    assert "threshold of 3 shares; with 1 colluding site(s) it must be at least 4" in refused(four[1].stub.Answer, signed)
     assert all(g.guard.ledger.spent() == 0 for g in four)
 
 
@@ -391,7 +395,7 @@ def test_a_tolerance_the_roster_cannot_carry_is_refused_before_anybody_pays(tmp_
     guards, job = in_process(tmp_path, demo, consortium_keys, dropouts=2)  # 4 sites - 2 < min_parties 3
     messages = []
     manifest = run_release(job, InProcessTransport(guards), Events(echo=messages.append))
-    assert any("tolerating 2 dropout(s) leaves 2, and 3 are needed" in m and "nothing was debited" in m for m in messages)
+    assert any("tolerating 2 dropout(s) leaves 2, and 4 are needed" in m and "nothing was debited" in m for m in messages)
     assert {(f["site"], f["code"]) for f in manifest["sites_not_included"]} == {(s, "NOT_SENT") for s in SITES}
     assert all(f["charged"].startswith("no") for f in manifest["sites_not_included"])
     for site, guard in guards.items():  # round 1 only

@@ -95,9 +95,9 @@ class MeasureOptions:
 def auto_dropouts(parties: int, min_parties: int, colluding: int) -> int:
     """The default dropout tolerance of a secure sum of `parties` sites: a third of the others
     (floor((n - 1) / 3), SecAgg's usual provisioning), but never so many that the survivors could be
-    fewer than `min_parties` or the Shamir threshold n - d could be reached by the colluding sites and
-    one more (n - d >= colluding + 2). 1 for 4 to 6 sites with the defaults, 0 for 3."""
-    return max(0, min((parties - 1) // 3, parties - min_parties, parties - colluding - 2))
+    fewer than `min_parties` or the Shamir threshold n - d below `secagg.min_threshold` (n - d >=
+    d + colluding + 2). 1 for 4 to 6 sites with the defaults, 0 for 3."""
+    return max(0, min((parties - 1) // 3, parties - min_parties, (parties - colluding - 2) // 2))
 
 
 @dataclass(frozen=True)
@@ -166,12 +166,13 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
         roster, to, failures, where = _enroll(signed, opts, site_keys, transport, events, cover)
         need = max([opts.min_parties] + [k.min_parties for k in roster])
         absent = sorted((cover or set()) - {k.site for k in roster})
-        short = len(roster) - dropouts < need or (dropouts and len(roster) - dropouts < opts.colluding + 2)
+        short = len(roster) - dropouts < need or (dropouts and len(roster) - dropouts
+                                                  < secagg.min_threshold(dropouts, opts.colluding))
         if absent or short:
             why = (f"the secure sum must cover every site of the earlier rounds, and {', '.join(absent)} cannot be in it"
                    if absent else f"{len(roster)} site(s) in the secure sum, {need} needed" if not dropouts else
                    f"{len(roster)} site(s) in the secure sum; tolerating {dropouts} dropout(s) leaves {len(roster) - dropouts}, "
-                   f"and {max(need, opts.colluding + 2)} are needed")
+                   f"and {max(need, secagg.min_threshold(dropouts, opts.colluding))} are needed")
             failures += [SiteFailure(k.site, "NOT_SENT", f"enrolled, but the plan was not sent to be answered: {why} "
                                      "(not charged)") for k in roster]
             events(f"round {number}: {why}; nothing was sent to answer (nothing was debited): "
