@@ -461,49 +461,86 @@ class SiteGuard:
                                plan.plan_id, float(plan.expires_at), plan.secure.colluding)
         return pad + secagg.self_pad(me, seed, plan_sha, length), sealed, held
 
+    def _recovery(self, signed: pb.SignedPlan, checking: _Checking, pop: bool
+                  ) -> tuple[pb.QueryPlan, bytes, secagg.Answered, pb.RecoveryStatement]:
+        """Confirm and Reveal: the held answer of this plan and its checked recovery statement. Raises Refusal."""
+        plan_sha = hashlib.sha256(signed.plan).digest()
+        try:
+            checking.plan = plan = pb.QueryPlan.FromString(signed.plan)
+        except Exception:
+            raise Refusal("MALFORMED_PLAN", "the signed bytes are not a query plan") from None
+        with self._lock:  # Reveal: one per answer, whatever happens below
+            held = self._answered.pop(plan_sha, None) if pop else self._answered.get(plan_sha)
+        if held is None or held.expires_at < time.time():
+            raise Refusal("SECURE_AGGREGATION", "this guard holds no answer of this plan to recover: it did not "
+                          "answer it, already revealed for it, its plan expired, or the guard restarted since")
+        key = self._coordinators.get(held.signer)
+        if signed.signer != held.signer or key is None or not keys.verify(key, signed.signature, signed.plan):
+            raise Refusal("BAD_SIGNATURE", "the plan is not signed by the coordinator whose plan this site answered")
+        rec = signed.recovery
+        if not keys.verify(key, rec.signature, rec.statement):
+            raise Refusal("BAD_SIGNATURE", "the recovery statement is not signed by the plan's coordinator")
+        try:
+            statement = pb.RecoveryStatement.FromString(rec.statement)
+            secagg.check_statement(statement, plan_sha, held.roster, held.dropouts)
+        except secagg.RosterError as e:
+            raise Refusal("SECURE_AGGREGATION", str(e)) from None
+        except Exception:
+            raise Refusal("MALFORMED_PLAN", "the recovery statement cannot be parsed") from None
+        if self.config.site not in statement.survivors:
+            raise Refusal("SECURE_AGGREGATION", "the recovery statement lists this site as dropped, but it answered: "
+                          "it reveals nothing for it")
+        if len(statement.survivors) < held.need:
+            raise Refusal("SECURE_AGGREGATION", f"the recovery statement leaves {len(statement.survivors)} site(s) in the "
+                          f"sum; this site joins sums of at least {held.need}")
+        return plan, plan_sha, held, statement
+
+    def confirm(self, signed: pb.SignedPlan) -> pb.Confirmation:
+        """Secure plans with dropouts, step 3: sign the coordinator's statement of who answered. A site
+        confirms one statement per plan (the same one again is fine) and reveals only for it, so a
+        coordinator telling sites different stories cannot gather threshold confirmations for two.
+        Costs no budget. Raises Refusal."""
+        with self._refusals(signed) as checking:
+            plan, plan_sha, held, _ = self._recovery(signed, checking, pop=False)
+            digest = hashlib.sha256(signed.recovery.statement).digest()
+            with self._lock:
+                if held.confirmed not in (None, digest):
+                    raise Refusal("SECURE_AGGREGATION", "this site already confirmed another recovery statement for "
+                                  "this plan; it confirms one")
+                held.confirmed = digest
+            self.ledger.audit("confirmed", plan.plan_id, signed.signer, "OK", {"statement_sha256": digest.hex()})
+        return pb.Confirmation(site=self.config.site, statement_sha256=digest,
+                               signature=self._signing_key.sign(secagg.confirm_bytes(self.config.site, plan_sha, digest)))
+
     def reveal(self, signed: pb.SignedPlan) -> pb.SignedReveal:
-        """Secure plans with dropouts, step 3: given the coordinator's signed statement of who answered,
-        reveal this site's shares of the survivors' self-mask seeds and its pair-mask seeds with the
-        dropped sites. Once per answered plan: the held key is gone after the first request, refused
-        or not, so a coordinator cannot ask again with another story. Costs no budget. Raises Refusal.
+        """Secure plans with dropouts, step 4: given the coordinator's signed statement of who answered,
+        which this site confirmed and at least threshold survivors confirmed, reveal this site's shares
+        of the survivors' self-mask seeds and its pair-mask seeds with the dropped sites. Once per
+        answered plan: the held key is gone after the first request, refused or not. Costs no budget.
+        Raises Refusal.
 
         Never for a site that answered: a site the statement lists as dropped but whose sealed share
         (sent only with an answer) is forwarded here is refused, as is a statement listing this site
-        (which answered) as dropped. A coordinator that hides an answer and calls its site dropped gets
-        that site's pair seeds but not its self-mask shares from every honest guard, so its answer stays
-        masked."""
-        plan_sha = hashlib.sha256(signed.plan).digest()
+        (which answered) as dropped. Because every honest guard reveals for the one statement it
+        confirmed, and two statements cannot both gather threshold confirmations, all honest guards
+        reveal for the same survivors: an answer the coordinator hid and called dropped gets its pair
+        seeds revealed but never its self-mask shares, so it stays masked."""
         with self._refusals(signed) as checking:
-            try:
-                checking.plan = plan = pb.QueryPlan.FromString(signed.plan)
-            except Exception:
-                raise Refusal("MALFORMED_PLAN", "the signed bytes are not a query plan") from None
-            with self._lock:
-                held = self._answered.pop(plan_sha, None)  # one reveal per answer, whatever happens below
-            if held is None or held.expires_at < time.time():
-                raise Refusal("SECURE_AGGREGATION", "this guard holds no answer of this plan to recover: it did not "
-                              "answer it, already revealed for it, its plan expired, or the guard restarted since")
-            key = self._coordinators.get(held.signer)
-            if signed.signer != held.signer or key is None or not keys.verify(key, signed.signature, signed.plan):
-                raise Refusal("BAD_SIGNATURE", "the plan is not signed by the coordinator whose plan this site answered")
+            plan, plan_sha, held, statement = self._recovery(signed, checking, pop=True)
             rec = signed.recovery
-            if not keys.verify(key, rec.signature, rec.statement):
-                raise Refusal("BAD_SIGNATURE", "the recovery statement is not signed by the plan's coordinator")
             me, roster = self.config.site, held.roster
+            survivors, dropped = list(statement.survivors), list(statement.dropped)
+            if held.confirmed != hashlib.sha256(rec.statement).digest():
+                raise Refusal("SECURE_AGGREGATION", "this site did not confirm this recovery statement; it reveals only "
+                              "for the one it confirmed")
             try:
-                statement = pb.RecoveryStatement.FromString(rec.statement)
-                secagg.check_statement(statement, plan_sha, roster, held.dropouts)
+                confirmed = secagg.check_confirmations(rec.confirmations, rec.statement, plan_sha, survivors, self._peers)
             except secagg.RosterError as e:
                 raise Refusal("SECURE_AGGREGATION", str(e)) from None
-            except Exception:
-                raise Refusal("MALFORMED_PLAN", "the recovery statement cannot be parsed") from None
-            survivors, dropped = list(statement.survivors), list(statement.dropped)
-            if me not in survivors:
-                raise Refusal("SECURE_AGGREGATION", "the recovery statement lists this site as dropped, but it answered: "
-                              "it reveals nothing for it")
-            if len(survivors) < held.need:
-                raise Refusal("SECURE_AGGREGATION", f"the recovery statement leaves {len(survivors)} site(s) in the sum; "
-                              f"this site joins sums of at least {held.need}")
+            t = secagg.threshold(len(roster), held.dropouts)
+            if len(confirmed) < t:
+                raise Refusal("SECURE_AGGREGATION", f"{len(confirmed)} survivor(s) confirmed the recovery statement; "
+                              f"revealing needs {t}")
             mine: dict[str, int] = {me: held.own_share}
             try:
                 for f in rec.shares:
@@ -610,6 +647,9 @@ class GuardServicer(pb_grpc.SiteGuardServicer):
 
     def Reveal(self, request, context):
         return self._call(self.guard.reveal, request, context)
+
+    def Confirm(self, request, context):
+        return self._call(self.guard.confirm, request, context)
 
     @staticmethod
     def _call(method, request, context):

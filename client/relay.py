@@ -3,8 +3,8 @@
 It holds no data and no keys. It forwards the serialized query plan to the guard named in
 the SuperNode's `--node-config guard-address=...` and returns the guard's serialized reply: a
 signed summary (message type `query.summary`) or, for secure aggregation, the site's signed
-one-time key (`query.enroll`) and, for secure sums that tolerate dropouts, its signed reveal
-(`query.reveal`).
+one-time key (`query.enroll`) and, for secure sums that tolerate dropouts, its signed
+confirmation of who answered (`query.confirm`) and its signed reveal (`query.reveal`).
 Whatever goes wrong, the reply carries a fixed error code and a data-free message: Flower
 would otherwise forward exception text to the coordinator word for word. Imports stay light
 (no numpy, no OpenDP) because Flower starts a fresh process for every message.
@@ -64,7 +64,7 @@ def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float, kind: str 
     try:
         with grpc.insecure_channel(guard_address) as channel:
             stub = pb_grpc.SiteGuardStub(channel)
-            reply = {"enroll": stub.Enroll, "reveal": stub.Reveal}.get(kind, stub.Answer)(plan, timeout=timeout)
+            reply = {"enroll": stub.Enroll, "confirm": stub.Confirm, "reveal": stub.Reveal}.get(kind, stub.Answer)(plan, timeout=timeout)
     except grpc.RpcError as e:
         details = (e.details() or "") if hasattr(e, "details") else ""
         code, _, message = details.partition(":")
@@ -89,6 +89,11 @@ def summary(msg: Message, context: Context) -> Message:
 @app.query("enroll")
 def enroll(msg: Message, context: Context) -> Message:
     return _relay(msg, context, "enroll")
+
+
+@app.query("confirm")
+def confirm(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, "confirm")
 
 
 @app.query("reveal")
@@ -127,7 +132,7 @@ def _simulation_guard(config_path: str):
 
 def guard_method(guard, kind: str):
     """The SiteGuard method that answers a request of this kind."""
-    return {"enroll": guard.enroll, "reveal": guard.reveal}.get(kind, guard.answer)
+    return {"enroll": guard.enroll, "confirm": guard.confirm, "reveal": guard.reveal}.get(kind, guard.answer)
 
 
 def relay_in_process(plan_bytes: bytes, config_path: str, kind: str = "summary") -> ConfigRecord:

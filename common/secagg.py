@@ -265,12 +265,34 @@ def check_statement(statement: pb.RecoveryStatement, plan_sha256: bytes, roster:
         raise RosterError(f"the recovery statement lists {len(dropped)} dropped site(s); the plan tolerates {dropouts}")
 
 
-def recovered(survivors, dropped, revealers, parties: int, dropouts: int) -> bool:
+def recovered(survivors, dropped, revealers, parties: int, dropouts: int, confirmers=None) -> bool:
     """Whether reveals from `revealers` suffice to read the survivors' sum: t of them for the self-masks,
-    and, when sites dropped, every survivor (each holds its own pair seeds with them)."""
+    and, when sites dropped, every survivor (each holds its own pair seeds with them); and t survivors
+    confirmed the statement (`confirmers`, when given)."""
     revealers, survivors = set(revealers), set(survivors)
-    return (revealers <= survivors and len(dropped) <= dropouts
-            and len(revealers) >= threshold(parties, dropouts) and (not dropped or revealers == survivors))
+    t = threshold(parties, dropouts)
+    return (revealers <= survivors and len(dropped) <= dropouts and len(revealers) >= t
+            and (not dropped or revealers == survivors)
+            and (confirmers is None or (set(confirmers) <= survivors and len(set(confirmers)) >= t)))
+
+
+def confirm_bytes(site: str, plan_sha256: bytes, statement_sha256: bytes) -> bytes:
+    """What a survivor signs to confirm a recovery statement."""
+    return b"\0".join([CONTEXT, b"confirm", plan_sha256, site.encode(), statement_sha256])
+
+
+def check_confirmations(confirmations, statement: bytes, plan_sha256: bytes, survivors, site_keys: dict) -> list[str]:
+    """The survivors whose confirmations of `statement` verify against their site keys (each once)."""
+    digest = hashlib.sha256(statement).digest()
+    out: list[str] = []
+    for c in confirmations:
+        key = site_keys.get(c.site)
+        if c.site not in survivors or c.site in out or key is None or c.statement_sha256 != digest:
+            raise RosterError(f"a confirmation from {c.site[:80]!r}: not a survivor's (or twice), or of another statement")
+        if not keys.verify(key, c.signature, confirm_bytes(c.site, plan_sha256, digest)):
+            raise RosterError(f"the confirmation of {c.site!r} does not verify against its site key")
+        out.append(c.site)
+    return out
 
 
 def correction(plan_sha256: bytes, roster: dict[str, bytes], dropouts: int, survivors, dropped,
@@ -364,3 +386,4 @@ class Answered:
     plan_id: str
     expires_at: float
     colluding: int = 0
+    confirmed: bytes | None = None  # SHA-256 of the one recovery statement this site confirmed

@@ -48,7 +48,7 @@ class InProcessTransport:
             if to is not None and name not in to:
                 continue
             try:
-                replies.append(SiteReply(name, {"enroll": guard.enroll, "reveal": guard.reveal}.get(kind, guard.answer)(plan)))
+                replies.append(SiteReply(name, {"enroll": guard.enroll, "confirm": guard.confirm, "reveal": guard.reveal}.get(kind, guard.answer)(plan)))
             except Refusal as r:
                 failures.append(SiteFailure(name, r.code, r.message))
         return replies, failures

@@ -165,14 +165,26 @@ class SignedPlan(_message.Message):
     def __init__(self, plan: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer: _Optional[str] = ..., roster: _Optional[_Iterable[_Union[KeyShare, _Mapping]]] = ..., records: _Optional[bytes] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ...) -> None: ...
 
 class Recovery(_message.Message):
-    __slots__ = ("statement", "signature", "shares")
+    __slots__ = ("statement", "signature", "shares", "confirmations")
     STATEMENT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATIONS_FIELD_NUMBER: _ClassVar[int]
     statement: bytes
     signature: bytes
     shares: _containers.RepeatedCompositeFieldContainer[ForwardedShare]
-    def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., shares: _Optional[_Iterable[_Union[ForwardedShare, _Mapping]]] = ...) -> None: ...
+    confirmations: _containers.RepeatedCompositeFieldContainer[Confirmation]
+    def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., shares: _Optional[_Iterable[_Union[ForwardedShare, _Mapping]]] = ..., confirmations: _Optional[_Iterable[_Union[Confirmation, _Mapping]]] = ...) -> None: ...
+
+class Confirmation(_message.Message):
+    __slots__ = ("site", "statement_sha256", "signature")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    STATEMENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    statement_sha256: bytes
+    signature: bytes
+    def __init__(self, site: _Optional[str] = ..., statement_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RecoveryStatement(_message.Message):
     __slots__ = ("plan_sha256", "roster_sha256", "survivors", "dropped")

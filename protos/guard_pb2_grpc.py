@@ -54,6 +54,11 @@ class SiteGuardStub:
                 request_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
                 response_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedReveal.FromString,
                 _registered_method=True)
+        self.Confirm = channel.unary_unary(
+                '/ppsehr.guard.v1.SiteGuard/Confirm',
+                request_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+                response_deserializer=ppsehr_dot_protos_dot_guard__pb2.Confirmation.FromString,
+                _registered_method=True)
 
 
 class SiteGuardServicer:
@@ -90,6 +95,15 @@ class SiteGuardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Confirm(self, request, context):
+        """Before Reveal: sign the coordinator's recovery statement (SignedPlan.recovery, without shares).
+        A site confirms one statement per plan and reveals only for the statement it confirmed, and only
+        with at least threshold confirmations of it: two different statements cannot both be revealed for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteGuardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +126,11 @@ def add_SiteGuardServicer_to_server(servicer, server):
                     servicer.Reveal,
                     request_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.FromString,
                     response_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedReveal.SerializeToString,
+            ),
+            'Confirm': grpc.unary_unary_rpc_method_handler(
+                    servicer.Confirm,
+                    request_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.FromString,
+                    response_serializer=ppsehr_dot_protos_dot_guard__pb2.Confirmation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class SiteGuard:
             '/ppsehr.guard.v1.SiteGuard/Reveal',
             ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
             ppsehr_dot_protos_dot_guard__pb2.SignedReveal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Confirm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ppsehr.guard.v1.SiteGuard/Confirm',
+            ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+            ppsehr_dot_protos_dot_guard__pb2.Confirmation.FromString,
             options,
             channel_credentials,
             insecure,

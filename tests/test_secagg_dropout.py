@@ -97,8 +97,9 @@ def refused(call, request):
     return e.value.details()
 
 
-def reveal_request(signed, results, survivors, dropped, coordinator_key, forward=None):
-    """What the coordinator sends to Reveal: its signed statement and the survivors' sealed shares."""
+def reveal_request(signed, results, survivors, dropped, coordinator_key, forward=None, confirm_by=()):
+    """What the coordinator sends to Reveal: its signed statement, the survivors' sealed shares, and the
+    confirmations of the guards in `confirm_by` (asked first, with Confirm)."""
     plan_sha = hashlib.sha256(signed.plan).digest()
     roster = {k.site: bytes(k.public_key) for k in signed.roster}
     request = pb.SignedPlan()
@@ -109,6 +110,7 @@ def reveal_request(signed, results, survivors, dropped, coordinator_key, forward
         if forward is None or r.site in forward:
             request.recovery.shares.extend(pb.ForwardedShare(sender=r.site, recipient=s.recipient, ciphertext=s.ciphertext)
                                            for s in r.summary.shares)
+    request.recovery.confirmations.extend([g.stub.Confirm(request) for g in confirm_by])
     return request
 
 
@@ -149,7 +151,7 @@ def test_a_sum_with_a_dropped_site_is_read_from_the_survivors_and_carries_the_pl
     assert sum(r.summary.marginals[0].noise_scale ** 2 for r in results) >= planned * (1 - 1e-9)
     with pytest.raises(ValueError, match="before its masks are removed"):
         aggregate(plan, results, dictionary)
-    request = reveal_request(signed, results, [r.site for r in results], ["va"], coordinator_key)
+    request = reveal_request(signed, results, [r.site for r in results], ["va"], coordinator_key, confirm_by=survivors)
     plan_sha = hashlib.sha256(signed.plan).digest()
     reveals = dict(verify_reveal(g.stub.Reveal(request), site_keys, plan_sha, request.recovery.statement,
                                  [r.site for r in results], ["va"]) for g in survivors)
@@ -175,7 +177,7 @@ def test_without_dropouts_the_reveal_only_removes_the_self_masks(four, dictionar
     # the plain sum of the four masked tables is not the counts: each carries a self-mask
     raw = secagg.unmasked_sum([r.summary.marginals[0].masked for r in results])
     assert np.mean(np.abs(raw) > 1e12) > 0.9
-    request = reveal_request(signed, results, list(SITES), [], coordinator_key)
+    request = reveal_request(signed, results, list(SITES), [], coordinator_key, confirm_by=four[1:])
     plan_sha = hashlib.sha256(signed.plan).digest()
     # three reveals (the threshold n - d) are enough: the fourth site may drop now
     reveals = dict(verify_reveal(g.stub.Reveal(request), site_keys, plan_sha, request.recovery.statement, list(SITES), [])
@@ -193,22 +195,37 @@ def test_a_guard_never_reveals_for_a_site_that_answered(four, dictionary, sign, 
     results = [verify_summary(g.stub.Answer(signed), signed, dictionary, site_keys) for g in four]
     names = [r.site for r in results]
     # the coordinator calls va dropped but forwards va's sealed share (sent only with an answer): refused
-    lie = reveal_request(signed, results, names[:3], ["va"], coordinator_key)
+    lie = reveal_request(signed, results, names[:3], ["va"], coordinator_key, confirm_by=four[:3])
     assert "SECURE_AGGREGATION: the recovery statement lists 'va' as dropped, but its answer's sealed share is here" \
         in refused(four[0].stub.Reveal, lie)
-    # and that guard's reveal is spent: asking again with another story gets nothing
+    # and that guard's reveal is spent: asking again gets nothing
+    assert "holds no answer" in refused(four[0].stub.Reveal, lie)
+    # a guard told that it dropped itself, though it answered, confirms nothing
+    assert "lists this site as dropped" in refused(four[3].stub.Confirm, lie)
+    # another story for the others: they confirmed the first one, and confirm one statement only
     honest = reveal_request(signed, results, names, [], coordinator_key)
-    assert "holds no answer" in refused(four[0].stub.Reveal, honest)
-    # a guard told that it dropped itself, though it answered, reveals nothing
-    assert "lists this site as dropped" in refused(four[3].stub.Reveal,
-                                                   reveal_request(signed, results, names[:3], ["va"], coordinator_key,
-                                                                  forward=names[:3]))
-    # more dropped than the plan tolerates, a statement not signed by the plan's coordinator, or for another roster
-    assert "tolerates 1" in refused(four[1].stub.Reveal, reveal_request(signed, results, names[:2], names[2:],
-                                                                         coordinator_key, forward=names[:2]))
+    assert "already confirmed another recovery statement" in refused(four[1].stub.Confirm, honest)
+    assert "did not confirm this recovery statement" in refused(four[1].stub.Reveal, honest)
+    # va confirms the honest story, but one confirmation is not the threshold: two stories cannot both be revealed for
+    honest.recovery.confirmations.append(four[3].stub.Confirm(honest))
+    assert "1 survivor(s) confirmed the recovery statement; revealing needs 3" in refused(four[3].stub.Reveal, honest)
+    # more dropped than the plan tolerates, or a statement not signed by the plan's coordinator
+    assert "tolerates 1" in refused(four[2].stub.Confirm, reveal_request(signed, results, names[:2], names[2:],
+                                                                          coordinator_key, forward=names[:2]))
     forged = reveal_request(signed, results, names, [], ed25519.Ed25519PrivateKey.generate())
-    assert "BAD_SIGNATURE" in refused(four[2].stub.Reveal, forged)
+    assert "BAD_SIGNATURE" in refused(four[2].stub.Confirm, forged)
     assert all(g.guard.ledger.spent() == pytest.approx(results[0].receipt.rho_debited) for g in four)
+
+
+def test_forged_confirmations_do_not_count(four, dictionary, sign, coordinator_key, site_keys):
+    signed = enroll_all(four, sign(secure_plan(dictionary, [(("sex",), 0.03)], dropouts=1)))
+    results = [verify_summary(g.stub.Answer(signed), signed, dictionary, site_keys) for g in four]
+    request = reveal_request(signed, results, list(SITES), [], coordinator_key, confirm_by=four[:2])
+    fake = pb.Confirmation()
+    fake.CopyFrom(request.recovery.confirmations[0])
+    fake.site = "switzerland"  # cleveland's signature passed off as switzerland's
+    request.recovery.confirmations.append(fake)
+    assert "the confirmation of 'switzerland' does not verify" in refused(four[0].stub.Reveal, request)
 
 
 def test_a_hidden_answer_stays_masked_when_its_site_is_called_dropped(four, dictionary, sign, coordinator_key, site_keys):
@@ -217,7 +234,7 @@ def test_a_hidden_answer_stays_masked_when_its_site_is_called_dropped(four, dict
     signed = enroll_all(four, sign(secure_plan(dictionary, [(("age", "sex"), 0.03)], dropouts=1)))
     results = [verify_summary(g.stub.Answer(signed), signed, dictionary, site_keys) for g in four]
     names = [r.site for r in results]
-    request = reveal_request(signed, results, names[:3], ["va"], coordinator_key, forward=names[:3])
+    request = reveal_request(signed, results, names[:3], ["va"], coordinator_key, forward=names[:3], confirm_by=four[:3])
     plan_sha = hashlib.sha256(signed.plan).digest()
     reveals = dict(verify_reveal(g.stub.Reveal(request), site_keys, plan_sha, request.recovery.statement, names[:3], ["va"])
                    for g in four[:3])
@@ -298,7 +315,7 @@ def test_a_release_with_a_dropped_site_is_readable_states_what_happened_and_veri
     assert (sec["dropouts"], sec["threshold"]) == (1, 3)
     rec = sec["recovery"]
     assert rec["dropped"] == ["va"] and rec["survivors"] == ["cleveland", "hungarian", "switzerland"]
-    assert rec["recovered"] is True and rec["revealed_by"] == rec["survivors"]
+    assert rec["recovered"] is True and rec["revealed_by"] == rec["confirmed_by"] == rec["survivors"]
     # round 3 is a secure sum of the three that answered round 2 (va, back, is left out at no cost); three
     # sites with min_parties 3 tolerate no dropout, so it goes without one
     assert sorted(k["site"] for k in third["secure"]["roster"]) == rec["survivors"]
@@ -335,6 +352,8 @@ def test_the_model_covers_the_sites_of_the_survivors_sum(dropped_release):
 
 @pytest.mark.parametrize("change, match", [
     (lambda m: m["plans"][1]["secure"]["recovery"]["reveals"].pop(), "does not follow"),
+    (lambda m: m["plans"][1]["secure"]["recovery"]["confirmations"].pop(), "does not follow"),
+    (lambda m: m["plans"][1]["secure"]["recovery"]["confirmations"][0].update(site="va"), "confirmation"),
     (lambda m: m["plans"][1]["secure"].update(threshold=4), "does not follow"),
     (lambda m: m["plans"][1]["secure"].pop("dropouts"), "other secure-aggregation terms"),
     (lambda m: m["plans"][1]["secure"]["recovery"].update(dropped=[], survivors=["cleveland", "hungarian", "switzerland",
@@ -362,7 +381,7 @@ def test_a_recovery_statement_calling_a_site_that_answered_dropped_does_not_veri
         statement = secagg.statement_bytes(plan_sha, roster, ["hungarian", "switzerland", "va"], ["cleveland"])
         entry["secure"]["recovery"].update(statement=keys.b64(statement), signature=keys.b64(coordinator_key.sign(statement)),
                                            survivors=["hungarian", "switzerland", "va"], dropped=["cleveland"], reveals=[],
-                                           revealed_by=[], recovered=False)
+                                           revealed_by=[], recovered=False, confirmations=[], confirmed_by=[])
     edit_manifest(copy, lie)
     resign_manifest(copy, consortium_keys.coordinator_key)
     with pytest.raises(ReleaseError, match="'cleveland' answered plan .* lists it as dropped"):

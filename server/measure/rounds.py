@@ -102,12 +102,13 @@ def auto_dropouts(parties: int, min_parties: int, colluding: int) -> int:
 
 @dataclass(frozen=True)
 class Recovery:
-    """A secure sum with dropouts: the coordinator's signed statement of who answered, and the
-    survivors' signed reveal receipts (site, receipt bytes, signature) that made it readable (empty if
-    the reveals did not suffice)."""
+    """A secure sum with dropouts: the coordinator's signed statement of who answered, the survivors'
+    signed confirmations of it (site, signature), and their signed reveal receipts (site, receipt
+    bytes, signature) that made it readable (empty if the reveals did not suffice)."""
 
     statement: bytes
     signature: bytes
+    confirmations: tuple[tuple[str, bytes], ...] = ()
     reveals: tuple[tuple[str, bytes, bytes], ...] = ()
 
 
@@ -234,10 +235,34 @@ def _recover(number: int, signed: pb.SignedPlan, results: list[SiteResult], drop
         request.recovery.shares.extend(pb.ForwardedShare(sender=r.site, recipient=sh.recipient, ciphertext=sh.ciphertext)
                                        for sh in r.summary.shares if sh.recipient in survivors)
     names = {site: name for name, site in where.items()}
+    to = {names.get(s, s) for s in survivors}
+    signature = bytes(request.recovery.signature)
     events(f"round {number}: " + (f"{', '.join(dropped)} did not answer; " if dropped else "")
-           + f"asking the {len(survivors)} site(s) that answered to reveal what removes the masks", stage="measure")
+           + f"asking the {len(survivors)} site(s) that answered to confirm who did", stage="measure")
+    confirm = pb.SignedPlan()
+    confirm.CopyFrom(request)
+    del confirm.recovery.shares[:]
+    replies, failures = transport.query(confirm, opts.reply_timeout, events, kind="confirm", to=to)
+    confirmations = []
+    for r in replies:
+        try:
+            secagg.check_confirmations([r.signed], statement, plan_sha, survivors, site_keys)
+        except secagg.RosterError as e:
+            events(f"{r.where}: confirmation rejected: {e}")
+            continue
+        if r.signed.site not in {c.site for c in confirmations}:
+            confirmations.append(r.signed)
+    confirmations.sort(key=lambda c: c.site)
+    confirmed = tuple((c.site, bytes(c.signature)) for c in confirmations)
+    t = secagg.threshold(len(roster), dropouts)
+    if len(confirmations) < t:
+        return (Recovery(statement, signature, confirmed), None,
+                f"{len(confirmations)} site(s) confirmed who answered, {t} needed")
+    request.recovery.confirmations.extend(confirmations)
+    events(f"round {number}: {len(confirmations)} site(s) confirmed; asking them to reveal what removes the masks",
+           stage="measure")
     replies, failures = transport.query(request, opts.reply_timeout, events, kind="reveal",
-                                        to={names.get(s, s) for s in survivors})
+                                        to={names.get(c.site, c.site) for c in confirmations})
     reveals: dict[str, pb.Reveal] = {}
     receipts: list[tuple[str, bytes, bytes]] = []
     for r in replies:
@@ -255,10 +280,10 @@ def _recover(number: int, signed: pb.SignedPlan, results: list[SiteResult], drop
     try:
         correction = secagg.correction(plan_sha, roster, dropouts, survivors, dropped, reveals, length)
     except secagg.RecoveryError as e:
-        return Recovery(statement, bytes(request.recovery.signature)), None, f"the masks could not be removed: {e}"
+        return Recovery(statement, signature, confirmed), None, f"the masks could not be removed: {e}"
     events(f"round {number}: masks removed with the reveals of {len(reveals)} site(s)"
            + (f"; the sum is over the {len(survivors)} that answered" if dropped else ""), stage="aggregate")
-    return Recovery(statement, bytes(request.recovery.signature), tuple(sorted(receipts))), correction, ""
+    return Recovery(statement, signature, confirmed, tuple(sorted(receipts))), correction, ""
 
 
 def _enroll(signed: pb.SignedPlan, opts: MeasureOptions, site_keys, transport: Transport, events: Progress,

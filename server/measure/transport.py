@@ -31,7 +31,7 @@ class SiteReply:
     signed: pb.SignedSummary | pb.KeyShare
 
 
-KINDS = {"summary": pb.SignedSummary, "enroll": pb.KeyShare, "reveal": pb.SignedReveal}  # what a site replies to each kind
+KINDS = {"summary": pb.SignedSummary, "enroll": pb.KeyShare, "confirm": pb.Confirmation, "reveal": pb.SignedReveal}  # what a site replies to each kind
 
 
 class Transport(Protocol):
@@ -83,7 +83,7 @@ class FlowerTransport:
                             dst_node_id=n, message_type=f"query.{kind}", group_id="release", ttl=timeout + 60)
                     for n in nodes]
         pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes)}
-        progress(f"plan sent to {len(nodes)} site(s); waiting for " + {"enroll": "their one-time keys", "reveal": "their reveals"}.get(kind, "summaries"))
+        progress(f"plan sent to {len(nodes)} site(s); waiting for " + {"enroll": "their one-time keys", "confirm": "their confirmations", "reveal": "their reveals"}.get(kind, "summaries"))
         replies: list[SiteReply] = []
         failures: list[SiteFailure] = []
         deadline = time.monotonic() + timeout

@@ -362,6 +362,7 @@ def _verify_recovery(entry: dict[str, Any], sec: dict[str, Any], plan: pb.QueryP
         rec = sec["recovery"]
         statement, signature = keys.unb64(rec["statement"]), keys.unb64(rec["signature"])
         reveals = [(r["site"], keys.unb64(r["receipt"]), keys.unb64(r["signature"])) for r in rec["reveals"]]
+        confirmations = [(c["site"], keys.unb64(c["signature"])) for c in rec["confirmations"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ReleaseError(f"{mpath}: {where} is unreadable ({e})") from None
     if not keys.verify(ckey, signature, statement):
@@ -369,6 +370,11 @@ def _verify_recovery(entry: dict[str, Any], sec: dict[str, Any], plan: pb.QueryP
     try:
         parsed = pb.RecoveryStatement.FromString(statement)
         secagg.check_statement(parsed, plan_sha, roster, plan.secure.dropouts)
+        digest = hashlib.sha256(statement).digest()
+        secagg.check_confirmations(
+            [pb.Confirmation(site=s, statement_sha256=digest, signature=sig) for s, sig in confirmations], statement,
+            plan_sha, parsed.survivors, {s: _site_key(s, manifest, site_keys) for s, _ in confirmations
+                                         if s in parsed.survivors})
         seen: set[str] = set()
         for site, raw, sig in reveals:
             if site not in parsed.survivors or site in seen:
@@ -382,7 +388,7 @@ def _verify_recovery(entry: dict[str, Any], sec: dict[str, Any], plan: pb.QueryP
         raise
     except Exception as e:  # a statement or receipt that does not parse
         raise ReleaseError(f"{mpath}: {where} does not verify ({type(e).__name__})") from None
-    return mf.RecoveryFacts(statement, signature, tuple(reveals))
+    return mf.RecoveryFacts(statement, signature, tuple(confirmations), tuple(reveals))
 
 
 def _site_key(site: str, manifest: dict[str, Any], site_keys: dict[str, Path] | None):

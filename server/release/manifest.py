@@ -49,7 +49,13 @@ class RecoveryFacts:
 
     statement: bytes
     signature: bytes
+    confirmations: tuple[tuple[str, bytes], ...]  # (site, signature over secagg.confirm_bytes)
     reveals: tuple[tuple[str, bytes, bytes], ...]  # (site, RevealReceipt bytes, signature)
+
+    def readable(self, parties: int, dropouts: int) -> bool:
+        st = self.parsed()
+        return secagg.recovered(st.survivors, st.dropped, [s for s, _, _ in self.reveals], parties, dropouts,
+                                [s for s, _ in self.confirmations])
 
     def parsed(self) -> pb.RecoveryStatement:
         return pb.RecoveryStatement.FromString(self.statement)
@@ -62,9 +68,8 @@ def plan_facts(number: int, plan: pb.QueryPlan, roster: Iterable[str] = (), reco
     d = plan.secure.dropouts if secure else 0
     dropped, recovered = (), False
     if recovery is not None:
-        st = recovery.parsed()
-        dropped = tuple(st.dropped)
-        recovered = secagg.recovered(st.survivors, st.dropped, [site for site, _, _ in recovery.reveals], len(roster), d)
+        dropped = tuple(recovery.parsed().dropped)
+        recovered = recovery.readable(len(roster), d)
     return PlanFacts(number, plan.plan_id, len(plan.marginals), secure, plan.secure.colluding if secure else 0, roster,
                      d, dropped, recovered)
 
@@ -75,16 +80,17 @@ def round_facts(rnd: Round) -> PlanFacts:
 
 def round_recovery(rnd: Round) -> RecoveryFacts | None:
     r = rnd.recovery
-    return None if r is None else RecoveryFacts(r.statement, r.signature, tuple(r.reveals))
+    return None if r is None else RecoveryFacts(r.statement, r.signature, tuple(r.confirmations), tuple(r.reveals))
 
 
 def recovery_entry(recovery: RecoveryFacts, parties: int, dropouts: int) -> dict[str, Any]:
     """What the manifest says happened to a secure sum with dropouts, every field from signed bytes."""
     st = recovery.parsed()
     return {"survivors": list(st.survivors), "dropped": list(st.dropped),
-            "recovered": secagg.recovered(st.survivors, st.dropped, [s for s, _, _ in recovery.reveals], parties, dropouts),
-            "revealed_by": [s for s, _, _ in recovery.reveals],
+            "recovered": recovery.readable(parties, dropouts),
+            "confirmed_by": [s for s, _ in recovery.confirmations], "revealed_by": [s for s, _, _ in recovery.reveals],
             "statement": keys.b64(recovery.statement), "signature": keys.b64(recovery.signature),
+            "confirmations": [{"site": s, "signature": keys.b64(sig)} for s, sig in recovery.confirmations],
             "reveals": [{"site": s, "receipt": keys.b64(raw), "signature": keys.b64(sig)} for s, raw, sig in recovery.reveals]}
 
 
