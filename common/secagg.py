@@ -12,8 +12,9 @@ also adds a self-mask from a fresh seed and Shamir-shares the seed (threshold t 
 prime field GF(2^127 - 1)) among the roster, each share sealed with ChaCha20-Poly1305 under a key
 derived from the pair's X25519 secret (HKDF info "share", never the mask seed), and sends the sealed
 shares with its answer. Once the coordinator has the answers it signs who answered (survivors) and
-who did not (dropped); each survivor's guard then reveals, once, its shares of the survivors'
-self-mask seeds and its pair-mask seeds with the dropped sites. The coordinator rebuilds the
+who did not (dropped); each survivor's guard confirms that statement (one per plan, signed), and
+then, given t survivors' confirmations of it, reveals once its shares of the survivors' self-mask
+seeds and its pair-mask seeds with the dropped sites. The coordinator rebuilds the
 self-masks from t shares each, and the masks the survivors share with the dropped sites from
 those seeds, and removes both. An honest guard reveals for a site either a self-mask share (it is
 told the site answered) or its pair seed (told it dropped), never both, so an answer stays masked
@@ -234,11 +235,13 @@ class RecoveryError(Exception):
 
 
 def min_threshold(dropouts: int, colluding: int) -> int:
-    """The smallest safe threshold. To unmask an answer it hid, a coordinator needs the answering
-    site's pair seed with every other site and t shares of its self-mask seed. An honest guard gives
-    one or the other per site, and the hidden site itself reveals its seeds with at most `dropouts`
-    sites it is told dropped: so the coordinator gets at most dropouts + colluding + 1 shares (those
-    sites, the colluders, the hidden site's own), and t must exceed that."""
+    """The smallest threshold t = n - d a plan with dropouts may have: t >= d + colluding + 2, i.e.
+    n >= 2d + colluding + 2. Then 2t > n + colluding, so two different recovery statements cannot
+    both gather t confirmations (each honest site confirms one), and every honest guard reveals for
+    the same survivors; and t > colluding + 1, so the colluders and the hidden site itself cannot
+    rebuild the self-mask of an answer the coordinator hid and called dropped. Without the
+    confirmations, a coordinator telling each guard a different story could read partial sums, or
+    an answer, once n <= 2d + colluding + 1."""
     return dropouts + colluding + 2
 
 
