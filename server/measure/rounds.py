@@ -86,9 +86,9 @@ class MeasureOptions:
                    for s in self.structure):
             raise PpsehrError(f"structure must list dependencies of 2 or 3 variable names, got {self.structure!r}")
 
-
     def tolerated(self, parties: int) -> int:
-        """The dropouts a secure plan for `parties` expected sites declares: the option, or `auto_dropouts`."""
+        """The dropouts a secure plan for `parties` expected sites declares: the option (every secure
+        round; a roster that cannot carry it is not sent to be answered), or `auto_dropouts`."""
         return self.dropouts if self.dropouts is not None else auto_dropouts(parties, self.min_parties, self.colluding)
 
 
@@ -141,9 +141,10 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     A secure plan goes out twice: to enroll (the sites check it, debit nothing and return signed
     one-time keys), then with the roster of enrolled keys, to be answered. It declares d dropouts
     (`MeasureOptions.tolerated`). With d = 0 its masked sum can be read only if every enrolled
-    site answers. With d > 0 it goes out a third time, to the sites that answered, with the
-    coordinator's signed statement of who answered: their reveals remove the self-masks and the
-    masks shared with up to d sites that did not answer. Otherwise the round counts as unanswered,
+    site answers. With d > 0 it goes out twice more, to the sites that answered, with the
+    coordinator's signed statement of who answered: they confirm it, then, given t confirmations,
+    reveal what removes the self-masks and the masks shared with up to d sites that did not answer
+    (`_recover`). Otherwise the round counts as unanswered,
     and the sites that did answer are listed as charged for nothing. With `cover` (round 1's sites,
     or the previous secure round's survivors), a secure sum must be enrolled by exactly those sites:
     others are left out of the roster, and if one of them did not enroll, or the roster is too small
@@ -222,8 +223,9 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
 def _recover(number: int, signed: pb.SignedPlan, results: list[SiteResult], dropped: list[str], where: dict[str, str],
              dropouts: int, opts: MeasureOptions, coordinator_key, site_keys, dictionary: Dictionary, transport: Transport,
              events: Progress) -> tuple[Recovery, np.ndarray | None, str]:
-    """Secure plans with dropouts: sign who answered, ask the survivors to reveal, and rebuild the masks
-    to remove. Returns the recovery record, the correction (None if the sum cannot be read) and why not."""
+    """Secure plans with dropouts: sign who answered, ask the survivors to confirm it and then to reveal,
+    and rebuild the masks to remove. Returns the recovery record, the correction (None if the sum
+    cannot be read) and why not."""
     plan_sha = hashlib.sha256(signed.plan).digest()
     roster = {k.site: bytes(k.public_key) for k in signed.roster}
     survivors = sorted(r.site for r in results)
