@@ -264,11 +264,14 @@ class CrashesAfterEnrolling(InProcessTransport):
     """Sites in `lost` enroll in the first secure round and crash before answering it (their guards are
     never asked to answer: nothing is debited there); later rounds reach them again."""
 
-    def __init__(self, guards, lost):
+    def __init__(self, guards, lost, silent=()):
         super().__init__(guards)
-        self.lost, self.done = set(lost), False
+        self.lost, self.silent, self.done = set(lost), set(silent), False
 
     def query(self, plan, timeout, progress, kind="summary", to=None):
+        if kind == "reveal" and self.silent:  # e.g. a guard restarted after answering: its key is gone
+            replies, failures = super().query(plan, timeout, progress, kind, (to or set(self.guards)) - self.silent)
+            return replies, failures + [SiteFailure(s, "GUARD_UNAVAILABLE", "unreachable") for s in sorted(self.silent)]
         if kind != "summary" or not plan.roster or self.done:
             return super().query(plan, timeout, progress, kind, to)
         self.done = True
@@ -435,3 +438,21 @@ def test_the_coordinator_cli_declares_dropouts_and_the_relay_carries_reveals(gua
     g = guards("cleveland", secure=True)
     record = relay_plan(sign(secure_plan(dictionary, [(("sex",), 0.01)])).SerializeToString(), g.address, 10, "reveal")
     assert record["error_code"] == "SECURE_AGGREGATION" and "holds no answer of this plan" in record["error"]
+
+
+def test_a_survivor_that_cannot_reveal_after_a_dropout_loses_the_round_with_its_cost_stated(tmp_path, demo,
+                                                                                          consortium_keys):
+    from ppsehr.server.pipeline import Events, run_release
+
+    guards, job = in_process(tmp_path, demo, consortium_keys)
+    manifest = run_release(job, CrashesAfterEnrolling(guards, {"va"}, silent={"cleveland"}), Events())
+    rec = manifest["plans"][1]["secure"]["recovery"]
+    assert rec["dropped"] == ["va"] and rec["recovered"] is False and rec["revealed_by"] == []
+    assert len(rec["confirmed_by"]) == 3  # everyone confirmed; cleveland's reveal never came, and va's masks need it
+    wasted = sorted(f["site"] for f in manifest["sites_not_included"] if f["code"] == "SUM_INCOMPLETE" and f["round"] == 2)
+    assert wasted == ["cleveland", "hungarian", "switzerland"]
+    assert all("the masks could not be removed (too few signed reveals); va did not answer" in f["message"]
+               for f in manifest["sites_not_included"] if f["code"] == "SUM_INCOMPLETE")
+    for site, guard in guards.items():
+        assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
+    assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]
