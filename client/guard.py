@@ -469,17 +469,22 @@ class SiteGuard:
             checking.plan = plan = pb.QueryPlan.FromString(signed.plan)
         except Exception:
             raise Refusal("MALFORMED_PLAN", "the signed bytes are not a query plan") from None
-        with self._lock:  # Reveal: one per answer, whatever happens below
-            held = self._answered.pop(plan_sha, None) if pop else self._answered.get(plan_sha)
+        gone = Refusal("SECURE_AGGREGATION", "this guard holds no answer of this plan to recover: it did not answer "
+                       "it, already revealed for it, its plan expired, or the guard restarted since")
+        with self._lock:
+            held = self._answered.get(plan_sha)
         if held is None or held.expires_at < time.time():
-            raise Refusal("SECURE_AGGREGATION", "this guard holds no answer of this plan to recover: it did not "
-                          "answer it, already revealed for it, its plan expired, or the guard restarted since")
+            raise gone
         key = self._coordinators.get(held.signer)
         if signed.signer != held.signer or key is None or not keys.verify(key, signed.signature, signed.plan):
             raise Refusal("BAD_SIGNATURE", "the plan is not signed by the coordinator whose plan this site answered")
         rec = signed.recovery
         if not keys.verify(key, rec.signature, rec.statement):
             raise Refusal("BAD_SIGNATURE", "the recovery statement is not signed by the plan's coordinator")
+        if pop:  # Reveal: one per answer once the coordinator asks, whatever happens below (others cannot burn it)
+            with self._lock:
+                if self._answered.pop(plan_sha, None) is not held:
+                    raise gone
         try:
             statement = pb.RecoveryStatement.FromString(rec.statement)
             secagg.check_statement(statement, plan_sha, held.roster, held.dropouts)
@@ -516,7 +521,8 @@ class SiteGuard:
         """Secure plans with dropouts, step 4: given the coordinator's signed statement of who answered,
         which this site confirmed and at least threshold survivors confirmed, reveal this site's shares
         of the survivors' self-mask seeds and its pair-mask seeds with the dropped sites. Once per
-        answered plan: the held key is gone after the first request, refused or not. Costs no budget.
+        answered plan: the held key is gone after the first request the coordinator signed, refused or
+        not (a request without its signature changes nothing). Costs no budget.
         Raises Refusal.
 
         Never for a site that answered: a site the statement lists as dropped but whose sealed share

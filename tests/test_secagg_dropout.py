@@ -152,6 +152,11 @@ def test_a_sum_with_a_dropped_site_is_read_from_the_survivors_and_carries_the_pl
     with pytest.raises(ValueError, match="before its masks are removed"):
         aggregate(plan, results, dictionary)
     request = reveal_request(signed, results, [r.site for r in results], ["va"], coordinator_key, confirm_by=survivors)
+    # whoever reaches a guard port without the coordinator's key cannot use up (or make) a reveal
+    forged = pb.SignedPlan()
+    forged.CopyFrom(request)
+    forged.recovery.signature = ed25519.Ed25519PrivateKey.generate().sign(forged.recovery.statement)
+    assert "BAD_SIGNATURE" in refused(survivors[0].stub.Reveal, forged)
     plan_sha = hashlib.sha256(signed.plan).digest()
     reveals = dict(verify_reveal(g.stub.Reveal(request), site_keys, plan_sha, request.recovery.statement,
                                  [r.site for r in results], ["va"]) for g in survivors)
