@@ -461,3 +461,20 @@ def test_a_survivor_that_cannot_reveal_after_a_dropout_loses_the_round_with_its_
     for site, guard in guards.items():
         assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
     assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]
+
+
+def test_a_pooled_release_survives_a_dropout_in_its_first_round(tmp_path, demo, consortium_keys):
+    """With `site_variable = pooled` round 1 is a secure sum too: a site that drops out of it is left out of
+    the later rounds, and the release models the sites that answered."""
+    from ppsehr.server.pipeline import Events, run_release
+
+    guards, job = in_process(tmp_path, demo, consortium_keys, site_variable="pooled")
+    manifest = run_release(job, CrashesAfterEnrolling(guards, {"hungarian"}), Events())
+    first = manifest["plans"][0]["secure"]
+    assert first["recovery"]["dropped"] == ["hungarian"] and first["recovery"]["recovered"] is True
+    assert all(sorted(k["site"] for k in p["secure"]["roster"]) == ["cleveland", "switzerland", "va"]
+               for p in manifest["plans"][1:])
+    assert "hungarian" not in manifest["sites"]  # no receipt of it in the release
+    assert {(f["site"], f["round"]) for f in manifest["sites_not_included"]} >= {("hungarian", 1)}
+    assert guards["hungarian"].ledger.spent() == 0  # it crashed before answering: never charged
+    assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]

@@ -36,7 +36,7 @@ def demo_measurements(workdir: Path, epsilon: float = 4.0,
 
     ds = demo_dataset(mappings)
     first = Federation(ds, workdir).one_round(ds, epsilon)
-    return ds.dictionary, aggregate(first.plan, first.results, ds.dictionary)
+    return ds.dictionary, aggregate(first.plan, first.results, ds.dictionary, correction=first.correction)
 
 
 def bench_llm_first(config: LLMConfig, rows: int = 1000, styles: Sequence[str] = ("definition", "example", "rule"),

@@ -392,7 +392,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     if not joint:
         return rounds, [(n,) for n in names] + ([(SITE,)] if opts.site_variable == "release" else [])
     cover = {r.site for r in first.results}
-    oneway = aggregate(first.plan, first.results, dictionary)
+    oneway = aggregate(first.plan, first.results, dictionary, correction=first.correction)
     n = len(first.results)
 
     def copies(secure: bool) -> float:  # the sum's noise variance in units of one site's planned variance
