@@ -317,13 +317,15 @@ def correction(plan_sha256: bytes, roster: dict[str, bytes], dropouts: int, surv
             if sd.peer in dropped:
                 seeds[(site, sd.peer)] = bytes(sd.seed)
     total = np.zeros(length, dtype=np.uint64)
-    revealers = sorted(index(roster, s) for s in reveals)[:t]
-    coefficients = lagrange_at_zero(revealers)
+    coefficients: dict[tuple[int, ...], list[int]] = {}  # mostly one set of points serves every seed
     for owner in survivors:
         points = shares[owner]
-        if any(x not in points for x in revealers):
+        if len(points) < t:
             raise RecoveryError(f"too few shares of {owner!r}'s self-mask seed ({len(points)}, {t} needed)")
-        seed = shamir_combine({x: points[x] for x in revealers}, coefficients)
+        xs = tuple(sorted(points)[:t])
+        if xs not in coefficients:
+            coefficients[xs] = lagrange_at_zero(list(xs))
+        seed = shamir_combine({x: points[x] for x in xs}, coefficients[xs])
         total += self_pad(owner, seed, plan_sha256, length)
     for v in survivors:
         for x in dropped:
