@@ -11,9 +11,10 @@ the durable ledger, and only then count the whole plan in one pass over the rows
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
 over all enrolled sites can be read (common/secagg.py). A secure plan that tolerates dropouts takes
-a third call: Reveal, once, after the coordinator signs who answered; the guard reveals shares of
-the survivors' self-mask seeds and its pair-mask seeds with the sites that dropped, never both for
-one site, and never for a site whose answer it is shown. An evaluation plan comes with a release's
+two more calls after the coordinator signs who answered: Confirm (the guard signs that statement,
+one per plan) and Reveal (once, for the statement it confirmed, given threshold confirmations):
+shares of the survivors' self-mask seeds and its pair-mask seeds with the sites that dropped, never
+both for one site, and never for a site whose answer it is shown. An evaluation plan comes with a release's
 records and asks for noisy counts comparing them with the site's rows (client/evaluate.py), debited
 the same way. Everything that leaves is a noisy table
 over public cells or a number the site's policy already makes public; refusals carry fixed
