@@ -143,3 +143,27 @@ def test_an_unregistered_supernode_cannot_join(consortium, tmp_path):
                             text=True, timeout=120, env=flower_env(consortium.flwr_home))
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert len(json.loads(listed.stdout)["nodes"]) == len(SITES)  # only the registered sites' nodes
+
+
+def test_a_guard_killed_after_enrolling_is_recovered_over_flower(tmp_path):
+    """Four sites (one dropout tolerated by default): va's guard dies after enrolling in round 2. The
+    others confirm who answered and reveal over Flower (query.confirm, query.reveal), the sum is read
+    over them, and the release verifies (issue #16.2)."""
+    from ppsehr.deploy.local import DEMO_SITES
+
+    killed = []
+    with LocalConsortium(tmp_path / "four", sites=DEMO_SITES, lifetime_epsilon=3.0) as c:
+        guard = next(p for p in c.group.procs if p.name == "guard-va")
+
+        def on_event(e):
+            if not killed and e.get("message", "").startswith("round 2:") and "enrolled for the secure sum" in e["message"]:
+                os.kill(guard.pid, signal.SIGKILL)
+                killed.append(True)
+
+        m = verify_release(c.release(tmp_path / "r", epsilon=1.0, seed=5, on_event=on_event,
+                                     secure_aggregation=True)["out"])
+    assert killed
+    rec = m["plans"][1]["secure"]["recovery"]
+    assert (rec["dropped"], rec["recovered"], rec["revealed_by"]) == (["va"], True, ["cleveland", "hungarian", "switzerland"])
+    assert not any(f["code"] == "SUM_INCOMPLETE" for f in m["sites_not_included"])
+    assert m["privacy"]["rho_charged_for_nothing_max"] == 0
