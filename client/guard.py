@@ -395,6 +395,9 @@ class SiteGuard:
         if len(roster) - d < need:
             raise Refusal("SECURE_AGGREGATION", f"the roster has {len(roster)} site(s)" + (
                 f"; tolerating {d} dropout(s) leaves {len(roster) - d}" if d else "") + f"; the sum needs at least {need}")
+        if d and len(roster) > secagg.MAX_SHARING_ROSTER:
+            raise Refusal("SECURE_AGGREGATION", f"the roster has {len(roster)} sites; a plan with dropouts shares "
+                          f"self-mask seeds among at most {secagg.MAX_SHARING_ROSTER}")
         if d and len(roster) - d < secagg.min_threshold(d, plan.secure.colluding):
             raise Refusal("SECURE_AGGREGATION", f"the plan's dropouts ({d}) leave a threshold of {len(roster) - d} "
                           f"shares; with {plan.secure.colluding} colluding site(s) it must be at least "

@@ -234,6 +234,20 @@ class RecoveryError(Exception):
     """Masks that cannot be removed (the message says which site's)."""
 
 
+# Largest roster a plan with dropouts may have: every site shares with the whole roster, and the Reveal
+# request carries every survivor's sealed share for every other (about 75 bytes each), which must stay
+# within the guard's 4 MiB message limit (refusals.MAX_PLAN_BYTES). A neighbour graph (SecAgg+) would lift it.
+MAX_SHARING_ROSTER = 200
+
+
+def reveal_request_bytes(sites: list[str], plan_bytes: int) -> int:
+    """An upper bound on the size of a Reveal request for this roster: the signed plan, the statement,
+    t confirmations and every survivor's sealed share for every other."""
+    names = sum(len(s.encode()) for s in sites)
+    n = len(sites)
+    return plan_bytes + 2 * names + 200 + n * 140 + (n - 1) * 2 * names + n * (n - 1) * 60
+
+
 def min_threshold(dropouts: int, colluding: int) -> int:
     """The smallest threshold t = n - d a plan with dropouts may have: t >= d + colluding + 2, i.e.
     n >= 2d + colluding + 2. Then 2t > n + colluding, so two different recovery statements cannot

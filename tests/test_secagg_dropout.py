@@ -65,7 +65,7 @@ def test_sealed_shares_open_only_for_their_recipient():
 
 
 def test_default_dropouts():
-    assert [auto_dropouts(n, 3, 0) for n in (3, 4, 5, 6, 7, 10, 100)] == [0, 1, 1, 1, 2, 3, 33]
+    assert [auto_dropouts(n, 3, 0) for n in (3, 4, 5, 6, 7, 10, 100, 200, 201)] == [0, 1, 1, 1, 2, 3, 33, 66, 0]
     assert auto_dropouts(4, 3, 2) == 0  # the threshold n - d must stay above colluding + 1
     assert MeasureOptions(dropouts=2).tolerated(4) == 2 and MeasureOptions().tolerated(4) == 1
     with pytest.raises(Exception, match="dropouts must be a non-negative integer"):

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Sequence
 from ...common import accounting, secagg
 from ...common.dictionary import Dictionary
 from ...common.errors import PpsehrError
+from ...common.refusals import MAX_PLAN_BYTES
 from ...protos import guard_pb2 as pb
 from ..model.graphical import SITE, JunctionTree, Measurement, pooled
 from . import planner
@@ -96,7 +97,10 @@ def auto_dropouts(parties: int, min_parties: int, colluding: int) -> int:
     """The default dropout tolerance of a secure sum of `parties` sites: a third of the others
     (floor((n - 1) / 3), SecAgg's usual provisioning), but never so many that the survivors could be
     fewer than `min_parties` or the Shamir threshold n - d below `secagg.min_threshold` (n - d >=
-    d + colluding + 2). 1 for 4 to 6 sites with the defaults, 0 for 3."""
+    d + colluding + 2); none above `secagg.MAX_SHARING_ROSTER` sites. 1 for 4 to 6 sites with the
+    defaults, 0 for 3."""
+    if parties > secagg.MAX_SHARING_ROSTER:
+        return 0
     return max(0, min((parties - 1) // 3, parties - min_parties, (parties - colluding - 2) // 2))
 
 
@@ -170,9 +174,13 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
         absent = sorted((cover or set()) - {k.site for k in roster})
         short = len(roster) - dropouts < need or (dropouts and len(roster) - dropouts
                                                   < secagg.min_threshold(dropouts, opts.colluding))
-        if absent or short:
+        large = dropouts and (len(roster) > secagg.MAX_SHARING_ROSTER or secagg.reveal_request_bytes(
+            [k.site for k in roster], len(signed.SerializeToString())) > MAX_PLAN_BYTES)
+        if absent or short or large:
             why = (f"the secure sum must cover every site of the earlier rounds, and {', '.join(absent)} cannot be in it"
                    if absent else f"{len(roster)} site(s) in the secure sum, {need} needed" if not dropouts else
+                   f"{len(roster)} site(s) in the secure sum; a sum with dropouts shares self-mask seeds among at most "
+                   f"{secagg.MAX_SHARING_ROSTER}, within the guards' message limit (use --dropouts 0)" if large else
                    f"{len(roster)} site(s) in the secure sum; tolerating {dropouts} dropout(s) leaves {len(roster) - dropouts}, "
                    f"and {max(need, secagg.min_threshold(dropouts, opts.colluding))} are needed")
             failures += [SiteFailure(k.site, "NOT_SENT", f"enrolled, but the plan was not sent to be answered: {why} "
@@ -230,8 +238,7 @@ def _recover(number: int, signed: pb.SignedPlan, results: list[SiteResult], drop
     roster = {k.site: bytes(k.public_key) for k in signed.roster}
     survivors = sorted(r.site for r in results)
     statement = secagg.statement_bytes(plan_sha, roster, survivors, dropped)
-    request = pb.SignedPlan()
-    request.CopyFrom(signed)
+    request = pb.SignedPlan(plan=signed.plan, signature=signed.signature, signer=signed.signer)  # guards hold the roster
     request.recovery.statement, request.recovery.signature = statement, coordinator_key.sign(statement)
     for r in results:
         request.recovery.shares.extend(pb.ForwardedShare(sender=r.site, recipient=sh.recipient, ciphertext=sh.ciphertext)
