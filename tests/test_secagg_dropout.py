@@ -253,7 +253,7 @@ def test_a_hidden_answer_stays_masked_when_its_site_is_called_dropped(four, dict
     assert np.mean(np.abs(left) > 1e12) > 0.9  # still the self-mask: nothing like counts
 
 
-def test_a_roster_too_small_for_the_declared_dropouts_is_refused_before_any_debit(four, dictionary, sign):
+def test_a_roster_too_small_for_the_declared_dropouts_is_refused_before_any_debit(four, dictionary, sign, monkeypatch):
     # 4 sites, 2 dropouts: the survivors could be 2, below min_parties 3
     signed = enroll_all(four, sign(secure_plan(dictionary, [(("sex",), 0.01)], dropouts=2)))
     assert "tolerating 2 dropout(s) leaves 2; the sum needs at least 3" in refused(four[0].stub.Answer, signed)
@@ -261,6 +261,10 @@ def test_a_roster_too_small_for_the_declared_dropouts_is_refused_before_any_debi
     # dropped could reach together
     signed = enroll_all(four, sign(secure_plan(dictionary, [(("sex",), 0.01)], dropouts=1, colluding=1)))
     assert "threshold of 3 shares; with 1 colluding site(s) it must be at least 4" in refused(four[1].stub.Answer, signed)
+    # a roster too large to share seeds among within the guards' message limit
+    monkeypatch.setattr(secagg, "MAX_SHARING_ROSTER", 3)
+    signed = enroll_all(four, sign(secure_plan(dictionary, [(("sex",), 0.01)], dropouts=1)))
+    assert "shares self-mask seeds among at most 3" in refused(four[2].stub.Answer, signed)
     assert all(g.guard.ledger.spent() == 0 for g in four)
 
 
