@@ -82,11 +82,14 @@ class EvaluationJob:
 
 
 def measured_pairs(manifest: dict[str, Any]) -> set[frozenset[str]]:
-    """Pairs of variables some marginal of the release measured (grouped or not)."""
+    """Pairs of variables some marginal of the release measured cell by cell. A pair seen only over
+    compressed groups of cells (round 2's candidates, say) was not measured at the dictionary's
+    resolution: its full table is what an evaluation can add."""
     out = set()
     for p in manifest["plans"]:
         for m in p["marginals"]:
-            names = [v for v in m["variables"] if v != "site"]
+            groups = m.get("groups") or [None] * len(m["variables"])
+            names = [v for v, g in zip(m["variables"], groups) if v != "site" and g is None]
             out |= {frozenset(x) for x in itertools.combinations(names, 2)}
     return out
 
