@@ -154,10 +154,14 @@ def test_daily_plan_limit_holds_and_debits_name_the_policy_in_force(guards, dict
 # ----------------------------------------------------------------------------- hostile plans
 @pytest.fixture
 def measurement_builds(monkeypatch):
-    """Count OpenDP noise calibrations: the guard's expensive per-marginal work."""
+    """Count OpenDP noise calibrations and measurement builds: the guard's expensive per-marginal work
+    (the guard memoises both, so the count is of what it asks for, cached or not)."""
+    from ppsehr.client import guard as guard_module
+
     calls = []
-    real = accounting.scale_for_rho
-    monkeypatch.setattr(accounting, "scale_for_rho", lambda rho: calls.append(rho) or real(rho))
+    for name in ("_scale_for_rho", "noisy_counts"):
+        real = getattr(guard_module, name)
+        monkeypatch.setattr(guard_module, name, lambda *a, real=real, name=name: calls.append((name, a)) or real(*a))
     return calls
 
 
@@ -203,6 +207,7 @@ def test_hostile_plans_are_refused_before_any_work(guards, dictionary, sign, mea
     last = g.guard.ledger.audit_entries()[-1]
     assert (last.event, last.code) == ("refused", code) and len(last.plan_id) <= 128 and len(last.detail) < 1000
     assert good(g, sign, dictionary).rho_spent_total == g.guard.ledger.spent() > 0
+    assert measurement_builds  # ... and the counter does see a plan that is answered
 
 
 def test_oversized_and_unsigned_huge_messages(guards, dictionary, sign, coordinator_key):
@@ -243,7 +248,10 @@ def test_no_exception_text_crosses_the_site_boundary(guards, dictionary, sign, m
         raise ValueError(SECRET)
 
     # 1. the data read fails after the debit: the budget is spent, the coordinator learns only a fixed code
-    monkeypatch.setattr(g.guard._table, "cell_index", leak)
+    # (the guard counts every table of a plan in one pass over the rows: common/cells.py::count_tables)
+    from ppsehr.common import cells
+
+    monkeypatch.setattr(cells, "count_tables", leak)
     plan = sign(make_plan(dictionary, [(["chol"], 0.01)]))
     status, details = refused(g.stub, plan)
     assert status == grpc.StatusCode.INTERNAL
@@ -258,7 +266,9 @@ def test_no_exception_text_crosses_the_site_boundary(guards, dictionary, sign, m
     # 2. a failure before the debit (here: OpenDP calibration): refused, audited, nothing debited
     monkeypatch.undo()
     spent = g.guard.ledger.spent()
-    monkeypatch.setattr(accounting, "scale_for_rho", leak)
+    from ppsehr.client import guard as guard_module
+
+    monkeypatch.setattr(guard_module, "noisy_counts", leak)  # building the OpenDP measurement fails
     status, details = refused(g.stub, sign(make_plan(dictionary, [(["age"], 0.01)])))
     assert details == "INTERNAL: the guard failed; the site admin has the details (nothing was debited)"
     assert g.guard.ledger.spent() == spent and g.guard.ledger.audit_entries()[-1].code == "INTERNAL"

@@ -62,6 +62,11 @@ class EvaluationJob:
     events: str | None = None
     kind: str = "evaluation"
 
+    @property
+    def llm(self) -> dict[str, Any]:
+        """No LLM step (federation.follow asks a job for its LLM settings to time those steps)."""
+        return {}
+
     def rho_per_site(self, delta: float) -> float:
         try:
             if self.rho is not None:
