@@ -181,6 +181,9 @@ def simulated_dataset(workdir: Path, sites: int, rows: int, attributes: int, het
 class Federation:
     """Real site guards (in this process) over a dataset, with keys and ledgers in a work directory."""
 
+    POLICY = {"max_rho_per_plan": 1e6, "max_marginals": 10_000, "max_cells": 10**7,
+              "max_total_cells": 2 * 10**7, "max_plans_per_day": 100_000}  # generous: a benchmark measures the method
+
     def __init__(self, ds: Dataset, workdir: Path):
         from ...client.config import load_site_config
         from ...client.guard import SiteGuard
@@ -188,8 +191,7 @@ class Federation:
         from ..local import write_site_config
 
         self.keys = init_consortium(workdir / "keys", list(ds.mappings), ["127.0.0.1"])
-        policy = {"max_rho_per_plan": 1e6, "max_marginals": 10_000, "max_cells": 10**7,
-                  "max_total_cells": 2 * 10**7, "max_plans_per_day": 100_000}
+        policy = dict(self.POLICY)
         self.guards = {}
         for site, mapping in ds.mappings.items():
             cfg = write_site_config(workdir / "sites" / f"{site}.toml", site, ds.dictionary_path, mapping,
