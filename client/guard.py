@@ -296,9 +296,21 @@ class SiteGuard:
             raise Refusal("PLAN_EXPIRED", f"the plan expires more than {self.config.max_plan_lifetime_s:g} s from now")
         if not plan.plan_id or len(plan.plan_id) > MAX_ID:
             raise Refusal("MALFORMED_PLAN", f"plan_id must be 1-{MAX_ID} characters")
+        if not (math.isfinite(plan.rho_to_follow) and plan.rho_to_follow >= 0):
+            raise Refusal("MALFORMED_PLAN", "rho_to_follow must be a finite number >= 0")
         if not (self.ledger.claim_plan(plan.plan_id) if claim else not self.ledger.seen_plan(plan.plan_id)):
             raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was seen before; plan ids are single-use")
         return plan
+
+    def _afford_the_rest(self, plan: pb.QueryPlan, rho: float, held: float = 0.0) -> None:
+        """Refuse (free) a plan this site could pay for but not also the later rounds of its release."""
+        if plan.rho_to_follow <= 0:
+            return
+        left = self.config.rho_limit - self.ledger.spent() - held
+        if rho + plan.rho_to_follow > left * (1 + 1e-12):
+            raise Refusal("OVER_BUDGET", f"this plan (rho {rho:.6g}) and the later rounds of its release (rho "
+                          f"{plan.rho_to_follow:.6g}) need rho {rho + plan.rho_to_follow:.6g}, but only {max(left, 0.0):.6g} "
+                          "of the lifetime budget is left")
 
     @contextmanager
     def _refusals(self, signed: pb.SignedPlan) -> Iterator[_Checking]:
@@ -358,9 +370,11 @@ class SiteGuard:
                     raise Refusal("RATE_LIMITED", f"{MAX_SESSIONS} enrolled plans are waiting for their answers")
                 if self.ledger.plans_since(86400) + len(self._sessions) >= per_day:
                     raise RateLimited(per_day)
-                left = self.config.rho_limit - self.ledger.spent() - math.fsum(v.rho for v in self._sessions.values())
+                held_rho = math.fsum(v.rho for v in self._sessions.values())
+                left = self.config.rho_limit - self.ledger.spent() - held_rho
                 if rho > left * (1 + 1e-12):
                     raise BudgetExceeded(rho, left)
+                self._afford_the_rest(plan, rho, held_rho)
                 if not self.ledger.claim_enrollment(plan.plan_id, signed.signer,
                                                     {"rho_planned": rho, "marginals": len(plan.marginals)}):
                     raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was enrolled here before and its one-time key "
@@ -410,6 +424,7 @@ class SiteGuard:
             if evaluation and rho > self.config.policy.max_rho_per_plan * (1 + 1e-12):
                 raise Refusal("POLICY_LIMIT", f"plan asks for rho {rho:.6g}; policy allows at most "
                               f"{self.config.policy.max_rho_per_plan:.6g} per plan")
+            self._afford_the_rest(plan, rho)
             secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding}} if roster else {}
             evaluated = {"evaluation": {"release_id": plan.evaluation.release_id[:MAX_ID], "queries": len(evaluation.queries()),
                                         "records_sha256": plan.evaluation.records_sha256.hex()}} if evaluation else {}

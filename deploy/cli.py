@@ -523,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epsilon", type=float, default=4.0)
     r.add_argument("--rho", type=float)
     r.add_argument("--delta", type=float, default=1e-6)
-    r.add_argument("--min-sites", type=int, default=1)
+    r.add_argument("--min-sites", type=int, default=1, help="round 1 waits for this many connected sites; a later "
+                   "round waits up to 15 s for the earlier ones, then goes on with those connected (the others are "
+                   "listed in the manifest, not charged)")
     r.add_argument("--seed", type=int)
     r.add_argument("--rows", type=int)
     r.add_argument("--coordinator", default="coordinator")

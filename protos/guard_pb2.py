@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ppsehr/protos/guard.proto\x12\x0fppsehr.guard.v1\"\x11\n\x0f\x44\x65scribeRequest\"\x8d\x01\n\x0fSiteDescription\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x17\n\x0f\x64ictionary_hash\x18\x02 \x01(\t\x12\x11\n\trho_limit\x18\x03 \x01(\x01\x12\x11\n\trho_spent\x18\x04 \x01(\x01\x12-\n\x06limits\x18\x05 \x01(\x0b\x32\x1d.ppsehr.guard.v1.PolicyLimits\"\x80\x01\n\x0cPolicyLimits\x12\x18\n\x10max_rho_per_plan\x18\x01 \x01(\x01\x12\x15\n\rmax_marginals\x18\x02 \x01(\r\x12\x11\n\tmax_width\x18\x03 \x01(\r\x12\x11\n\tmax_cells\x18\x04 \x01(\x04\x12\x19\n\x11max_plans_per_day\x18\x05 \x01(\r\"\\\n\rMarginalQuery\x12\x11\n\tvariables\x18\x01 \x03(\t\x12\x0b\n\x03rho\x18\x02 \x01(\x01\x12+\n\x06groups\x18\x03 \x03(\x0b\x32\x1b.ppsehr.guard.v1.CellGroups\" \n\nCellGroups\x12\x12\n\ncell_group\x18\x01 \x03(\r\"\x8c\x02\n\tQueryPlan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64ictionary_hash\x18\x02 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\x12\x31\n\tmarginals\x18\x04 \x03(\x0b\x32\x1e.ppsehr.guard.v1.MarginalQuery\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x32\n\x06secure\x18\x07 \x01(\x0b\x32\".ppsehr.guard.v1.SecureAggregation\x12\x34\n\nevaluation\x18\x08 \x01(\x0b\x32 .ppsehr.guard.v1.EvaluationQuery\"\xc3\x01\n\x0f\x45valuationQuery\x12\x16\n\x0erecords_sha256\x18\x01 \x01(\x0c\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x03 \x01(\x0c\x12\x0f\n\x07records\x18\x04 \x01(\r\x12(\n\x04tstr\x18\x05 \x03(\x0b\x32\x1a.ppsehr.guard.v1.TstrQuery\x12\x30\n\x08\x64istance\x18\x06 \x01(\x0b\x32\x1e.ppsehr.guard.v1.DistanceQuery\"H\n\tTstrQuery\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x10\n\x08positive\x18\x02 \x01(\r\x12\x0c\n\x04\x62ins\x18\x03 \x01(\r\x12\x0b\n\x03rho\x18\x04 \x01(\x01\":\n\rDistanceQuery\x12\x15\n\rrho_histogram\x18\x01 \x01(\x01\x12\x12\n\nrho_unique\x18\x02 \x01(\x01\"\xa9\x01\n\x10\x45valuationAnswer\x12,\n\x04tstr\x18\x01 \x03(\x0b\x32\x1e.ppsehr.guard.v1.NoisyMarginal\x12\x30\n\x08\x64istance\x18\x02 \x01(\x0b\x32\x1e.ppsehr.guard.v1.NoisyMarginal\x12\x35\n\runique_copied\x18\x03 \x01(\x0b\x32\x1e.ppsehr.guard.v1.NoisyMarginal\";\n\x11SecureAggregation\x12\x11\n\tcolluding\x18\x01 \x01(\r\x12\x13\n\x0bmin_parties\x18\x02 \x01(\r\"\x88\x01\n\x08KeyShare\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x02 \x01(\x0c\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0e\n\x06signer\x18\x05 \x01(\t\x12\r\n\x05peers\x18\x06 \x03(\t\x12\x13\n\x0bmin_parties\x18\x07 \x01(\r\"y\n\nSignedPlan\x12\x0c\n\x04plan\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06signer\x18\x03 \x01(\t\x12)\n\x06roster\x18\x04 \x03(\x0b\x32\x19.ppsehr.guard.v1.KeyShare\x12\x0f\n\x07records\x18\x05 \x01(\x0c\"s\n\rNoisyMarginal\x12\x11\n\tvariables\x18\x01 \x03(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x12\x12\x0b\n\x03rho\x18\x04 \x01(\x01\x12\x13\n\x0bnoise_scale\x18\x05 \x01(\x01\x12\x0e\n\x06masked\x18\x06 \x03(\x06\"\xd7\x01\n\x07Summary\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x17\n\x0f\x64ictionary_hash\x18\x03 \x01(\t\x12\x31\n\tmarginals\x18\x04 \x03(\x0b\x32\x1e.ppsehr.guard.v1.NoisyMarginal\x12\x0f\n\x07receipt\x18\x05 \x01(\x0c\x12\x19\n\x11receipt_signature\x18\x06 \x01(\x0c\x12\x35\n\nevaluation\x18\x07 \x01(\x0b\x32!.ppsehr.guard.v1.EvaluationAnswer\"C\n\rSignedSummary\x12\x0f\n\x07summary\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06signer\x18\x03 \x01(\t\"\xee\x02\n\rBudgetReceipt\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x03 \x01(\x0c\x12\x13\n\x0brho_debited\x18\x04 \x01(\x01\x12\x17\n\x0frho_spent_total\x18\x05 \x01(\x01\x12\x11\n\trho_limit\x18\x06 \x01(\x01\x12\x12\n\ndebited_at\x18\x07 \x01(\t\x12\x12\n\nledger_seq\x18\x08 \x01(\x04\x12\x17\n\x0f\x64ictionary_hash\x18\t \x01(\t\x12\x13\n\x0b\x63oordinator\x18\n \x01(\t\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x01\x12\x15\n\rroster_sha256\x18\x0c \x01(\x0c\x12\x0f\n\x07parties\x18\r \x01(\r\x12\x11\n\tcolluding\x18\x0e \x01(\r\x12\x11\n\trho_alone\x18\x0f \x01(\x01\x12\x0c\n\x04unit\x18\x10 \x01(\t\x12\x18\n\x10rows_per_patient\x18\x11 \x01(\r\x12\r\n\x05\x62ound\x18\x12 \x01(\t2\xe4\x01\n\tSiteGuard\x12N\n\x08\x44\x65scribe\x12 .ppsehr.guard.v1.DescribeRequest\x1a .ppsehr.guard.v1.SiteDescription\x12\x45\n\x06\x41nswer\x12\x1b.ppsehr.guard.v1.SignedPlan\x1a\x1e.ppsehr.guard.v1.SignedSummary\x12@\n\x06\x45nroll\x12\x1b.ppsehr.guard.v1.SignedPlan\x1a\x19.ppsehr.guard.v1.KeyShareb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ppsehr/protos/guard.proto\x12\x0fppsehr.guard.v1\"\x11\n\x0f\x44\x65scribeRequest\"\x8d\x01\n\x0fSiteDescription\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x17\n\x0f\x64ictionary_hash\x18\x02 \x01(\t\x12\x11\n\trho_limit\x18\x03 \x01(\x01\x12\x11\n\trho_spent\x18\x04 \x01(\x01\x12-\n\x06limits\x18\x05 \x01(\x0b\x32\x1d.ppsehr.guard.v1.PolicyLimits\"\x80\x01\n\x0cPolicyLimits\x12\x18\n\x10max_rho_per_plan\x18\x01 \x01(\x01\x12\x15\n\rmax_marginals\x18\x02 \x01(\r\x12\x11\n\tmax_width\x18\x03 \x01(\r\x12\x11\n\tmax_cells\x18\x04 \x01(\x04\x12\x19\n\x11max_plans_per_day\x18\x05 \x01(\r\"\\\n\rMarginalQuery\x12\x11\n\tvariables\x18\x01 \x03(\t\x12\x0b\n\x03rho\x18\x02 \x01(\x01\x12+\n\x06groups\x18\x03 \x03(\x0b\x32\x1b.ppsehr.guard.v1.CellGroups\" \n\nCellGroups\x12\x12\n\ncell_group\x18\x01 \x03(\r\"\xa3\x02\n\tQueryPlan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64ictionary_hash\x18\x02 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\x12\x31\n\tmarginals\x18\x04 \x03(\x0b\x32\x1e.ppsehr.guard.v1.MarginalQuery\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x32\n\x06secure\x18\x07 \x01(\x0b\x32\".ppsehr.guard.v1.SecureAggregation\x12\x34\n\nevaluation\x18\x08 \x01(\x0b\x32 .ppsehr.guard.v1.EvaluationQuery\x12\x15\n\rrho_to_follow\x18\t \x01(\x01\"\xc3\x01\n\x0f\x45valuationQuery\x12\x16\n\x0erecords_sha256\x18\x01 \x01(\x0c\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x03 \x01(\x0c\x12\x0f\n\x07records\x18\x04 \x01(\r\x12(\n\x04tstr\x18\x05 \x03(\x0b\x32\x1a.ppsehr.guard.v1.TstrQuery\x12\x30\n\x08\x64istance\x18\x06 \x01(\x0b\x32\x1e.ppsehr.guard.v1.DistanceQuery\"H\n\tTstrQuery\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x10\n\x08positive\x18\x02 \x01(\r\x12\x0c\n\x04\x62ins\x18\x03 \x01(\r\x12\x0b\n\x03rho\x18\x04 \x01(\x01\":\n\rDistanceQuery\x12\x15\n\rrho_histogram\x18\x01 \x01(\x01\x12\x12\n\nrho_unique\x18\x02 \x01(\x01\"\xa9\x01\n\x10\x45valuationAnswer\x12,\n\x04tstr\x18\x01 \x03(\x0b\x32\x1e.ppsehr.guard.v1.NoisyMarginal\x12\x30\n\x08\x64istance\x18\x02 \x01(\x0b\x32\x1e.ppsehr.guard.v1.NoisyMarginal\x12\x35\n\runique_copied\x18\x03 \x01(\x0b\x32\x1e.ppsehr.guard.v1.NoisyMarginal\";\n\x11SecureAggregation\x12\x11\n\tcolluding\x18\x01 \x01(\r\x12\x13\n\x0bmin_parties\x18\x02 \x01(\r\"\x88\x01\n\x08KeyShare\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x02 \x01(\x0c\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0e\n\x06signer\x18\x05 \x01(\t\x12\r\n\x05peers\x18\x06 \x03(\t\x12\x13\n\x0bmin_parties\x18\x07 \x01(\r\"y\n\nSignedPlan\x12\x0c\n\x04plan\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06signer\x18\x03 \x01(\t\x12)\n\x06roster\x18\x04 \x03(\x0b\x32\x19.ppsehr.guard.v1.KeyShare\x12\x0f\n\x07records\x18\x05 \x01(\x0c\"s\n\rNoisyMarginal\x12\x11\n\tvariables\x18\x01 \x03(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x12\x12\x0b\n\x03rho\x18\x04 \x01(\x01\x12\x13\n\x0bnoise_scale\x18\x05 \x01(\x01\x12\x0e\n\x06masked\x18\x06 \x03(\x06\"\xd7\x01\n\x07Summary\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x17\n\x0f\x64ictionary_hash\x18\x03 \x01(\t\x12\x31\n\tmarginals\x18\x04 \x03(\x0b\x32\x1e.ppsehr.guard.v1.NoisyMarginal\x12\x0f\n\x07receipt\x18\x05 \x01(\x0c\x12\x19\n\x11receipt_signature\x18\x06 \x01(\x0c\x12\x35\n\nevaluation\x18\x07 \x01(\x0b\x32!.ppsehr.guard.v1.EvaluationAnswer\"C\n\rSignedSummary\x12\x0f\n\x07summary\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06signer\x18\x03 \x01(\t\"\xee\x02\n\rBudgetReceipt\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x03 \x01(\x0c\x12\x13\n\x0brho_debited\x18\x04 \x01(\x01\x12\x17\n\x0frho_spent_total\x18\x05 \x01(\x01\x12\x11\n\trho_limit\x18\x06 \x01(\x01\x12\x12\n\ndebited_at\x18\x07 \x01(\t\x12\x12\n\nledger_seq\x18\x08 \x01(\x04\x12\x17\n\x0f\x64ictionary_hash\x18\t \x01(\t\x12\x13\n\x0b\x63oordinator\x18\n \x01(\t\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x01\x12\x15\n\rroster_sha256\x18\x0c \x01(\x0c\x12\x0f\n\x07parties\x18\r \x01(\r\x12\x11\n\tcolluding\x18\x0e \x01(\r\x12\x11\n\trho_alone\x18\x0f \x01(\x01\x12\x0c\n\x04unit\x18\x10 \x01(\t\x12\x18\n\x10rows_per_patient\x18\x11 \x01(\r\x12\r\n\x05\x62ound\x18\x12 \x01(\t2\xe4\x01\n\tSiteGuard\x12N\n\x08\x44\x65scribe\x12 .ppsehr.guard.v1.DescribeRequest\x1a .ppsehr.guard.v1.SiteDescription\x12\x45\n\x06\x41nswer\x12\x1b.ppsehr.guard.v1.SignedPlan\x1a\x1e.ppsehr.guard.v1.SignedSummary\x12@\n\x06\x45nroll\x12\x1b.ppsehr.guard.v1.SignedPlan\x1a\x19.ppsehr.guard.v1.KeyShareb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,29 +42,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CELLGROUPS']._serialized_start=434
   _globals['_CELLGROUPS']._serialized_end=466
   _globals['_QUERYPLAN']._serialized_start=469
-  _globals['_QUERYPLAN']._serialized_end=737
-  _globals['_EVALUATIONQUERY']._serialized_start=740
-  _globals['_EVALUATIONQUERY']._serialized_end=935
-  _globals['_TSTRQUERY']._serialized_start=937
-  _globals['_TSTRQUERY']._serialized_end=1009
-  _globals['_DISTANCEQUERY']._serialized_start=1011
-  _globals['_DISTANCEQUERY']._serialized_end=1069
-  _globals['_EVALUATIONANSWER']._serialized_start=1072
-  _globals['_EVALUATIONANSWER']._serialized_end=1241
-  _globals['_SECUREAGGREGATION']._serialized_start=1243
-  _globals['_SECUREAGGREGATION']._serialized_end=1302
-  _globals['_KEYSHARE']._serialized_start=1305
-  _globals['_KEYSHARE']._serialized_end=1441
-  _globals['_SIGNEDPLAN']._serialized_start=1443
-  _globals['_SIGNEDPLAN']._serialized_end=1564
-  _globals['_NOISYMARGINAL']._serialized_start=1566
-  _globals['_NOISYMARGINAL']._serialized_end=1681
-  _globals['_SUMMARY']._serialized_start=1684
-  _globals['_SUMMARY']._serialized_end=1899
-  _globals['_SIGNEDSUMMARY']._serialized_start=1901
-  _globals['_SIGNEDSUMMARY']._serialized_end=1968
-  _globals['_BUDGETRECEIPT']._serialized_start=1971
-  _globals['_BUDGETRECEIPT']._serialized_end=2337
-  _globals['_SITEGUARD']._serialized_start=2340
-  _globals['_SITEGUARD']._serialized_end=2568
+  _globals['_QUERYPLAN']._serialized_end=760
+  _globals['_EVALUATIONQUERY']._serialized_start=763
+  _globals['_EVALUATIONQUERY']._serialized_end=958
+  _globals['_TSTRQUERY']._serialized_start=960
+  _globals['_TSTRQUERY']._serialized_end=1032
+  _globals['_DISTANCEQUERY']._serialized_start=1034
+  _globals['_DISTANCEQUERY']._serialized_end=1092
+  _globals['_EVALUATIONANSWER']._serialized_start=1095
+  _globals['_EVALUATIONANSWER']._serialized_end=1264
+  _globals['_SECUREAGGREGATION']._serialized_start=1266
+  _globals['_SECUREAGGREGATION']._serialized_end=1325
+  _globals['_KEYSHARE']._serialized_start=1328
+  _globals['_KEYSHARE']._serialized_end=1464
+  _globals['_SIGNEDPLAN']._serialized_start=1466
+  _globals['_SIGNEDPLAN']._serialized_end=1587
+  _globals['_NOISYMARGINAL']._serialized_start=1589
+  _globals['_NOISYMARGINAL']._serialized_end=1704
+  _globals['_SUMMARY']._serialized_start=1707
+  _globals['_SUMMARY']._serialized_end=1922
+  _globals['_SIGNEDSUMMARY']._serialized_start=1924
+  _globals['_SIGNEDSUMMARY']._serialized_end=1991
+  _globals['_BUDGETRECEIPT']._serialized_start=1994
+  _globals['_BUDGETRECEIPT']._serialized_end=2360
+  _globals['_SITEGUARD']._serialized_start=2363
+  _globals['_SITEGUARD']._serialized_end=2591
 # @@protoc_insertion_point(module_scope)

@@ -55,7 +55,7 @@ class CellGroups(_message.Message):
     def __init__(self, cell_group: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class QueryPlan(_message.Message):
-    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at", "secure", "evaluation")
+    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at", "secure", "evaluation", "rho_to_follow")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class QueryPlan(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    RHO_TO_FOLLOW_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     dictionary_hash: str
     coordinator: str
@@ -72,7 +73,8 @@ class QueryPlan(_message.Message):
     expires_at: int
     secure: SecureAggregation
     evaluation: EvaluationQuery
-    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ..., expires_at: _Optional[int] = ..., secure: _Optional[_Union[SecureAggregation, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationQuery, _Mapping]] = ...) -> None: ...
+    rho_to_follow: float
+    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ..., expires_at: _Optional[int] = ..., secure: _Optional[_Union[SecureAggregation, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationQuery, _Mapping]] = ..., rho_to_follow: _Optional[float] = ...) -> None: ...
 
 class EvaluationQuery(_message.Message):
     __slots__ = ("records_sha256", "release_id", "manifest_sha256", "records", "tstr", "distance")

@@ -103,8 +103,12 @@ class Round:
 
 def measure(number: int, marginals: list[planner.PlannedMarginal], opts: MeasureOptions, request: Request,
             dictionary: Dictionary, coordinator_key, site_keys, transport: Transport, events: Progress,
-            secure: bool = False, cover: set[str] | None = None) -> Round:
+            secure: bool = False, cover: set[str] | None = None, to_follow: float = 0.0) -> Round:
     """Sign one plan, send it to every site, keep the summaries whose signatures and receipts verify.
+
+    `to_follow` is the rho the release's later rounds will ask of each site: a site that could pay
+    for this plan but not for the rest of the release refuses it for free (OVER_BUDGET) instead of
+    paying for tables the release could not complete.
 
     A secure plan goes out twice: to enroll (the sites check it, debit nothing and return signed
     one-time keys), then with the roster of enrolled keys, to be answered. Its masked sum can be
@@ -116,6 +120,7 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     """
     plan = planner.to_proto(marginals, dictionary, request.coordinator, f"{request.purpose} (round {number})",
                             opts.plan_lifetime_s)
+    plan.rho_to_follow = to_follow
     if secure:
         plan.secure.colluding, plan.secure.min_parties = opts.colluding, opts.min_parties
     signed = planner.sign_plan(plan, coordinator_key)
@@ -217,11 +222,11 @@ class _Secure:
 
 
 def _round(number: int, build: Callable[[bool], list[planner.PlannedMarginal]], state: _Secure, args, cover: set[str],
-           events: Progress) -> Round:
+           events: Progress, to_follow: float = 0.0) -> Round:
     """Measure one round that may be a secure sum (`build(secure)` makes its marginals)."""
     opts = args[0]
     if state.wanted(len(cover), opts.min_parties):
-        rnd = measure(number, build(True), *args, secure=True, cover=cover)
+        rnd = measure(number, build(True), *args, secure=True, cover=cover, to_follow=to_follow)
         if rnd.results or state.mode is True:
             if not rnd.results:
                 state.stop = rnd.unenrolled
@@ -232,7 +237,7 @@ def _round(number: int, build: Callable[[bool], list[planner.PlannedMarginal]], 
             return rnd
         events(f"round {number}: secure aggregation is not possible with these sites (enrolling cost them nothing): "
                "this round and the next are plain sums", stage="plan")
-    return measure(number, build(False), *args)
+    return measure(number, build(False), *args, to_follow=to_follow)
 
 
 def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coordinator_key, site_keys,
@@ -267,9 +272,9 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
     r1 = planner.oneway_plan(dictionary, rho * shares[0])
     if pooled_sites:  # nothing is modelled per site: round 1 may be a secure sum too
-        first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events))
+        first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events, rho * (1 - shares[0])))
     else:
-        first = _answered(measure(1, r1, *args))
+        first = _answered(measure(1, r1, *args, to_follow=rho * (1 - shares[0])))
     rounds = [first]
     if not joint:
         return rounds, [(n,) for n in names] + ([(SITE,)] if opts.site_variable == "release" else [])
@@ -283,7 +288,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     second = None
     if not state.stop:
         second = _round(2, lambda secure: planner.candidate_plan(dictionary, oneway, rho * shares[1], copies(secure), priors),
-                        state, args, cover, events)
+                        state, args, cover, events, rho * (1 - shares[0] - shares[1]))
         rounds.append(second)
     groups = _groups(opts, [r.site for r in first.results])
     site_tables = []

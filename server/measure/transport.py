@@ -56,28 +56,38 @@ class FlowerTransport:
     """Send the plan to every connected SuperNode through Flower's Grid, in one round (message type
     `query.<kind>`)."""
 
-    def __init__(self, grid, min_sites: int, wait_timeout: float, poll: float = 0.25):
+    def __init__(self, grid, min_sites: int, wait_timeout: float, poll: float = 0.25, rejoin_timeout: float = 15.0):
         self.grid, self.min_sites, self.wait_timeout, self.poll = grid, min_sites, wait_timeout, poll
+        self.rejoin_timeout = rejoin_timeout
+        self.seen: set[int] = set()  # nodes connected for an earlier round of this release
 
     def wait_for_sites(self, progress: Progress) -> list[int]:
-        deadline = time.monotonic() + self.wait_timeout
+        """The connected nodes. The first round waits for `min_sites`; a later round (its sites have paid
+        for earlier ones) waits a little for every earlier node, then goes on with whoever is connected."""
+        first = not self.seen
+        deadline = time.monotonic() + (self.wait_timeout if first else min(self.wait_timeout, self.rejoin_timeout))
+        need = self.min_sites if first else 1
         last = -1
         while True:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) != last:
-                progress(f"{len(nodes)} of at least {self.min_sites} site(s) connected")
+                progress(f"{len(nodes)} of " + (f"at least {self.min_sites}" if first else f"{len(self.seen)} earlier")
+                         + " site(s) connected")
                 last = len(nodes)
-            if len(nodes) >= self.min_sites:
+            if len(nodes) >= need and (first or self.seen <= set(nodes) or time.monotonic() > deadline):
+                self.seen |= set(nodes)
                 return nodes
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} site(s) connected after {self.wait_timeout:g} s; "
-                                   f"the release needs at least {self.min_sites}")
+                                   f"the release needs at least {need}")
             time.sleep(self.poll * 2)
 
     def query(self, plan, timeout, progress, kind="summary", to=None):
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        nodes = [n for n in self.wait_for_sites(progress) if to is None or f"node {n}" in to]
+        connected = self.wait_for_sites(progress)
+        gone = [n for n in sorted(self.seen - set(connected)) if to is None or f"node {n}" in to]
+        nodes = [n for n in connected if to is None or f"node {n}" in to]
         plan_bytes = plan.SerializeToString()
         messages = [Message(RecordDict({"plan": ConfigRecord({"plan": plan_bytes, "guard-timeout": float(timeout)})}),
                             dst_node_id=n, message_type=f"query.{kind}", group_id="release", ttl=timeout + 60)
@@ -105,4 +115,6 @@ class FlowerTransport:
             if pending:
                 time.sleep(self.poll)
         failures += [SiteFailure(f"node {n}", "TIMEOUT", f"no reply within {timeout:g} s") for n in pending.values()]
+        failures += [SiteFailure(f"node {n}", "NOT_SENT", "its node was no longer connected to the SuperLink when the "
+                                 "plan went out") for n in gone]
         return replies, failures
