@@ -149,7 +149,8 @@ def _privacy(manifest: dict[str, Any]) -> dict[str, Any]:
             "derives it from its source (a patient whose rows are reduced to one record, a patient with up to k "
             "records, one attested row per patient, ...); the table below gives each site's, in the manifest's words."
             if privacy.get("unit") else "The manifest states no privacy unit: read the statement below with care.")
-    return {"lead": lead + (f" {privacy['model']}." if privacy.get("model") else ""),
+    model = str(privacy.get("model") or "")
+    return {"lead": lead + (f" Model: {model}." if model else ""),
             "statement": privacy.get("statement", "The manifest carries no privacy statement."), "rows": rows,
             "units": _unit_rows(manifest)}
 
