@@ -69,14 +69,15 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def verify_release(path: str | Path, coordinator_key: Path | None = None,
-                   site_keys: dict[str, Path] | None = None) -> dict[str, Any]:
+                   site_keys: dict[str, Path] | None = None, addenda: bool = True) -> dict[str, Any]:
     """Check a release: coordinator signature, file hashes, every site receipt and plan, and that
     every figure and sentence of the privacy section, the per-site entries, the receipts' readable
     fields, the plan entries and sites_not_included is what the signed receipts and plans give (the
     manifest is recomputed from them with the same functions that wrote it). Then every evaluation
     addendum under evaluations/. Keys are pinned if given, else taken from the manifest (then their
     fingerprints must be compared with the published ones). Returns the manifest (with the verified
-    addenda under `evaluations`); raises ReleaseError naming the first problem found.
+    addenda under `evaluations`); raises ReleaseError naming the first problem found. With
+    `addenda=False` the addenda are left unchecked (the report checks each one on its own).
     """
     path = Path(path)
     mpath = path / MANIFEST
@@ -107,18 +108,18 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
             raise ReleaseError(f"{f}: SHA-256 does not match the manifest")
     listed = set(manifest.get("files", {})) | {MANIFEST, SIGNATURE}
     present = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-    addenda = [rel for rel in present if rel not in listed and _addendum_name(rel)]
-    extra = [rel for rel in present if rel not in listed and rel not in addenda]
+    found = [rel for rel in present if rel not in listed and _addendum_name(rel)]
+    extra = [rel for rel in present if rel not in listed and rel not in found]
     if extra:
         raise ReleaseError(f"{path}: files not covered by the manifest: {extra}")
     try:
         _verify_accounts(manifest, ckey, mpath, site_keys)
     except (KeyError, TypeError, AttributeError) as e:  # a section of the wrong shape
         raise ReleaseError(f"{mpath}: a section is missing or malformed ({type(e).__name__}: {e})") from None
-    if addenda:
+    if found and addenda:
         from ..evaluate.addendum import verify_addenda  # coordinator-side evaluation; imported only when present
 
-        manifest["evaluations"] = verify_addenda(path, addenda, manifest, data, ckey, site_keys)
+        manifest["evaluations"] = verify_addenda(path, found, manifest, data, ckey, site_keys)
     return manifest
 
 
