@@ -292,7 +292,7 @@ class SiteGuard:
             return
         me = f"this site is {self.config.site!r} with key {self.fingerprint}"
         if not plan.addressees:
-            raise Refusal("NOT_ADDRESSED", f"the plan names no addressees; {me}, and a guard answers only plans "
+            raise Refusal("NOT_ADDRESSED", f"{me}; the plan names no addressees, and a guard answers only plans "
                           "addressed to it (nothing was debited)")
         raise Refusal("NOT_ADDRESSED", f"{me}; the plan is addressed to {addressing.describe(plan.addressees)}: "
                       "the coordinator holds another name or key for this site (nothing was debited)")
