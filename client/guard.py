@@ -3,14 +3,17 @@
 At start the guard loads the site's data through its mapping, one record per patient (or up to
 k per patient, charged k^2 by group privacy), and refuses to start on a source whose patients'
 contributions are not bounded (common/source.py, common/privacy_unit.py); every receipt states that
-unit. For each query plan: check it against the dictionary and the site policy (refusals cost
-nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
+unit. For each query plan: check that it is signed by an allowlisted coordinator and addressed to
+this site by name and signing-key fingerprint (NOT_ADDRESSED otherwise), then check it against the
+dictionary and the site policy (refusals cost nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
 over public cells, costed by OpenDP at the count's sensitivity), debit their exact privacy loss in
 the durable ledger, and only then count the whole plan in one pass over the rows
 (common/cells.py) and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
-over all enrolled sites can be read (common/secagg.py). An evaluation plan comes with a release's
+over all enrolled sites can be read (common/secagg.py). Identify (free) returns the site's name and
+key signed over a coordinator's challenge, so a coordinator can check its --site-key list before
+it sends anything that costs budget (common/addressing.py). An evaluation plan comes with a release's
 records and asks for noisy counts comparing them with the site's rows (client/evaluate.py), debited
 the same way. Everything that leaves is a noisy table
 over public cells or a number the site's policy already makes public; refusals carry fixed
