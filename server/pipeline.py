@@ -181,8 +181,7 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
                budget_s=budget)
         prior = knowledge_dependencies(llm_config, dictionary, lambda m: events(m, stage="llm-plan"),
                                        memory=llm_memory, time_budget=budget)
-    rounds, structure = collect(opts, job.request(), dictionary, coordinator_key, site_keys, transport, events, prior,
-                                job.min_sites)
+    rounds, structure = collect(opts, job.request(), dictionary, coordinator_key, site_keys, transport, events, prior)
     seed = job.seed if job.seed is not None else secrets.randbits(63)
     rng = np.random.default_rng(seed)
     measurements, groups = round_measurements(dictionary, rounds, structure, opts.site_variable, opts.site_groups)

@@ -94,8 +94,10 @@ def test_a_dead_guard_is_reported_and_not_charged(consortium, tmp_path):
     m = verify_release(consortium.release(tmp_path / "r4", epsilon=0.5, seed=13)["out"])
     assert set(m["sites"]) == {"cleveland", "hungarian"}
     missing = m["sites_not_included"]
-    assert [(x["round"], x["code"]) for x in missing] == [(1, "GUARD_UNAVAILABLE"), (2, "GUARD_UNAVAILABLE"),
-                                                          (3, "GUARD_UNAVAILABLE")]  # 1-ways, candidates, selected
+    # its node gave no signed identity before the first paid plan (GUARD_UNAVAILABLE): it is sent nothing paid
+    assert [(x["round"], x["code"]) for x in missing] == [(1, "NOT_VERIFIED"), (2, "NOT_VERIFIED"),
+                                                          (3, "NOT_VERIFIED")]  # 1-ways, candidates, selected
+    assert all("GUARD_UNAVAILABLE" in x["message"] and x["charged"].startswith("no ") for x in missing)
     assert ledger_totals(consortium)["va"] == before["va"]
 
 

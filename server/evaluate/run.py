@@ -174,7 +174,7 @@ def run_evaluation(job: EvaluationJob, transport: Transport, events: Callable[..
                           "Nothing was sent.")
     plan = build_plan(job, manifest, manifest_bytes, records, dictionary)
     # free: only sites whose signed identities match the --site-key list are asked (and named as addressees)
-    verified = identify(site_keys, dictionary.hash, transport, job.reply_timeout, events, job.min_sites)
+    verified = identify(site_keys, dictionary.hash, transport, job.reply_timeout, events)
     plan.addressees.extend(verified.addressees())
     signed = planner.sign_plan(plan, coordinator_key)
     signed.records = records

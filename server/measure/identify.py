@@ -11,7 +11,8 @@ Then:
   name (`SiteMismatch`); no site is charged anything;
 - a configured site that does not answer (down, unreachable) is left out: it is sent no paid plan,
   and every round lists it in the manifest's sites_not_included as NOT_VERIFIED, not charged. The
-  release goes on if at least `min_sites` sites (and at least one) are verified.
+  release goes on with the verified sites, if there is one. (`--min-sites` keeps its meaning: the
+  sites that must be connected before anything is sent; `min_sites` here can ask for more verified ones.)
 
 Paid plans then go only to the verified sites, and name them (site, key fingerprint) as their
 addressees, so a guard that is not one of them refuses for free (NOT_ADDRESSED).

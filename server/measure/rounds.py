@@ -244,14 +244,14 @@ def _round(number: int, build: Callable[[bool], list[planner.PlannedMarginal]], 
 
 
 def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coordinator_key, site_keys,
-            transport: Transport, events: Progress, prior: Sequence[tuple[str, ...]] = (), min_sites: int = 1
+            transport: Transport, events: Progress, prior: Sequence[tuple[str, ...]] = ()
             ) -> tuple[list[Round], list[tuple[str, ...]]]:
     """Measure in three rounds; return the rounds and the model's structure (variable sets, `site` included
     where site effects are modelled).
 
     First, for free, the sites' identities are checked against `site_keys` (`identify`): a site name or
     key that does not match stops the release here (SiteMismatch), before any plan that costs budget;
-    the rounds go only to the verified sites (at least `min_sites`), addressed to them.
+    the rounds go only to the verified sites (at least one), addressed to them.
 
     Round 1: the 1-way tables, per site (planner.ONEWAY_SHARE of rho). Round 2: the candidate pairs,
     compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
@@ -267,7 +267,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     if unknown:
         raise PpsehrError(f"the prior dependencies name variables the dictionary does not have: {unknown}. Nothing was sent.")
     check_model_size(opts, dictionary, [(n,) for n in names], list(site_keys))
-    verified = identify(site_keys, dictionary.hash, transport, opts.reply_timeout, events, min_sites)
+    verified = identify(site_keys, dictionary.hash, transport, opts.reply_timeout, events)
     sites = sorted(verified.keys)
     mode = {None: "automatic", True: "required", False: "off"}[opts.secure_aggregation]
     events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, request.delta):.3g} at delta "
