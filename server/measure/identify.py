@@ -114,7 +114,7 @@ def identify(site_keys: dict[str, Ed25519PublicKey], dictionary_hash: str, trans
             if held in claimed and claimed[held] != site:
                 text += f", the key of site {claimed[held]!r}"
             if fp in by_fp:
-                text += f"; site {site!r}'s key is given as --site-key {by_fp[fp]!r}"
+                text += f"; its key is given as --site-key {by_fp[fp]!r}"
                 mentioned.add(by_fp[fp])
             problems.append(text + " (a swapped or stale key file?)")
             mentioned.add(site)
