@@ -143,6 +143,11 @@ def untouched(consortium):
     (lambda k, t: {"cleveland": k["va"], "hungarian": k["hungarian"], "va": k["va"]},
      ["site 'cleveland' answered with key {fp[cleveland]}, but --site-key 'cleveland' is key {fp[va]}, the key of "
       "site 'va'"]),
+    # two key files swapped
+    (lambda k, t: {"cleveland": k["va"], "hungarian": k["hungarian"], "va": k["cleveland"]},
+     ["site 'cleveland' answered with key {fp[cleveland]}, but --site-key 'cleveland' is key {fp[va]}, the key of "
+      "site 'va'; its key is given as --site-key 'va' (a swapped or stale key file?)",
+      "site 'va' answered with key {fp[va]}, but --site-key 'va' is key {fp[cleveland]}, the key of site 'cleveland'"]),
     # a site the coordinator holds no key for at all
     (lambda k, t: {"hungarian": k["hungarian"], "va": k["va"]},
      ["site 'cleveland' answered with key {fp[cleveland]}, but no --site-key is given for it"]),
