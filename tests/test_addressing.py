@@ -77,6 +77,21 @@ def test_a_guard_refuses_a_plan_not_addressed_to_it_for_free(guards, dictionary,
     assert ledger.spent() > 0 and [d.plan_id for d in ledger.debits()] == ["for-others-typo"]
 
 
+def test_enroll_refuses_a_secure_plan_not_addressed_to_it_and_holds_nothing(guards, dictionary, coordinator_key,
+                                                                            consortium_keys):
+    g = guards("va", secure=True)
+    plan = plan_for(dictionary, [pb.Addressee(site="av", signer=fp(consortium_keys, "va"))], plan_id="secure-typo")
+    plan.secure.colluding, plan.secure.min_parties = 0, 3
+    with pytest.raises(grpc.RpcError) as e:
+        g.stub.Enroll(planner.sign_plan(plan, coordinator_key), timeout=30)
+    assert e.value.details().startswith("NOT_ADDRESSED: this site is 'va' with key ")
+    assert not g.guard._sessions and g.guard.ledger.spent() == 0  # no key, no budget held
+    del plan.addressees[:]
+    plan.addressees.add(site="va", signer=fp(consortium_keys, "va"))  # the same plan id, addressed to it: enrolled
+    share = g.stub.Enroll(planner.sign_plan(plan, coordinator_key), timeout=30)
+    assert share.site == "va"
+
+
 def test_identify_is_signed_over_the_challenge_and_costs_nothing(guards, dictionary, consortium_keys):
     g = guards("va")
     before = (g.guard.ledger.spent(), len(g.guard.ledger.audit_entries()))
