@@ -116,6 +116,19 @@ def test_identify_is_signed_over_the_challenge_and_costs_nothing(guards, diction
     assert (g.guard.ledger.spent(), len(g.guard.ledger.audit_entries())) == before
 
 
+def test_the_simulation_relay_answers_identify_in_process(site_config, tmp_path):
+    from ppsehr.client.relay import relay_in_process
+
+    site_config("hungarian")  # writes tmp_path/hungarian.toml
+    challenge = bytes(range(32))
+    record = relay_in_process(pb.IdentityRequest(challenge=challenge).SerializeToString(), str(tmp_path / "hungarian.toml"),
+                              "identify")
+    ident = pb.SiteIdentity.FromString(record["reply"])
+    addressing.check_identity(ident, challenge)
+    assert ident.site == "hungarian"
+    assert relay_in_process(b"\xff\xff", str(tmp_path / "hungarian.toml"), "identify")["error_code"] == "MALFORMED_PLAN"
+
+
 # ----------------------------------------------------------------------------- the coordinator
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory, demo, consortium_keys):
