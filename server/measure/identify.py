@@ -144,6 +144,10 @@ def identify(site_keys: dict[str, Ed25519PublicKey], dictionary_hash: str, trans
     result = Verified({s: site_keys[s] for s in verified}, verified, [f for f in failures])
     for f in failures:
         events(f"{f.site}: gave no identity ({f.code}: {f.message}); it is left out and asked nothing that costs budget")
+    for u in unmatched:
+        if u not in {f.site for f in failures}:
+            events(f"--site-key {u!r}: no site of that name answered (not connected?); it is left out and asked "
+                   "nothing that costs budget")
     need = max(1, min_sites)
     if len(verified) < need:
         raise SiteMismatch(f"{len(verified)} site(s) proved their identity"
