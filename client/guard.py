@@ -3,14 +3,17 @@
 At start the guard loads the site's data through its mapping, one record per patient (or up to
 k per patient, charged k^2 by group privacy), and refuses to start on a source whose patients'
 contributions are not bounded (common/source.py, common/privacy_unit.py); every receipt states that
-unit. For each query plan: check it against the dictionary and the site policy (refusals cost
-nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
+unit. For each query plan: check that it is signed by an allowlisted coordinator and addressed to
+this site by name and signing-key fingerprint (NOT_ADDRESSED otherwise), then check it against the
+dictionary and the site policy (refusals cost nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
 over public cells, costed by OpenDP at the count's sensitivity), debit their exact privacy loss in
 the durable ledger, and only then count the whole plan in one pass over the rows
 (common/cells.py) and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
-over all enrolled sites can be read (common/secagg.py). An evaluation plan comes with a release's
+over all enrolled sites can be read (common/secagg.py). Identify (free) returns the site's name and
+key signed over a coordinator's challenge, so a coordinator can check its --site-key list before
+it sends anything that costs budget (common/addressing.py). An evaluation plan comes with a release's
 records and asks for noisy counts comparing them with the site's rows (client/evaluate.py), debited
 the same way. Everything that leaves is a noisy table
 over public cells or a number the site's policy already makes public; refusals carry fixed
@@ -36,7 +39,7 @@ import grpc
 import numpy as np
 import opendp.prelude as dp
 
-from ..common import accounting, cells, keys, secagg
+from ..common import accounting, addressing, cells, keys, secagg
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.mapping import EncodedTable, load_mapping
 from ..common.source import load_site_table
@@ -70,6 +73,7 @@ GRPC_STATUS = {
     "DUPLICATE_PLAN": grpc.StatusCode.ALREADY_EXISTS,
     "UNTRUSTED_SIGNER": grpc.StatusCode.PERMISSION_DENIED,
     "BAD_SIGNATURE": grpc.StatusCode.UNAUTHENTICATED,
+    "NOT_ADDRESSED": grpc.StatusCode.FAILED_PRECONDITION,
     "PLAN_EXPIRED": grpc.StatusCode.FAILED_PRECONDITION,
     "REPLAYED_PLAN": grpc.StatusCode.ALREADY_EXISTS,
     "SECURE_AGGREGATION": grpc.StatusCode.FAILED_PRECONDITION,
@@ -277,9 +281,28 @@ class SiteGuard:
             limits=pb.PolicyLimits(max_rho_per_plan=p.max_rho_per_plan, max_marginals=p.max_marginals,
                                    max_width=p.max_width, max_cells=p.max_cells, max_plans_per_day=p.max_plans_per_day))
 
-    def open_plan(self, signed: pb.SignedPlan, claim: bool = True) -> pb.QueryPlan:
-        """Check the coordinator's signature, expiry and freshness of a plan (and claim its single-use
-        id unless `claim` is False). Raises Refusal."""
+    def identify(self, request: pb.IdentityRequest) -> pb.SiteIdentity:
+        """This site's name and signing key, signed over the coordinator's challenge. Free: nothing is
+        debited, claimed or written to the ledger. Raises Refusal (a challenge of the wrong size)."""
+        try:
+            return addressing.sign_identity(self.config.site, self._signing_key, request.challenge, self.dictionary.hash)
+        except ValueError as e:
+            raise Refusal("MALFORMED_PLAN", str(e)) from None
+
+    def check_addressed(self, plan: pb.QueryPlan) -> None:
+        """Refuse a plan that does not name this site, by its name and its key's fingerprint, among its addressees."""
+        if addressing.addressed(plan, self.config.site, self.fingerprint):
+            return
+        me = f"this site is {self.config.site!r} with key {self.fingerprint}"
+        if not plan.addressees:
+            raise Refusal("NOT_ADDRESSED", f"{me}; the plan names no addressees, and a guard answers only plans "
+                          "addressed to it (nothing was debited)")
+        raise Refusal("NOT_ADDRESSED", f"{me}; the plan is addressed to {addressing.describe(plan.addressees)}: "
+                      "the coordinator holds another name or key for this site (nothing was debited)")
+
+    def open_plan(self, signed: pb.SignedPlan, claim: bool = True, checking: _Checking | None = None) -> pb.QueryPlan:
+        """Check the coordinator's signature, the addressees, expiry and freshness of a plan (and claim
+        its single-use id unless `claim` is False). Raises Refusal."""
         key = self._coordinators.get(signed.signer)
         if key is None:
             raise Refusal("UNTRUSTED_SIGNER", f"plan signer {signed.signer[:80]!r} is not an allowlisted coordinator of this site")
@@ -289,6 +312,12 @@ class SiteGuard:
             plan = pb.QueryPlan.FromString(signed.plan)
         except Exception:
             raise Refusal("MALFORMED_PLAN", "the signed bytes are not a query plan") from None
+        try:  # before the plan id is claimed: a plan for others leaves no trace but its audit entry
+            self.check_addressed(plan)
+        except Refusal:
+            if checking is not None:
+                checking.plan = plan  # the audit entry names the (validly signed) plan
+            raise
         now = time.time()
         if plan.expires_at < now:
             raise Refusal("PLAN_EXPIRED", "the plan has expired")
@@ -348,7 +377,7 @@ class SiteGuard:
         sites have paid; whoever can reach the guard port with a captured plan could do that."""
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
-            checking.plan = plan = self.open_plan(signed, claim=False)
+            checking.plan = plan = self.open_plan(signed, claim=False, checking=checking)
             if not plan.HasField("secure") or plan.HasField("evaluation"):
                 raise Refusal("SECURE_AGGREGATION", "only plans with secure aggregation are enrolled; send this one to Answer")
             with self._lock:
@@ -408,7 +437,7 @@ class SiteGuard:
         """Answer a signed plan, or raise Refusal. Refused plans are audited and cost nothing."""
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
-            checking.plan = plan = self.open_plan(signed)
+            checking.plan = plan = self.open_plan(signed, checking=checking)
             evaluation = self._compile_evaluation(signed, plan)
             roster, session = self._roster(signed, plan, plan_sha)
             compiled = compile_plan(plan, self.dictionary, self.config,
@@ -512,6 +541,9 @@ class GuardServicer(pb_grpc.SiteGuardServicer):
 
     def Enroll(self, request, context):
         return self._call(self.guard.enroll, request, context)
+
+    def Identify(self, request, context):
+        return self._call(self.guard.identify, request, context)
 
     @staticmethod
     def _call(method, request, context):

@@ -224,11 +224,13 @@ class Federation:
         """One plain round of the 1-way tables and the dictionary's declared dependencies (tools that want
         DP marginals of a fixed structure, e.g. the LLM benchmark); returns the Round."""
         from ...server.measure import planner
+        from ...server.measure.identify import identify
         from ...server.measure.rounds import measure
 
         opts, request, ckey, site_keys, transport, events = self._context(epsilon)
         plan = planner.one_round_plan(ds.dictionary, request.rho)
-        return measure(1, plan, opts, request, ds.dictionary, ckey, site_keys, transport, events)
+        sites = identify(site_keys, ds.dictionary.hash, transport, opts.reply_timeout, events)  # free; as a release does
+        return measure(1, plan, opts, request, ds.dictionary, ckey, sites, transport, events)
 
     def run(self, ds: Dataset, epsilon: float, seed: int, **options) -> tuple[np.ndarray, float]:
         from ...server.measure.rounds import round_measurements

@@ -24,6 +24,7 @@ from ...protos import guard_pb2 as pb
 from ..model.graphical import SITE, JunctionTree, Measurement, pooled
 from . import planner
 from .aggregate import SiteResult, SummaryRejected, aggregate, verify_summary
+from .identify import Verified, identify
 from .transport import SiteFailure, Transport
 
 Progress = Callable[..., None]  # progress(message, stage=..., **data): pipeline.Events
@@ -102,9 +103,12 @@ class Round:
 
 
 def measure(number: int, marginals: list[planner.PlannedMarginal], opts: MeasureOptions, request: Request,
-            dictionary: Dictionary, coordinator_key, site_keys, transport: Transport, events: Progress,
+            dictionary: Dictionary, coordinator_key, sites: Verified, transport: Transport, events: Progress,
             secure: bool = False, cover: set[str] | None = None, to_follow: float = 0.0) -> Round:
-    """Sign one plan, send it to every site, keep the summaries whose signatures and receipts verify.
+    """Sign one plan, send it to every verified site, keep the summaries whose signatures and receipts verify.
+
+    The plan is addressed to the sites whose identities were verified (`identify`), and sent only to
+    them; those that gave no identity are listed as NOT_VERIFIED (sent nothing, not charged).
 
     `to_follow` is the rho the release's later rounds will ask of each site: a site that could pay
     for this plan but not for the rest of the release refuses it for free (OVER_BUDGET) instead of
@@ -119,7 +123,8 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     be answered (nothing is debited).
     """
     plan = planner.to_proto(marginals, dictionary, request.coordinator, f"{request.purpose} (round {number})",
-                            opts.plan_lifetime_s)
+                            opts.plan_lifetime_s, addressees=sites.addressees())
+    site_keys = sites.keys
     plan.rho_to_follow = to_follow
     if secure:
         plan.secure.colluding, plan.secure.min_parties = opts.colluding, opts.min_parties
@@ -127,11 +132,13 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     rho = sum(m.rho for m in marginals)
     events(f"round {number}: plan {plan.plan_id} with {len(marginals)} marginals, rho {rho:.4g} per site, "
            f"signed by {signed.signer}" + (" (secure aggregation)" if secure else ""), stage="plan")
-    failures: list[SiteFailure] = []
-    where: dict[str, str] = {}
-    to = None
+    failures: list[SiteFailure] = sites.not_verified()
+    where: dict[str, str] = sites.where
+    to = sites.to
     if secure:
-        roster, to, failures, where = _enroll(signed, opts, site_keys, transport, events, cover)
+        roster, to, more, enrolled = _enroll(signed, opts, sites, transport, events, cover)
+        failures += more
+        where |= enrolled
         need = max([opts.min_parties] + [k.min_parties for k in roster])
         absent = sorted((cover or set()) - {k.site for k in roster})
         if absent or len(roster) < need:
@@ -175,13 +182,14 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     return Round(number, marginals, plan, signed, results, failures, where=where)
 
 
-def _enroll(signed: pb.SignedPlan, opts: MeasureOptions, site_keys, transport: Transport, events: Progress,
+def _enroll(signed: pb.SignedPlan, opts: MeasureOptions, sites: Verified, transport: Transport, events: Progress,
             cover: set[str] | None) -> tuple[list[pb.KeyShare], set[str], list[SiteFailure], dict[str, str]]:
     """Secure plans: collect the sites' signed one-time keys and pick the roster: sites known to the
     coordinator (and in `cover`, if given) that all accept each other (`secagg.agreeing`).
     Returns the roster, where to send the answer round (the transport's names of its members), the
     failures, and the transport's name of each site whose signed share arrived."""
-    replies, failures = transport.query(signed, opts.reply_timeout, events, kind="enroll")
+    site_keys = sites.keys
+    replies, failures = transport.query(signed, opts.reply_timeout, events, kind="enroll", to=sites.to)
     plan_sha = hashlib.sha256(signed.plan).digest()
     shares: dict[str, pb.KeyShare] = {}
     where: dict[str, str] = {}
@@ -246,6 +254,10 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     """Measure in three rounds; return the rounds and the model's structure (variable sets, `site` included
     where site effects are modelled).
 
+    First, for free, the sites' identities are checked against `site_keys` (`identify`): a site name or
+    key that does not match stops the release here (SiteMismatch), before any plan that costs budget;
+    the rounds go only to the verified sites (at least one), addressed to them.
+
     Round 1: the 1-way tables, per site (planner.ONEWAY_SHARE of rho). Round 2: the candidate pairs,
     compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
     (the rest). The three plans spend exactly rho per site. Round 1 must be answered by someone;
@@ -259,13 +271,14 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     unknown = sorted({v for s in priors for v in s} - set(names))
     if unknown:
         raise PpsehrError(f"the prior dependencies name variables the dictionary does not have: {unknown}. Nothing was sent.")
-    sites = list(site_keys)
-    check_model_size(opts, dictionary, [(n,) for n in names], sites)
+    check_model_size(opts, dictionary, [(n,) for n in names], list(site_keys))
+    verified = identify(site_keys, dictionary.hash, transport, opts.reply_timeout, events)
+    sites = sorted(verified.keys)
     mode = {None: "automatic", True: "required", False: "off"}[opts.secure_aggregation]
     events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, request.delta):.3g} at delta "
            f"{request.delta:g}); three rounds: 1-way tables, candidate pairs, selected marginals; "
            f"secure aggregation {mode}", stage="plan")
-    args = (opts, request, dictionary, coordinator_key, site_keys, transport, events)
+    args = (opts, request, dictionary, coordinator_key, verified, transport, events)
     state = _Secure(opts.secure_aggregation)
     pooled_sites = opts.site_variable == "pooled"
     joint = len(planner.joint_names(dictionary)) > 1  # else there is nothing to select: one round of 1-way tables

@@ -31,11 +31,12 @@ class SiteReply:
     signed: pb.SignedSummary | pb.KeyShare
 
 
-KINDS = {"summary": pb.SignedSummary, "enroll": pb.KeyShare}  # what a site replies to each kind of request
+# What a site replies to each kind of request ("identify" sends a pb.IdentityRequest, the others a pb.SignedPlan).
+KINDS = {"summary": pb.SignedSummary, "enroll": pb.KeyShare, "identify": pb.SiteIdentity}
 
 
 class Transport(Protocol):
-    def query(self, plan: pb.SignedPlan, timeout: float, progress: Progress, kind: str = "summary",
+    def query(self, plan: pb.SignedPlan | pb.IdentityRequest, timeout: float, progress: Progress, kind: str = "summary",
               to: set[str] | None = None) -> tuple[list[SiteReply], list[SiteFailure]]:
         """Send to every site, or only to those named in `to` (as this transport names them in replies)."""
         ...
@@ -93,7 +94,8 @@ class FlowerTransport:
                             dst_node_id=n, message_type=f"query.{kind}", group_id="release", ttl=timeout + 60)
                     for n in nodes]
         pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes)}
-        progress(f"plan sent to {len(nodes)} site(s); waiting for " + ("their one-time keys" if kind == "enroll" else "summaries"))
+        progress(f"{'identity request' if kind == 'identify' else 'plan'} sent to {len(nodes)} site(s); waiting for "
+                 + {"enroll": "their one-time keys", "identify": "their signed identities"}.get(kind, "summaries"))
         replies: list[SiteReply] = []
         failures: list[SiteFailure] = []
         deadline = time.monotonic() + timeout

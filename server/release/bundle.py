@@ -154,6 +154,7 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
     if not entries:
         _fail(mpath, "no plans")
     plans: dict[str, tuple[str, tuple | None]] = {}
+    addressed: dict[str, set[tuple[str, str]] | None] = {}  # plan -> its signed addressees (None: a plan without)
     facts: list[mf.PlanFacts] = []
     for i, entry in enumerate(entries):
         plan, plan_bytes, digest, secure, roster = _verify_plan(entry, manifest, ckey, mpath, site_keys)
@@ -165,6 +166,11 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
         mf.compare_derived(mpath, f"plan entry {plan.plan_id!r}", entry,
                  mf.plan_entry_of(i + 1, plan, plan_bytes, keys.unb64(entry["signature"]), roster))
         plans[plan.plan_id] = (digest, secure)
+        addressed[plan.plan_id] = {(a.site, a.signer) for a in plan.addressees} if plan.addressees else None
+        for k in roster:
+            if addressed[plan.plan_id] is not None and (k.site, k.signer) not in addressed[plan.plan_id]:
+                _fail(mpath, f"plan {plan.plan_id!r}: site {k.site!r} (key {k.signer}) is in its secure-sum roster but "
+                             "not among the addressees the signed plan names")
         facts.append(mf.plan_facts(i + 1, plan, [k.site for k in roster]))
     if not manifest.get("sites"):
         _fail(mpath, "no site contributed; a release needs at least one site's receipt")
@@ -194,6 +200,10 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
         if r.get("signer") != keys.fingerprint(_site_key(r["site"], manifest, site_keys)):
             _fail(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}: signer {r.get('signer')!r} is not the "
                          "fingerprint of the site's key")
+        to = addressed.get(rc.plan_id)
+        if to is not None and (r["site"], r["signer"]) not in to:
+            _fail(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}: the signed plan is not addressed to "
+                         f"site {r['site']!r} with key {r['signer']} (it names {sorted(to)})")
     for site, stated in manifest["sites"].items():
         mf.compare_derived(mpath, f"site {site!r}", stated, figures["sites"][site], _site_messages(site, figures["sites"][site]))
     mf.compare_derived(mpath, "privacy", manifest.get("privacy"), mf.privacy_section(figures), _privacy_messages(figures))
