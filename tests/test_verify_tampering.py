@@ -262,6 +262,7 @@ CASES = [
      r"the receipt is for another site or for a plan not in this release"),
     ("LIMIT: the last round removed with all its receipts", P, lambda m, k: (m["plans"].pop(), m.update(
         receipts=[r for r in m["receipts"] if r["plan_id"] in {p["plan_id"] for p in m["plans"]}])), True, None),
+    ("plans[1].addressees: one removed", P, lambda m, k: m["plans"][1]["addressees"].pop(), False, r"addressees"),
     ("plans[1].secure added", P, lambda m, k: m["plans"][1].update(secure={"colluding": 0, "min_parties": 3, "roster": []}),
      False, r"claims secure aggregation the signed plan lacks"),
     # ---- rosters and secure terms
