@@ -3,8 +3,9 @@
 At start the guard loads the site's data through its mapping, one record per patient (or up to
 k per patient, charged k^2 by group privacy), and refuses to start on a source whose patients'
 contributions are not bounded (common/source.py, common/privacy_unit.py); every receipt states that
-unit. For each query plan: check it against the dictionary and the site policy (refusals cost
-nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
+unit. For each query plan: check that it is signed by an allowlisted coordinator and addressed to
+this site by name and signing-key fingerprint (NOT_ADDRESSED otherwise), then check it against the
+dictionary and the site policy (refusals cost nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
 over public cells, costed by OpenDP at the count's sensitivity), debit their exact privacy loss in
 the durable ledger, and only then count the whole plan in one pass over the rows
 (common/cells.py) and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
@@ -14,7 +15,9 @@ over all enrolled sites can be read (common/secagg.py). A secure plan that toler
 two more calls after the coordinator signs who answered: Confirm (the guard signs that statement,
 one per plan) and Reveal (once, for the statement it confirmed, given threshold confirmations):
 shares of the survivors' self-mask seeds and its pair-mask seeds with the sites that dropped, never
-both for one site, and never for a site whose answer it is shown. An evaluation plan comes with a release's
+both for one site, and never for a site whose answer it is shown. Identify (free) returns the site's name and
+key signed over a coordinator's challenge, so a coordinator can check its --site-key list before
+it sends anything that costs budget (common/addressing.py). An evaluation plan comes with a release's
 records and asks for noisy counts comparing them with the site's rows (client/evaluate.py), debited
 the same way. Everything that leaves is a noisy table
 over public cells or a number the site's policy already makes public; refusals carry fixed
@@ -40,7 +43,7 @@ import grpc
 import numpy as np
 import opendp.prelude as dp
 
-from ..common import accounting, cells, keys, secagg
+from ..common import accounting, addressing, cells, keys, secagg
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.mapping import EncodedTable, load_mapping
 from ..common.source import load_site_table
@@ -74,6 +77,7 @@ GRPC_STATUS = {
     "DUPLICATE_PLAN": grpc.StatusCode.ALREADY_EXISTS,
     "UNTRUSTED_SIGNER": grpc.StatusCode.PERMISSION_DENIED,
     "BAD_SIGNATURE": grpc.StatusCode.UNAUTHENTICATED,
+    "NOT_ADDRESSED": grpc.StatusCode.FAILED_PRECONDITION,
     "PLAN_EXPIRED": grpc.StatusCode.FAILED_PRECONDITION,
     "REPLAYED_PLAN": grpc.StatusCode.ALREADY_EXISTS,
     "SECURE_AGGREGATION": grpc.StatusCode.FAILED_PRECONDITION,
@@ -282,9 +286,28 @@ class SiteGuard:
             limits=pb.PolicyLimits(max_rho_per_plan=p.max_rho_per_plan, max_marginals=p.max_marginals,
                                    max_width=p.max_width, max_cells=p.max_cells, max_plans_per_day=p.max_plans_per_day))
 
-    def open_plan(self, signed: pb.SignedPlan, claim: bool = True) -> pb.QueryPlan:
-        """Check the coordinator's signature, expiry and freshness of a plan (and claim its single-use
-        id unless `claim` is False). Raises Refusal."""
+    def identify(self, request: pb.IdentityRequest) -> pb.SiteIdentity:
+        """This site's name and signing key, signed over the coordinator's challenge. Free: nothing is
+        debited, claimed or written to the ledger. Raises Refusal (a challenge of the wrong size)."""
+        try:
+            return addressing.sign_identity(self.config.site, self._signing_key, request.challenge, self.dictionary.hash)
+        except ValueError as e:
+            raise Refusal("MALFORMED_PLAN", str(e)) from None
+
+    def check_addressed(self, plan: pb.QueryPlan) -> None:
+        """Refuse a plan that does not name this site, by its name and its key's fingerprint, among its addressees."""
+        if addressing.addressed(plan, self.config.site, self.fingerprint):
+            return
+        me = f"this site is {self.config.site!r} with key {self.fingerprint}"
+        if not plan.addressees:
+            raise Refusal("NOT_ADDRESSED", f"{me}; the plan names no addressees, and a guard answers only plans "
+                          "addressed to it (nothing was debited)")
+        raise Refusal("NOT_ADDRESSED", f"{me}; the plan is addressed to {addressing.describe(plan.addressees)}: "
+                      "the coordinator holds another name or key for this site (nothing was debited)")
+
+    def open_plan(self, signed: pb.SignedPlan, claim: bool = True, checking: _Checking | None = None) -> pb.QueryPlan:
+        """Check the coordinator's signature, the addressees, expiry and freshness of a plan (and claim
+        its single-use id unless `claim` is False). Raises Refusal."""
         key = self._coordinators.get(signed.signer)
         if key is None:
             raise Refusal("UNTRUSTED_SIGNER", f"plan signer {signed.signer[:80]!r} is not an allowlisted coordinator of this site")
@@ -294,6 +317,12 @@ class SiteGuard:
             plan = pb.QueryPlan.FromString(signed.plan)
         except Exception:
             raise Refusal("MALFORMED_PLAN", "the signed bytes are not a query plan") from None
+        try:  # before the plan id is claimed: a plan for others leaves no trace but its audit entry
+            self.check_addressed(plan)
+        except Refusal:
+            if checking is not None:
+                checking.plan = plan  # the audit entry names the (validly signed) plan
+            raise
         now = time.time()
         if plan.expires_at < now:
             raise Refusal("PLAN_EXPIRED", "the plan has expired")
@@ -301,9 +330,21 @@ class SiteGuard:
             raise Refusal("PLAN_EXPIRED", f"the plan expires more than {self.config.max_plan_lifetime_s:g} s from now")
         if not plan.plan_id or len(plan.plan_id) > MAX_ID:
             raise Refusal("MALFORMED_PLAN", f"plan_id must be 1-{MAX_ID} characters")
+        if not (math.isfinite(plan.rho_to_follow) and plan.rho_to_follow >= 0):
+            raise Refusal("MALFORMED_PLAN", "rho_to_follow must be a finite number >= 0")
         if not (self.ledger.claim_plan(plan.plan_id) if claim else not self.ledger.seen_plan(plan.plan_id)):
             raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was seen before; plan ids are single-use")
         return plan
+
+    def _afford_the_rest(self, plan: pb.QueryPlan, rho: float, held: float = 0.0) -> None:
+        """Refuse (free) a plan this site could pay for but not also the later rounds of its release."""
+        if plan.rho_to_follow <= 0:
+            return
+        left = self.config.rho_limit - self.ledger.spent() - held
+        if rho + plan.rho_to_follow > left * (1 + 1e-12):
+            raise Refusal("OVER_BUDGET", f"this plan (rho {rho:.6g}) and the later rounds of its release (rho "
+                          f"{plan.rho_to_follow:.6g}) need rho {rho + plan.rho_to_follow:.6g}, but only {max(left, 0.0):.6g} "
+                          "of the lifetime budget is left")
 
     @contextmanager
     def _refusals(self, signed: pb.SignedPlan) -> Iterator[_Checking]:
@@ -341,7 +382,7 @@ class SiteGuard:
         sites have paid; whoever can reach the guard port with a captured plan could do that."""
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
-            checking.plan = plan = self.open_plan(signed, claim=False)
+            checking.plan = plan = self.open_plan(signed, claim=False, checking=checking)
             if not plan.HasField("secure") or plan.HasField("evaluation"):
                 raise Refusal("SECURE_AGGREGATION", "only plans with secure aggregation are enrolled; send this one to Answer")
             with self._lock:
@@ -363,9 +404,11 @@ class SiteGuard:
                     raise Refusal("RATE_LIMITED", f"{MAX_SESSIONS} enrolled plans are waiting for their answers")
                 if self.ledger.plans_since(86400) + len(self._sessions) >= per_day:
                     raise RateLimited(per_day)
-                left = self.config.rho_limit - self.ledger.spent() - math.fsum(v.rho for v in self._sessions.values())
+                held_rho = math.fsum(v.rho for v in self._sessions.values())
+                left = self.config.rho_limit - self.ledger.spent() - held_rho
                 if rho > left * (1 + 1e-12):
                     raise BudgetExceeded(rho, left)
+                self._afford_the_rest(plan, rho, held_rho)
                 if not self.ledger.claim_enrollment(plan.plan_id, signed.signer,
                                                     {"rho_planned": rho, "marginals": len(plan.marginals)}):
                     raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was enrolled here before and its one-time key "
@@ -408,7 +451,7 @@ class SiteGuard:
         """Answer a signed plan, or raise Refusal. Refused plans are audited and cost nothing."""
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
-            checking.plan = plan = self.open_plan(signed)
+            checking.plan = plan = self.open_plan(signed, checking=checking)
             evaluation = self._compile_evaluation(signed, plan)
             roster, session = self._roster(signed, plan, plan_sha)
             honest = accounting.honest_shares(len(roster), plan.secure.colluding, plan.secure.dropouts) if roster else None
@@ -426,6 +469,7 @@ class SiteGuard:
             if evaluation and rho > self.config.policy.max_rho_per_plan * (1 + 1e-12):
                 raise Refusal("POLICY_LIMIT", f"plan asks for rho {rho:.6g}; policy allows at most "
                               f"{self.config.policy.max_rho_per_plan:.6g} per plan")
+            self._afford_the_rest(plan, rho)
             secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding,
                                  "dropouts": plan.secure.dropouts}} if roster else {}
             evaluated = {"evaluation": {"release_id": plan.evaluation.release_id[:MAX_ID], "queries": len(evaluation.queries()),
@@ -660,6 +704,9 @@ class GuardServicer(pb_grpc.SiteGuardServicer):
 
     def Confirm(self, request, context):
         return self._call(self.guard.confirm, request, context)
+
+    def Identify(self, request, context):
+        return self._call(self.guard.identify, request, context)
 
     @staticmethod
     def _call(method, request, context):

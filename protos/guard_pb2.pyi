@@ -6,6 +6,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class IdentityRequest(_message.Message):
+    __slots__ = ("challenge",)
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    challenge: bytes
+    def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
+
+class SiteIdentity(_message.Message):
+    __slots__ = ("site", "public_key", "signer", "challenge", "dictionary_hash", "signature")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    public_key: bytes
+    signer: str
+    challenge: bytes
+    dictionary_hash: str
+    signature: bytes
+    def __init__(self, site: _Optional[str] = ..., public_key: _Optional[bytes] = ..., signer: _Optional[str] = ..., challenge: _Optional[bytes] = ..., dictionary_hash: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class Addressee(_message.Message):
+    __slots__ = ("site", "signer")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    signer: str
+    def __init__(self, site: _Optional[str] = ..., signer: _Optional[str] = ...) -> None: ...
+
 class DescribeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -55,7 +85,7 @@ class CellGroups(_message.Message):
     def __init__(self, cell_group: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class QueryPlan(_message.Message):
-    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at", "secure", "evaluation")
+    __slots__ = ("plan_id", "dictionary_hash", "coordinator", "marginals", "purpose", "expires_at", "secure", "evaluation", "addressees", "rho_to_follow")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_HASH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +94,8 @@ class QueryPlan(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSEES_FIELD_NUMBER: _ClassVar[int]
+    RHO_TO_FOLLOW_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     dictionary_hash: str
     coordinator: str
@@ -72,7 +104,9 @@ class QueryPlan(_message.Message):
     expires_at: int
     secure: SecureAggregation
     evaluation: EvaluationQuery
-    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ..., expires_at: _Optional[int] = ..., secure: _Optional[_Union[SecureAggregation, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationQuery, _Mapping]] = ...) -> None: ...
+    addressees: _containers.RepeatedCompositeFieldContainer[Addressee]
+    rho_to_follow: float
+    def __init__(self, plan_id: _Optional[str] = ..., dictionary_hash: _Optional[str] = ..., coordinator: _Optional[str] = ..., marginals: _Optional[_Iterable[_Union[MarginalQuery, _Mapping]]] = ..., purpose: _Optional[str] = ..., expires_at: _Optional[int] = ..., secure: _Optional[_Union[SecureAggregation, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationQuery, _Mapping]] = ..., addressees: _Optional[_Iterable[_Union[Addressee, _Mapping]]] = ..., rho_to_follow: _Optional[float] = ...) -> None: ...
 
 class EvaluationQuery(_message.Message):
     __slots__ = ("records_sha256", "release_id", "manifest_sha256", "records", "tstr", "distance")

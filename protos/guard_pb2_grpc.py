@@ -59,6 +59,11 @@ class SiteGuardStub:
                 request_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
                 response_deserializer=ppsehr_dot_protos_dot_guard__pb2.Confirmation.FromString,
                 _registered_method=True)
+        self.Identify = channel.unary_unary(
+                '/ppsehr.guard.v1.SiteGuard/Identify',
+                request_serializer=ppsehr_dot_protos_dot_guard__pb2.IdentityRequest.SerializeToString,
+                response_deserializer=ppsehr_dot_protos_dot_guard__pb2.SiteIdentity.FromString,
+                _registered_method=True)
 
 
 class SiteGuardServicer:
@@ -104,6 +109,15 @@ class SiteGuardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Identify(self, request, context):
+        """The site's name and signing key, signed over the coordinator's challenge. Free: nothing is
+        debited or claimed. The coordinator asks every site before its first paid plan and sends paid
+        plans only to the sites whose (name, key) match its --site-key list (docs/security.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteGuardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +145,11 @@ def add_SiteGuardServicer_to_server(servicer, server):
                     servicer.Confirm,
                     request_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.FromString,
                     response_serializer=ppsehr_dot_protos_dot_guard__pb2.Confirmation.SerializeToString,
+            ),
+            'Identify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Identify,
+                    request_deserializer=ppsehr_dot_protos_dot_guard__pb2.IdentityRequest.FromString,
+                    response_serializer=ppsehr_dot_protos_dot_guard__pb2.SiteIdentity.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +287,33 @@ class SiteGuard:
             '/ppsehr.guard.v1.SiteGuard/Confirm',
             ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
             ppsehr_dot_protos_dot_guard__pb2.Confirmation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Identify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ppsehr.guard.v1.SiteGuard/Identify',
+            ppsehr_dot_protos_dot_guard__pb2.IdentityRequest.SerializeToString,
+            ppsehr_dot_protos_dot_guard__pb2.SiteIdentity.FromString,
             options,
             channel_credentials,
             insecure,

@@ -246,7 +246,7 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     }
     if job.output.report:
         events("building the report", stage="report")
-        files |= build_report(dictionary, manifest, syn.pooled, samples, fidelity)
+        files |= build_report(dictionary, manifest, syn.pooled, samples, fidelity, release=str(job.out))
     out = write_release(job.out, files, manifest, sign=coordinator_key.sign)
     events(f"release written to {out} in {time.perf_counter() - t0:.1f} s", stage="done", out=str(out))
     return manifest

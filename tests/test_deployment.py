@@ -86,6 +86,19 @@ def test_coordinator_cli_runs_an_adaptive_release_over_the_secure_superlink(cons
         assert m["sites"][site]["rho"] == pytest.approx(after[site] - before[site], rel=1e-9)
 
 
+def test_a_misspelled_site_key_over_flower_costs_nobody_anything(consortium, tmp_path):
+    """The measured failure of issue 13: `--site-key wset=...` for `west` got West charged twice and its
+    summaries rejected. Now the identity check stops the run before any paid plan."""
+    before = ledger_totals(consortium)
+    k = consortium.keys
+    typo = {("clevland" if s == "cleveland" else s): str(k.site_keys[s][1]) for s in SITES}
+    with pytest.raises(RunFailed, match=r"site 'cleveland' \(node \d+\) answered, but no --site-key is given for it; "
+                                        r"its key ed25519:\w+ is given as --site-key 'clevland' \(did you mean 'cleveland'\?\)"):
+        consortium.release(tmp_path / "typo", epsilon=0.5, site_keys=typo)
+    assert ledger_totals(consortium) == before  # nobody was charged
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_dead_guard_is_reported_and_not_charged(consortium, tmp_path):
     before = ledger_totals(consortium)
     guard = next(p for p in consortium.group.procs if p.name == "guard-va")
@@ -94,8 +107,10 @@ def test_a_dead_guard_is_reported_and_not_charged(consortium, tmp_path):
     m = verify_release(consortium.release(tmp_path / "r4", epsilon=0.5, seed=13)["out"])
     assert set(m["sites"]) == {"cleveland", "hungarian"}
     missing = m["sites_not_included"]
-    assert [(x["round"], x["code"]) for x in missing] == [(1, "GUARD_UNAVAILABLE"), (2, "GUARD_UNAVAILABLE"),
-                                                          (3, "GUARD_UNAVAILABLE")]  # 1-ways, candidates, selected
+    # its node gave no signed identity before the first paid plan (GUARD_UNAVAILABLE): it is sent nothing paid
+    assert [(x["round"], x["code"]) for x in missing] == [(1, "NOT_VERIFIED"), (2, "NOT_VERIFIED"),
+                                                          (3, "NOT_VERIFIED")]  # 1-ways, candidates, selected
+    assert all("GUARD_UNAVAILABLE" in x["message"] and x["charged"].startswith("no ") for x in missing)
     assert ledger_totals(consortium)["va"] == before["va"]
 
 

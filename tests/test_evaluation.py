@@ -117,9 +117,9 @@ def test_evaluation_figures_agree_with_pooled_real_metrics_within_the_declared_n
         within(t["accuracy"], np.mean((score >= t["bins"] // 2) == truth), t["accuracy_sd"])
         if t["target"] == "heart_disease":
             assert t["auc"] > 0.7  # the records carry real signal about the outcome
-    # fidelity on marginals the synthesizer never measured: TVD against the pooled real table
-    measured = {frozenset(p) for p in [m["variables"] for pl in json.loads(
-        (consortium["release"] / "manifest.json").read_text())["plans"] for m in pl["marginals"]] if len(p) == 2}
+    # fidelity on marginals the synthesizer never measured cell by cell: TVD against the pooled real table
+    measured = {frozenset(m["variables"]) for pl in json.loads((consortium["release"] / "manifest.json").read_text())["plans"]
+                for m in pl["marginals"] if len(m["variables"]) == 2 and not any(m.get("groups") or [])}
     assert len(r["fidelity"]["unmeasured"]) == 6
     for u in r["fidelity"]["unmeasured"]:
         assert frozenset(u["variables"]) not in measured
@@ -344,6 +344,63 @@ def test_the_unique_copies_count_changes_by_at_most_one_when_a_row_is_added_or_r
 def test_planned_unmeasured_tables_are_pairs_no_plan_measured(consortium, dictionary):
     manifest = json.loads((consortium["release"] / "manifest.json").read_text())
     plan, _ = _eval_plan(consortium, dictionary)
-    measured = {frozenset(m["variables"]) for p in manifest["plans"] for m in p["marginals"]}
+    measured = {frozenset(m["variables"]) for p in manifest["plans"] for m in p["marginals"]
+                if not any(m.get("groups") or [])}  # cell by cell: coarse candidates do not count
     assert plan.marginals and all(frozenset(m.variables) not in measured for m in plan.marginals)
     assert all(m.rho > 0 for m in plan.marginals)
+
+
+def test_a_site_with_k_rows_per_patient_calibrates_and_charges_evaluations_by_group_privacy(
+        consortium, dictionary, demo, tmp_path, consortium_keys, sign):
+    """The evaluation's rho is per patient: at k = 3 rows per patient every count's noise is calibrated for
+    rho / 9 per row and charged OpenDP's map at d_in = 3 (as the release's tables are)."""
+    from ppsehr.client.config import load_site_config
+    from ppsehr.client.guard import SiteGuard
+    from ppsehr.deploy.local import write_site_config
+
+    rows = (demo / "data" / "processed.cleveland.data").read_text().splitlines()
+    lines = ["pid,visit,age,sex,cp,trestbps,chol,fbs,restecg,thalach,exang,oldpeak,slope,ca,thal,num"]
+    lines += [f"P{i // 3 if i < 30 else i},2020-01-{1 + i % 3:02d},{r}" for i, r in enumerate(rows)]
+    (tmp_path / "ehr.csv").write_text("\n".join(lines) + "\n")
+    variables = (demo / "sites" / "cleveland.toml").read_text()
+    variables = variables[variables.index("[variables."):]
+    (tmp_path / "mapping.toml").write_text('[site]\nid = "cleveland"\n[source]\npath = "ehr.csv"\npatient_key = "pid"\n'
+                                           'time = "visit"\nmissing_values = ["?"]\nrows_per_patient = 3\n' + variables)
+    guard = SiteGuard(load_site_config(write_site_config(
+        tmp_path / "site.toml", "cleveland", demo / "dictionary.toml", tmp_path / "mapping.toml", tmp_path / "state",
+        "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys["cleveland"][0], [consortium_keys.coordinator_pub])))
+    assert guard.config.rows_per_patient == 3
+    plan, records = _eval_plan(consortium, dictionary)
+    signed = sign(plan)
+    signed.records = records
+    reply = guard.answer(signed)
+    summary = pb.Summary.FromString(reply.summary)
+    receipt = pb.BudgetReceipt.FromString(summary.receipt)
+    ev = plan.evaluation
+    planned = [m.rho for m in plan.marginals] + [q.rho for q in ev.tstr] + [ev.distance.rho_histogram,
+                                                                             ev.distance.rho_unique]
+    tables = list(summary.marginals) + list(summary.evaluation.tstr) + [summary.evaluation.distance,
+                                                                        summary.evaluation.unique_copied]
+    for t, rho in zip(tables, planned):
+        assert t.noise_scale == pytest.approx(accounting.scale_for_rho(rho / 9), rel=1e-9)
+        assert t.rho == pytest.approx(9 / (2 * t.noise_scale ** 2), rel=1e-6) and t.rho <= rho * (1 + 1e-9)
+    assert (receipt.unit, receipt.rows_per_patient) == ("patient_rows", 3)
+    assert receipt.rho_debited == pytest.approx(math.fsum(t.rho for t in tables), rel=1e-9)
+    assert guard.ledger.spent() == pytest.approx(receipt.rho_debited, rel=1e-12)
+    # the coordinator checks it like any answer
+    key = {"cleveland": keys.load_public_key(consortium_keys.site_keys["cleveland"][1])}
+    assert ad.verify_answer(reply, plan, signed.plan, dictionary, key).site == "cleveland"
+
+
+def test_the_flower_path_follows_an_evaluation_job_and_the_serverapp_dispatches_it(tmp_path):
+    """`ppsehr demo --evaluate` / `release evaluate --superlink` hand an EvaluationJob to the same follow()
+    and ServerApp as a release (the job file says "kind": "evaluation")."""
+    from ppsehr.server.federation import follow
+
+    job = EvaluationJob(release="r", dictionary="d", signing_key="k", site_keys={}, events=str(tmp_path / "events.jsonl"))
+    job.save(tmp_path / "job.json")
+    assert json.loads((tmp_path / "job.json").read_text())["kind"] == "evaluation"
+    assert EvaluationJob.load(tmp_path / "job.json") == job
+    done = {"t": 0, "stage": "done", "message": "evaluation x", "out": "r/evaluations/x.json"}
+    (tmp_path / "events.jsonl").write_text(json.dumps({"t": 0, "stage": "plan", "message": "p"}) + "\n" + json.dumps(done) + "\n")
+    assert follow(job, 1, tmp_path, "none", 10, lambda e: None) == done

@@ -110,7 +110,8 @@ def test_compiled_plan_costs_what_the_old_construction_cost(site_config, diction
         old = space >> dp.t.then_count_by_categories(categories=list(range(n)), null_category=False,
                                                       MO=dp.L2Distance[int]) >> dp.m.then_gaussian(scale=scale)
         assert c.scale == scale and c.rho_alone == float(old.map(1))
-        want = accounting.distributed_rho(scale, secure_parties, n) if secure_parties else float(old.map(1))
+        want = (accounting.secure_table_rho(scale, secure_parties, n, float(old.map(1)))[0] if secure_parties
+                else float(old.map(1)))
         assert c.rho == want and c.rho <= m.rho * (1 + 1e-9)
 
 

@@ -106,7 +106,9 @@ def test_a_site_that_is_down_is_reported_not_charged(guards, job, tmp_path, all_
     assert set(m["sites"]) == {g.guard.config.site for g in gs[:2]}
     failures = m["sites_not_included"]
     assert [f["round"] for f in failures] == [1, 2, 3]  # 1-ways, candidates, selected tables
-    assert all(f["code"] == "GUARD_UNAVAILABLE" and f["site"] == down.guard.config.site for f in failures)
+    # it gave no signed identity before the first paid plan: sent nothing paid, so certainly not charged
+    assert all(f["code"] == "NOT_VERIFIED" and f["site"] == down.guard.config.site and "GUARD_UNAVAILABLE" in f["message"]
+               and f["charged"] == "no (the plan was not sent to it to be answered)" for f in failures)
     assert down.guard.ledger.spent() == 0.0
 
 

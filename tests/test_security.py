@@ -154,10 +154,14 @@ def test_daily_plan_limit_holds_and_debits_name_the_policy_in_force(guards, dict
 # ----------------------------------------------------------------------------- hostile plans
 @pytest.fixture
 def measurement_builds(monkeypatch):
-    """Count OpenDP noise calibrations: the guard's expensive per-marginal work."""
+    """Count OpenDP noise calibrations and measurement builds: the guard's expensive per-marginal work
+    (the guard memoises both, so the count is of what it asks for, cached or not)."""
+    from ppsehr.client import guard as guard_module
+
     calls = []
-    real = accounting.scale_for_rho
-    monkeypatch.setattr(accounting, "scale_for_rho", lambda rho: calls.append(rho) or real(rho))
+    for name in ("_scale_for_rho", "noisy_counts"):
+        real = getattr(guard_module, name)
+        monkeypatch.setattr(guard_module, name, lambda *a, real=real, name=name: calls.append((name, a)) or real(*a))
     return calls
 
 
@@ -203,6 +207,7 @@ def test_hostile_plans_are_refused_before_any_work(guards, dictionary, sign, mea
     last = g.guard.ledger.audit_entries()[-1]
     assert (last.event, last.code) == ("refused", code) and len(last.plan_id) <= 128 and len(last.detail) < 1000
     assert good(g, sign, dictionary).rho_spent_total == g.guard.ledger.spent() > 0
+    assert measurement_builds  # ... and the counter does see a plan that is answered
 
 
 def test_oversized_and_unsigned_huge_messages(guards, dictionary, sign, coordinator_key):
@@ -243,7 +248,10 @@ def test_no_exception_text_crosses_the_site_boundary(guards, dictionary, sign, m
         raise ValueError(SECRET)
 
     # 1. the data read fails after the debit: the budget is spent, the coordinator learns only a fixed code
-    monkeypatch.setattr(g.guard._table, "cell_index", leak)
+    # (the guard counts every table of a plan in one pass over the rows: common/cells.py::count_tables)
+    from ppsehr.common import cells
+
+    monkeypatch.setattr(cells, "count_tables", leak)
     plan = sign(make_plan(dictionary, [(["chol"], 0.01)]))
     status, details = refused(g.stub, plan)
     assert status == grpc.StatusCode.INTERNAL
@@ -258,7 +266,9 @@ def test_no_exception_text_crosses_the_site_boundary(guards, dictionary, sign, m
     # 2. a failure before the debit (here: OpenDP calibration): refused, audited, nothing debited
     monkeypatch.undo()
     spent = g.guard.ledger.spent()
-    monkeypatch.setattr(accounting, "scale_for_rho", leak)
+    from ppsehr.client import guard as guard_module
+
+    monkeypatch.setattr(guard_module, "noisy_counts", leak)  # building the OpenDP measurement fails
     status, details = refused(g.stub, sign(make_plan(dictionary, [(["age"], 0.01)])))
     assert details == "INTERNAL: the guard failed; the site admin has the details (nothing was debited)"
     assert g.guard.ledger.spent() == spent and g.guard.ledger.audit_entries()[-1].code == "INTERNAL"
@@ -518,7 +528,8 @@ def test_fuzz_guard_api(guards, dictionary, coordinator_key, sign):
         st.uuids().map(str) | st.text(max_size=200), st.just(dictionary.hash) | st.text(max_size=80),
         st.lists(marginal, max_size=8), st.sampled_from([600, -10, 10**9, 0]), st.text(max_size=50))
     valid = st.builds(lambda pid, ms: pb.QueryPlan(plan_id=pid, dictionary_hash=dictionary.hash, coordinator="fz",
-                                                   marginals=ms, expires_at=int(time.time()) + 600),
+                                                   marginals=ms, expires_at=int(time.time()) + 600,
+                                                   addressees=[pb.Addressee(site="cleveland", signer=g.guard.fingerprint)]),
                       st.uuids().map(str), st.lists(st.builds(
                           lambda v, r: pb.MarginalQuery(variables=v, rho=r),
                           st.lists(st.sampled_from(dictionary.names), min_size=1, max_size=3, unique=True),
@@ -629,11 +640,10 @@ def test_release_verify_command_detects_tampering(one_release, tmp_path, consort
     assert main(["release", "verify", str(copy), *pins]) == 0
     assert "(pinned)" in capsys.readouterr().out
     tamper(copy, consortium_keys)
-    if pinned:  # without pinned keys a full re-keying is self-consistent: only the printed fingerprints differ
-        assert main(["release", "verify", str(copy)]) == 0
-        out = capsys.readouterr().out
-        assert keys.describe_key_file(consortium_keys.site_keys["va"][1])["fingerprint"] not in out
-        assert "compare with the published fingerprint" in out
+    if pinned:  # without pinned keys, the signed plans' addressees still name the site's own key
+        assert main(["release", "verify", str(copy)]) == 2
+        err = capsys.readouterr().err
+        assert "the signed plan is not addressed to site 'va' with key" in err, err
     assert main(["release", "verify", str(copy), *(pins if pinned else [])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err

@@ -165,6 +165,10 @@ CASES = [
      r"release_rho_max .* does not follow from the receipts"),
     # ---- privacy section, field by field
     ("privacy.unit", P, lambda m, k: m["privacy"].update(unit="one household"), False, r"privacy: unit 'one household'"),
+    ("privacy.site_units", P, lambda m, k: m["privacy"]["site_units"]["va"].update(unit="patient"), False,
+     r"privacy: site_units .* does not follow"),
+    ("privacy.unit claims patients for attested rows", P, lambda m, k: m["privacy"].update(
+        unit="one patient at one site, added or removed with all of their records"), False, r"privacy: unit 'one patient"),
     ("privacy.model", P, lambda m, k: m["privacy"].update(model="pure DP"), False, r"privacy: model 'pure DP'"),
     ("privacy.delta", P, lambda m, k: m["privacy"].update(delta=1e-5), False, r"privacy.delta 1e-05 is not the delta"),
     ("privacy.release_rho_max", P, lambda m, k: m["privacy"].update(release_rho_max=1e-9), False, r"release_rho_max 1e-09"),
@@ -191,6 +195,8 @@ CASES = [
         ("rho_total", 0.001, r"site 'va': stated rho_total does not match"),
         ("epsilon_total", 0.02, r"site 'va': epsilon_total 0.02 does not follow from rho"),
         ("rho_limit", 100.0, r"site 'va': rho_limit 100.0"),
+        ("unit", "patient", r"site 'va': unit 'patient'"),
+        ("rows_per_patient", 3, r"site 'va': rows_per_patient 3"),
         ("marginals", 3, r"site 'va': marginals 3"),
         ("note", "audited", r"site 'va': field 'note' is not derived"))],
     ("sites: a site without receipts", P, lambda m, k: m["sites"].update(hungarian=dict(m["sites"]["va"])), False,
@@ -212,11 +218,15 @@ CASES = [
           ("delta", 0.5, r"delta 0.5 does not follow"),
           ("debited_at", "1970-01-01", r"debited_at '1970-01-01' does not follow"),
           ("ledger_seq", 1, r"ledger_seq 1 does not follow"),
+          ("unit", "patient", r"unit 'patient' does not follow"),
+          ("rows_per_patient", 3, r"rows_per_patient 3 does not follow"),
           ("used", False, r"used False does not follow"),
           ("signature", keys.b64(bytes(64)), r"site 'va': the receipt's signature does not verify"),
           ("receipt", keys.b64(b"\x08\x01"), r"site 'va': the receipt's signature does not verify"))],
     ("receipts[].receipt forged by the coordinator", P,
      lambda m, k: forged_receipt(m, "va", 2, k, rho_debited=1e-4), False, r"site 'va': the receipt's signature does not verify"),
+    ("receipts[].receipt with a patient unit the site never stated", P,
+     lambda m, k: forged_receipt(m, "va", 2, k, unit="patient"), False, r"site 'va': the receipt's signature does not verify"),
     ("receipts[].receipt of another release's plan", P,
      lambda m, k: forged_receipt(m, "va", 2, k, plan_sha256=bytes(32)), False, r"the receipt's signature does not verify"),
     ("receipts: one receipt twice", P, lambda m, k: m["receipts"].append(dict(receipt_of(m, "va", 2))), False,
@@ -248,10 +258,11 @@ CASES = [
     ("plans[1].signed_plan re-signed with a smaller rho", P,
      lambda m, k: resign_plan(m, 2, lambda p: p.marginals[0].__setattr__("rho", 1e-9), k), False,
      r"does not match the signed plan"),
-    ("plans: round 2 removed", P, lambda m, k: m["plans"].pop(), False,
+    ("plans: the last round removed", P, lambda m, k: m["plans"].pop(), False,
      r"the receipt is for another site or for a plan not in this release"),
-    ("LIMIT: round 2 removed with all its receipts", P, lambda m, k: (m["plans"].pop(), m.update(
-        receipts=[r for r in m["receipts"] if r["plan_id"] == m["plans"][0]["plan_id"]])), True, None),
+    ("LIMIT: the last round removed with all its receipts", P, lambda m, k: (m["plans"].pop(), m.update(
+        receipts=[r for r in m["receipts"] if r["plan_id"] in {p["plan_id"] for p in m["plans"]}])), True, None),
+    ("plans[1].addressees: one removed", P, lambda m, k: m["plans"][1]["addressees"].pop(), False, r"addressees"),
     ("plans[1].secure added", P, lambda m, k: m["plans"][1].update(secure={"colluding": 0, "min_parties": 3, "roster": []}),
      False, r"claims secure aggregation the signed plan lacks"),
     # ---- rosters and secure terms
@@ -345,20 +356,21 @@ def test_what_verify_cannot_see_is_said_in_the_docs():
     assert "What `verify` can and cannot prove" in text and "withholds" in text
 
 
-def test_enough_fields_are_covered():
+def test_enough_fields_are_covered(one_release, unreadable):
     """One case at least for every field of the privacy section, a site entry, a receipt, a plan entry,
-    a roster entry and a sites_not_included entry."""
+    a roster entry and a sites_not_included entry that the two real manifests have: a field added
+    later without a tampering case fails here."""
     names = " ".join(c[0] for c in CASES)
-    m_fields = {"privacy": ["unit", "model", "delta", "release_rho_max", "release_epsilon_max",
-                            "rho_charged_for_nothing_max", "receipts", "statement", "secure_aggregation"],
-                "sites.va": ["status", "plans", "rho", "epsilon", "rho_if_others_collude", "rho_charged_for_nothing",
-                             "delta", "rho_total", "epsilon_total", "rho_limit", "marginals"],
-                "receipts[]": ["site", "signer", "receipt", "signature", "plan_id", "plan_sha256", "rho_debited",
-                               "rho_spent_total", "rho_limit", "delta", "debited_at", "ledger_seq", "used", "parties",
-                               "colluding", "rho_alone", "bound"],
-                "plans[1]": ["round", "plan_id", "purpose", "rho_per_site", "marginals", "signed_plan", "signature",
-                             "sha256", "secure.colluding", "secure.min_parties", "secure.roster"],
-                "sites_not_included[]": ["site", "node", "round", "plan_id", "code", "message", "charged"]}
-    missing = [f"{k}.{f}" for k, fs in m_fields.items() for f in fs if f"{k}.{f}" not in names]
+    seen: dict[str, set[str]] = {"privacy": set(), "sites.va": set(), "receipts[]": set(), "plans[1]": set(),
+                                 "sites_not_included[]": {"site", "node"}}
+    for release in (one_release, unreadable):
+        m = json.loads((release / "manifest.json").read_text())
+        seen["privacy"] |= set(m["privacy"])
+        seen["sites.va"] |= set(m["sites"]["va"])
+        seen["receipts[]"] |= {k for r in m["receipts"] for k in r}
+        seen["plans[1]"] |= {k for k in m["plans"][1] if k != "secure"} | {
+            f"secure.{k}" for k in m["plans"][1].get("secure", {})}
+        seen["sites_not_included[]"] |= {k for e in m["sites_not_included"] for k in e}
+    missing = sorted(f"{k}.{f}" for k, fs in seen.items() for f in fs if f"{k}.{f}" not in names)
     assert not missing, missing
     assert len({c[0] for c in CASES}) == len(CASES)

@@ -181,6 +181,9 @@ def simulated_dataset(workdir: Path, sites: int, rows: int, attributes: int, het
 class Federation:
     """Real site guards (in this process) over a dataset, with keys and ledgers in a work directory."""
 
+    POLICY = {"max_rho_per_plan": 1e6, "max_marginals": 10_000, "max_cells": 10**7,
+              "max_total_cells": 2 * 10**7, "max_plans_per_day": 100_000}  # generous: a benchmark measures the method
+
     def __init__(self, ds: Dataset, workdir: Path):
         from ...client.config import load_site_config
         from ...client.guard import SiteGuard
@@ -188,8 +191,7 @@ class Federation:
         from ..local import write_site_config
 
         self.keys = init_consortium(workdir / "keys", list(ds.mappings), ["127.0.0.1"])
-        policy = {"max_rho_per_plan": 1e6, "max_marginals": 10_000, "max_cells": 10**7,
-                  "max_total_cells": 2 * 10**7, "max_plans_per_day": 100_000}
+        policy = dict(self.POLICY)
         self.guards = {}
         for site, mapping in ds.mappings.items():
             cfg = write_site_config(workdir / "sites" / f"{site}.toml", site, ds.dictionary_path, mapping,
@@ -222,11 +224,13 @@ class Federation:
         """One plain round of the 1-way tables and the dictionary's declared dependencies (tools that want
         DP marginals of a fixed structure, e.g. the LLM benchmark); returns the Round."""
         from ...server.measure import planner
+        from ...server.measure.identify import identify
         from ...server.measure.rounds import measure
 
         opts, request, ckey, site_keys, transport, events = self._context(epsilon)
         plan = planner.one_round_plan(ds.dictionary, request.rho)
-        return measure(1, plan, opts, request, ds.dictionary, ckey, site_keys, transport, events)
+        sites = identify(site_keys, ds.dictionary.hash, transport, opts.reply_timeout, events)  # free; as a release does
+        return measure(1, plan, opts, request, ds.dictionary, ckey, sites, transport, events)
 
     def run(self, ds: Dataset, epsilon: float, seed: int, **options) -> tuple[np.ndarray, float]:
         from ...server.measure.rounds import round_measurements

@@ -85,6 +85,8 @@ def _guard_fixture(work: Path, attributes: int):
 
     def sign(plan):
         plan.expires_at = int(time.time() + 600)
+        if not plan.addressees:
+            plan.addressees.add(site=site, signer=guard.fingerprint)
         return sign_plan(plan, ckey)
 
     return ds.dictionary, guard, sign

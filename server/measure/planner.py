@@ -418,9 +418,11 @@ def compressed_plan(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], one
 
 
 def to_proto(marginals: list[PlannedMarginal], dictionary: Dictionary, coordinator: str, purpose: str,
-             lifetime_s: float = 1800.0, plan_id: str | None = None) -> pb.QueryPlan:
-    """A plan with a fresh random id (single-use at every guard) that expires after lifetime_s."""
-    return pb.QueryPlan(
+             lifetime_s: float = 1800.0, plan_id: str | None = None,
+             addressees: Sequence[pb.Addressee] = ()) -> pb.QueryPlan:
+    """A plan with a fresh random id (single-use at every guard) that expires after lifetime_s, addressed to
+    `addressees` (the verified sites, server/measure/identify.py; a guard not among them refuses it)."""
+    return pb.QueryPlan(addressees=list(addressees),
         plan_id=plan_id or uuid.uuid4().hex, dictionary_hash=dictionary.hash, coordinator=coordinator,
         purpose=purpose, marginals=[pb.MarginalQuery(variables=m.variables, rho=m.rho, groups=[
             pb.CellGroups(cell_group=g or ()) for g in m.groups] if m.groups and any(m.groups) else []) for m in marginals],

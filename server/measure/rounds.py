@@ -25,6 +25,7 @@ from ...protos import guard_pb2 as pb
 from ..model.graphical import SITE, JunctionTree, Measurement, pooled
 from . import planner
 from .aggregate import SiteResult, SummaryRejected, aggregate, planned_shape, verify_reveal, verify_summary
+from .identify import Verified, identify
 from .transport import SiteFailure, Transport
 
 Progress = Callable[..., None]  # progress(message, stage=..., **data): pipeline.Events
@@ -138,9 +139,16 @@ class Round:
 
 
 def measure(number: int, marginals: list[planner.PlannedMarginal], opts: MeasureOptions, request: Request,
-            dictionary: Dictionary, coordinator_key, site_keys, transport: Transport, events: Progress,
-            secure: bool = False, cover: set[str] | None = None) -> Round:
-    """Sign one plan, send it to every site, keep the summaries whose signatures and receipts verify.
+            dictionary: Dictionary, coordinator_key, sites: Verified, transport: Transport, events: Progress,
+            secure: bool = False, cover: set[str] | None = None, to_follow: float = 0.0) -> Round:
+    """Sign one plan, send it to every verified site, keep the summaries whose signatures and receipts verify.
+
+    The plan is addressed to the sites whose identities were verified (`identify`), and sent only to
+    them; those that gave no identity are listed as NOT_VERIFIED (sent nothing, not charged).
+
+    `to_follow` is the rho the release's later rounds will ask of each site: a site that could pay
+    for this plan but not for the rest of the release refuses it for free (OVER_BUDGET) instead of
+    paying for tables the release could not complete.
 
     A secure plan goes out twice: to enroll (the sites check it, debit nothing and return signed
     one-time keys), then with the roster of enrolled keys, to be answered. It declares d dropouts
@@ -155,7 +163,9 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     for the declared dropouts, the plan is not sent to be answered (nothing is debited).
     """
     plan = planner.to_proto(marginals, dictionary, request.coordinator, f"{request.purpose} (round {number})",
-                            opts.plan_lifetime_s)
+                            opts.plan_lifetime_s, addressees=sites.addressees())
+    site_keys = sites.keys
+    plan.rho_to_follow = to_follow
     dropouts = 0
     if secure:
         dropouts = opts.tolerated(len(cover) if cover is not None else len(site_keys))
@@ -165,11 +175,13 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     events(f"round {number}: plan {plan.plan_id} with {len(marginals)} marginals, rho {rho:.4g} per site, "
            f"signed by {signed.signer}" + (f" (secure aggregation, tolerating {dropouts} dropout(s))" if secure else ""),
            stage="plan")
-    failures: list[SiteFailure] = []
-    where: dict[str, str] = {}
-    to = None
+    failures: list[SiteFailure] = sites.not_verified()
+    where: dict[str, str] = sites.where
+    to = sites.to
     if secure:
-        roster, to, failures, where = _enroll(signed, opts, site_keys, transport, events, cover)
+        roster, to, more, enrolled = _enroll(signed, opts, sites, transport, events, cover)
+        failures += more
+        where |= enrolled
         need = max([opts.min_parties] + [k.min_parties for k in roster])
         absent = sorted((cover or set()) - {k.site for k in roster})
         short = len(roster) - dropouts < need or (dropouts and len(roster) - dropouts
@@ -295,13 +307,14 @@ def _recover(number: int, signed: pb.SignedPlan, results: list[SiteResult], drop
     return Recovery(statement, signature, confirmed, tuple(sorted(receipts))), correction, ""
 
 
-def _enroll(signed: pb.SignedPlan, opts: MeasureOptions, site_keys, transport: Transport, events: Progress,
+def _enroll(signed: pb.SignedPlan, opts: MeasureOptions, sites: Verified, transport: Transport, events: Progress,
             cover: set[str] | None) -> tuple[list[pb.KeyShare], set[str], list[SiteFailure], dict[str, str]]:
     """Secure plans: collect the sites' signed one-time keys and pick the roster: sites known to the
     coordinator (and in `cover`, if given) that all accept each other (`secagg.agreeing`).
     Returns the roster, where to send the answer round (the transport's names of its members), the
     failures, and the transport's name of each site whose signed share arrived."""
-    replies, failures = transport.query(signed, opts.reply_timeout, events, kind="enroll")
+    site_keys = sites.keys
+    replies, failures = transport.query(signed, opts.reply_timeout, events, kind="enroll", to=sites.to)
     plan_sha = hashlib.sha256(signed.plan).digest()
     shares: dict[str, pb.KeyShare] = {}
     where: dict[str, str] = {}
@@ -342,11 +355,11 @@ class _Secure:
 
 
 def _round(number: int, build: Callable[[bool], list[planner.PlannedMarginal]], state: _Secure, args, cover: set[str],
-           events: Progress) -> Round:
+           events: Progress, to_follow: float = 0.0) -> Round:
     """Measure one round that may be a secure sum (`build(secure)` makes its marginals)."""
     opts = args[0]
     if state.wanted(len(cover), opts.min_parties):
-        rnd = measure(number, build(True), *args, secure=True, cover=cover)
+        rnd = measure(number, build(True), *args, secure=True, cover=cover, to_follow=to_follow)
         if rnd.results or state.mode is True:
             if not rnd.results:
                 state.stop = rnd.unenrolled
@@ -357,7 +370,7 @@ def _round(number: int, build: Callable[[bool], list[planner.PlannedMarginal]], 
             return rnd
         events(f"round {number}: secure aggregation is not possible with these sites (enrolling cost them nothing): "
                "this round and the next are plain sums", stage="plan")
-    return measure(number, build(False), *args)
+    return measure(number, build(False), *args, to_follow=to_follow)
 
 
 def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coordinator_key, site_keys,
@@ -365,6 +378,10 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
             ) -> tuple[list[Round], list[tuple[str, ...]]]:
     """Measure in three rounds; return the rounds and the model's structure (variable sets, `site` included
     where site effects are modelled).
+
+    First, for free, the sites' identities are checked against `site_keys` (`identify`): a site name or
+    key that does not match stops the release here (SiteMismatch), before any plan that costs budget;
+    the rounds go only to the verified sites (at least one), addressed to them.
 
     Round 1: the 1-way tables, per site (planner.ONEWAY_SHARE of rho). Round 2: the candidate pairs,
     compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
@@ -379,22 +396,23 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     unknown = sorted({v for s in priors for v in s} - set(names))
     if unknown:
         raise PpsehrError(f"the prior dependencies name variables the dictionary does not have: {unknown}. Nothing was sent.")
-    sites = list(site_keys)
-    check_model_size(opts, dictionary, [(n,) for n in names], sites)
+    check_model_size(opts, dictionary, [(n,) for n in names], list(site_keys))
+    verified = identify(site_keys, dictionary.hash, transport, opts.reply_timeout, events)
+    sites = sorted(verified.keys)
     mode = {None: "automatic", True: "required", False: "off"}[opts.secure_aggregation]
     events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, request.delta):.3g} at delta "
            f"{request.delta:g}); three rounds: 1-way tables, candidate pairs, selected marginals; "
            f"secure aggregation {mode}", stage="plan")
-    args = (opts, request, dictionary, coordinator_key, site_keys, transport, events)
+    args = (opts, request, dictionary, coordinator_key, verified, transport, events)
     state = _Secure(opts.secure_aggregation)
     pooled_sites = opts.site_variable == "pooled"
     joint = len(planner.joint_names(dictionary)) > 1  # else there is nothing to select: one round of 1-way tables
     shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
     r1 = planner.oneway_plan(dictionary, rho * shares[0])
     if pooled_sites:  # nothing is modelled per site: round 1 may be a secure sum too
-        first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events))
+        first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events, rho * (1 - shares[0])))
     else:
-        first = _answered(measure(1, r1, *args))
+        first = _answered(measure(1, r1, *args, to_follow=rho * (1 - shares[0])))
     rounds = [first]
     if not joint:
         return rounds, [(n,) for n in names] + ([(SITE,)] if opts.site_variable == "release" else [])
@@ -408,7 +426,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     second = None
     if not state.stop:
         second = _round(2, lambda secure: planner.candidate_plan(dictionary, oneway, rho * shares[1], copies(secure), priors),
-                        state, args, cover, events)
+                        state, args, cover, events, rho * (1 - shares[0] - shares[1]))
         rounds.append(second)
     groups = _groups(opts, [r.site for r in first.results])
     site_tables = []

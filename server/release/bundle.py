@@ -69,14 +69,15 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def verify_release(path: str | Path, coordinator_key: Path | None = None,
-                   site_keys: dict[str, Path] | None = None) -> dict[str, Any]:
+                   site_keys: dict[str, Path] | None = None, addenda: bool = True) -> dict[str, Any]:
     """Check a release: coordinator signature, file hashes, every site receipt and plan, and that
     every figure and sentence of the privacy section, the per-site entries, the receipts' readable
     fields, the plan entries and sites_not_included is what the signed receipts and plans give (the
     manifest is recomputed from them with the same functions that wrote it). Then every evaluation
     addendum under evaluations/. Keys are pinned if given, else taken from the manifest (then their
     fingerprints must be compared with the published ones). Returns the manifest (with the verified
-    addenda under `evaluations`); raises ReleaseError naming the first problem found.
+    addenda under `evaluations`); raises ReleaseError naming the first problem found. With
+    `addenda=False` the addenda are left unchecked (the report checks each one on its own).
     """
     path = Path(path)
     mpath = path / MANIFEST
@@ -107,18 +108,18 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
             raise ReleaseError(f"{f}: SHA-256 does not match the manifest")
     listed = set(manifest.get("files", {})) | {MANIFEST, SIGNATURE}
     present = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-    addenda = [rel for rel in present if rel not in listed and _addendum_name(rel)]
-    extra = [rel for rel in present if rel not in listed and rel not in addenda]
+    found = [rel for rel in present if rel not in listed and _addendum_name(rel)]
+    extra = [rel for rel in present if rel not in listed and rel not in found]
     if extra:
         raise ReleaseError(f"{path}: files not covered by the manifest: {extra}")
     try:
         _verify_accounts(manifest, ckey, mpath, site_keys)
     except (KeyError, TypeError, AttributeError) as e:  # a section of the wrong shape
         raise ReleaseError(f"{mpath}: a section is missing or malformed ({type(e).__name__}: {e})") from None
-    if addenda:
+    if found and addenda:
         from ..evaluate.addendum import verify_addenda  # coordinator-side evaluation; imported only when present
 
-        manifest["evaluations"] = verify_addenda(path, addenda, manifest, data, ckey, site_keys)
+        manifest["evaluations"] = verify_addenda(path, found, manifest, data, ckey, site_keys)
     return manifest
 
 
@@ -153,6 +154,7 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
     if not entries:
         _fail(mpath, "no plans")
     plans: dict[str, tuple[str, tuple | None]] = {}
+    addressed: dict[str, set[tuple[str, str]] | None] = {}  # plan -> its signed addressees (None: a plan without)
     facts: list[mf.PlanFacts] = []
     for i, entry in enumerate(entries):
         plan, plan_bytes, digest, secure, roster, recovery = _verify_plan(entry, manifest, ckey, mpath, site_keys)
@@ -164,6 +166,11 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
         mf.compare_derived(mpath, f"plan entry {plan.plan_id!r}", entry,
                  mf.plan_entry_of(i + 1, plan, plan_bytes, keys.unb64(entry["signature"]), roster, recovery))
         plans[plan.plan_id] = (digest, secure)
+        addressed[plan.plan_id] = {(a.site, a.signer) for a in plan.addressees} if plan.addressees else None
+        for k in roster:
+            if addressed[plan.plan_id] is not None and (k.site, k.signer) not in addressed[plan.plan_id]:
+                _fail(mpath, f"plan {plan.plan_id!r}: site {k.site!r} (key {k.signer}) is in its secure-sum roster but "
+                             "not among the addressees the signed plan names")
         facts.append(mf.plan_facts(i + 1, plan, [k.site for k in roster], recovery))
     if not manifest.get("sites"):
         _fail(mpath, "no site contributed; a release needs at least one site's receipt")
@@ -198,6 +205,10 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
         if r.get("signer") != keys.fingerprint(_site_key(r["site"], manifest, site_keys)):
             _fail(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}: signer {r.get('signer')!r} is not the "
                          "fingerprint of the site's key")
+        to = addressed.get(rc.plan_id)
+        if to is not None and (r["site"], r["signer"]) not in to:
+            _fail(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}: the signed plan is not addressed to "
+                         f"site {r['site']!r} with key {r['signer']} (it names {sorted(to)})")
     for site, stated in manifest["sites"].items():
         mf.compare_derived(mpath, f"site {site!r}", stated, figures["sites"][site], _site_messages(site, figures["sites"][site]))
     mf.compare_derived(mpath, "privacy", manifest.get("privacy"), mf.privacy_section(figures), _privacy_messages(figures))

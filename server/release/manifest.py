@@ -106,10 +106,16 @@ def plan_entry_of(number: int, plan: pb.QueryPlan, plan_bytes: bytes, signature:
             "marginals": [{"variables": list(m.variables), "rho": m.rho}
                           | groups_entry([list(g.cell_group) or None for g in m.groups] or None) for m in plan.marginals],
             "signed_plan": keys.b64(plan_bytes), "signature": keys.b64(signature),
-            "sha256": hashlib.sha256(plan_bytes).hexdigest()} | ({"secure": {
+            "sha256": hashlib.sha256(plan_bytes).hexdigest()} | addressees_entry(plan) | ({"secure": {
                 "colluding": plan.secure.colluding, "min_parties": plan.secure.min_parties,
                 "roster": [{"site": k.site, "public_key": keys.b64(k.public_key), "signature": keys.b64(k.signature),
                             "signer": k.signer} for k in roster]} | tolerance | recovered} if plan.HasField("secure") else {})
+
+
+def addressees_entry(plan: pb.QueryPlan) -> dict[str, Any]:
+    """The sites a signed plan is addressed to, (site, key fingerprint) each, as the manifest repeats them
+    (nothing for a plan without addressees, as plans were before guards required them)."""
+    return {"addressees": [{"site": a.site, "signer": a.signer} for a in plan.addressees]} if plan.addressees else {}
 
 
 def plan_entry(rnd: Round) -> dict[str, Any]:
@@ -284,7 +290,7 @@ def charged_text(code: str, receipted: bool) -> str:
     release holds a receipt of the site for that plan (then it is counted in the site's rho)."""
     if receipted:
         return "yes, for nothing (the masked sum could not be read); its receipt is in this release and counted"
-    if code in ("NOT_SENT", "NOT_IN_ROSTER"):
+    if code in ("NOT_SENT", "NOT_IN_ROSTER", "NOT_VERIFIED"):
         return "no (the plan was not sent to it to be answered)"
     if code in NO_RECEIPT_UNKNOWN or code.startswith("FLOWER_"):
         return "unknown: no receipt in this release; check the site's ledger"
