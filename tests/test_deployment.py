@@ -176,7 +176,7 @@ def test_a_guard_killed_after_enrolling_is_recovered_over_flower(tmp_path):
                 killed.append(True)
 
         m = verify_release(c.release(tmp_path / "r", epsilon=1.0, seed=5, on_event=on_event,
-                                     secure_aggregation=True)["out"])
+                                     secure_aggregation=True, dropouts=1)["out"])
     assert killed
     rec = m["plans"][1]["secure"]["recovery"]
     assert (rec["dropped"], rec["recovered"], rec["revealed_by"]) == (["va"], True, ["cleveland", "hungarian", "switzerland"])

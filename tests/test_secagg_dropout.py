@@ -65,9 +65,10 @@ def test_sealed_shares_open_only_for_their_recipient():
 
 
 def test_default_dropouts():
-    assert [auto_dropouts(n, 3, 0) for n in (3, 4, 5, 6, 7, 10, 100, 200, 201)] == [0, 1, 1, 1, 2, 3, 33, 66, 0]
-    assert auto_dropouts(4, 3, 2) == 0  # the threshold n - d must stay above colluding + 1
-    assert MeasureOptions(dropouts=2).tolerated(4) == 2 and MeasureOptions().tolerated(4) == 1
+    assert [auto_dropouts(n, 3, 0) for n in (3, 4, 9, 10, 19, 20, 100, 200, 201)] == [0, 0, 0, 1, 1, 2, 10, 20, 0]
+    assert auto_dropouts(10, 3, 7) == 0  # the threshold n - d must stay at least d + colluding + 2
+    assert auto_dropouts(10, 10, 0) == 0  # the survivors must still make min_parties
+    assert MeasureOptions(dropouts=2).tolerated(4) == 2 and MeasureOptions().tolerated(4) == 0
     with pytest.raises(Exception, match="dropouts must be a non-negative integer"):
         MeasureOptions(dropouts=-1).validate()
     assert accounting.honest_shares(4, 0, 1) == 3
@@ -289,6 +290,8 @@ class CrashesAfterEnrolling(InProcessTransport):
 
 
 def in_process(tmp_path, demo, consortium_keys, **options):
+    """Four in-process guards and a secure release job tolerating 1 dropout unless `options` say otherwise."""
+    options.setdefault("dropouts", 1)
     from ppsehr.client.config import load_site_config
     from ppsehr.client.guard import SiteGuard
     from ppsehr.deploy.local import write_site_config
@@ -310,7 +313,7 @@ def in_process(tmp_path, demo, consortium_keys, **options):
 
 @pytest.fixture(scope="module")
 def dropped_release(tmp_path_factory, demo, consortium_keys):
-    """Four sites, the default tolerance (1 dropout); va enrolls in round 2 and crashes before answering."""
+    """Four sites tolerating 1 dropout; va enrolls in round 2 and crashes before answering."""
     from ppsehr.server.pipeline import Events, run_release
 
     tmp = tmp_path_factory.mktemp("dropped")

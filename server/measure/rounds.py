@@ -89,20 +89,28 @@ class MeasureOptions:
             raise PpsehrError(f"structure must list dependencies of 2 or 3 variable names, got {self.structure!r}")
 
     def tolerated(self, parties: int) -> int:
-        """The dropouts a secure plan for `parties` expected sites declares: the option (every secure
-        round; a roster that cannot carry it is not sent to be answered), or `auto_dropouts`."""
+        """The dropouts a secure plan for `parties` expected sites declares: the option (a roster that
+        cannot carry it is not sent to be answered; after sites were lost, at most what the smaller
+        roster can carry), or `auto_dropouts`."""
         return self.dropouts if self.dropouts is not None else auto_dropouts(parties, self.min_parties, self.colluding)
 
 
 def auto_dropouts(parties: int, min_parties: int, colluding: int) -> int:
-    """The default dropout tolerance of a secure sum of `parties` sites: a third of the others
-    (floor((n - 1) / 3), SecAgg's usual provisioning), but never so many that the survivors could be
-    fewer than `min_parties` or the Shamir threshold n - d below `secagg.min_threshold` (n - d >=
-    d + colluding + 2); none above `secagg.MAX_SHARING_ROSTER` sites. 1 for 4 to 6 sites with the
-    defaults, 0 for 3."""
+    """The default dropout tolerance of a secure sum of `parties` sites: one in ten (floor(n / 10)),
+    but never so many that the survivors could be fewer than `min_parties` or the Shamir threshold
+    n - d below `secagg.min_threshold` (n - d >= d + colluding + 2); none above
+    `secagg.MAX_SHARING_ROSTER` sites. Tolerance is paid for whether or not anyone drops (n / (n - d)
+    times the noise variance, two more messages), so small consortia, where a dropout between Enroll
+    and Answer is rare, get none: 0 below 10 sites, 1 for 10 to 19, 10 for 100."""
+    return min(parties // 10, max_dropouts(parties, min_parties, colluding))
+
+
+def max_dropouts(parties: int, min_parties: int, colluding: int) -> int:
+    """The most dropouts a secure sum of `parties` sites can carry: the survivors make `min_parties`,
+    t = n - d >= d + colluding + 2, and at most `secagg.MAX_SHARING_ROSTER` sites share seeds."""
     if parties > secagg.MAX_SHARING_ROSTER:
         return 0
-    return max(0, min((parties - 1) // 3, parties - min_parties, (parties - colluding - 2) // 2))
+    return max(0, min(parties - min_parties, (parties - colluding - 2) // 2))
 
 
 @dataclass(frozen=True)
@@ -168,7 +176,10 @@ def measure(number: int, marginals: list[planner.PlannedMarginal], opts: Measure
     plan.rho_to_follow = to_follow
     dropouts = 0
     if secure:
-        dropouts = opts.tolerated(len(cover) if cover is not None else len(site_keys))
+        parties = len(cover) if cover is not None else len(site_keys)
+        dropouts = opts.tolerated(parties)
+        if cover is not None and len(cover) < len(site_keys):  # sites already lost: --dropouts is a ceiling here
+            dropouts = min(dropouts, max_dropouts(parties, opts.min_parties, opts.colluding))
         plan.secure.colluding, plan.secure.min_parties, plan.secure.dropouts = opts.colluding, opts.min_parties, dropouts
     signed = planner.sign_plan(plan, coordinator_key)
     rho = sum(m.rho for m in marginals)
