@@ -3,14 +3,21 @@
 At start the guard loads the site's data through its mapping, one record per patient (or up to
 k per patient, charged k^2 by group privacy), and refuses to start on a source whose patients'
 contributions are not bounded (common/source.py, common/privacy_unit.py); every receipt states that
-unit. For each query plan: check it against the dictionary and the site policy (refusals cost
-nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
+unit. For each query plan: check that it is signed by an allowlisted coordinator and addressed to
+this site by name and signing-key fingerprint (NOT_ADDRESSED otherwise), then check it against the
+dictionary and the site policy (refusals cost nothing), build one OpenDP measurement per marginal (discrete Gaussian noise on its count vector
 over public cells, costed by OpenDP at the count's sensitivity), debit their exact privacy loss in
 the durable ledger, and only then count the whole plan in one pass over the rows
 (common/cells.py) and answer. Plans with secure aggregation take two calls: Enroll checks the plan the same
 way (debiting nothing) and returns a signed one-time key; Answer then carries every enrolled
 site's key, and the guard adds its share of the noise and masks its tables so that only the sum
-over all enrolled sites can be read (common/secagg.py). An evaluation plan comes with a release's
+over all enrolled sites can be read (common/secagg.py). A secure plan that tolerates dropouts takes
+two more calls after the coordinator signs who answered: Confirm (the guard signs that statement,
+one per plan) and Reveal (once, for the statement it confirmed, given threshold confirmations):
+shares of the survivors' self-mask seeds and its pair-mask seeds with the sites that dropped, never
+both for one site, and never for a site whose answer it is shown. Identify (free) returns the site's name and
+key signed over a coordinator's challenge, so a coordinator can check its --site-key list before
+it sends anything that costs budget (common/addressing.py). An evaluation plan comes with a release's
 records and asks for noisy counts comparing them with the site's rows (client/evaluate.py), debited
 the same way. Everything that leaves is a noisy table
 over public cells or a number the site's policy already makes public; refusals carry fixed
@@ -36,7 +43,7 @@ import grpc
 import numpy as np
 import opendp.prelude as dp
 
-from ..common import accounting, cells, keys, secagg
+from ..common import accounting, addressing, cells, keys, secagg
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.mapping import EncodedTable, load_mapping
 from ..common.source import load_site_table
@@ -70,6 +77,7 @@ GRPC_STATUS = {
     "DUPLICATE_PLAN": grpc.StatusCode.ALREADY_EXISTS,
     "UNTRUSTED_SIGNER": grpc.StatusCode.PERMISSION_DENIED,
     "BAD_SIGNATURE": grpc.StatusCode.UNAUTHENTICATED,
+    "NOT_ADDRESSED": grpc.StatusCode.FAILED_PRECONDITION,
     "PLAN_EXPIRED": grpc.StatusCode.FAILED_PRECONDITION,
     "REPLAYED_PLAN": grpc.StatusCode.ALREADY_EXISTS,
     "SECURE_AGGREGATION": grpc.StatusCode.FAILED_PRECONDITION,
@@ -261,6 +269,7 @@ class SiteGuard:
         self._peers = ({site: keys.load_public_key(path) for site, path in sa.peers.items()}
                        | {config.site: self._signing_key.public_key()}) if sa else {}
         self._sessions: dict[bytes, secagg.Session] = {}
+        self._answered: dict[bytes, secagg.Answered] = {}  # secure plans with dropouts: answered, not yet revealed
         self._lock = threading.Lock()
         self.policy_sha256 = self.ledger.record_policy({
             "rho_limit": config.rho_limit, "delta": config.delta, "policy": config.policy.__dict__,
@@ -277,9 +286,28 @@ class SiteGuard:
             limits=pb.PolicyLimits(max_rho_per_plan=p.max_rho_per_plan, max_marginals=p.max_marginals,
                                    max_width=p.max_width, max_cells=p.max_cells, max_plans_per_day=p.max_plans_per_day))
 
-    def open_plan(self, signed: pb.SignedPlan, claim: bool = True) -> pb.QueryPlan:
-        """Check the coordinator's signature, expiry and freshness of a plan (and claim its single-use
-        id unless `claim` is False). Raises Refusal."""
+    def identify(self, request: pb.IdentityRequest) -> pb.SiteIdentity:
+        """This site's name and signing key, signed over the coordinator's challenge. Free: nothing is
+        debited, claimed or written to the ledger. Raises Refusal (a challenge of the wrong size)."""
+        try:
+            return addressing.sign_identity(self.config.site, self._signing_key, request.challenge, self.dictionary.hash)
+        except ValueError as e:
+            raise Refusal("MALFORMED_PLAN", str(e)) from None
+
+    def check_addressed(self, plan: pb.QueryPlan) -> None:
+        """Refuse a plan that does not name this site, by its name and its key's fingerprint, among its addressees."""
+        if addressing.addressed(plan, self.config.site, self.fingerprint):
+            return
+        me = f"this site is {self.config.site!r} with key {self.fingerprint}"
+        if not plan.addressees:
+            raise Refusal("NOT_ADDRESSED", f"{me}; the plan names no addressees, and a guard answers only plans "
+                          "addressed to it (nothing was debited)")
+        raise Refusal("NOT_ADDRESSED", f"{me}; the plan is addressed to {addressing.describe(plan.addressees)}: "
+                      "the coordinator holds another name or key for this site (nothing was debited)")
+
+    def open_plan(self, signed: pb.SignedPlan, claim: bool = True, checking: _Checking | None = None) -> pb.QueryPlan:
+        """Check the coordinator's signature, the addressees, expiry and freshness of a plan (and claim
+        its single-use id unless `claim` is False). Raises Refusal."""
         key = self._coordinators.get(signed.signer)
         if key is None:
             raise Refusal("UNTRUSTED_SIGNER", f"plan signer {signed.signer[:80]!r} is not an allowlisted coordinator of this site")
@@ -289,6 +317,12 @@ class SiteGuard:
             plan = pb.QueryPlan.FromString(signed.plan)
         except Exception:
             raise Refusal("MALFORMED_PLAN", "the signed bytes are not a query plan") from None
+        try:  # before the plan id is claimed: a plan for others leaves no trace but its audit entry
+            self.check_addressed(plan)
+        except Refusal:
+            if checking is not None:
+                checking.plan = plan  # the audit entry names the (validly signed) plan
+            raise
         now = time.time()
         if plan.expires_at < now:
             raise Refusal("PLAN_EXPIRED", "the plan has expired")
@@ -296,9 +330,21 @@ class SiteGuard:
             raise Refusal("PLAN_EXPIRED", f"the plan expires more than {self.config.max_plan_lifetime_s:g} s from now")
         if not plan.plan_id or len(plan.plan_id) > MAX_ID:
             raise Refusal("MALFORMED_PLAN", f"plan_id must be 1-{MAX_ID} characters")
+        if not (math.isfinite(plan.rho_to_follow) and plan.rho_to_follow >= 0):
+            raise Refusal("MALFORMED_PLAN", "rho_to_follow must be a finite number >= 0")
         if not (self.ledger.claim_plan(plan.plan_id) if claim else not self.ledger.seen_plan(plan.plan_id)):
             raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was seen before; plan ids are single-use")
         return plan
+
+    def _afford_the_rest(self, plan: pb.QueryPlan, rho: float, held: float = 0.0) -> None:
+        """Refuse (free) a plan this site could pay for but not also the later rounds of its release."""
+        if plan.rho_to_follow <= 0:
+            return
+        left = self.config.rho_limit - self.ledger.spent() - held
+        if rho + plan.rho_to_follow > left * (1 + 1e-12):
+            raise Refusal("OVER_BUDGET", f"this plan (rho {rho:.6g}) and the later rounds of its release (rho "
+                          f"{plan.rho_to_follow:.6g}) need rho {rho + plan.rho_to_follow:.6g}, but only {max(left, 0.0):.6g} "
+                          "of the lifetime budget is left")
 
     @contextmanager
     def _refusals(self, signed: pb.SignedPlan) -> Iterator[_Checking]:
@@ -336,7 +382,7 @@ class SiteGuard:
         sites have paid; whoever can reach the guard port with a captured plan could do that."""
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
-            checking.plan = plan = self.open_plan(signed, claim=False)
+            checking.plan = plan = self.open_plan(signed, claim=False, checking=checking)
             if not plan.HasField("secure") or plan.HasField("evaluation"):
                 raise Refusal("SECURE_AGGREGATION", "only plans with secure aggregation are enrolled; send this one to Answer")
             with self._lock:
@@ -358,9 +404,11 @@ class SiteGuard:
                     raise Refusal("RATE_LIMITED", f"{MAX_SESSIONS} enrolled plans are waiting for their answers")
                 if self.ledger.plans_since(86400) + len(self._sessions) >= per_day:
                     raise RateLimited(per_day)
-                left = self.config.rho_limit - self.ledger.spent() - math.fsum(v.rho for v in self._sessions.values())
+                held_rho = math.fsum(v.rho for v in self._sessions.values())
+                left = self.config.rho_limit - self.ledger.spent() - held_rho
                 if rho > left * (1 + 1e-12):
                     raise BudgetExceeded(rho, left)
+                self._afford_the_rest(plan, rho, held_rho)
                 if not self.ledger.claim_enrollment(plan.plan_id, signed.signer,
                                                     {"rho_planned": rho, "marginals": len(plan.marginals)}):
                     raise Refusal("REPLAYED_PLAN", f"plan {plan.plan_id!r} was enrolled here before and its one-time key "
@@ -386,31 +434,44 @@ class SiteGuard:
         if roster.get(self.config.site) != session.public:
             raise Refusal("SECURE_AGGREGATION", "the roster does not carry this site's key for the plan")
         need = max(plan.secure.min_parties, self.config.secure_aggregation.min_parties)
-        if len(roster) < need:
-            raise Refusal("SECURE_AGGREGATION", f"the roster has {len(roster)} site(s); the sum needs at least {need}")
+        d = plan.secure.dropouts
+        if len(roster) - d < need:
+            raise Refusal("SECURE_AGGREGATION", f"the roster has {len(roster)} site(s)" + (
+                f"; tolerating {d} dropout(s) leaves {len(roster) - d}" if d else "") + f"; the sum needs at least {need}")
+        if d and len(roster) > secagg.MAX_SHARING_ROSTER:
+            raise Refusal("SECURE_AGGREGATION", f"the roster has {len(roster)} sites; a plan with dropouts shares "
+                          f"self-mask seeds among at most {secagg.MAX_SHARING_ROSTER}")
+        if d and len(roster) - d < secagg.min_threshold(d, plan.secure.colluding):
+            raise Refusal("SECURE_AGGREGATION", f"the plan's dropouts ({d}) leave a threshold of {len(roster) - d} "
+                          f"shares; with {plan.secure.colluding} colluding site(s) it must be at least "
+                          f"{secagg.min_threshold(d, plan.secure.colluding)}, or the coordinator could unmask an answer")
         return roster, session
 
     def answer(self, signed: pb.SignedPlan) -> pb.SignedSummary:
         """Answer a signed plan, or raise Refusal. Refused plans are audited and cost nothing."""
         plan_sha = hashlib.sha256(signed.plan).digest()
         with self._refusals(signed) as checking:
-            checking.plan = plan = self.open_plan(signed)
+            checking.plan = plan = self.open_plan(signed, checking=checking)
             evaluation = self._compile_evaluation(signed, plan)
             roster, session = self._roster(signed, plan, plan_sha)
-            compiled = compile_plan(plan, self.dictionary, self.config,
-                                    len(roster) - plan.secure.colluding if roster else None)
-            pad = None
+            honest = accounting.honest_shares(len(roster), plan.secure.colluding, plan.secure.dropouts) if roster else None
+            compiled = compile_plan(plan, self.dictionary, self.config, honest)
+            pad, sealed, held = None, [], None
             if session is not None:  # agree the masks before paying: a peer key that fails is refused for free
+                length = sum(math.prod(c.shape) for c in compiled)
                 try:
-                    pad = secagg.mask(self.config.site, session.private, roster, plan_sha,
-                                      sum(math.prod(c.shape) for c in compiled))
+                    pad = secagg.mask(self.config.site, session.private, roster, plan_sha, length)
+                    if plan.secure.dropouts:
+                        pad, sealed, held = self._self_mask(signed, plan, plan_sha, session, roster, pad, length)
                 except secagg.RosterError as e:
                     raise Refusal("SECURE_AGGREGATION", str(e)) from None
             rho = math.fsum([c.rho for c in compiled] + ([evaluation.rho] if evaluation else []))
             if evaluation and rho > self.config.policy.max_rho_per_plan * (1 + 1e-12):
                 raise Refusal("POLICY_LIMIT", f"plan asks for rho {rho:.6g}; policy allows at most "
                               f"{self.config.policy.max_rho_per_plan:.6g} per plan")
-            secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding}} if roster else {}
+            self._afford_the_rest(plan, rho)
+            secure = {"secure": {"parties": len(roster), "colluding": plan.secure.colluding,
+                                 "dropouts": plan.secure.dropouts}} if roster else {}
             evaluated = {"evaluation": {"release_id": plan.evaluation.release_id[:MAX_ID], "queries": len(evaluation.queries()),
                                         "records_sha256": plan.evaluation.records_sha256.hex()}} if evaluation else {}
             debit = self.ledger.debit(plan.plan_id, signed.signer, plan_sha, rho,
@@ -419,11 +480,150 @@ class SiteGuard:
                                       | secure | evaluated, max_plans_per_day=self.config.policy.max_plans_per_day)
         # The debit is durable: from here on, a failure wastes budget but never overspends it.
         try:
-            return self._measure(signed, plan, plan_sha, compiled, debit, roster, pad, evaluation)
+            reply = self._measure(signed, plan, plan_sha, compiled, debit, roster, pad, evaluation, sealed)
+            if held is not None:
+                with self._lock:
+                    now = time.time()
+                    self._answered = {k: v for k, v in self._answered.items() if v.expires_at >= now}
+                    self._answered[plan_sha] = held
+            return reply
         except Exception:
             log.exception("answering plan %r failed after its debit", plan.plan_id)
             self.ledger.audit("failed", plan.plan_id, signed.signer, "INTERNAL", {"rho_wasted": debit.rho})
             raise Refusal("INTERNAL", "measurement failed after the debit; the site admin has the details") from None
+
+    def _self_mask(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, session: secagg.Session,
+                   roster: dict[str, bytes], pad: np.ndarray, length: int):
+        """Dropout tolerance: add a self-mask from a fresh seed, Shamir-share the seed among the roster
+        (threshold n - dropouts), seal each peer's share for it; return the pad, the sealed shares and
+        what Reveal will need."""
+        me = self.config.site
+        seed = secagg.new_self_seed()
+        shares = secagg.shamir_split(seed, secagg.threshold(len(roster), plan.secure.dropouts),
+                                     [secagg.index(roster, s) for s in sorted(roster)])
+        sealed = [pb.SealedShare(recipient=s, ciphertext=secagg.seal_share(me, session.private, s, roster[s], plan_sha,
+                                                                         shares[secagg.index(roster, s)]))
+                  for s in sorted(roster) if s != me]
+        held = secagg.Answered(session.private, roster, shares[secagg.index(roster, me)], plan.secure.dropouts,
+                               max(plan.secure.min_parties, self.config.secure_aggregation.min_parties), signed.signer,
+                               plan.plan_id, float(plan.expires_at), plan.secure.colluding)
+        return pad + secagg.self_pad(me, seed, plan_sha, length), sealed, held
+
+    def _recovery(self, signed: pb.SignedPlan, checking: _Checking, pop: bool
+                  ) -> tuple[pb.QueryPlan, bytes, secagg.Answered, pb.RecoveryStatement]:
+        """Confirm and Reveal: the held answer of this plan and its checked recovery statement. Raises Refusal."""
+        plan_sha = hashlib.sha256(signed.plan).digest()
+        try:
+            checking.plan = plan = pb.QueryPlan.FromString(signed.plan)
+        except Exception:
+            raise Refusal("MALFORMED_PLAN", "the signed bytes are not a query plan") from None
+        gone = Refusal("SECURE_AGGREGATION", "this guard holds no answer of this plan to recover: it did not answer "
+                       "it, already revealed for it, its plan expired, or the guard restarted since")
+        with self._lock:
+            held = self._answered.get(plan_sha)
+        if held is None or held.expires_at < time.time():
+            raise gone
+        key = self._coordinators.get(held.signer)
+        if signed.signer != held.signer or key is None or not keys.verify(key, signed.signature, signed.plan):
+            raise Refusal("BAD_SIGNATURE", "the plan is not signed by the coordinator whose plan this site answered")
+        rec = signed.recovery
+        if not keys.verify(key, rec.signature, rec.statement):
+            raise Refusal("BAD_SIGNATURE", "the recovery statement is not signed by the plan's coordinator")
+        if pop:  # Reveal: one per answer once the coordinator asks, whatever happens below (others cannot burn it)
+            with self._lock:
+                if self._answered.pop(plan_sha, None) is not held:
+                    raise gone
+        try:
+            statement = pb.RecoveryStatement.FromString(rec.statement)
+            secagg.check_statement(statement, plan_sha, held.roster, held.dropouts)
+        except secagg.RosterError as e:
+            raise Refusal("SECURE_AGGREGATION", str(e)) from None
+        except Exception:
+            raise Refusal("MALFORMED_PLAN", "the recovery statement cannot be parsed") from None
+        if self.config.site not in statement.survivors:
+            raise Refusal("SECURE_AGGREGATION", "the recovery statement lists this site as dropped, but it answered: "
+                          "it reveals nothing for it")
+        if len(statement.survivors) < held.need:
+            raise Refusal("SECURE_AGGREGATION", f"the recovery statement leaves {len(statement.survivors)} site(s) in the "
+                          f"sum; this site joins sums of at least {held.need}")
+        return plan, plan_sha, held, statement
+
+    def confirm(self, signed: pb.SignedPlan) -> pb.Confirmation:
+        """Secure plans with dropouts, step 3: sign the coordinator's statement of who answered. A site
+        confirms one statement per plan (the same one again is fine) and reveals only for it, so a
+        coordinator telling sites different stories cannot gather threshold confirmations for two.
+        Costs no budget. Raises Refusal."""
+        with self._refusals(signed) as checking:
+            plan, plan_sha, held, _ = self._recovery(signed, checking, pop=False)
+            digest = hashlib.sha256(signed.recovery.statement).digest()
+            with self._lock:
+                if held.confirmed not in (None, digest):
+                    raise Refusal("SECURE_AGGREGATION", "this site already confirmed another recovery statement for "
+                                  "this plan; it confirms one")
+                held.confirmed = digest
+            self.ledger.audit("confirmed", plan.plan_id, signed.signer, "OK", {"statement_sha256": digest.hex()})
+        return pb.Confirmation(site=self.config.site, statement_sha256=digest,
+                               signature=self._signing_key.sign(secagg.confirm_bytes(self.config.site, plan_sha, digest)))
+
+    def reveal(self, signed: pb.SignedPlan) -> pb.SignedReveal:
+        """Secure plans with dropouts, step 4: given the coordinator's signed statement of who answered,
+        which this site confirmed and at least threshold survivors confirmed, reveal this site's shares
+        of the survivors' self-mask seeds and its pair-mask seeds with the dropped sites. Once per
+        answered plan: the held key is gone after the first request the coordinator signed, refused or
+        not (a request without its signature changes nothing). Costs no budget.
+        Raises Refusal.
+
+        Never for a site that answered: a site the statement lists as dropped but whose sealed share
+        (sent only with an answer) is forwarded here is refused, as is a statement listing this site
+        (which answered) as dropped. Because every honest guard reveals for the one statement it
+        confirmed, and two statements cannot both gather threshold confirmations, all honest guards
+        reveal for the same survivors: an answer the coordinator hid and called dropped gets its pair
+        seeds revealed but never its self-mask shares, so it stays masked."""
+        with self._refusals(signed) as checking:
+            plan, plan_sha, held, statement = self._recovery(signed, checking, pop=True)
+            rec = signed.recovery
+            me, roster = self.config.site, held.roster
+            survivors, dropped = list(statement.survivors), list(statement.dropped)
+            if held.confirmed != hashlib.sha256(rec.statement).digest():
+                raise Refusal("SECURE_AGGREGATION", "this site did not confirm this recovery statement; it reveals only "
+                              "for the one it confirmed")
+            try:
+                confirmed = secagg.check_confirmations(rec.confirmations, rec.statement, plan_sha, survivors, self._peers)
+            except secagg.RosterError as e:
+                raise Refusal("SECURE_AGGREGATION", str(e)) from None
+            t = secagg.threshold(len(roster), held.dropouts)
+            if len(confirmed) < t:
+                raise Refusal("SECURE_AGGREGATION", f"{len(confirmed)} survivor(s) confirmed the recovery statement; "
+                              f"revealing needs {t}")
+            mine: dict[str, int] = {me: held.own_share}
+            try:
+                for f in rec.shares:
+                    if f.recipient != me:
+                        continue
+                    if f.sender in dropped:
+                        raise Refusal("SECURE_AGGREGATION", f"the recovery statement lists {f.sender!r} as dropped, but "
+                                      f"its answer's sealed share is here: {f.sender!r} answered, and its masks are "
+                                      "never revealed")
+                    if f.sender not in survivors or f.sender in mine:
+                        raise Refusal("SECURE_AGGREGATION", f"a forwarded share names sender {f.sender[:80]!r}, not a "
+                                      "survivor in the roster (or twice)")
+                    mine[f.sender] = secagg.open_share(me, held.private, f.sender, roster[f.sender], plan_sha, f.ciphertext)
+                seeds = [pb.RevealedSeed(peer=x, seed=secagg.pair_seed(me, held.private, x, roster[x], plan_sha))
+                         for x in dropped]
+            except secagg.RosterError as e:
+                raise Refusal("SECURE_AGGREGATION", str(e)) from None
+            owners = sorted(mine)
+            receipt = pb.RevealReceipt(site=me, plan_id=plan.plan_id, plan_sha256=plan_sha,
+                                       statement_sha256=hashlib.sha256(rec.statement).digest(), shares_of=owners,
+                                       seeds_with=dropped, revealed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                                       ).SerializeToString(deterministic=True)
+            self.ledger.audit("revealed", plan.plan_id, signed.signer, "OK", {"shares_of": owners, "seeds_with": dropped})
+        reveal = pb.Reveal(site=me, plan_sha256=plan_sha, receipt=receipt, receipt_signature=self._signing_key.sign(receipt),
+                           shares=[pb.RevealedShare(owner=o, share=mine[o].to_bytes(16, "big")) for o in owners],
+                           seeds=seeds).SerializeToString(deterministic=True)
+        log.info("revealed for plan %r: self-mask shares of %d survivor(s), pair seeds with %s", plan.plan_id,
+                 len(owners), ", ".join(dropped) or "no dropped site")
+        return pb.SignedReveal(reveal=reveal, signature=self._signing_key.sign(reveal), signer=self.fingerprint)
 
     def _compile_evaluation(self, signed: pb.SignedPlan, plan: pb.QueryPlan) -> evaluate.CompiledEvaluation | None:
         """An evaluation plan's own queries, checked and compiled before any debit (None for other plans)."""
@@ -443,7 +643,7 @@ class SiteGuard:
 
     def _measure(self, signed: pb.SignedPlan, plan: pb.QueryPlan, plan_sha: bytes, compiled: list[CompiledMarginal],
                  debit: Debit, roster: dict[str, bytes], pad: np.ndarray | None,
-                 evaluation: evaluate.CompiledEvaluation | None = None) -> pb.SignedSummary:
+                 evaluation: evaluate.CompiledEvaluation | None = None, sealed=()) -> pb.SignedSummary:
         """Run the paid-for measurements (masked with `pad`, for a secure plan) and sign summary and receipt."""
         exact = cells.count_tables(self._table.columns, self._table.n_rows, [(c.variables, c.shape, c.groups) for c in compiled])
         if sum(len(x) for x in exact) >= PARALLEL_NOISE_CELLS:  # OpenDP's sampler releases the GIL: use the cores
@@ -458,7 +658,8 @@ class SiteGuard:
                                        rho=c.rho, noise_scale=c.scale)
                       for c, x, a, b in zip(compiled, noisy, offsets, offsets[1:])]
             secure = {"roster_sha256": secagg.roster_sha256(roster), "parties": len(roster),
-                      "colluding": plan.secure.colluding, "rho_alone": math.fsum(c.rho_alone for c in compiled),
+                      "colluding": plan.secure.colluding, "dropouts": plan.secure.dropouts,
+                      "rho_alone": math.fsum(c.rho_alone for c in compiled),
                       "bound": accounting.combined_bound([c.bound for c in compiled])}
         else:
             tables = [pb.NoisyMarginal(variables=c.variables, shape=c.shape, counts=x, rho=c.rho, noise_scale=c.scale)
@@ -472,7 +673,7 @@ class SiteGuard:
                                    **secure).SerializeToString(deterministic=True)
         summary = pb.Summary(site=self.config.site, plan_id=plan.plan_id, dictionary_hash=self.dictionary.hash,
                              marginals=tables, receipt=receipt, receipt_signature=self._signing_key.sign(receipt),
-                             evaluation=answer).SerializeToString(deterministic=True)
+                             evaluation=answer, shares=sealed).SerializeToString(deterministic=True)
         self.ledger.audit("answered", plan.plan_id, signed.signer, "OK", {"rho": debit.rho, "marginals": len(tables)})
         log.info("answered plan %r from %r: %d marginals, rho %.6g (site total %.6g of %.6g)", plan.plan_id,
                  plan.coordinator[:MAX_ID], len(tables), debit.rho, debit.total_after, self.config.rho_limit)
@@ -497,6 +698,15 @@ class GuardServicer(pb_grpc.SiteGuardServicer):
 
     def Enroll(self, request, context):
         return self._call(self.guard.enroll, request, context)
+
+    def Reveal(self, request, context):
+        return self._call(self.guard.reveal, request, context)
+
+    def Confirm(self, request, context):
+        return self._call(self.guard.confirm, request, context)
+
+    def Identify(self, request, context):
+        return self._call(self.guard.identify, request, context)
 
     @staticmethod
     def _call(method, request, context):

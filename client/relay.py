@@ -2,8 +2,11 @@
 
 It holds no data and no keys. It forwards the serialized query plan to the guard named in
 the SuperNode's `--node-config guard-address=...` and returns the guard's serialized reply: a
-signed summary (message type `query.summary`) or, for secure aggregation, the site's signed
-one-time key (`query.enroll`).
+signed summary (message type `query.summary`), for secure aggregation the site's signed
+one-time key (`query.enroll`) and, for secure sums that tolerate dropouts, its signed
+confirmation of who answered (`query.confirm`) and its signed reveal (`query.reveal`), or, before
+the coordinator's first paid plan, the site's signed identity (`query.identify`: name and signing
+key over the coordinator's challenge; free).
 Whatever goes wrong, the reply carries a fixed error code and a data-free message: Flower
 would otherwise forward exception text to the coordinator word for word. Imports stay light
 (no numpy, no OpenDP) because Flower starts a fresh process for every message.
@@ -48,22 +51,39 @@ def _printable(text: str, limit: int = 1000) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
+# What the coordinator sends for each kind of message, and the guard call that answers it.
+REQUESTS = {"summary": (pb.SignedPlan, "Answer", "answer"), "enroll": (pb.SignedPlan, "Enroll", "enroll"),
+            "confirm": (pb.SignedPlan, "Confirm", "confirm"), "reveal": (pb.SignedPlan, "Reveal", "reveal"),
+            "identify": (pb.IdentityRequest, "Identify", "identify")}
+
+
+def _parse(request_bytes: bytes, kind: str):
+    """The request of `kind`, or an error record."""
+    if kind not in REQUESTS:
+        return _error("RELAY_ERROR", RELAY_CODES["RELAY_ERROR"])
+    try:
+        return REQUESTS[kind][0].FromString(request_bytes)
+    except Exception:
+        return _error("MALFORMED_PLAN", "the relay could not parse the signed query plan" if kind != "identify"
+                      else "the relay could not parse the identity request")
+
+
 def relay_plan(plan_bytes: bytes, guard_address: str, timeout: float, kind: str = "summary") -> ConfigRecord:
-    """Send one signed plan to the guard (Answer, or Enroll for kind "enroll"); the record holds the
-    guard's serialized `reply` (SignedSummary or KeyShare) or `error_code`/`error`.
+    """Send one signed plan to the guard (Answer; Enroll / Confirm / Reveal for those kinds), or an
+    identity request (Identify, kind "identify"); the record holds the guard's serialized `reply`
+    (SignedSummary, KeyShare, Confirmation, SignedReveal or SiteIdentity) or `error_code`/`error`.
 
     Only the guard's own refusals ("CODE: message", built from plan and policy) pass through;
     every other error becomes a relay code with its fixed message (common/refusals.py)."""
     if len(plan_bytes) > MAX_PLAN_BYTES:
         return _error("PLAN_TOO_LARGE", f"the signed plan has {len(plan_bytes)} bytes; guards accept at most {MAX_PLAN_BYTES}")
-    try:
-        plan = pb.SignedPlan.FromString(plan_bytes)
-    except Exception:
-        return _error("MALFORMED_PLAN", "the relay could not parse the signed query plan")
+    plan = _parse(plan_bytes, kind)
+    if isinstance(plan, ConfigRecord):
+        return plan
     try:
         with grpc.insecure_channel(guard_address) as channel:
             stub = pb_grpc.SiteGuardStub(channel)
-            reply = (stub.Enroll if kind == "enroll" else stub.Answer)(plan, timeout=timeout)
+            reply = getattr(stub, REQUESTS[kind][1])(plan, timeout=timeout)
     except grpc.RpcError as e:
         details = (e.details() or "") if hasattr(e, "details") else ""
         code, _, message = details.partition(":")
@@ -88,6 +108,21 @@ def summary(msg: Message, context: Context) -> Message:
 @app.query("enroll")
 def enroll(msg: Message, context: Context) -> Message:
     return _relay(msg, context, "enroll")
+
+
+@app.query("confirm")
+def confirm(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, "confirm")
+
+
+@app.query("reveal")
+def reveal(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, "reveal")
+
+
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, "identify")
 
 
 def simulation_site_config(node_config) -> str | None:
@@ -119,19 +154,19 @@ def _simulation_guard(config_path: str):
     return guard
 
 
+
 def relay_in_process(plan_bytes: bytes, config_path: str, kind: str = "summary") -> ConfigRecord:
     """`relay_plan` for a simulated site: the same checks and reply record, the guard in this process."""
     if len(plan_bytes) > MAX_PLAN_BYTES:
         return _error("PLAN_TOO_LARGE", f"the signed plan has {len(plan_bytes)} bytes; guards accept at most {MAX_PLAN_BYTES}")
-    try:
-        plan = pb.SignedPlan.FromString(plan_bytes)
-    except Exception:
-        return _error("MALFORMED_PLAN", "the relay could not parse the signed query plan")
+    plan = _parse(plan_bytes, kind)
+    if isinstance(plan, ConfigRecord):
+        return plan
     from .guard import Refusal
 
     try:
         guard = _simulation_guard(config_path)
-        reply = (guard.enroll if kind == "enroll" else guard.answer)(plan)
+        reply = getattr(guard, REQUESTS[kind][2])(plan)
     except Refusal as r:  # the guard's own refusal: fixed code, data-free message
         return _error(r.code, _printable(r.message))
     except Exception:  # details stay in this (simulated) site's log

@@ -19,6 +19,7 @@ REFUSAL_CODES = {
     "DUPLICATE_PLAN": "the plan id was already answered",
     "UNTRUSTED_SIGNER": "the plan is not signed by an allowlisted coordinator key",
     "BAD_SIGNATURE": "the plan's signature does not verify",
+    "NOT_ADDRESSED": "the plan is addressed to other sites (names and key fingerprints), not to this one",
     "PLAN_EXPIRED": "the plan has expired, or expires too far in the future",
     "REPLAYED_PLAN": "the plan id was seen before",
     "SECURE_AGGREGATION": "the site does not join this masked sum (policy, roster or enrollment)",

@@ -53,8 +53,13 @@ def cmd_demo(args) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     manifest = json.loads((Path(final["out"]) / "manifest.json").read_text())
     if args.json:
+        report = {}
+        if args.evaluate and not args.no_report:
+            add = json.loads(Path(evaluated["out"]).read_text())
+            report = {"report": str(evaluation_report(final["out"], add, demo_dictionary(), None, quiet=True))}
         _print_json({"out": final["out"], "seconds": round(time.monotonic() - t0, 1), "sites": manifest["sites"],
-                     "rows": manifest["generator"]["rows"]} | ({"evaluation": evaluated["out"]} if args.evaluate else {}))
+                     "rows": manifest["generator"]["rows"]} | ({"evaluation": evaluated["out"]} if args.evaluate else {})
+                    | report)
         return 0
     print(f"\nrelease {manifest['release_id']} in {final['out']}  ({time.monotonic() - t0:.1f} s)")
     print(f"  {manifest['generator']['rows']} synthetic records over {sum(len(p['marginals']) for p in manifest['plans'])} DP marginals")
@@ -68,6 +73,10 @@ def cmd_demo(args) -> int:
                  else f"rounds {', '.join(str(p['round']) for p in secure)} were secure sums")
         print(f"  {which}: the rho above counts on at most {secure[0]['secure']['colluding']} colluding site(s); "
               f"if all the others colluded, rho up to {worst:.4g}")
+        for t in manifest["privacy"].get("secure_dropouts", []):
+            print(f"  round {t['round']}: tolerated {t['dropouts']} of {t['parties']} sites dropping (threshold "
+                  f"{t['threshold']})" + (f"; {', '.join(t['dropped'])} dropped" if t["dropped"] else "")
+                  + ("" if t["recovered"] else "; the sum could not be read"))
     for f in manifest["sites_not_included"]:
         print(f"  not included in round {f['round']}: {f.get('site') or f.get('node')} ({f['code']}: {f['message']})")
     llm = manifest.get("llm", {})
@@ -78,7 +87,10 @@ def cmd_demo(args) -> int:
               + (f"; {notes.get('notes', 0)} notes" if notes else "") + f" in {llm.get('elapsed_s', '?')} s"
               + (" (degraded: " + "; ".join(llm.get("degradations", []))[:300] + ")" if llm.get("degraded") else ""))
     if args.evaluate:
-        print_evaluation(json.loads(Path(evaluated["out"]).read_text()))
+        add = json.loads(Path(evaluated["out"]).read_text())
+        print_evaluation(add)
+        if not args.no_report:
+            evaluation_report(final["out"], add, demo_dictionary(), None)
     print(f"  verify with: ppsehr release verify {final['out']}")
     return 0
 
@@ -290,6 +302,27 @@ def print_evaluation(add: dict) -> None:
               + f"; the release's DP bound on any test's advantage: {risk['dp_bound']['max_advantage']:.3f}")
 
 
+def demo_dictionary() -> str:
+    from .local import demo_dir
+
+    return str(demo_dir() / "dictionary.toml")
+
+
+def evaluation_report(release: str | Path, add: dict, dictionary: str, coordinator_pub: Path | None,
+                      out: str | None = None, quiet: bool = False) -> Path:
+    """Rebuild the release's report after an evaluation, into a new directory beside the release (the release's
+    own report.html is hashed by its manifest and stays as it was): the Evaluation section shows every addendum
+    that verifies. Default directory: <release>-report-<first 8 characters of the evaluation id>."""
+    from ..server.release.report import write_report
+
+    release = Path(release)
+    target = Path(out) if out else release.parent / f"{release.name}-report-{add['evaluation_id'][:8]}"
+    written = write_report(release, target, dictionary, coordinator_key=coordinator_pub)
+    if not quiet:
+        print(f"  report with the evaluation written to {written / 'report.html'}")
+    return written / "report.html"
+
+
 def cmd_release_evaluate(args) -> int:
     from ..server.evaluate.run import run_evaluation
     from ..server.pipeline import Events
@@ -323,6 +356,12 @@ def cmd_release_evaluate(args) -> int:
         add = json.loads(Path(final["out"]).read_text())
     print_evaluation(add)
     print(f"  addendum: {Path(release) / 'evaluations' / (add['evaluation_id'] + '.json')} (check: ppsehr release verify {release})")
+    if not args.no_report:  # the report, rebuilt with the new addendum, its coordinator key pinned to the signing key
+        from ..common import keys
+
+        pub = job_dir / "coordinator.pub"
+        pub.write_text(keys.public_pem(keys.load_signing_key(args.signing_key).public_key()))
+        evaluation_report(release, add, job.dictionary, pub, args.report_out)
     return 0
 
 
@@ -342,7 +381,8 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
 def cmd_release_report(args) -> int:
     from ..server.release.report import write_report
 
-    out = write_report(args.dir, args.out, args.dictionary, args.history)
+    out = write_report(args.dir, args.out, args.dictionary, args.history, coordinator_key=args.coordinator_key,
+                       site_keys=_site_keys(args.site_key) or None)
     print(f"report written to {out / 'report.html'} (self-contained; figures in {out / 'figures'})")
     return 0
 
@@ -426,24 +466,26 @@ def cmd_bench_fidelity(args) -> int:
 
 def add_release_options(p: argparse.ArgumentParser) -> None:
     """How a release measures and models (shared by `demo` and `coordinator release`)."""
-    p.add_argument("--strategy", choices=["dictionary", "adaptive"], default="dictionary",
-                   help="dictionary: the declared structure; adaptive: candidate pairs, then a selected tree")
-    p.add_argument("--select-fraction", type=float, default=0.2, help="adaptive: share of the budget for round 1")
-    p.add_argument("--no-compress", action="store_true",
-                   help="measure joint tables over full domains (dictionary: in one round) instead of over domains "
-                        "compressed by round-1 1-way counts")
-    p.add_argument("--oneway-fraction", type=float, default=None,
-                   help="dictionary strategy with compression: share of the budget for the round-1 1-way tables "
-                        "(default 0.85; 0.5 with --secure-aggregation and site effects modelled)")
+    p.add_argument("--depends", action="append", default=[], metavar="A,B[,C]",
+                   help="a dependency you believe in: a prior for the selection of what to measure, like the "
+                        "dictionary's declared dependencies (never a fixed structure); repeat per dependency")
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")
-    p.add_argument("--secure-aggregation", action="store_true",
-                   help="measure round 2 (every round, with --site-variable pooled) as masked sums: each site adds a "
-                        "share of the noise, the coordinator reads only the sum (sites need [secure_aggregation])")
+    secure = p.add_mutually_exclusive_group()
+    secure.add_argument("--secure-aggregation", dest="secure_aggregation", action="store_const", const=True, default=None,
+                        help="require secure sums (masked, each site adds a share of the noise, the coordinator reads "
+                             "only the sum) for every round after the first; by default they are used when every site "
+                             "allows them ([secure_aggregation] in its config) and plain sums otherwise")
+    secure.add_argument("--no-secure-aggregation", dest="secure_aggregation", action="store_const", const=False,
+                        help="plain sums only, even where every site allows secure ones")
     p.add_argument("--colluding", type=int, default=0,
                    help="secure aggregation: sites that may collude with the coordinator; their noise is not counted")
     p.add_argument("--min-parties", type=int, default=3, help="secure aggregation: fewest sites in a masked sum")
+    p.add_argument("--dropouts", type=int, default=None, metavar="D",
+                   help="secure aggregation: enrolled sites that may drop out before answering while the sum stays "
+                        "readable (each site's noise share is sized for the others; default: floor((n-1)/3) of n "
+                        "sites, at most n - min-parties; 0: every enrolled site must answer)")
     p.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
                    help="model (or release) a coarser site group instead of the site; repeat per site")
     p.add_argument("--formats", default="csv,parquet,fhir,omop",
@@ -468,9 +510,10 @@ def job_options(args) -> dict:
         groups[site] = group
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     llm = llm_config_from_args(args)
-    return {"strategy": args.strategy, "select_fraction": args.select_fraction, "site_variable": args.site_variable,
-            "compress": not args.no_compress, "oneway_fraction": args.oneway_fraction,
+    structure = [[v.strip() for v in item.split(",") if v.strip()] for item in args.depends]
+    return {"site_variable": args.site_variable, "structure": structure,
             "secure_aggregation": args.secure_aggregation, "colluding": args.colluding, "min_parties": args.min_parties,
+            "dropouts": args.dropouts,
             "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,
             "llm": llm.to_dict() if llm.enabled else {}, "site_groups": groups,
             "reply_timeout": args.reply_timeout}
@@ -490,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     d.add_argument("--json", action="store_true", help="print a JSON summary only")
     d.add_argument("--evaluate", action="store_true",
-                   help="after the release, evaluate it at the sites under DP (signed addendum in the release)")
+                   help="after the release, evaluate it at the sites under DP (signed addendum in the release) and "
+                        "write the report with the evaluation to <out>-report-<evaluation id>")
     add_evaluation_options(d)
     add_release_options(d)
     d.set_defaults(func=cmd_demo)
@@ -525,7 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epsilon", type=float, default=4.0)
     r.add_argument("--rho", type=float)
     r.add_argument("--delta", type=float, default=1e-6)
-    r.add_argument("--min-sites", type=int, default=1)
+    r.add_argument("--min-sites", type=int, default=1, help="round 1 waits for this many connected sites; a later "
+                   "round waits up to 15 s for the earlier ones, then goes on with those connected (the others are "
+                   "listed in the manifest, not charged)")
     r.add_argument("--seed", type=int)
     r.add_argument("--rows", type=int)
     r.add_argument("--coordinator", default="coordinator")
@@ -612,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--job-dir")
     ev.add_argument("--timeout", type=float, default=900)
     ev.add_argument("--evaluation-rho", type=float, help="the evaluation's budget as zCDP rho (instead of epsilon)")
+    ev.add_argument("--report-out", help="directory for the report rebuilt with the evaluation "
+                                         "(default: <release>-report-<evaluation id, 8 characters>)")
+    ev.add_argument("--no-report", action="store_true", help="do not rebuild the report after the evaluation")
     add_evaluation_options(ev)
     ev.set_defaults(func=cmd_release_evaluate)
     rr = rel.add_parser("report", help="write a release's report (self-contained HTML + PNG figures) to a new directory")
@@ -620,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--out", required=True, help="directory to create (not inside the release: its files are hashed)")
     rr.add_argument("--history", nargs="*", default=[], metavar="MANIFEST",
                     help="manifest.json of earlier releases: their receipts extend the budget-over-time figure")
+    rr.add_argument("--coordinator-key", help="pin the coordinator's public key for verifying the release and its "
+                                              "evaluation addenda (default: the manifest's, fingerprint shown)")
+    rr.add_argument("--site-key", action="append", default=[], metavar="SITE=PUB",
+                    help="pin a site's public key for that verification; repeat per site")
     rr.set_defaults(func=cmd_release_report)
     return p
 

@@ -182,10 +182,11 @@ class LocalConsortium:
 
     def release(self, out: Path, epsilon: float | None = 1.0, rho: float | None = None, seed: int | None = None,
                 rows: int | None = None, timeout: float = 600, on_event: Callable[[dict], None] = lambda e: None,
-                min_sites: int | None = None, **options) -> dict:
+                min_sites: int | None = None, site_keys: dict[str, str] | None = None, **options) -> dict:
         """Run one release through the SuperLink; return the final event (stage 'done').
 
-        `options` are further release options (strategy, site_variable, ...: `ReleaseJob.create`)."""
+        `site_keys` (site -> public key file) replaces the consortium's own list (default: every site's
+        key); `options` are further release options (site_variable, secure_aggregation, ...: `ReleaseJob.create`)."""
         from ..server.federation import follow, submit, write_app_dir
         from ..server.pipeline import ReleaseJob
 
@@ -195,7 +196,7 @@ class LocalConsortium:
         keys = self.keys
         job = ReleaseJob.create(dictionary=str(demo_dir() / "dictionary.toml"), out=str(Path(out).resolve()),
                          signing_key=str(keys.coordinator_key),
-                         site_keys={s: str(keys.site_keys[s][1]) for s in self.sites}, epsilon=epsilon,
+                         site_keys=site_keys or {s: str(keys.site_keys[s][1]) for s in self.sites}, epsilon=epsilon,
                          rho=rho, delta=self.delta, seed=seed, rows=rows, coordinator="demo-coordinator",
                          min_sites=min_sites or len(self.sites), events=str(job_dir / "events.jsonl"), **options)
         job.validate()

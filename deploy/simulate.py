@@ -99,7 +99,7 @@ def run(consortium: SimulatedConsortium, dictionary: Path, out: Path, epsilon: f
         on_event: Callable[[dict], None] = lambda e: None, **options) -> dict:
     """One release over Flower's Simulation Engine; returns timings, memory and the final event.
 
-    `options` are release options (strategy, site_variable, formats, report, ...: ReleaseJob.create)."""
+    `options` are release options (site_variable, formats, report, ...: ReleaseJob.create)."""
     from ..server.federation import follow, submit, write_app_dir, write_flwr_home
     from ..server.pipeline import ReleaseJob
 
@@ -203,7 +203,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attributes", type=int, default=30)
     p.add_argument("--heterogeneity", type=float, default=0.5)
     p.add_argument("--epsilon", type=float, default=1.0, help="per site, at delta 1e-6")
-    p.add_argument("--strategy", choices=["dictionary", "adaptive"], default="adaptive")
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model")
     p.add_argument("--secure-aggregation", action="store_true", help="round 2 as masked sums (one Ray worker)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers (CPUs) running the virtual SuperNodes")
@@ -226,7 +225,7 @@ def run_cli(args) -> int:
     ok = False
     try:
         figures = simulate(args.sites, args.rows, args.attributes, args.epsilon, workdir, out, args.heterogeneity,
-                           args.seed, args.workers, say, strategy=args.strategy, site_variable=args.site_variable,
+                           args.seed, args.workers, say, site_variable=args.site_variable,
                            secure_aggregation=args.secure_aggregation,
                            formats=[f.strip() for f in args.formats.split(",") if f.strip()], report=args.report)
         ok = True

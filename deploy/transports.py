@@ -27,7 +27,7 @@ class DirectTransport:
 
     def query(self, plan, timeout, progress, kind="summary", to=None):
         guards = {k: v for k, v in self.guards.items() if to is None or k in to}
-        progress(f"sending the plan ({kind}) to {len(guards)} site(s) directly")
+        progress(f"sending the {'identity request' if kind == 'identify' else 'plan'} ({kind}) to {len(guards)} site(s) directly")
         with ThreadPoolExecutor(max_workers=max(1, len(guards))) as pool:
             results = list(pool.map(lambda kv: self._ask(kv[0], kv[1], plan, timeout, kind), guards.items()))
         return [r for r in results if isinstance(r, SiteReply)], [r for r in results if isinstance(r, SiteFailure)]
@@ -48,7 +48,8 @@ class InProcessTransport:
             if to is not None and name not in to:
                 continue
             try:
-                replies.append(SiteReply(name, (guard.enroll if kind == "enroll" else guard.answer)(plan)))
+                replies.append(SiteReply(name, {"enroll": guard.enroll, "confirm": guard.confirm, "reveal": guard.reveal,
+                                                  "identify": guard.identify}.get(kind, guard.answer)(plan)))
             except Refusal as r:
                 failures.append(SiteFailure(name, r.code, r.message))
         return replies, failures

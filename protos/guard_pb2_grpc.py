@@ -49,6 +49,21 @@ class SiteGuardStub:
                 request_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
                 response_deserializer=ppsehr_dot_protos_dot_guard__pb2.KeyShare.FromString,
                 _registered_method=True)
+        self.Reveal = channel.unary_unary(
+                '/ppsehr.guard.v1.SiteGuard/Reveal',
+                request_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+                response_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedReveal.FromString,
+                _registered_method=True)
+        self.Confirm = channel.unary_unary(
+                '/ppsehr.guard.v1.SiteGuard/Confirm',
+                request_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+                response_deserializer=ppsehr_dot_protos_dot_guard__pb2.Confirmation.FromString,
+                _registered_method=True)
+        self.Identify = channel.unary_unary(
+                '/ppsehr.guard.v1.SiteGuard/Identify',
+                request_serializer=ppsehr_dot_protos_dot_guard__pb2.IdentityRequest.SerializeToString,
+                response_deserializer=ppsehr_dot_protos_dot_guard__pb2.SiteIdentity.FromString,
+                _registered_method=True)
 
 
 class SiteGuardServicer:
@@ -76,6 +91,33 @@ class SiteGuardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reveal(self, request, context):
+        """Secure aggregation with dropout tolerance, step 3: after Answer, given the coordinator's signed
+        statement of who answered (SignedPlan.recovery), reveal Shamir shares of the survivors'
+        self-mask seeds and this site's pair-mask seeds with the sites that dropped; once per plan.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Confirm(self, request, context):
+        """Before Reveal: sign the coordinator's recovery statement (SignedPlan.recovery, without shares).
+        A site confirms one statement per plan and reveals only for the statement it confirmed, and only
+        with at least threshold confirmations of it: two different statements cannot both be revealed for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Identify(self, request, context):
+        """The site's name and signing key, signed over the coordinator's challenge. Free: nothing is
+        debited or claimed. The coordinator asks every site before its first paid plan and sends paid
+        plans only to the sites whose (name, key) match its --site-key list (docs/security.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteGuardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +135,21 @@ def add_SiteGuardServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.FromString,
                     response_serializer=ppsehr_dot_protos_dot_guard__pb2.KeyShare.SerializeToString,
+            ),
+            'Reveal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reveal,
+                    request_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.FromString,
+                    response_serializer=ppsehr_dot_protos_dot_guard__pb2.SignedReveal.SerializeToString,
+            ),
+            'Confirm': grpc.unary_unary_rpc_method_handler(
+                    servicer.Confirm,
+                    request_deserializer=ppsehr_dot_protos_dot_guard__pb2.SignedPlan.FromString,
+                    response_serializer=ppsehr_dot_protos_dot_guard__pb2.Confirmation.SerializeToString,
+            ),
+            'Identify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Identify,
+                    request_deserializer=ppsehr_dot_protos_dot_guard__pb2.IdentityRequest.FromString,
+                    response_serializer=ppsehr_dot_protos_dot_guard__pb2.SiteIdentity.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +233,87 @@ class SiteGuard:
             '/ppsehr.guard.v1.SiteGuard/Enroll',
             ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
             ppsehr_dot_protos_dot_guard__pb2.KeyShare.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reveal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ppsehr.guard.v1.SiteGuard/Reveal',
+            ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+            ppsehr_dot_protos_dot_guard__pb2.SignedReveal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Confirm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ppsehr.guard.v1.SiteGuard/Confirm',
+            ppsehr_dot_protos_dot_guard__pb2.SignedPlan.SerializeToString,
+            ppsehr_dot_protos_dot_guard__pb2.Confirmation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Identify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ppsehr.guard.v1.SiteGuard/Identify',
+            ppsehr_dot_protos_dot_guard__pb2.IdentityRequest.SerializeToString,
+            ppsehr_dot_protos_dot_guard__pb2.SiteIdentity.FromString,
             options,
             channel_credentials,
             insecure,

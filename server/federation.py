@@ -111,7 +111,7 @@ def follow(job: ReleaseJob, run_id: int, flwr_home: Path, connection: str, timeo
     slow LLM cannot make a release fail after the sites have paid for its measurements, and the
     time it takes does not count against the sites' deadline."""
     events = Path(job.events or "")
-    llm_budget = job.llm_config().time_budget if job.llm else 0.0
+    llm_budget = job.llm_config().time_budget if getattr(job, "llm", None) else 0.0  # an EvaluationJob has no LLM
     seen, last_change = 0, time.monotonic()
     spent, tick = 0.0, time.monotonic()  # time outside LLM steps
     llm_until: float | None = None  # while in an LLM step: when to give up on it

@@ -174,8 +174,8 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     llm_config = job.llm_config()
     llm_memory = EndpointMemory()  # what the release learns about its LLM endpoint (modes, context, failures)
     prior: list[tuple[str, ...]] = []
-    if opts.strategy == "dictionary" and llm_config.enabled and "knowledge" in llm_config.uses:
-        # from the public dictionary: no privacy cost; on its own clock (`follow` does not count it against the sites)
+    if llm_config.enabled and "knowledge" in llm_config.uses:
+        # a prior for the selection, from the public dictionary: no privacy cost; on its own clock (`follow` does not count it against the sites)
         budget = llm_budget(llm_config, PLANNER_KNOWLEDGE_SHARE)
         events("LLM knowledge for the plan" + (f" (budget {budget:.0f} s)" if budget else ""), stage="llm-plan",
                budget_s=budget)
@@ -203,7 +203,7 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     try:
         privacy, site_entries = mf.release_sections(
             {s: [r.receipt for r in results + wasted if r.site == s] for s in sites},
-            [mf.plan_facts(rnd.number, rnd.plan, [k.site for k in rnd.signed.roster]) for rnd in rounds])
+            [mf.round_facts(rnd) for rnd in rounds])
     except mf.Inconsistent as e:
         raise PpsehrError(f"no privacy statement can be made: {e}") from None
     excluded = mf.exclusion_entries(rounds, set(site_keys))
@@ -235,7 +235,9 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
                                            | {e["site"] for e in excluded if "site" in e})}},
         "plans": [mf.plan_entry(rnd) for rnd in rounds],
         "generator": {"engine": "ppsehr graphical model (Private-PGM-style estimation on a junction tree)",
-                      "strategy": opts.strategy, "compress": opts.compress, "site_variable": opts.site_variable,
+                      "strategy": "selected in rounds: 1-way tables, candidate pairs, selected marginals",
+                      "secure_aggregation": {None: "automatic", True: "required", False: "off"}[opts.secure_aggregation],
+                      "site_variable": opts.site_variable,
                       "site_groups": syn.groups, "cliques": [list(c) for c in syn.model.cliques],
                       "estimated_total": syn.model.total, "rows": len(samples), "seed": seed,
                       "fit_seconds": round(syn.seconds, 3), "python": platform.python_version(),
@@ -244,7 +246,7 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
     }
     if job.output.report:
         events("building the report", stage="report")
-        files |= build_report(dictionary, manifest, syn.pooled, samples, fidelity)
+        files |= build_report(dictionary, manifest, syn.pooled, samples, fidelity, release=str(job.out))
     out = write_release(job.out, files, manifest, sign=coordinator_key.sign)
     events(f"release written to {out} in {time.perf_counter() - t0:.1f} s", stage="done", out=str(out))
     return manifest

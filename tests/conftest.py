@@ -46,12 +46,24 @@ def coordinator_key(consortium_keys):
 
 
 @pytest.fixture(scope="session")
-def sign(coordinator_key):
-    """Sign a QueryPlan as the allowlisted coordinator (default expiry: 10 minutes from now)."""
+def demo_addressees(consortium_keys):
+    """Every demo site, (name, key fingerprint), as addressees of a plan."""
+    from ppsehr.common.addressing import addressees
+    from ppsehr.common.keys import load_public_key
+
+    return addressees({s: load_public_key(p[1]) for s, p in consortium_keys.site_keys.items()})
+
+
+@pytest.fixture(scope="session")
+def sign(coordinator_key, demo_addressees):
+    """Sign a QueryPlan as the allowlisted coordinator (default expiry: 10 minutes from now; default
+    addressees: every demo site with its key, as a coordinator holding all their keys names them)."""
 
     def do(plan, key=None):
         if not plan.expires_at:
             plan.expires_at = int(time.time() + 600)
+        if not plan.addressees:
+            plan.addressees.extend(demo_addressees)
         return sign_plan(plan, key or coordinator_key)
 
     return do

@@ -35,16 +35,16 @@ def test_logistic_regression_learns_a_clear_signal():
 
 def test_bench_fidelity_command_writes_json_table_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "fidelity", "--epsilon", "4", "--seeds", "1", "--methods", "ppsehr,ppsehr-secure,independent,bootstrap",
+    assert main(["bench", "fidelity", "--epsilon", "4", "--seeds", "1", "--methods", "ppsehr,ppsehr-plain,independent,bootstrap",
                  "--json", str(out / "f.json"), "--out", str(out)]) == 0
     doc = json.loads((out / "f.json").read_text())
-    assert {r["method"] for r in doc["rows"]} == {"ppsehr", "ppsehr-secure", "independent", "bootstrap"}
+    assert {r["method"] for r in doc["rows"]} == {"ppsehr", "ppsehr-plain", "independent", "bootstrap"}
     for r in doc["rows"]:
         assert set(r) >= {"dataset", "method", "epsilon", "seed", "tvd1", "tvd2", "tvd3", "tstr_auc", "trtr_auc", "fit_seconds"}
     by = {r["method"]: r for r in doc["rows"]}
     assert by["bootstrap"]["tvd2"] < by["ppsehr"]["tvd2"]  # the non-private floor
     assert by["ppsehr"]["tstr_auc"] > by["independent"]["tstr_auc"]  # a model keeps what independent columns lose
-    assert by["ppsehr-secure"]["tvd2"] < by["independent"]["tvd2"]  # the secure-sum path runs and fits a real model
+    assert by["ppsehr-plain"]["tvd2"] < by["independent"]["tvd2"]  # the plain-sum path runs and fits a real model
     assert (out / "f.md").read_text().count("| demo |") == 4
     assert (out / "f.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -178,7 +178,7 @@ def test_estimator_fits_coarse_tables_exactly(order):
     coarse = project(marg(order), maps)
     ms = [Measurement((v,), marg((v,)), 1e-4) for v in EST_DOMAIN]
     ms += [Measurement(order, coarse, 1e-4, maps), Measurement(("a", "b"), marg(("a", "b")), 1e-4)]
-    model = estimate(EST_DOMAIN, ms, iters=3000, tol=1e-14)
+    model = estimate(EST_DOMAIN, ms, iters=3000, tol=1e-14, stall=0)
     assert np.allclose(project(model.marginal(order), maps), coarse, rtol=1e-6, atol=1e-6 * coarse.max())
     for v in EST_DOMAIN:
         assert np.allclose(model.marginal((v,)), marg((v,)), rtol=1e-6, atol=1e-6)
@@ -297,18 +297,27 @@ def small_release(tmp_path_factory, demo, consortium_keys):
 def test_release_measures_oneways_then_compressed_tables(small_release, dictionary):
     path, manifest, job = small_release
     assert verify_release(path)["release_id"] == manifest["release_id"]
-    first, second = manifest["plans"]
+    first, second, third = manifest["plans"]
     rho = accounting.rho_for_epsilon(0.5, job.delta)
     assert [m["variables"] for m in first["marginals"]] == [[n] for n in dictionary.names]
     assert not any("groups" in m for m in first["marginals"])
-    assert first["rho_per_site"] == pytest.approx(rho * job.measure.round1_share(), rel=1e-9)
-    assert second["rho_per_site"] == pytest.approx(rho * (1 - job.measure.round1_share()), rel=1e-9)
-    grouped = [m for m in second["marginals"] if "groups" in m]
-    assert grouped, "at epsilon 0.5 some declared table should be compressed"
-    signed = pb.QueryPlan.FromString(keys.unb64(second["signed_plan"]))
-    for entry, q in zip(second["marginals"], signed.marginals):
-        assert [list(g.cell_group) or None for g in q.groups] == entry.get("groups", [])  # the manifest says what was signed
-        assert entry["variables"] in [list(s) for s in dictionary.dependencies]
+    assert first["rho_per_site"] == pytest.approx(rho * planner.ONEWAY_SHARE, rel=1e-9)
+    assert second["rho_per_site"] == pytest.approx(rho * planner.CANDIDATE_SHARE, rel=1e-9)
+    assert third["rho_per_site"] == pytest.approx(rho * (1 - planner.ONEWAY_SHARE - planner.CANDIDATE_SHARE), rel=1e-9)
+    for rnd in (second, third):
+        grouped = [m for m in rnd["marginals"] if "groups" in m]
+        assert grouped, "at epsilon 0.5 candidate and selected pair tables should be compressed"
+        signed = pb.QueryPlan.FromString(keys.unb64(rnd["signed_plan"]))
+        for entry, q in zip(rnd["marginals"], signed.marginals):
+            assert [list(g.cell_group) or None for g in q.groups] == entry.get("groups", [])  # the manifest says what was signed
+    # candidates are coarser than the selected tables measured with more budget each
+    cells = {tuple(m["variables"]): math.prod(max(g) + 1 if g else dictionary[v].size
+                                              for v, g in zip(m["variables"], m.get("groups", [None] * 2)))
+             for m in second["marginals"]}
+    for m in third["marginals"]:
+        if len(m["variables"]) == 2:
+            assert math.prod(max(g) + 1 if g else dictionary[v].size
+                             for v, g in zip(m["variables"], m.get("groups", [None] * 2))) >= cells[tuple(m["variables"])]
 
 
 def test_aggregates_label_grouped_cells(small_release, dictionary):
@@ -382,7 +391,7 @@ def test_release_verification_compares_groupings_with_the_signed_plan(small_rele
 
 
 def test_compressed_plan_measures_oneway_sets_as_they_are(dictionary, demo_oneways):
-    """The adaptive strategy's round 2 re-measures the 1-way tables next to the (compressed) tree."""
+    """Round 3 re-measures the 1-way tables next to the (compressed) selected pairs."""
     sets = [(n,) for n in dictionary.names] + [("age", "chol"), ("cp", "heart_disease")]
     plan = planner.compressed_plan(dictionary, sets, demo_oneways, 0.01, sites=4)
     assert [p.variables for p in plan] == sets
@@ -428,4 +437,5 @@ def test_llm_stage_sees_full_domain_tables(tmp_path, dictionary):
     for m in full:
         assert m.values.shape == tuple(dictionary[v].size for v in m.variables)
     agg = DPAggregates.from_measurements(ds.dictionary, full)
-    assert sum(len(m.variables) == 2 for m in agg.marginals) == len(dictionary.dependencies)
+    pairs = {frozenset(m.variables) for m in full if len(m.variables) == 2}
+    assert pairs and {frozenset(m.variables) for m in agg.marginals if len(m.variables) == 2} == pairs

@@ -165,6 +165,22 @@ def test_lifetime_budget_is_enforced_and_durable(site_config, dictionary, guards
     assert [e.event for e in again.ledger.audit_entries()] == ["debit", "answered", "refused"]
 
 
+def test_a_plan_whose_release_cannot_be_completed_is_refused_for_free(dictionary, guards, ask, refusal):
+    g = guards("cleveland", epsilon=1.0)  # rho ~ 0.0244
+    first = plan_for(dictionary, [(["age"], 0.01)])
+    first.rho_to_follow = 0.02  # the release's later rounds: 0.03 in all, more than is left
+    status, details = refusal(g.stub, first)
+    assert status == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("OVER_BUDGET")
+    assert "later rounds" in details and g.guard.ledger.spent() == 0.0
+    fits = plan_for(dictionary, [(["age"], 0.01)])
+    fits.rho_to_follow = 0.01
+    ask(g, fits)
+    assert g.guard.ledger.spent() == pytest.approx(0.01)
+    hostile = plan_for(dictionary, [(["age"], 0.001)])
+    hostile.rho_to_follow = float("nan")
+    assert refusal(g.stub, hostile)[1].startswith("MALFORMED_PLAN") and g.guard.ledger.spent() == pytest.approx(0.01)
+
+
 def test_racing_coordinators_never_overspend(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite", rho_limit=1.0, site="s")
     ok, refused = [], []

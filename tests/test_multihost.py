@@ -163,14 +163,16 @@ def test_release_across_hosts_survives_a_cut_link(hosts, tmp_path):
 
     m = verify_release(out, coordinator_key=keys.coordinator_pub, site_keys={s: keys.site_keys[s][1] for s in SITES})
     assert set(m["sites"]) == set(SITES)  # everyone answered round 1
-    assert m["sites"][CUT]["plans"] == 1 and all(m["sites"][s]["plans"] == 2 for s in SITES if s != CUT)
-    cut_entries = [f for f in m["sites_not_included"] if f["round"] == 2]
-    assert len(cut_entries) == 1, m["sites_not_included"]
-    # nothing lost or overspent: each ledger holds what the manifest's receipts say, or, where the
-    # plan reached the guard and the answer was lost on the dead line, the manifest says it cannot know
+    later = sorted({p["round"] for p in m["plans"]} - {1})
+    assert later and m["sites"][CUT]["plans"] == 1
+    assert all(m["sites"][s]["plans"] == 1 + len(later) for s in SITES if s != CUT)
+    cut_entries = [f for f in m["sites_not_included"] if f.get("site") == CUT]
+    assert sorted(f["round"] for f in cut_entries) == later, m["sites_not_included"]
+    # nothing lost or overspent: each ledger holds what the manifest's receipts say, or, where a plan
+    # reached the guard and the answer was lost on the dead line, the manifest says it cannot know
     for site in SITES:
         ledger, stated = _spent(configs[site]), m["sites"][site]["rho_total"]
         if site == CUT and ledger > stated * (1 + 1e-12):
-            assert cut_entries[0]["charged"].startswith("unknown"), cut_entries
+            assert any(f["charged"].startswith("unknown") for f in cut_entries), cut_entries
         else:
             assert ledger == pytest.approx(stated, rel=1e-12), site

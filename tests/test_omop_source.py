@@ -115,7 +115,8 @@ def test_guard_answers_a_plan_over_the_omop_site(tmp_path, gib, consortium_keys,
                             [consortium_keys.coordinator_pub])
     g = RunningGuard(SiteGuard(load_site_config(cfg)))
     try:
-        plan = planner.to_proto(planner.one_round_plan(gib, 0.3), gib, "tester", "omop source")
+        plan = planner.to_proto(planner.one_round_plan(gib, 0.3), gib, "tester", "omop source",
+                                addressees=[pb.Addressee(site="gibleed", signer=g.guard.fingerprint)])
         summary = pb.Summary.FromString(g.stub.Answer(sign(plan)).summary)
         assert summary.site == "gibleed" and summary.dictionary_hash == gib.hash
         n = len(rows("person"))

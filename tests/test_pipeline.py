@@ -92,7 +92,7 @@ def test_second_release_spends_more_and_over_budget_is_refused_without_debit(gua
         assert m2["sites"][site]["epsilon_total"] > m1["sites"][site]["epsilon_total"]
     spent = {g.guard.config.site: g.guard.ledger.spent() for g in gs}
     with pytest.raises(PpsehrError, match="no site answered the round-1 plan.*OVER_BUDGET"):
-        run_release(job(tmp_path / "r3", epsilon=3.0), transport, Events())
+        run_release(job(tmp_path / "r3", epsilon=8.0), transport, Events())  # round 1 alone is more than is left
     assert not (tmp_path / "r3").exists()
     assert {g.guard.config.site: g.guard.ledger.spent() for g in gs} == spent
 
@@ -105,8 +105,10 @@ def test_a_site_that_is_down_is_reported_not_charged(guards, job, tmp_path, all_
     m = run_release(job(tmp_path / "rel", epsilon=2.0, seed=3), transport, Events())
     assert set(m["sites"]) == {g.guard.config.site for g in gs[:2]}
     failures = m["sites_not_included"]
-    assert [f["round"] for f in failures] == [1, 2]  # 1-ways, then the compressed tables
-    assert all(f["code"] == "GUARD_UNAVAILABLE" and f["site"] == down.guard.config.site for f in failures)
+    assert [f["round"] for f in failures] == [1, 2, 3]  # 1-ways, candidates, selected tables
+    # it gave no signed identity before the first paid plan: sent nothing paid, so certainly not charged
+    assert all(f["code"] == "NOT_VERIFIED" and f["site"] == down.guard.config.site and "GUARD_UNAVAILABLE" in f["message"]
+               and f["charged"] == "no (the plan was not sent to it to be answered)" for f in failures)
     assert down.guard.ledger.spent() == 0.0
 
 
@@ -171,30 +173,31 @@ def test_verify_with_pinned_keys_rejects_a_substituted_coordinator(one_release, 
         verify_release(copy, coordinator_key=consortium_keys.coordinator_pub)
 
 
-def test_adaptive_release_spends_two_rounds_with_a_receipt_each(guards, job, tmp_path, all_sites, dictionary):
-    """Round 1 buys cheap candidates, round 2 the selected tree; the manifest accounts for both plans."""
+def test_the_default_release_selects_in_three_rounds_with_a_receipt_each(guards, job, tmp_path, all_sites, dictionary):
+    """Round 1 the 1-way tables per site, round 2 every pair as a cheap candidate, round 3 the 1-way tables
+    again and the selected pairs; the manifest accounts for all three plans."""
     gs = guards(*all_sites[:3])
     transport = DirectTransport({g.guard.config.site: g.address for g in gs})
     seen = []
-    m = run_release(job(tmp_path / "rel", epsilon=4.0, seed=5, strategy="adaptive", site_variable="release"),
+    m = run_release(job(tmp_path / "rel", epsilon=4.0, seed=5, site_variable="release"),
                     transport, Events(echo=seen.append))
     verify_release(tmp_path / "rel")
-    assert [p["round"] for p in m["plans"]] == [1, 2]
-    second = [tuple(x["variables"]) for x in m["plans"][1]["marginals"]]
-    assert second[:len(dictionary.names)] == [(n,) for n in dictionary.names]  # the 1-way tables again
-    pairs = len(second) - len(dictionary.names)  # a spanning tree, and at most one extra pair per two variables
-    assert len(dictionary.names) - 1 <= pairs <= len(dictionary.names) - 1 + len(dictionary.names) // 2
+    assert [p["round"] for p in m["plans"]] == [1, 2, 3]
+    assert any("secure aggregation is not possible" in s for s in seen)  # no site allows it: plain sums, no cost
+    third = [tuple(x["variables"]) for x in m["plans"][2]["marginals"]]
+    assert third[:len(dictionary.names)] == [(n,) for n in dictionary.names]  # the 1-way tables again
+    pairs = len(third) - len(dictionary.names)  # at most a spanning tree, and at most one extra pair per two variables
+    assert len(dictionary.names) // 2 <= pairs <= len(dictionary.names) - 1 + len(dictionary.names) // 2
     assert sum(p["rho_per_site"] for p in m["plans"]) == pytest.approx(accounting.rho_for_epsilon(4.0, 1e-6))
     for g in gs:
         site = g.guard.config.site
-        assert m["sites"][site]["plans"] == 2
+        assert m["sites"][site]["plans"] == 3
         assert m["sites"][site]["rho"] == pytest.approx(g.guard.ledger.spent(), rel=1e-12)
-        assert len([r for r in m["receipts"] if r["site"] == site]) == 2
+        assert len([r for r in m["receipts"] if r["site"] == site]) == 3
     with open(tmp_path / "rel" / "records.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[0] == "site" and {r["site"] for r in rows} <= {g.guard.config.site for g in gs}
     assert m["generator"]["site_variable"] == "release"
-    assert any(tuple(c)[0] == "site" for c in m["generator"]["cliques"])
 
 
 def test_pooled_release_has_no_site_axis(guards, job, tmp_path, all_sites):
@@ -206,8 +209,8 @@ def test_pooled_release_has_no_site_axis(guards, job, tmp_path, all_sites):
     assert all("site" not in c for c in m["generator"]["cliques"])
     spent = {g.guard.config.site: g.guard.ledger.spent() for g in gs}
     for bad, message in ((dict(site_variable="both"), "site_variable must be one of"),
-                         (dict(strategy="greedy"), "strategy must be one of"), (dict(epsilon=-1.0), "budget"),
-                         (dict(strategy="adaptive", select_fraction=1.5), "select_fraction")):
+                         (dict(strategy="adaptive"), "unknown release option"), (dict(epsilon=-1.0), "budget"),
+                         (dict(secure_aggregation="yes"), "secure_aggregation")):
         with pytest.raises(PpsehrError, match=message):
             run_release(job(tmp_path / "bad", **({"epsilon": 0.1} | bad)), transport, Events())
         assert not (tmp_path / "bad").exists()
@@ -243,12 +246,10 @@ def test_release_with_an_llm_endpoint_gains_notes_rules_and_an_llm_section(guard
 
 
 def test_jobs_the_coordinator_cannot_finish_are_refused_before_anything_is_sent(guards, job, tmp_path, all_sites, dictionary):
-    import itertools
-
     gs = guards(*all_sites[:2])
     transport = DirectTransport({g.guard.config.site: g.address for g in gs})
-    every_pair = [list(p) for p in itertools.combinations(dictionary.names, 2)]
-    for bad, message in ((dict(structure=every_pair), "model clique .* Nothing was sent"),
+    for bad, message in ((dict(structure=[["age", "shoe_size"]]), "prior dependencies .* Nothing was sent"),
+                         (dict(structure=[["age"]]), "2 or 3 variable names"),
                          (dict(seed=-1), "seed must be a non-negative integer"),
                          (dict(site_groups={"va": ""}), "site_groups")):
         with pytest.raises(PpsehrError, match=message):
@@ -260,15 +261,16 @@ def test_jobs_the_coordinator_cannot_finish_are_refused_before_anything_is_sent(
     assert all(g.guard.ledger.spent() == 0.0 for g in gs)
 
 
-def test_adaptive_release_survives_a_second_round_nobody_answers(guards, job, tmp_path, all_sites):
-    """Sites allow one plan a day: round 2 is refused everywhere, so the release uses round 1 within the tree."""
+def test_a_release_survives_later_rounds_nobody_answers(guards, job, tmp_path, all_sites):
+    """Sites allow one plan a day: rounds 2 and 3 are refused everywhere (at no cost), so the release
+    uses round 1's tables."""
     gs = guards(*all_sites[:2], policy={"max_plans_per_day": 1})
     transport = DirectTransport({g.guard.config.site: g.address for g in gs})
-    m = run_release(job(tmp_path / "rel", epsilon=2.0, seed=8, strategy="adaptive"), transport, Events())
+    m = run_release(job(tmp_path / "rel", epsilon=2.0, seed=8), transport, Events())
     verify_release(tmp_path / "rel")
-    assert [p["round"] for p in m["plans"]] == [1, 2]
-    assert {f["code"] for f in m["sites_not_included"] if f["round"] == 2} == {"RATE_LIMITED"}
+    assert [p["round"] for p in m["plans"]] == [1, 2, 3]
+    assert {f["code"] for f in m["sites_not_included"] if f["round"] > 1} == {"RATE_LIMITED"}
     for g in gs:
         assert m["sites"][g.guard.config.site]["plans"] == 1
         assert m["sites"][g.guard.config.site]["rho"] == pytest.approx(g.guard.ledger.spent(), rel=1e-12)
-    assert all(len(c) <= 3 for c in m["generator"]["cliques"])  # the selected tree (+ site), not all candidates
+    assert all(len(c) <= 3 for c in m["generator"]["cliques"])  # the prior structure (+ site), not all candidates

@@ -44,6 +44,18 @@ def releases(tmp_path_factory, demo, consortium_keys):
                              signing_key=str(consortium_keys.coordinator_key),
                              site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=eps, seed=i)
             manifests.append(run_release(job, transport, Events()))
+        # a copy of the second release, evaluated at the three running sites by `ppsehr release evaluate`, which
+        # writes the signed addendum into it and rebuilds the report (with the coordinator key pinned) beside it
+        from ppsehr.deploy.cli import main
+
+        shutil.copytree(tmp / "r1", tmp / "r1e")
+        args = ["release", "evaluate", str(tmp / "r1e"), "--dictionary", str(demo / "dictionary.toml"),
+                "--signing-key", str(consortium_keys.coordinator_key), "--job-dir", str(tmp / "evaluation-job"),
+                "--report-out", str(tmp / "r1e-report")]
+        for g in running[:2] + running[3:]:
+            site = g.guard.config.site
+            args += ["--site-key", f"{site}={consortium_keys.site_keys[site][1]}", "--guard", f"{site}={g.address}"]
+        assert main(args) == 0
     finally:
         for g in running[:2] + running[3:]:
             g.stop()
@@ -101,7 +113,7 @@ def test_budget_history_counts_each_receipt_once(releases):
     assert set(hist) == {"cleveland", "hungarian", "va"}
     for site, points in hist.items():
         receipts = [r for m in (first, second) for r in m["receipts"] if r["site"] == site]
-        assert len(points) == len(receipts) == 4  # two releases of two rounds (1-ways, then compressed tables)
+        assert len(points) == len(receipts) == 6  # two releases of three rounds (1-ways, candidates, selected tables)
         spent = 0.0
         for (t, total, _, debit), earlier in zip(points, [points[0]] + points[:-1]):
             spent += debit
@@ -251,3 +263,184 @@ def test_report_renders_in_headless_chromium(browser, report, tmp_path):
                                                        '<img src="data:image/png;base64,AAAA" alt="corrupt"></main>'))
     problems, broken, fetched = _render(browser, bad)
     assert problems and set(broken) == {"remote", "corrupt"}
+
+
+
+# ----------------------------------------------------------------------------- evaluation, unit, exclusions
+def _section(page: str, sid: str) -> str:
+    start = page.index(f'<section id="{sid}">')
+    return page[start:page.index("</section>", start)]
+
+
+def _pm(value, sd):
+    return f"{value:.3f} ± {Z95 * sd:.3f}"
+
+
+@pytest.fixture(scope="module")
+def evaluated(releases):
+    """The evaluated copy of the second release, its addendum, and the report `release evaluate` rebuilt."""
+    import json
+
+    tmp, _ = releases
+    [path] = (tmp / "r1e" / "evaluations").glob("*.json")
+    return tmp / "r1e", json.loads(path.read_text()), (tmp / "r1e-report" / "report.html").read_text()
+
+
+def test_evaluate_rebuilds_the_report_with_the_verified_addendums_figures(evaluated, consortium_keys):
+    from ppsehr.common import keys
+
+    release, add, page = evaluated
+    ev = _section(page, "evaluation")
+    assert "<span class=\"tag ok\">verified</span>" in ev and "not verified" not in ev
+    assert f"Evaluation <span class=\"mono\">{add['evaluation_id']}</span>" in ev
+    fingerprint = keys.fingerprint(keys.load_public_key(consortium_keys.coordinator_pub))
+    assert f"coordinator key {fingerprint} (pinned)" in ev
+    tstr = add["results"]["utility"]["tstr"]
+    assert [t["target"] for t in tstr] and all(t["auc"] is not None for t in tstr)
+    for t in tstr:  # each figure the addendum states, with 1.96 x its noise sd
+        assert f"{t['target']} = {t['positive']}" in ev
+        assert _pm(t["auc"], t["auc_sd"]) in ev and _pm(t["accuracy"], t["accuracy_sd"]) in ev
+    for u in add["results"]["fidelity"]["unmeasured"]:
+        assert f"{u['tvd']:.3f}" in ev and f"{u['tvd_noise_bound']:.3f}" in ev
+    risk = add["results"]["privacy_risk"]
+    d, c = risk["distance"]["all"], risk["unique_copied"]["all"]
+    assert _pm(d["exact_copy_share"], d["exact_copy_share_sd"]) in ev and _pm(c["share"], c["share_sd"]) in ev
+    assert f"{d['mean_distance']:.2f} ± {Z95 * d['mean_distance_sd']:.2f}" in ev
+    assert risk["membership"]["auc"] is None and "no held-out site answered" in ev  # switzerland was down
+    assert f"by {risk['dp_bound']['max_advantage']:.3f}" in ev
+    assert str(escape(add["privacy"]["statement"])) in ev
+    for site, e in add["sites"].items():
+        assert f"<td>{site}</td>" in ev and f"<td>{e['rho']:.4g}</td>" in ev and f"<td>{e['combined_rho']:.4g}</td>" in ev
+    assert 'data-file="figures/evaluation-' in ev and "Distance to closest record" in ev
+    # the release's own report, hashed by its manifest, was built before the evaluation and says how to run one
+    own = _section((release / "report.html").read_text(), "evaluation")
+    assert "No evaluation: this report was built with the release" in own and "ppsehr release evaluate" in own
+    assert "tag ok" not in own
+
+
+def _resign(release, change, key):
+    import json
+
+    from ppsehr.common import keys
+    from ppsehr.server.evaluate import addendum as ad
+
+    [path] = (release / "evaluations").glob("*.json")
+    a = json.loads(path.read_text())
+    change(a)
+    path.write_bytes(ad.to_bytes(a))
+    if key is not None:
+        path.with_suffix(".sig").write_text(keys.b64(keys.load_signing_key(key).sign(path.read_bytes())) + "\n")
+
+
+@pytest.mark.parametrize("resigned, reason", [
+    (True, r"results.utility.tstr\[0\].auc \(0.999"),  # re-signed by the coordinator: the figures do not follow
+    (False, r"the coordinator&#39;s signature of \w+.json does not verify"),  # edited after signing
+])
+def test_a_tampered_addendum_is_shown_as_not_verified_without_its_figures(evaluated, demo, consortium_keys, tmp_path,
+                                                                         resigned, reason):
+    release, add, _ = evaluated
+    copy = tmp_path / "rel"
+    shutil.copytree(release, copy)
+    _resign(copy, lambda a: a["results"]["utility"]["tstr"][0].update(auc=0.999),
+            consortium_keys.coordinator_key if resigned else None)
+    out = write_report(copy, tmp_path / "report", demo / "dictionary.toml", coordinator_key=consortium_keys.coordinator_pub)
+    ev = _section((out / "report.html").read_text(), "evaluation")
+    assert "<span class=\"tag bad\">not verified</span>" in ev and "tag ok" not in ev
+    assert re.search(reason, ev), ev
+    assert "0.999 ±" not in ev and _pm(add["results"]["utility"]["tstr"][0]["auc"], add["results"]["utility"]["tstr"][0]["auc_sd"]) not in ev
+    assert "TSTR AUC" not in ev and str(escape(add["privacy"]["statement"])) not in ev
+    assert not any(p.name.startswith("evaluation-") for p in (out / "figures").iterdir())
+
+
+def test_an_addendum_of_a_release_that_does_not_verify_is_not_shown(evaluated, demo, tmp_path):
+    release, add, _ = evaluated
+    copy = tmp_path / "rel"
+    shutil.copytree(release, copy)
+    (copy / "aggregates.json").write_text((copy / "aggregates.json").read_text() + " ")  # hashed by the manifest
+    page = (write_report(copy, tmp_path / "report", demo / "dictionary.toml") / "report.html").read_text()
+    ev = _section(page, "evaluation")
+    assert "not verified" in ev and "the release itself does not verify" in ev and "aggregates.json" in ev
+    assert "TSTR AUC" not in ev
+
+
+def test_a_report_without_evaluation_says_how_to_run_one(report, releases):
+    files, _ = report
+    tmp, _ = releases
+    ev = _section(files["report.html"].decode(), "evaluation")
+    assert "No evaluation addendum in this release." in ev
+    assert f"ppsehr release evaluate {tmp / 'r1'} --dictionary" in ev and "--signing-key" in ev and "--site-key" in ev
+    assert "ppsehr demo --evaluate" in ev and "TSTR AUC" not in ev and "verified</span>" not in ev
+
+
+def test_the_unmeasured_pairs_flag_a_tvd_beyond_its_noise_bound(evaluated, dictionary):
+    """Rendering of the unmeasured pairs (the demo release measures every pair, so a real addendum has none)."""
+    import copy as cp
+
+    release, add, _ = evaluated
+    add = cp.deepcopy(add)
+    add["results"]["fidelity"] = {"unmeasured": [
+        {"variables": ["sex", "fbs"], "cells": 6, "tvd": 0.4321, "tvd_noise_bound": 0.1234, "rows": 900.0},
+        {"variables": ["cp", "exang"], "cells": 12, "tvd": 0.0567, "tvd_noise_bound": 0.2345, "rows": 880.0}],
+        "mean_tvd": 0.2444, "mean_tvd_noise_bound": 0.179}
+    manifest, measurements, samples, fidelity = _inputs(release, dictionary)
+    files = build_report(dictionary, manifest, measurements, samples, fidelity,
+                         evaluations=[{"file": "evaluations/x.json", "verified": True, "check": "test", "addendum": add}])
+    ev = _section(files["report.html"].decode(), "evaluation")
+    rows = re.findall(r"<tr><td><span class='mono'>([^<]+)</span></td><td>\d+</td><td>\d+</td><td>([\d.]+)</td>"
+                      r"<td>([\d.]+)</td><td>(.*?)</td></tr>", ev)
+    assert [(v, t, b) for v, t, b, _ in rows] == [("sex × fbs", "0.432", "0.123"), ("cp × exang", "0.057", "0.234")]
+    assert "beyond the noise bound" in rows[0][3] and "within the noise" in rows[1][3]
+    assert "1 of 2 unmeasured pair(s) beyond their noise bound; mean TVD 0.244" in ev
+    assert any(k.endswith("-unmeasured.png") for k in files)
+
+
+def _inputs(release, dictionary):
+    from ppsehr.server.release.report import release_inputs
+
+    return release_inputs(release, dictionary)
+
+
+def test_the_unit_is_the_manifests(releases, dictionary):
+    tmp, (_, manifest) = releases
+    _, measurements, samples, fidelity = _inputs(tmp / "r1", dictionary)
+    # the real release: each site's unit as its receipts state it, in the manifest's words
+    page = build_report(dictionary, manifest, measurements, samples, fidelity)["report.html"].decode()
+    privacy = _section(page, "privacy")
+    for site, u in manifest["privacy"]["site_units"].items():
+        assert f"<td>{site}</td><td><code>{u['unit']}</code></td><td>{escape(u['description'])}</td>" in privacy
+    # another source's unit: the report follows the manifest, whatever it says, and adds no unit of its own
+    omop = {"unit": "patient", "rows_per_patient": 1, "description": "one OMOP person (person.person_id) <all rows>"}
+    k3 = {"unit": "patient_rows", "rows_per_patient": 3, "description": "one patient, with up to 3 records"}
+    other = dict(manifest, privacy=dict(manifest["privacy"], unit="one OMOP person or a 3-row patient",
+                                        statement="Privacy unit: one OMOP person or a 3-row patient.",
+                                        site_units={"cleveland": omop, "va": k3}),
+                 sites={s: e for s, e in manifest["sites"].items() if s in ("cleveland", "va")})
+    privacy = _section(build_report(dictionary, other, measurements, samples, fidelity)["report.html"].decode(), "privacy")
+    assert "one OMOP person (person.person_id) &lt;all rows&gt;" in privacy and "one patient, with up to 3 records" in privacy
+    assert "<td>cleveland</td><td><code>patient</code></td>" in privacy and "<td>va</td><td><code>patient_rows</code></td>" in privacy
+    assert "one patient record" not in privacy and "attests each row" not in privacy and "patient_attested_row" not in privacy
+    # a manifest that states no unit is not given one
+    bare = dict(manifest, privacy={k: v for k, v in manifest["privacy"].items() if k not in ("unit", "site_units")},
+                sites={s: {k: v for k, v in e.items() if k not in ("unit", "rows_per_patient")}
+                       for s, e in manifest["sites"].items()})
+    privacy = _section(build_report(dictionary, bare, measurements, samples, fidelity)["report.html"].decode(), "privacy")
+    assert "The manifest states no privacy unit" in privacy and "not stated in the manifest" in privacy
+    assert "patient_attested_row" not in privacy
+
+
+def test_exclusions_that_name_a_node_or_state_no_charge_render(releases, dictionary):
+    tmp, (_, manifest) = releases
+    _, measurements, samples, fidelity = _inputs(tmp / "r1", dictionary)
+    excluded = [{"node": "9141964316318799682", "round": 2, "code": "REJECTED", "message": "answer rejected: <bad>"},
+                {"site": "va", "round": 3, "code": "TIMEOUT", "message": "late", "charged": "unknown: check the ledger"},
+                {"node": 17, "code": "GUARD_UNAVAILABLE", "message": "down", "charged": "no"}]
+    page = build_report(dictionary, dict(manifest, sites_not_included=excluded), measurements, samples,
+                        fidelity)["report.html"].decode()
+    section = _section(page, "sites-not-included")
+    rows = re.findall(r"<tr>(.*?)</tr>", section.split("<tbody>")[1])
+    assert len(rows) == 3
+    assert rows[0].startswith("<td>node 9141964316318799682 <span class='muted'>(no known site)</span></td><td>2</td>")
+    assert "answer rejected: &lt;bad&gt;" in rows[0] and rows[0].endswith("<td><span class='muted'>unknown</span></td>")
+    assert rows[1].startswith("<td>va</td><td>3</td>") and "unknown: check the ledger" in rows[1]
+    assert rows[2].startswith("<td>node 17 <span class='muted'>(no known site)</span></td><td>–</td>")
+    assert "None" not in section and "3 answers did not count" in section

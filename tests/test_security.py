@@ -528,7 +528,8 @@ def test_fuzz_guard_api(guards, dictionary, coordinator_key, sign):
         st.uuids().map(str) | st.text(max_size=200), st.just(dictionary.hash) | st.text(max_size=80),
         st.lists(marginal, max_size=8), st.sampled_from([600, -10, 10**9, 0]), st.text(max_size=50))
     valid = st.builds(lambda pid, ms: pb.QueryPlan(plan_id=pid, dictionary_hash=dictionary.hash, coordinator="fz",
-                                                   marginals=ms, expires_at=int(time.time()) + 600),
+                                                   marginals=ms, expires_at=int(time.time()) + 600,
+                                                   addressees=[pb.Addressee(site="cleveland", signer=g.guard.fingerprint)]),
                       st.uuids().map(str), st.lists(st.builds(
                           lambda v, r: pb.MarginalQuery(variables=v, rho=r),
                           st.lists(st.sampled_from(dictionary.names), min_size=1, max_size=3, unique=True),
@@ -639,11 +640,10 @@ def test_release_verify_command_detects_tampering(one_release, tmp_path, consort
     assert main(["release", "verify", str(copy), *pins]) == 0
     assert "(pinned)" in capsys.readouterr().out
     tamper(copy, consortium_keys)
-    if pinned:  # without pinned keys a full re-keying is self-consistent: only the printed fingerprints differ
-        assert main(["release", "verify", str(copy)]) == 0
-        out = capsys.readouterr().out
-        assert keys.describe_key_file(consortium_keys.site_keys["va"][1])["fingerprint"] not in out
-        assert "compare with the published fingerprint" in out
+    if pinned:  # without pinned keys, the signed plans' addressees still name the site's own key
+        assert main(["release", "verify", str(copy)]) == 2
+        err = capsys.readouterr().err
+        assert "the signed plan is not addressed to site 'va' with key" in err, err
     assert main(["release", "verify", str(copy), *(pins if pinned else [])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err

@@ -37,7 +37,7 @@ def test_five_virtual_sites_release_through_flowers_simulation(tmp_path):
     from ppsehr.deploy.simulate import simulate
 
     figures = simulate(5, 3000, 6, 2.0, tmp_path / "work", tmp_path / "release", seed=3, workers=2,
-                       say=lambda m: None, strategy="dictionary", site_variable="model", formats=["csv"], report=False)
+                       say=lambda m: None, site_variable="model", formats=["csv"], report=False)
     # verify_release ran inside simulate(); every virtual site answered through its own guard and ledger
     assert figures["sites_answered"] == 5 and figures["sites_not_included"] == 0
     manifest = json.loads((tmp_path / "release" / "manifest.json").read_text())

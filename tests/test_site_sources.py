@@ -215,7 +215,8 @@ def test_a_two_table_source_answers_plans_as_patients(multi, consortium_keys, si
                             "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys["va"][0], [consortium_keys.coordinator_pub])
     guard = SiteGuard(load_site_config(cfg))
     plan = pb.QueryPlan(plan_id="p1", dictionary_hash=d.hash, coordinator="c", purpose="t",
-                        marginals=[pb.MarginalQuery(variables=["sex", "diabetes"], rho=0.01)])
+                        marginals=[pb.MarginalQuery(variables=["sex", "diabetes"], rho=0.01)],
+                        addressees=[pb.Addressee(site="multi", signer=guard.fingerprint)])
     summary = pb.Summary.FromString(guard.answer(sign(plan)).summary)
     receipt = pb.BudgetReceipt.FromString(summary.receipt)
     assert (receipt.unit, receipt.rows_per_patient) == ("patient", 1)

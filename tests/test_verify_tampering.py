@@ -258,10 +258,11 @@ CASES = [
     ("plans[1].signed_plan re-signed with a smaller rho", P,
      lambda m, k: resign_plan(m, 2, lambda p: p.marginals[0].__setattr__("rho", 1e-9), k), False,
      r"does not match the signed plan"),
-    ("plans: round 2 removed", P, lambda m, k: m["plans"].pop(), False,
+    ("plans: the last round removed", P, lambda m, k: m["plans"].pop(), False,
      r"the receipt is for another site or for a plan not in this release"),
-    ("LIMIT: round 2 removed with all its receipts", P, lambda m, k: (m["plans"].pop(), m.update(
-        receipts=[r for r in m["receipts"] if r["plan_id"] == m["plans"][0]["plan_id"]])), True, None),
+    ("LIMIT: the last round removed with all its receipts", P, lambda m, k: (m["plans"].pop(), m.update(
+        receipts=[r for r in m["receipts"] if r["plan_id"] in {p["plan_id"] for p in m["plans"]}])), True, None),
+    ("plans[1].addressees: one removed", P, lambda m, k: m["plans"][1]["addressees"].pop(), False, r"addressees"),
     ("plans[1].secure added", P, lambda m, k: m["plans"][1].update(secure={"colluding": 0, "min_parties": 3, "roster": []}),
      False, r"claims secure aggregation the signed plan lacks"),
     # ---- rosters and secure terms

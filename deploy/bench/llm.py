@@ -35,8 +35,8 @@ def demo_measurements(workdir: Path, epsilon: float = 4.0,
     from .fidelity import Federation, demo_dataset
 
     ds = demo_dataset(mappings)
-    (first,), _ = Federation(ds, workdir).collect(ds, epsilon, site_variable="pooled", compress=False)
-    return ds.dictionary, aggregate(first.plan, first.results, ds.dictionary)
+    first = Federation(ds, workdir).one_round(ds, epsilon)
+    return ds.dictionary, aggregate(first.plan, first.results, ds.dictionary, correction=first.correction)
 
 
 def bench_llm_first(config: LLMConfig, rows: int = 1000, styles: Sequence[str] = ("definition", "example", "rule"),

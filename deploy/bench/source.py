@@ -206,7 +206,8 @@ def measure(workdir: Path) -> dict[str, Any]:
             + list(itertools.combinations(names, 3))[:45])
     plan = pb.QueryPlan(plan_id=f"bench-{time.time_ns()}", dictionary_hash=d.hash, coordinator="bench",
                         purpose="bench source", expires_at=int(time.time() + 3600),
-                        marginals=[pb.MarginalQuery(variables=list(s), rho=0.001) for s in sets])
+                        marginals=[pb.MarginalQuery(variables=list(s), rho=0.001) for s in sets],
+                        addressees=[pb.Addressee(site="bench", signer=guard.fingerprint)])
     t1 = time.perf_counter()
     signed = guard.answer(sign_plan(plan, load_signing_key(keys / "coordinator.key")))
     t_plan = time.perf_counter() - t1

@@ -85,6 +85,8 @@ def _guard_fixture(work: Path, attributes: int):
 
     def sign(plan):
         plan.expires_at = int(time.time() + 600)
+        if not plan.addressees:
+            plan.addressees.add(site=site, signer=guard.fingerprint)
         return sign_plan(plan, ckey)
 
     return ds.dictionary, guard, sign
@@ -208,7 +210,7 @@ def simulation_speed(sites_list: list[int], rows: int, attributes: int, say: Cal
     for sites in sites_list:
         with tempfile.TemporaryDirectory(prefix="ppsehr-speed-sim-") as tmp:
             f = simulate(sites, rows, attributes, 1.0, Path(tmp) / "work", Path(tmp) / "release", say=lambda m: None,
-                         strategy="adaptive", site_variable="model", formats=["csv"], report=False)
+                         site_variable="model", formats=["csv"], report=False)
         f.pop("out", None)
         out.append(f)
         say(f"simulation: {sites} sites: {f['wall_s']:.1f} s wall, peak {f['peak_rss_bytes_flower'] / 2**30:.2f} GiB, "

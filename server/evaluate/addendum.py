@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ...common import accounting, keys
+from ...common import accounting, addressing, keys
 from ...common.dictionary import Dictionary, parse_dictionary
 from ...common.errors import ReleaseError
 from ...protos import guard_pb2 as pb
@@ -111,7 +111,7 @@ def plan_entry(plan: pb.QueryPlan, plan_bytes: bytes, signature: bytes) -> dict[
             "distance": ({"rho_histogram": ev.distance.rho_histogram, "rho_unique": ev.distance.rho_unique}
                          if ev.HasField("distance") else None),
             "signed_plan": keys.b64(plan_bytes), "signature": keys.b64(signature),
-            "sha256": hashlib.sha256(plan_bytes).hexdigest()}
+            "sha256": hashlib.sha256(plan_bytes).hexdigest()} | mf.addressees_entry(plan)
 
 
 def evaluation_statement(f: dict[str, Any]) -> str:
@@ -356,6 +356,8 @@ def verify_addendum(a: dict[str, Any], stem: str, path: Path, manifest: dict[str
             _fail(where, f"answers[{i}]: names site {e['site']!r}, signed by {ans.site!r} (or a site answers twice)")
         if ans.receipt.coordinator != fingerprint:
             _fail(where, f"answers[{i}]: the receipt names plan signer {ans.receipt.coordinator!r}, not the coordinator")
+        if plan.addressees and not addressing.addressed(plan, ans.site, ans.signer):
+            _fail(where, f"answers[{i}]: the signed plan is not addressed to site {ans.site!r} with key {ans.signer}")
         answers.append(ans)
     if not answers:
         _fail(where, "no site's answer")

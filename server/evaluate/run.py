@@ -29,6 +29,7 @@ from ...common.errors import PpsehrError
 from ...common.refusals import MAX_PLAN_BYTES
 from ...protos import guard_pb2 as pb
 from ..measure import planner
+from ..measure.identify import identify
 from ..measure.transport import SiteFailure, Transport
 from ..release import manifest as mf
 from ..release.bundle import verify_release
@@ -87,11 +88,14 @@ class EvaluationJob:
 
 
 def measured_pairs(manifest: dict[str, Any]) -> set[frozenset[str]]:
-    """Pairs of variables some marginal of the release measured (grouped or not)."""
+    """Pairs of variables some marginal of the release measured cell by cell. A pair seen only over
+    compressed groups of cells (round 2's candidates, say) was not measured at the dictionary's
+    resolution: its full table is what an evaluation can add."""
     out = set()
     for p in manifest["plans"]:
         for m in p["marginals"]:
-            names = [v for v in m["variables"] if v != "site"]
+            groups = m.get("groups") or [None] * len(m["variables"])
+            names = [v for v, g in zip(m["variables"], groups) if v != "site" and g is None]
             out |= {frozenset(x) for x in itertools.combinations(names, 2)}
     return out
 
@@ -177,6 +181,9 @@ def run_evaluation(job: EvaluationJob, transport: Transport, events: Callable[..
         raise PpsehrError(f"records.csv has {len(records)} bytes; an evaluation plan carries at most {MAX_RECORDS_BYTES}. "
                           "Nothing was sent.")
     plan = build_plan(job, manifest, manifest_bytes, records, dictionary)
+    # free: only sites whose signed identities match the --site-key list are asked (and named as addressees)
+    verified = identify(site_keys, dictionary.hash, transport, job.reply_timeout, events)
+    plan.addressees.extend(verified.addressees())
     signed = planner.sign_plan(plan, coordinator_key)
     signed.records = records
     if len(signed.SerializeToString()) > MAX_PLAN_BYTES:
@@ -185,9 +192,10 @@ def run_evaluation(job: EvaluationJob, transport: Transport, events: Callable[..
     events(f"evaluation plan {plan.plan_id}: {len(plan.evaluation.tstr)} TSTR target(s), {len(plan.marginals)} unmeasured "
            f"table(s), distance {'yes' if plan.evaluation.HasField('distance') else 'no'}; rho {rho:.4g} per site "
            f"(epsilon {accounting.epsilon(rho, manifest['privacy']['delta']):.3g})", stage="plan")
-    replies, failures = transport.query(signed, job.reply_timeout, events)
+    replies, failures = transport.query(signed, job.reply_timeout, events, to=verified.to)
+    failures = verified.not_verified() + failures
     answers: list[ad.Answer] = []
-    where: dict[str, str] = {}  # the transport's name of a sender -> its verified site
+    where: dict[str, str] = verified.where  # the transport's name of a sender -> its verified site
     for r in replies:
         try:
             answer = ad.verify_answer(r.signed, plan, signed.plan, dictionary, site_keys)

@@ -1,46 +1,72 @@
-"""Query plans: which marginals every site measures, and with how much of the release's rho.
+"""Query plans: which marginals every site measures, in which round, with how much of the release's rho.
 
-Two strategies, both spending exactly the per-site rho of the release:
+One strategy, chosen from the data in three rounds (AIM-style selection, federated), spending
+exactly the per-site rho of the release (ONEWAY_SHARE + CANDIDATE_SHARE + the rest):
 
-- ``dictionary``: all 1-way marginals plus the 2-/3-way marginals of a structure known before
-  any data is seen (the dictionary's declared dependencies, the LLM's clinical prior, or a chain
-  if nothing is declared). No budget goes to structure selection.
-- ``adaptive`` (in the spirit of MST and AIM): round 1 spends a fraction of rho on all 1-way
-  and 2-way marginals as cheap candidates; the coordinator sums them, picks a maximum spanning
-  tree of noise-corrected pairwise dependence and adds strong further pairs within a model-size
-  budget; round 2 spends the rest on the chosen pairs and the 1-way tables again. Every
-  measurement inside the chosen structure feeds the estimator.
+1. **1-way tables, per site** (`oneway_plan`). They carry every clique's margins, the record
+   total, the per-site heterogeneity (site effects) and the domain compression of later rounds.
+2. **Candidates** (`candidate_plan`): every pair of variables (up to MAX_CANDIDATES tables, the
+   default site policy's limit), each over domains compressed by round 1's noisy counts so that a
+   typical cell holds CANDIDATE_NOISE times its noise: cheap tables that show which pairs matter.
+3. **Selected marginals** (`select`, then `final_plan`): the coordinator scores every candidate
+   by its noisy workload error, the L1 distance between the candidate and what the current model
+   predicts for it, minus the L1 norm the noise alone would add (AIM's quality score, computed as
+   post-processing of DP outputs instead of with the exponential mechanism). First a maximum
+   spanning tree of errors against independence (Chow-Liu with AIM's score); then, as AIM does,
+   further pairs that the fitted tree model still gets wrong by more than EXTRA_SIGMAS noise
+   standard deviations, in batches with a refit after each, within a model-size budget; and site
+   effects (`site` x variable, from round 1's per-site tables) where the heterogeneity clears
+   SITE_SIGMAS. Round 3 measures the 1-way tables again and the selected pairs over domains
+   compressed for round 3's noise (more budget per table: AIM's annealing, in rounds).
 
-Domain compression (default, ``compressed_plan``): the joint tables are measured in a second
-round over cells grouped by the first round's noisy 1-way counts, so that at a small budget a
-declared pair like age x chol (99 cells) becomes a table whose cells hold more signal than noise.
-Without it the ``dictionary`` strategy is a single round over full domains.
+Declared dependencies (dictionary, `structure` option, the LLM's zero-budget prior) tilt the
+selection: a prior pair's score gains PRIOR_SIGMAS noise standard deviations, so it wins when the
+data cannot tell, and loses to what the data show clearly.
+
+Missingness: a variable's missing cell keeps its own group when it holds enough records, so
+missing/not-missing informs selection like any other value. Variables missing together are all
+strongly dependent, but one spanning tree through them represents the joint missingness; the
+extra pairs are scored against the fitted tree, which already explains it, so co-missingness
+cannot crowd out real dependence; within a co-missing block the tree prefers the pairs whose
+values also depend on each other.
 
 Within a round rho is split in proportion to cells^(2/3), which minimises the sum of the
 marginals' expected L1 errors (error of a table ~ cells * sigma, sigma ~ rho^(-1/2)); 1-way
-tables weigh ONE_WAY_WEIGHT times more, since every clique and the record total lean on them
-(3 was best of 1/2/3/5 on the demo benchmark at epsilon 1 and 4, see docs/benchmarks.md).
+tables weigh ONE_WAY_WEIGHT times more, since every clique and the record total lean on them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ...common import accounting, keys
+from ...common import accounting, cells, keys
 from ...common.dictionary import Dictionary, Variable
 from ...protos import guard_pb2 as pb
-from ..model.graphical import Measurement, estimate_total, max_spanning_tree
+from ..model.graphical import SITE, Measurement, estimate, estimate_total, max_spanning_tree
 
-STRATEGIES = ("dictionary", "adaptive")
 ONE_WAY_WEIGHT = 3.0
+ONEWAY_SHARE = 0.3  # round 1: the per-site 1-way tables
+CANDIDATE_SHARE = 0.15  # round 2: every pair, compressed (round 3 gets the rest)
+MAX_CANDIDATES = 500  # the default site policy's max_marginals: more pairs than this are sampled
+MAX_TABLE_CELLS = 100_000  # the default site policy's max_cells: a joint table is compressed to fit
+CANDIDATE_NOISE = 2.0  # compression of candidates: a typical cell holds this many noise sigmas
+PRIOR_SIGMAS = 2.0  # a declared (prior) pair's score gains this many noise standard deviations
+TREE_SIGMAS = 0.0  # a spanning-tree edge is kept if its score clears this many standard deviations
+EXTRA_SIGMAS = 3.0  # an extra pair's residual error must clear its noise by this many standard deviations
+EXTRA_MIN_TVD = 0.01  # ... and be worth at least this much total variation
+EXTRA_BATCH = 4  # extra pairs added between refits of the model
+EXTRA_CLIQUE_CELLS = 100_000  # extra pairs may grow the model's largest clique up to this size
+SITE_SIGMAS = 3.0  # a site effect (site x variable) is modelled if its heterogeneity clears this
+SITE_MIN_TVD = 0.01  # ... and is worth at least this much total variation
 
 
 @dataclass(frozen=True)
@@ -76,72 +102,233 @@ def allocate(dictionary: Dictionary, sets: Sequence[tuple[str, ...] | PlannedMar
 
 
 def one_round_plan(dictionary: Dictionary, rho: float, extra: Sequence[Sequence[str]] = ()) -> list[PlannedMarginal]:
-    """All 1-way marginals plus the known structure's marginals."""
+    """All 1-way marginals plus the declared structure's, in one plan (tests and tools; releases select)."""
     return allocate(dictionary, [(n,) for n in dictionary.names] + structure(dictionary, extra), rho)
 
 
-def candidate_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
-    """Round 1 of the adaptive strategy: every 1-way and 2-way marginal."""
-    names = dictionary.names
-    return allocate(dictionary, [(n,) for n in names] + list(itertools.combinations(names, 2)), rho)
+def oneway_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
+    """Round 1: every 1-way marginal."""
+    return allocate(dictionary, [(n,) for n in dictionary.names], rho)
 
 
-def dependence(m: Measurement) -> float:
-    """Noise-corrected L1 distance of a summed 2-way table from the product of its own margins."""
-    y = np.clip(m.values, 0, None)
-    n = y.sum()
-    if n <= 0:
+def joint_names(dictionary: Dictionary) -> list[str]:
+    """The variables that may appear in joint tables: all but tier 3 (highly sensitive), which the
+    default site policy (`tier3 = "one-way"`) releases in 1-way tables only; a plan with such a
+    pair would be refused whole."""
+    return [n for n in dictionary.names if dictionary[n].tier < 3]
+
+
+def candidate_pairs(dictionary: Dictionary, priors: Sequence[Sequence[str]] = (),
+                    limit: int = MAX_CANDIDATES) -> list[tuple[str, str]]:
+    """Every pair of variables (tier 3 left out), or (beyond `limit`) the prior pairs and a fixed
+    sample of the rest (seeded by the dictionary's hash, so the same dictionary always gives the
+    same sample)."""
+    names = joint_names(dictionary)
+    pairs = list(itertools.combinations(names, 2))
+    if len(pairs) <= limit:
+        return pairs
+    order = {n: i for i, n in enumerate(names)}
+    prior = {tuple(sorted(p, key=order.__getitem__)) for s in priors for p in itertools.combinations(s, 2)}
+    keep = [p for p in pairs if p in prior][:limit]
+    rest = [p for p in pairs if p not in prior]
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(dictionary.hash.encode()).digest()[:8], "little"))
+    pick = sorted(rng.choice(len(rest), size=limit - len(keep), replace=False))
+    return sorted(keep + [rest[i] for i in pick], key=lambda p: (order[p[0]], order[p[1]]))
+
+
+def candidate_plan(dictionary: Dictionary, oneway: Sequence[Measurement], rho: float, sites: float,
+                   priors: Sequence[Sequence[str]] = ()) -> list[PlannedMarginal]:
+    """Round 2: the candidate pairs over domains compressed for their (small) share of rho."""
+    return compressed_plan(dictionary, candidate_pairs(dictionary, priors), oneway, rho, sites, CANDIDATE_NOISE)
+
+
+def final_plan(dictionary: Dictionary, pairs: Sequence[tuple[str, ...]], oneway: Sequence[Measurement], rho: float,
+               sites: float) -> list[PlannedMarginal]:
+    """Round 3: every 1-way table again and the selected marginals, compressed for round 3's noise."""
+    return compressed_plan(dictionary, [(n,) for n in dictionary.names] + [tuple(p) for p in pairs], oneway, rho, sites)
+
+
+# ----------------------------------------------------------------------------- selection
+@dataclass(frozen=True)
+class Score:
+    """A marginal's noisy workload error against a model: L1 distance minus the noise's expected L1."""
+
+    variables: tuple[str, ...]
+    error: float  # counts (2 N TVD); noise-corrected, so about 0 where the model is right
+    sd: float  # standard deviation of `error` under noise alone
+
+    @property
+    def z(self) -> float:
+        return self.error / self.sd if self.sd > 0 else math.inf * np.sign(self.error)
+
+
+def workload_error(m: Measurement, expected: np.ndarray) -> Score:
+    """AIM's quality score of `m` against a model's expected counts over m.variables (dictionary cells,
+    projected onto m's groups when m is compressed); only observed cells count."""
+    mu = cells.project(expected, m.maps()) if m.coarse else expected
+    var = np.broadcast_to(np.asarray(m.variance, dtype=float), m.values.shape)
+    seen = np.isfinite(var)
+    diff = float(np.abs(mu - m.values)[seen].sum())
+    noise = math.sqrt(2 / math.pi) * float(np.sqrt(var[seen]).sum())
+    sd = math.sqrt((1 - 2 / math.pi) * float(var[seen].sum()))
+    return Score(tuple(m.variables), diff - noise, sd)
+
+
+def missing_groups(dictionary: Dictionary, m: Measurement) -> list[int | None]:
+    """Per variable of `m`: the index of the group that holds exactly the variable's missing cell, or
+    None (no missing cell, or pooled with other cells)."""
+    out: list[int | None] = []
+    for v, g in zip(m.variables, m.maps()):
+        var = dictionary[v] if v in dictionary.variables else None
+        if var is None or not var.missing:
+            out.append(None)
+            continue
+        cell = var.size - 1  # the declared missing cell is always last
+        if g is None:
+            out.append(cell)
+        else:
+            members = np.flatnonzero(np.asarray(g) == g[cell])
+            out.append(int(g[cell]) if len(members) == 1 else None)
+    return out
+
+
+def co_missing_error(dictionary: Dictionary, m: Measurement, expected: np.ndarray) -> float:
+    """The part of `workload_error` that is about which records miss both variables: the noise-corrected
+    L1 error of the 2x2 missing/observed table (0 unless both variables have a missing group).
+
+    Variables missing together (labs drawn as a panel) depend on each other through that table
+    alone; a spanning tree through them represents it, up to a little leakage of noise along the
+    tree's paths. The extras are judged without it, on what the model gets wrong about the
+    values and about which values go with a missing partner."""
+    miss = missing_groups(dictionary, m)
+    if len(m.variables) != 2 or None in miss:
         return 0.0
-    indep = np.outer(y.sum(axis=1), y.sum(axis=0)) / n
-    noise = m.values.size * math.sqrt(2 * float(np.max(m.variance)) / math.pi)  # E|noise| summed over cells
-    return float(np.abs(y - indep).sum() - noise)
+    mu = cells.project(expected, m.maps()) if m.coarse else expected
+    var = np.broadcast_to(np.asarray(m.variance, dtype=float), m.values.shape)
+    if not np.all(np.isfinite(var)):
+        return 0.0
+    idx = [np.where(np.arange(n) == k, 1, 0) for n, k in zip(m.values.shape, miss)]
+    collapse = np.zeros((2, 2))
+    c_mu, c_y, c_var = collapse.copy(), collapse.copy(), collapse.copy()
+    np.add.at(c_mu, (idx[0][:, None], idx[1][None, :]), mu)
+    np.add.at(c_y, (idx[0][:, None], idx[1][None, :]), m.values)
+    np.add.at(c_var, (idx[0][:, None], idx[1][None, :]), var)
+    return float(np.abs(c_mu - c_y).sum() - math.sqrt(2 / math.pi) * np.sqrt(c_var).sum())
 
 
-def dependence_sd(m: Measurement) -> float:
-    """Standard deviation of the summed |noise| that `dependence` subtracts (pure noise's spread)."""
-    return math.sqrt(m.values.size * float(np.max(m.variance)) * (1 - 2 / math.pi))
+@dataclass
+class Selection:
+    """What round 3 measures and the model's structure: pairs (tree, then extras) and site effects."""
+
+    tree: list[tuple[str, str]]
+    extras: list[tuple[str, str]] = field(default_factory=list)
+    site: list[str] = field(default_factory=list)  # variables modelled with a `site` axis
+    scores: dict[tuple[str, ...], Score] = field(default_factory=dict)  # against independence (site: sites alike)
+    residuals: dict[tuple[str, ...], Score] = field(default_factory=dict)  # against the last fitted model
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return self.tree + self.extras
+
+    def structure(self, dictionary: Dictionary) -> list[tuple[str, ...]]:
+        """Model sets: 1-ways, selected pairs, (site, v) for site effects."""
+        return [(n,) for n in dictionary.names] + [tuple(p) for p in self.pairs] + [(SITE, v) for v in self.site]
 
 
-EXTRA_SIGMAS = 3.0  # an extra pair's dependence must clear its noise by this many standard deviations
-EXTRA_MIN_TVD = 0.01  # ... and move the pair at least this far (TVD) from independence
-EXTRA_CLIQUE_CELLS = 50_000  # extra pairs may grow the model's largest clique up to this size
+def pair_sigma(dictionary: Dictionary, candidates: Sequence[Measurement], rho: float, sites: float) -> float:
+    """The noise standard deviation per cell of a typical round-3 pair table (summed over `sites` sites'
+    worth of noise), if round 3 measures the 1-way tables and a spanning tree's worth of pairs of the
+    candidates' typical size with `rho`."""
+    cells = float(np.mean([m.values.size for m in candidates])) if candidates else 4.0
+    names = dictionary.names
+    weight = sum(ONE_WAY_WEIGHT * dictionary[v].size ** (2 / 3) for v in names) + (len(names) - 1) * cells ** (2 / 3)
+    return math.sqrt(sites) * accounting.scale_for_rho(rho * cells ** (2 / 3) / weight)
 
 
-def select_tree(names: Sequence[str], pairs: dict[tuple[str, str], float]) -> list[tuple[str, str]]:
-    """Maximum spanning tree over `names` by pair score."""
-    return max_spanning_tree(names, pairs)
+def _prior_pairs(priors: Sequence[Sequence[str]]) -> set[frozenset[str]]:
+    return {frozenset(p) for s in priors for p in itertools.combinations(s, 2)}
 
 
-def selected_pairs(dictionary: Dictionary, candidates: Sequence[Measurement],
-                   clique_cells: Callable[[list[tuple[str, ...]]], int]) -> list[tuple[str, str]]:
-    """The pairs round 2 of the adaptive strategy measures, from the (pooled) round-1 candidates.
+def select(dictionary: Dictionary, oneway: Sequence[Measurement], candidates: Sequence[Measurement],
+           site_tables: Sequence[Measurement] = (), priors: Sequence[Sequence[str]] = (),
+           clique_cells: Callable[[list[tuple[str, ...]]], int] | None = None, final_sigma: float = 0.0,
+           iters: int = 300) -> Selection:
+    """Choose round 3's marginals from DP outputs only (post-processing).
 
-    First the maximum spanning tree of noise-corrected dependence (MST). Then, as AIM does within
-    a model-size budget, further pairs whose dependence clears the noise by EXTRA_SIGMAS standard
-    deviations and is worth at least EXTRA_MIN_TVD of total variation, strongest first, while
-    the model's largest clique (`clique_cells` of the structure) stays within EXTRA_CLIQUE_CELLS
-    (a pair that would not fit is skipped and weaker ones are still tried); at most one extra pair
-    per two variables.
+    `oneway`: pooled 1-way tables; `candidates`: pooled candidate pairs (round 2); `site_tables`:
+    1-way tables with a leading `site` axis (round 1's per-site tables), empty when sites are pooled;
+    `clique_cells(structure)`: the cells of the largest clique of the model a structure needs (including the
+    site axis); structures beyond EXTRA_CLIQUE_CELLS are not grown. `final_sigma`: the noise standard
+    deviation per cell round 3 will give a pair table; as in AIM, an extra pair must be worth more
+    than the L1 error its own measurement would bring (sqrt(2/pi) sigma per cell).
     """
-    pairs = [m for m in candidates if len(m.variables) == 2]
-    scores = {tuple(m.variables): dependence(m) for m in pairs}
-    chosen = select_tree(dictionary.names, scores)  # type: ignore[arg-type]
-    oneway = [(n,) for n in dictionary.names]
+    names = dictionary.names
+    domain = dictionary.domain()
+    prior = _prior_pairs(priors)
+    pairs = {tuple(m.variables): m for m in candidates if len(m.variables) == 2}
+    base = estimate(domain, list(oneway), iters=iters, warm="full")  # independence: consistent 1-way margins, total
+    N = base.total
+    margins = {v: base.marginal((v,)) for v in names}
+    scores: dict[tuple[str, ...], Score] = {}
+    weights: dict[tuple[str, str], float] = {}
+    for (a, b), m in pairs.items():
+        s = workload_error(m, np.outer(margins[a], margins[b]) / N)
+        scores[(a, b)] = s
+        weights[(a, b)] = s.error + (PRIOR_SIGMAS * s.sd if frozenset((a, b)) in prior else 0.0)
+    tree = [tuple(p) for p in max_spanning_tree(names, weights)
+            if weights[tuple(p)] > TREE_SIGMAS * scores[tuple(p)].sd]
+    sel = Selection(tree, scores=scores)  # type: ignore[arg-type]
 
-    def strong(m: Measurement) -> bool:
-        n = float(np.clip(m.values, 0, None).sum())
-        return scores[tuple(m.variables)] > max(EXTRA_SIGMAS * dependence_sd(m), 2 * EXTRA_MIN_TVD * n)
+    def size(s: Selection) -> int:
+        return clique_cells(s.structure(dictionary)) if clique_cells else 0
 
-    extra = sorted((m for m in pairs if tuple(m.variables) not in chosen and strong(m)),
-                   key=lambda m: -scores[tuple(m.variables)])
-    added = 0
-    for m in extra:
-        if added >= len(dictionary.names) // 2:
+    # site effects: round 1's per-site 1-way tables against "every site alike"
+    site_scores = []
+    for m in site_tables:
+        v = m.variables[1]
+        var = np.broadcast_to(np.asarray(m.variance, dtype=float), m.values.shape)
+        seen = np.all(np.isfinite(var), axis=tuple(range(1, var.ndim)))
+        per_site = np.where(seen, m.values.sum(axis=tuple(range(1, m.values.ndim))), 0.0)
+        expected = np.outer(np.clip(per_site, 0, None), margins[v] / N)
+        s = workload_error(m, expected)
+        scores[(SITE, v)] = s
+        if s.z >= SITE_SIGMAS and s.error >= 2 * N * SITE_MIN_TVD:
+            site_scores.append(s)
+    for s in sorted(site_scores, key=lambda s: -s.error):
+        trial = Selection(sel.tree, sel.extras, sel.site + [s.variables[1]], scores, sel.residuals)
+        if size(trial) <= EXTRA_CLIQUE_CELLS:
+            sel = trial
+
+    # extra pairs: what the fitted model still gets wrong, strongest first, in batches with refits
+    limit = max(1, len(names) // 2)
+    while len(sel.extras) < limit:
+        chosen = {frozenset(p) for p in sel.pairs}
+        fitted = estimate(domain, list(oneway) + [pairs[p] for p in sel.pairs if p in pairs], iters=iters, total=N,
+                          warm="full")
+        residual: list[tuple[float, Score]] = []
+        joints: dict[str, dict[str, np.ndarray]] = {}
+        for (a, b), m in pairs.items():
+            if frozenset((a, b)) in chosen:
+                continue
+            if a not in joints:
+                joints[a] = fitted.joint_with(a)
+            s = workload_error(m, joints[a][b])
+            s = Score(s.variables, s.error - max(0.0, co_missing_error(dictionary, m, joints[a][b])), s.sd)
+            sel.residuals[(a, b)] = s
+            bonus = PRIOR_SIGMAS * s.sd if frozenset((a, b)) in prior else 0.0
+            cost = math.sqrt(2 / math.pi) * final_sigma * m.values.size
+            if s.error + bonus >= max(EXTRA_SIGMAS * s.sd, cost) and s.error >= 2 * N * EXTRA_MIN_TVD:
+                residual.append((s.error + bonus - cost, s))
+        added = 0
+        for _, s in sorted(residual, key=lambda x: -x[0]):
+            if added >= EXTRA_BATCH or len(sel.extras) >= limit:
+                break
+            trial = Selection(sel.tree, sel.extras + [s.variables], sel.site, scores, sel.residuals)  # type: ignore[list-item]
+            if size(trial) <= EXTRA_CLIQUE_CELLS:
+                sel, added = trial, added + 1
+        if not added:
             break
-        trial = chosen + [tuple(m.variables)]
-        if clique_cells(oneway + trial) <= EXTRA_CLIQUE_CELLS:
-            chosen, added = trial, added + 1
-    return chosen  # type: ignore[return-value]
+    return sel
 
 
 def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, ...] | None:
@@ -195,7 +382,7 @@ COMPRESS_NOISE = 1.0  # k: a compressed table's typical cell should hold about k
 
 
 def compressed_plan(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], oneway: Sequence[Measurement],
-                    rho: float, sites: float) -> list[PlannedMarginal]:
+                    rho: float, sites: float, noise: float | None = None) -> list[PlannedMarginal]:
     """Marginals over `sets` with domains compressed by the noisy 1-way counts of an earlier round.
 
     Each joint table's variables are grouped so that a typical cell of the summed table holds
@@ -214,9 +401,12 @@ def compressed_plan(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], one
         if len(p.variables) == 1 or not all(v in counts for v in p.variables):
             return None
         sigma = math.sqrt(sites) * accounting.scale_for_rho(p.rho)
-        share = min(1.0, (COMPRESS_NOISE * sigma / total) ** (1 / len(p.variables)))
-        groups = tuple(compress(dictionary[v], counts[v], share * total) for v in p.variables)
-        return groups if any(g is not None for g in groups) else None
+        share = min(1.0, ((COMPRESS_NOISE if noise is None else noise) * sigma / total) ** (1 / len(p.variables)))
+        while True:
+            groups = tuple(compress(dictionary[v], counts[v], share * total) for v in p.variables)
+            if PlannedMarginal(p.variables, 0.0, groups).cells(dictionary) <= MAX_TABLE_CELLS or share >= 1.0:
+                return groups if any(g is not None for g in groups) else None
+            share = min(1.0, share * 1.5)  # a table the default site policy would refuse: coarser
 
     plan = allocate(dictionary, sets, rho)
     for _ in range(3):
@@ -228,9 +418,11 @@ def compressed_plan(dictionary: Dictionary, sets: Sequence[tuple[str, ...]], one
 
 
 def to_proto(marginals: list[PlannedMarginal], dictionary: Dictionary, coordinator: str, purpose: str,
-             lifetime_s: float = 1800.0, plan_id: str | None = None) -> pb.QueryPlan:
-    """A plan with a fresh random id (single-use at every guard) that expires after lifetime_s."""
-    return pb.QueryPlan(
+             lifetime_s: float = 1800.0, plan_id: str | None = None,
+             addressees: Sequence[pb.Addressee] = ()) -> pb.QueryPlan:
+    """A plan with a fresh random id (single-use at every guard) that expires after lifetime_s, addressed to
+    `addressees` (the verified sites, server/measure/identify.py; a guard not among them refuses it)."""
+    return pb.QueryPlan(addressees=list(addressees),
         plan_id=plan_id or uuid.uuid4().hex, dictionary_hash=dictionary.hash, coordinator=coordinator,
         purpose=purpose, marginals=[pb.MarginalQuery(variables=m.variables, rho=m.rho, groups=[
             pb.CellGroups(cell_group=g or ()) for g in m.groups] if m.groups and any(m.groups) else []) for m in marginals],

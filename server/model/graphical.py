@@ -229,6 +229,47 @@ class Model:
         perm = [keep.index(v) for v in variables]
         return self.total * np.transpose(p, perm)
 
+    def joint_with(self, a: str) -> dict[str, np.ndarray]:
+        """Expected counts over (a, v) for every other model variable v, axes (a, v), in one pass.
+
+        Propagates the joint of `a` with each clique outward from a clique holding `a`: across a
+        separator S, P(a, C) = P(a, S) P(C) / P(S). Cost per clique: |a| times its table, so all
+        pairwise marginals of a model take one pass per variable however far apart the pair is.
+        """
+        tree = self.tree
+        start = tree.containing((a,))
+        nbrs: dict[int, list[int]] = {i: [] for i in range(len(tree.cliques))}
+        for i, j in tree.edges:
+            nbrs[i].append(j)
+            nbrs[j].append(i)
+        probs = [np.exp(b) for b in self.beliefs]
+        c0 = tree.cliques[start]
+        k = c0.index(a)
+        eye = np.eye(tree.domain[a]).reshape((tree.domain[a],) + (1,) * k + (tree.domain[a],) + (1,) * (len(c0) - k - 1))
+        joint = {start: eye * probs[start][None]}  # joint[i]: P(a, C_i), shape (|a|,) + shape(clique i)
+        order, seen = [start], {start}
+        for i in order:
+            for j in nbrs[i]:
+                if j in seen:
+                    continue
+                seen.add(j)
+                order.append(j)
+                ci, cj = tree.cliques[i], tree.cliques[j]
+                sep = tuple(v for v in cj if v in ci)
+                drop = tuple(1 + n for n, v in enumerate(ci) if v not in sep)
+                p_as = joint[i].sum(axis=drop) if drop else joint[i]  # (|a|,) + shape(sep), sep in ci's order = cj's order
+                p_s = probs[j].sum(axis=tuple(n for n, v in enumerate(cj) if v not in sep), keepdims=True)
+                cond = np.where(p_s > 0, probs[j] / np.where(p_s > 0, p_s, 1), 0.0)
+                shape = (tree.domain[a],) + tuple(tree.domain[v] if v in sep else 1 for v in cj)
+                joint[j] = p_as.reshape(shape) * cond[None]
+        out: dict[str, np.ndarray] = {}
+        for i in order:
+            c = tree.cliques[i]
+            for n, v in enumerate(c):
+                if v != a and v not in out:
+                    out[v] = self.total * joint[i].sum(axis=tuple(1 + m for m in range(len(c)) if m != n))
+        return out
+
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """n records as an (n, V) int array of cell indices, columns in domain order."""
         tree = self.tree
@@ -286,38 +327,71 @@ def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator) -> np.
 
 
 def calibrate(tree: JunctionTree, theta: list[np.ndarray]) -> list[np.ndarray]:
-    """Sum-product on the junction tree in log space: normalised log-marginal of every clique."""
+    """Sum-product on the junction tree: normalised log-marginal of every clique."""
+    with np.errstate(divide="ignore"):
+        return [np.log(p) for p in calibrate_p(tree, theta)]
+
+
+def _plan(tree: JunctionTree) -> tuple[list[list[int]], dict[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Per clique its children; per (clique, neighbour) the axes summed out to reach their separator
+    and the separator's broadcast shape in the neighbour (cached on the tree)."""
+    cached = getattr(tree, "_calibration_plan", None)
+    if cached is not None:
+        return cached
     cl = tree.cliques
-    up: dict[int, np.ndarray] = {}  # message child -> parent, over their separator
-    down: dict[int, np.ndarray] = {}  # message parent -> child
-
-    def sep(i: int, j: int) -> Vars:
-        return tuple(v for v in cl[i] if v in cl[j])
-
-    def send(i: int, j: int, belief: np.ndarray) -> np.ndarray:
-        s = sep(i, j)
-        return _lse(belief, tuple(k for k, v in enumerate(cl[i]) if v not in s)).reshape(tree.shape(s))
-
-    children: dict[int, list[int]] = {i: [] for i in range(len(cl))}
+    children: list[list[int]] = [[] for _ in cl]
     for i, p in enumerate(tree.parent):
         if p >= 0:
             children[p].append(i)
+    edges = {}
+    for i, p in enumerate(tree.parent):
+        if p < 0:
+            continue
+        for a, b in ((i, p), (p, i)):
+            sep = [v for v in cl[a] if v in cl[b]]
+            edges[(a, b)] = (tuple(k for k, v in enumerate(cl[a]) if v not in sep),
+                             tuple(tree.domain[v] if v in sep else 1 for v in cl[b]))
+    tree._calibration_plan = (children, edges)  # type: ignore[attr-defined]
+    return children, edges
+
+
+def calibrate_p(tree: JunctionTree, theta: list[np.ndarray]) -> list[np.ndarray]:
+    """Sum-product on the junction tree in probability space (each potential scaled by its maximum,
+    each message normalised): the normalised marginal of every clique."""
+    children, edges = _plan(tree)
+    pot = [np.exp(t - t.max()) for t in theta]
+    up: dict[int, np.ndarray] = {}  # message child -> parent, shaped for the parent
+
+    def send(i: int, j: int, table: np.ndarray) -> np.ndarray:
+        axes, shape = edges[(i, j)]
+        msg = (table.sum(axis=axes) if axes else table).reshape(shape)
+        total = msg.sum()
+        return msg / total if total > 0 else msg
+
+    inner: list[np.ndarray] = [np.empty(0)] * len(pot)
     for i in reversed(tree.bfs):
-        b = theta[i].copy()
+        b = pot[i]
         for ch in children[i]:
-            b = b + tree.expand(up[ch], sep(ch, i), cl[i])
+            b = b * up[ch]
+        inner[i] = b
         if tree.parent[i] >= 0:
             up[i] = send(i, tree.parent[i], b)
-    beliefs: list[np.ndarray] = [np.empty(0)] * len(cl)
+    beliefs: list[np.ndarray] = [np.empty(0)] * len(pot)
+    down: dict[int, np.ndarray] = {}
     for i in tree.bfs:
-        b = theta[i].copy()
+        b = inner[i] * down[i] if tree.parent[i] >= 0 else inner[i]
         for ch in children[i]:
-            b = b + tree.expand(up[ch], sep(ch, i), cl[i])
-        if tree.parent[i] >= 0:
-            b = b + tree.expand(down[i], sep(tree.parent[i], i), cl[i])
-        for ch in children[i]:
-            down[ch] = send(i, ch, b - tree.expand(up[ch], sep(ch, i), cl[i]))
-        beliefs[i] = b - _lse(b, tuple(range(b.ndim)))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                # the product of everything but the child's own message (division is safe where it is > 0)
+                rest = np.where(up[ch] > 0, b / np.where(up[ch] > 0, up[ch], 1), 0.0) if len(children[i]) < 3 else None
+            if rest is None or not np.all(np.isfinite(rest)):
+                rest = (pot[i] * down[i] if tree.parent[i] >= 0 else pot[i])
+                for other in children[i]:
+                    if other != ch:
+                        rest = rest * up[other]
+            down[ch] = send(i, ch, rest)
+        total = b.sum()
+        beliefs[i] = b / total if total > 0 else np.full(b.shape, 1.0 / b.size)
     return beliefs
 
 
@@ -331,9 +405,28 @@ def estimate_total(measurements: Sequence[Measurement]) -> float:
     return max(1.0, float((w * s).sum() / w.sum()))
 
 
+STALL_WINDOW = 10  # iterations over which ...
+STALL_LOSS = 1.0  # ... a loss decrease below this (in noise variances) ends the fit
+
+
 def estimate(domain: dict[str, int], measurements: Sequence[Measurement], cliques: Sequence[Sequence[str]] | None = None,
-             iters: int = 1000, tol: float = 1e-7, total: float | None = None) -> Model:
-    """Fit a junction-tree model to noisy marginals (Private-PGM's estimator, entropic mirror descent)."""
+             iters: int = 1000, tol: float = 1e-7, total: float | None = None, stall: float = STALL_LOSS,
+             warm: str | None = None) -> Model:
+    """Fit a junction-tree model to noisy marginals (Private-PGM's estimator, entropic mirror descent).
+
+    The loss is in units of noise variance, so once it falls by less than `stall` over
+    STALL_WINDOW iterations the rest of the way would fit noise, not signal: the fit stops there
+    (on the demo consortium at epsilon 1 this early stop is also more accurate, mean 2-way TVD of
+    the model 0.140 against 0.145 when run to 1,000 iterations, and 20x faster). `stall=0` runs to
+    `tol` or `iters`.
+
+    The fit starts from the uniform distribution (`warm=None`): with the early stop, the result
+    leans towards maximum entropy where the measurements are noisy (on the demo at epsilon 1 and 4
+    this is 1.5-2.5% better in mean 2-way TVD than starting from the measurements). `warm="full"`
+    starts from the measurements themselves (`_warm_start`): the same answer, faster, where the
+    measurements are precise, and much closer to convergence for near-deterministic structure; the
+    selection's intermediate fits use it.
+    """
     if not measurements:
         raise ValueError("no measurements to fit")
     sets = [tuple(m.variables) for m in measurements] + [tuple(c) for c in (cliques or ())] + [(v,) for v in domain]
@@ -350,41 +443,78 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
             raise ValueError(f"measurement over {m.variables} needs positive variances and at least one observed cell")
     N = estimate_total(measurements) if total is None else float(total)
     # Each measurement, re-ordered to sorted variables and attached to a clique that contains it.
-    attached = []
+    # Measurements of the same table (same variables and groups) are merged into their
+    # inverse-variance mean, which leaves the loss's gradient unchanged; a compressed table keeps
+    # the flat index of each full cell's group, so projecting and spreading are one bincount/take.
+    merged: dict[tuple, list] = {}
     for m in measurements:
         vs = tree.sort(m.variables)
         perm = [list(m.variables).index(v) for v in vs]
-        w = np.transpose(m.weights(), perm)
+        w = np.array(np.transpose(m.weights(), perm), dtype=float)
         y = np.where(w > 0, np.transpose(np.asarray(m.values, dtype=float), perm), 0.0)
         maps = tuple(m.maps()[k] for k in perm) if m.coarse else None
-        i = tree.containing(vs)
-        axes = tuple(k for k, v in enumerate(tree.cliques[i]) if v not in vs)
-        attached.append((i, vs, axes, y, w, maps))
+        key = (vs, None if maps is None else tuple(None if g is None else g.tobytes() for g in maps))
+        if key in merged:
+            entry = merged[key]
+            total_w = entry[3] + w
+            entry[2] = np.where(total_w > 0, (entry[2] * entry[3] + y * w) / np.where(total_w > 0, total_w, 1), 0.0)
+            entry[3] = total_w
+        else:
+            merged[key] = [vs, maps, y, w]
+    marginals: dict[Vars, tuple[int, tuple[int, ...]]] = {}  # vs -> (clique, axes summed out)
+    attached = []
+    for vs, maps, y, w in merged.values():
+        if vs not in marginals:
+            i = tree.containing(vs)
+            marginals[vs] = (i, tuple(k for k, v in enumerate(tree.cliques[i]) if v not in vs))
+        index = None
+        if maps is not None:
+            full = tuple(tree.domain[v] for v in vs)
+            grid = np.indices(full).reshape(len(vs), -1)
+            index = np.ravel_multi_index([grid[k] if g is None else g[grid[k]] for k, g in enumerate(maps)], y.shape)
+        attached.append((vs, y, w, index, maps))
+
+    order = list(marginals)
+    slot = {vs: k for k, vs in enumerate(order)}
+    plan = [(marginals[vs][0], marginals[vs][1], tree.shape(vs),
+             tuple(tree.domain[v] if v in vs else 1 for v in tree.cliques[marginals[vs][0]])) for vs in order]
+    terms = [(slot[vs], y, w, index, y.shape) for vs, y, w, index, _ in attached]
+    clique_shapes = [tree.shape(c) for c in tree.cliques]
 
     def loss_grad(beliefs: list[np.ndarray]) -> tuple[float, list[np.ndarray]]:
-        grad = [np.zeros(tree.shape(c)) for c in tree.cliques]
+        mus = [N * beliefs[i].sum(axis=axes) if axes else N * beliefs[i] for i, axes, _, _ in plan]
+        gs = [np.zeros(shape) for _, _, shape, _ in plan]
         loss = 0.0
-        mus = [N * np.exp(b) for b in beliefs]
-        for i, vs, axes, y, w, maps in attached:
-            mu = mus[i].sum(axis=axes) if axes else mus[i]
-            r = (cells.project(mu, maps) if maps else mu) - y
-            loss += 0.5 * float(np.sum(w * r * r))
-            g = cells.spread(w * r, maps) if maps else w * r
-            grad[i] += tree.expand(g, vs, tree.cliques[i])
+        for k, y, w, index, yshape in terms:
+            mu = mus[k]
+            if index is None:
+                r = mu - y
+                wr = w * r
+                gs[k] += wr
+            else:
+                r = np.bincount(index, weights=mu.ravel(), minlength=y.size).reshape(yshape) - y
+                wr = w * r
+                gs[k] += wr.ravel()[index].reshape(mu.shape)
+            loss += 0.5 * float(np.vdot(wr, r))
+        grad = [np.zeros(shape) for shape in clique_shapes]
+        for (i, _, _, expand), g in zip(plan, gs):
+            grad[i] += g.reshape(expand)
         return loss, grad
 
-    theta = [np.zeros(tree.shape(c)) for c in tree.cliques]
-    beliefs = calibrate(tree, theta)
+    theta = (_warm_start(tree, attached, N, WARM_SWEEPS if warm == "full" else 0) if warm
+             else [np.zeros(tree.shape(c)) for c in tree.cliques])
+    beliefs = calibrate_p(tree, theta)
     loss, grad = loss_grad(beliefs)
-    alpha = 1.0 / (N * max(float(a[4].max()) for a in attached))
+    history = [loss]
+    alpha = 1.0 / (N * max(float(a[2].max()) for a in attached))
     for _ in range(iters):
-        mu = [N * np.exp(b) for b in beliefs]
+        mu = [N * b for b in beliefs]
         alpha *= 2.0
         for _ in range(30):
             new_theta = [t - alpha * g for t, g in zip(theta, grad)]
-            new_beliefs = calibrate(tree, new_theta)
+            new_beliefs = calibrate_p(tree, new_theta)
             new_loss, new_grad = loss_grad(new_beliefs)
-            gap = sum(float(np.sum(g * (m - N * np.exp(b)))) for g, m, b in zip(grad, mu, new_beliefs))
+            gap = sum(float(np.sum(g * (m - N * b))) for g, m, b in zip(grad, mu, new_beliefs))
             if loss - new_loss >= 0.5 * gap:
                 break
             alpha *= 0.5
@@ -392,9 +522,63 @@ def estimate(domain: dict[str, int], measurements: Sequence[Measurement], clique
         theta, beliefs, grad = new_theta, new_beliefs, new_grad
         done = 0 <= improvement <= tol * max(loss, 1e-12)
         loss = new_loss
-        if done:
+        history.append(loss)
+        if done or (len(history) > STALL_WINDOW and history[-1 - STALL_WINDOW] - loss < stall):
             break
-    return Model(tree, theta, N)
+    model = Model(tree, theta, N)
+    model.history = history
+    return model
+
+
+WARM_FLOOR = 0.1  # noise standard deviations added to every cell of a warm start's table (none starts impossible)
+WARM_SWEEPS = 3  # raking sweeps per clique in the warm start
+
+
+def _warm_start(tree: JunctionTree, attached: list, N: float, sweeps: int = WARM_SWEEPS) -> list[np.ndarray]:
+    """Log-potentials of a decomposable model built from the measurements themselves: each clique's
+    table starts as the product of its 1-way tables and is raked (iterative proportional fitting, a
+    few sweeps) to every measurement inside the clique (clipped at 0, scaled to a common total; a
+    compressed table by its groups); each non-root clique is divided by its separator's marginal.
+    Mirror descent then starts close to the answer instead of from the uniform distribution, which
+    matters most for precise measurements and near-deterministic structure (variables missing
+    together), which it reaches only slowly."""
+    prepared = []
+    oneway: dict[str, tuple[np.ndarray, float]] = {}
+    for vs, y, w, index, maps in attached:
+        floor = WARM_FLOOR / math.sqrt(max(float(w.max()), 1e-300))
+        y = np.clip(y, 0, None) + floor
+        precision = float(w.sum())
+        if len(vs) == 1 and index is None and (vs[0] not in oneway or precision > oneway[vs[0]][1]):
+            oneway[vs[0]] = (y / y.sum(), precision)
+        prepared.append((precision, vs, y, w > 0, index))
+    prepared.sort(key=lambda x: x[0])  # the most precise measurement is raked to last
+    theta = []
+    for i, c in enumerate(tree.cliques):
+        table = np.full(tree.shape(c), float(N))
+        for k, v in enumerate(c):
+            p = oneway[v][0] if v in oneway else np.full(tree.domain[v], 1.0 / tree.domain[v])
+            table = table * p.reshape([-1 if j == k else 1 for j in range(len(c))])
+        inside = [x for x in prepared if set(x[1]) <= set(c) and (sweeps or len(x[1]) == 1)]
+        for _ in range(max(1, sweeps) if inside else 0):
+            for _, vs, y, seen, index in inside:
+                axes = tuple(k for k, v in enumerate(c) if v not in vs)
+                marg = table.sum(axis=axes) if axes else table
+                total = float(table.sum())
+                if index is None:
+                    target = np.where(seen, y * (total / y[seen].sum()), marg)
+                    ratio = target / np.where(marg > 0, marg, 1)
+                else:
+                    got = np.bincount(index, weights=marg.ravel(), minlength=y.size).reshape(y.shape)
+                    target = np.where(seen, y * (total / y[seen].sum()), got)
+                    ratio = (target / np.where(got > 0, got, 1)).ravel()[index].reshape(marg.shape)
+                table = table * tree.expand(ratio, vs, c)
+        logp = np.log(np.clip(table, 1e-300, None) / table.sum())
+        parent = tree.parent[i]
+        if parent >= 0:
+            other = tuple(k for k, v in enumerate(c) if v not in tree.cliques[parent])
+            logp = logp - _lse(logp, other) if other else np.zeros(tree.shape(c))
+        theta.append(logp)
+    return theta
 
 
 def pooled(measurements: list[Measurement]) -> list[Measurement]:

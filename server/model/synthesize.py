@@ -31,14 +31,17 @@ def synthesize(dictionary: Dictionary, measurements: list[Measurement], groups: 
                rng: np.random.Generator) -> Synthesis:
     """Fit the graphical model to the DP measurements and sample records (post-processing only).
 
-    `groups`: the site group labels when `site` is a model variable (measurements with a leading
-    `site` axis), else empty.
+    `groups`: the site group labels when `site` is a model variable (some measurements have a
+    leading `site` axis), else empty. The record total is the inverse-variance estimate from every
+    complete table (pooled or per site); only if every table misses some site's slice is it added
+    up slice by slice.
     """
     t0 = time.perf_counter()
     labels = list(groups)
     domain = ({SITE: len(labels)} if groups else {}) | dictionary.domain()
-    model = estimate(domain, measurements,
-                     total=_total_by_slice([m for m in measurements if m.variables[:1] == (SITE,)]) if groups else None)
+    complete = [m for m in measurements if m.complete]
+    sliced = [m for m in measurements if m.variables[:1] == (SITE,)]
+    model = estimate(domain, measurements, total=None if complete or not sliced else _total_by_slice(sliced))
     n = rows if rows is not None else max(1, int(round(model.total)))
     samples = model.sample(n, rng)
     site_labels = None

@@ -69,14 +69,15 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def verify_release(path: str | Path, coordinator_key: Path | None = None,
-                   site_keys: dict[str, Path] | None = None) -> dict[str, Any]:
+                   site_keys: dict[str, Path] | None = None, addenda: bool = True) -> dict[str, Any]:
     """Check a release: coordinator signature, file hashes, every site receipt and plan, and that
     every figure and sentence of the privacy section, the per-site entries, the receipts' readable
     fields, the plan entries and sites_not_included is what the signed receipts and plans give (the
     manifest is recomputed from them with the same functions that wrote it). Then every evaluation
     addendum under evaluations/. Keys are pinned if given, else taken from the manifest (then their
     fingerprints must be compared with the published ones). Returns the manifest (with the verified
-    addenda under `evaluations`); raises ReleaseError naming the first problem found.
+    addenda under `evaluations`); raises ReleaseError naming the first problem found. With
+    `addenda=False` the addenda are left unchecked (the report checks each one on its own).
     """
     path = Path(path)
     mpath = path / MANIFEST
@@ -107,18 +108,18 @@ def verify_release(path: str | Path, coordinator_key: Path | None = None,
             raise ReleaseError(f"{f}: SHA-256 does not match the manifest")
     listed = set(manifest.get("files", {})) | {MANIFEST, SIGNATURE}
     present = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-    addenda = [rel for rel in present if rel not in listed and _addendum_name(rel)]
-    extra = [rel for rel in present if rel not in listed and rel not in addenda]
+    found = [rel for rel in present if rel not in listed and _addendum_name(rel)]
+    extra = [rel for rel in present if rel not in listed and rel not in found]
     if extra:
         raise ReleaseError(f"{path}: files not covered by the manifest: {extra}")
     try:
         _verify_accounts(manifest, ckey, mpath, site_keys)
     except (KeyError, TypeError, AttributeError) as e:  # a section of the wrong shape
         raise ReleaseError(f"{mpath}: a section is missing or malformed ({type(e).__name__}: {e})") from None
-    if addenda:
+    if found and addenda:
         from ..evaluate.addendum import verify_addenda  # coordinator-side evaluation; imported only when present
 
-        manifest["evaluations"] = verify_addenda(path, addenda, manifest, data, ckey, site_keys)
+        manifest["evaluations"] = verify_addenda(path, found, manifest, data, ckey, site_keys)
     return manifest
 
 
@@ -153,18 +154,24 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
     if not entries:
         _fail(mpath, "no plans")
     plans: dict[str, tuple[str, tuple | None]] = {}
+    addressed: dict[str, set[tuple[str, str]] | None] = {}  # plan -> its signed addressees (None: a plan without)
     facts: list[mf.PlanFacts] = []
     for i, entry in enumerate(entries):
-        plan, plan_bytes, digest, secure, roster = _verify_plan(entry, manifest, ckey, mpath, site_keys)
+        plan, plan_bytes, digest, secure, roster, recovery = _verify_plan(entry, manifest, ckey, mpath, site_keys)
         if entry.get("round") != i + 1:
             _fail(mpath, f"plan entry {entry.get('plan_id')!r}: round {entry.get('round')!r}; plans are rounds 1, 2, ... "
                          "in order")
         if plan.plan_id in plans:
             _fail(mpath, f"plan {plan.plan_id!r} is listed twice")
         mf.compare_derived(mpath, f"plan entry {plan.plan_id!r}", entry,
-                 mf.plan_entry_of(i + 1, plan, plan_bytes, keys.unb64(entry["signature"]), roster))
+                 mf.plan_entry_of(i + 1, plan, plan_bytes, keys.unb64(entry["signature"]), roster, recovery))
         plans[plan.plan_id] = (digest, secure)
-        facts.append(mf.plan_facts(i + 1, plan, [k.site for k in roster]))
+        addressed[plan.plan_id] = {(a.site, a.signer) for a in plan.addressees} if plan.addressees else None
+        for k in roster:
+            if addressed[plan.plan_id] is not None and (k.site, k.signer) not in addressed[plan.plan_id]:
+                _fail(mpath, f"plan {plan.plan_id!r}: site {k.site!r} (key {k.signer}) is in its secure-sum roster but "
+                             "not among the addressees the signed plan names")
+        facts.append(mf.plan_facts(i + 1, plan, [k.site for k in roster], recovery))
     if not manifest.get("sites"):
         _fail(mpath, "no site contributed; a release needs at least one site's receipt")
     by_site: dict[str, list[pb.BudgetReceipt]] = {}
@@ -173,6 +180,11 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
         if site not in manifest["sites"]:
             _fail(mpath, f"a receipt names site {site!r}, which the manifest does not list")
         by_site.setdefault(site, []).append(_verify_receipt(r, site, plans, manifest, site_keys, mpath, fingerprint))
+    for p in facts:
+        for site in p.dropped:
+            if any(rc.plan_id == p.plan_id for rc in by_site.get(site, [])):
+                _fail(mpath, f"site {site!r} answered plan {p.plan_id!r} (its receipt is in this release), but the signed "
+                             "recovery statement lists it as dropped: its masks must never be revealed")
     for site in manifest["sites"]:
         rcs = by_site.get(site)
         if not rcs:
@@ -193,6 +205,10 @@ def _verify_accounts(manifest: dict[str, Any], ckey, mpath: Path, site_keys: dic
         if r.get("signer") != keys.fingerprint(_site_key(r["site"], manifest, site_keys)):
             _fail(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}: signer {r.get('signer')!r} is not the "
                          "fingerprint of the site's key")
+        to = addressed.get(rc.plan_id)
+        if to is not None and (r["site"], r["signer"]) not in to:
+            _fail(mpath, f"receipt of site {r['site']!r} for plan {rc.plan_id!r}: the signed plan is not addressed to "
+                         f"site {r['site']!r} with key {r['signer']} (it names {sorted(to)})")
     for site, stated in manifest["sites"].items():
         mf.compare_derived(mpath, f"site {site!r}", stated, figures["sites"][site], _site_messages(site, figures["sites"][site]))
     mf.compare_derived(mpath, "privacy", manifest.get("privacy"), mf.privacy_section(figures), _privacy_messages(figures))
@@ -273,9 +289,9 @@ def _verify_exclusions(manifest: dict[str, Any], by_site: dict[str, list[pb.Budg
                          f"(expected {mf.charged_text(code, rc is not None)!r})")
         if rc is not None:
             missing = {s for s in p.roster if (s, p.plan_id) not in receipted}
-            if e["message"] != mf.sum_incomplete_message(rc.rho_debited, missing):
+            if e["message"] != mf.sum_incomplete_message(rc.rho_debited, missing, p.dropouts):
                 _fail(mpath, f"{where}: message is not what site {site!r}'s receipt and the roster give; expected: "
-                             + mf.sum_incomplete_message(rc.rho_debited, missing))
+                             + mf.sum_incomplete_message(rc.rho_debited, missing, p.dropouts))
     for (site, plan_id), rc in receipted.items():
         if plan_id in unreadable and (site, plan_id) not in excused:
             _fail(mpath, f"site {site!r} was charged for plan {plan_id!r}, whose secure sum cannot be read, and "
@@ -292,10 +308,12 @@ def _verify_exclusions(manifest: dict[str, Any], by_site: dict[str, list[pb.Budg
 
 
 def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: Path,
-                 site_keys: dict[str, Path] | None) -> tuple[pb.QueryPlan, bytes, str, tuple | None, list[pb.KeyShare]]:
+                 site_keys: dict[str, Path] | None) -> tuple[pb.QueryPlan, bytes, str, tuple | None, list[pb.KeyShare],
+                                                             mf.RecoveryFacts | None]:
     """Check one plan's coordinator signature and content; return the plan, its bytes, its SHA-256 (hex),
-    for a secure plan what its receipts must state (roster digest, parties, colluding), and its
-    verified roster."""
+    for a secure plan what its receipts must state (roster digest, parties, colluding, dropouts), its
+    verified roster, and for a plan with dropouts its verified recovery (the coordinator's signed
+    statement and the survivors' signed reveal receipts)."""
     try:
         plan_bytes = keys.unb64(entry["signed_plan"])
         if not keys.verify(ckey, keys.unb64(entry["signature"]), plan_bytes):
@@ -324,7 +342,7 @@ def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: P
     if not plan.HasField("secure"):
         if "secure" in entry:
             raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} claims secure aggregation the signed plan lacks")
-        return plan, plan_bytes, digest, None, []
+        return plan, plan_bytes, digest, None, [], None
     try:
         sec = entry["secure"]
         roster = [pb.KeyShare(site=k["site"], plan_sha256=bytes.fromhex(digest), public_key=keys.unb64(k["public_key"]),
@@ -333,9 +351,55 @@ def _verify_plan(entry: dict[str, Any], manifest: dict[str, Any], ckey, mpath: P
         parties = secagg.check_roster(roster, bytes.fromhex(digest), known)
     except (KeyError, TypeError, ValueError, ReleaseError, secagg.RosterError) as e:
         raise ReleaseError(f"{mpath}: plan {entry['plan_id']!r}: its secure-aggregation roster does not verify ({e})") from None
-    if (sec.get("colluding"), sec.get("min_parties")) != (plan.secure.colluding, plan.secure.min_parties):
+    if (sec.get("colluding"), sec.get("min_parties"), sec.get("dropouts", 0)) != (
+            plan.secure.colluding, plan.secure.min_parties, plan.secure.dropouts):
         raise ReleaseError(f"{mpath}: plan entry {entry['plan_id']!r} states other secure-aggregation terms than the signed plan")
-    return plan, plan_bytes, digest, (secagg.roster_sha256(parties), len(parties), plan.secure.colluding), roster
+    recovery = _verify_recovery(entry, sec, plan, bytes.fromhex(digest), parties, ckey, manifest, site_keys, mpath)
+    return (plan, plan_bytes, digest, (secagg.roster_sha256(parties), len(parties), plan.secure.colluding,
+                                       plan.secure.dropouts), roster, recovery)
+
+
+def _verify_recovery(entry: dict[str, Any], sec: dict[str, Any], plan: pb.QueryPlan, plan_sha: bytes,
+                     roster: dict[str, bytes], ckey, manifest: dict[str, Any], site_keys: dict[str, Path] | None,
+                     mpath: Path) -> mf.RecoveryFacts | None:
+    """A secure plan's recovery: the coordinator's signed statement of who answered (for this plan and
+    roster, at most its dropouts dropped) and each survivor's signed reveal receipt naming it."""
+    if "recovery" not in sec:
+        return None
+    where = f"plan {entry['plan_id']!r}: recovery"
+    if not plan.secure.dropouts:
+        raise ReleaseError(f"{mpath}: {where}: the signed plan tolerates no dropouts")
+    try:
+        rec = sec["recovery"]
+        statement, signature = keys.unb64(rec["statement"]), keys.unb64(rec["signature"])
+        reveals = [(r["site"], keys.unb64(r["receipt"]), keys.unb64(r["signature"])) for r in rec["reveals"]]
+        confirmations = [(c["site"], keys.unb64(c["signature"])) for c in rec["confirmations"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ReleaseError(f"{mpath}: {where} is unreadable ({e})") from None
+    if not keys.verify(ckey, signature, statement):
+        raise ReleaseError(f"{mpath}: {where}: the statement's signature does not verify against the coordinator's key")
+    try:
+        parsed = pb.RecoveryStatement.FromString(statement)
+        secagg.check_statement(parsed, plan_sha, roster, plan.secure.dropouts)
+        digest = hashlib.sha256(statement).digest()
+        secagg.check_confirmations(
+            [pb.Confirmation(site=s, statement_sha256=digest, signature=sig) for s, sig in confirmations], statement,
+            plan_sha, parsed.survivors, {s: _site_key(s, manifest, site_keys) for s, _ in confirmations
+                                         if s in parsed.survivors})
+        seen: set[str] = set()
+        for site, raw, sig in reveals:
+            if site not in parsed.survivors or site in seen:
+                raise secagg.RosterError(f"a reveal receipt of {site!r}, not a survivor (or twice)")
+            seen.add(site)
+            secagg.check_reveal_receipt(raw, sig, _site_key(site, manifest, site_keys), site, plan_sha, statement,
+                                        parsed.survivors, parsed.dropped)
+    except secagg.RosterError as e:
+        raise ReleaseError(f"{mpath}: {where}: {e}") from None
+    except ReleaseError:
+        raise
+    except Exception as e:  # a statement or receipt that does not parse
+        raise ReleaseError(f"{mpath}: {where} does not verify ({type(e).__name__})") from None
+    return mf.RecoveryFacts(statement, signature, tuple(confirmations), tuple(reveals))
 
 
 def _site_key(site: str, manifest: dict[str, Any], site_keys: dict[str, Path] | None):
@@ -372,7 +436,7 @@ def _verify_receipt(r: dict[str, Any], site: str, plans: dict[str, tuple], manif
     digest, secure = plans.get(rc.plan_id, (None, None))
     if rc.site != site or digest != rc.plan_sha256.hex():
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another site or for a plan not in this release")
-    if (rc.roster_sha256, rc.parties, rc.colluding) != (secure or (b"", 0, 0)):
+    if (rc.roster_sha256, rc.parties, rc.colluding, rc.dropouts) != (secure or (b"", 0, 0, 0)):
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt's secure-aggregation roster or terms do not match plan {rc.plan_id!r}")
     if rc.dictionary_hash != manifest["dictionary"]["hash"]:
         raise ReleaseError(f"{mpath}: site {site!r}: the receipt is for another dictionary")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ...common import accounting, keys
+from ...common import accounting, keys, secagg
 from ...common import privacy_unit as units
 from ...common.cells import group_labels
 from ...common.dictionary import Dictionary
@@ -38,28 +38,89 @@ class PlanFacts:
     secure: bool
     colluding: int = 0
     roster: tuple[str, ...] = ()
+    dropouts: int = 0  # secure: the dropouts the plan tolerates (its noise shares are sized for them)
+    dropped: tuple[str, ...] = ()  # the sites the coordinator's signed recovery statement lists as dropped
+    recovered: bool = False  # the signed reveal receipts suffice to remove the masks (`secagg.recovered`)
 
 
-def plan_facts(number: int, plan: pb.QueryPlan, roster: Iterable[str] = ()) -> PlanFacts:
-    return PlanFacts(number, plan.plan_id, len(plan.marginals), plan.HasField("secure"),
-                     plan.secure.colluding if plan.HasField("secure") else 0, tuple(sorted(roster)))
+@dataclass(frozen=True)
+class RecoveryFacts:
+    """A verified recovery: the coordinator's signed statement and the survivors' signed reveal receipts."""
+
+    statement: bytes
+    signature: bytes
+    confirmations: tuple[tuple[str, bytes], ...]  # (site, signature over secagg.confirm_bytes)
+    reveals: tuple[tuple[str, bytes, bytes], ...]  # (site, RevealReceipt bytes, signature)
+
+    def readable(self, parties: int, dropouts: int) -> bool:
+        st = self.parsed()
+        return secagg.recovered(st.survivors, st.dropped, [s for s, _, _ in self.reveals], parties, dropouts,
+                                [s for s, _ in self.confirmations])
+
+    def parsed(self) -> pb.RecoveryStatement:
+        return pb.RecoveryStatement.FromString(self.statement)
 
 
-def plan_entry_of(number: int, plan: pb.QueryPlan, plan_bytes: bytes, signature: bytes, roster) -> dict[str, Any]:
-    """A plan's manifest entry, every field from the signed plan (and its signed roster)."""
+def plan_facts(number: int, plan: pb.QueryPlan, roster: Iterable[str] = (), recovery: RecoveryFacts | None = None
+               ) -> PlanFacts:
+    secure = plan.HasField("secure")
+    roster = tuple(sorted(roster))
+    d = plan.secure.dropouts if secure else 0
+    dropped, recovered = (), False
+    if recovery is not None:
+        dropped = tuple(recovery.parsed().dropped)
+        recovered = recovery.readable(len(roster), d)
+    return PlanFacts(number, plan.plan_id, len(plan.marginals), secure, plan.secure.colluding if secure else 0, roster,
+                     d, dropped, recovered)
+
+
+def round_facts(rnd: Round) -> PlanFacts:
+    return plan_facts(rnd.number, rnd.plan, [k.site for k in rnd.signed.roster], round_recovery(rnd))
+
+
+def round_recovery(rnd: Round) -> RecoveryFacts | None:
+    r = rnd.recovery
+    return None if r is None else RecoveryFacts(r.statement, r.signature, tuple(r.confirmations), tuple(r.reveals))
+
+
+def recovery_entry(recovery: RecoveryFacts, parties: int, dropouts: int) -> dict[str, Any]:
+    """What the manifest says happened to a secure sum with dropouts, every field from signed bytes."""
+    st = recovery.parsed()
+    return {"survivors": list(st.survivors), "dropped": list(st.dropped),
+            "recovered": recovery.readable(parties, dropouts),
+            "confirmed_by": [s for s, _ in recovery.confirmations], "revealed_by": [s for s, _, _ in recovery.reveals],
+            "statement": keys.b64(recovery.statement), "signature": keys.b64(recovery.signature),
+            "confirmations": [{"site": s, "signature": keys.b64(sig)} for s, sig in recovery.confirmations],
+            "reveals": [{"site": s, "receipt": keys.b64(raw), "signature": keys.b64(sig)} for s, raw, sig in recovery.reveals]}
+
+
+def plan_entry_of(number: int, plan: pb.QueryPlan, plan_bytes: bytes, signature: bytes, roster,
+                  recovery: RecoveryFacts | None = None) -> dict[str, Any]:
+    """A plan's manifest entry, every field from the signed plan (and its signed roster, and for a plan
+    with dropouts the signed recovery statement and reveal receipts)."""
+    d = plan.secure.dropouts if plan.HasField("secure") else 0
+    tolerance = {"dropouts": d, "threshold": secagg.threshold(len(roster), d)} if d else {}
+    recovered = {"recovery": recovery_entry(recovery, len(roster), d)} if d and recovery is not None else {}
     return {"round": number, "plan_id": plan.plan_id, "purpose": plan.purpose,
             "rho_per_site": math.fsum(m.rho for m in plan.marginals),
             "marginals": [{"variables": list(m.variables), "rho": m.rho}
                           | groups_entry([list(g.cell_group) or None for g in m.groups] or None) for m in plan.marginals],
             "signed_plan": keys.b64(plan_bytes), "signature": keys.b64(signature),
-            "sha256": hashlib.sha256(plan_bytes).hexdigest()} | ({"secure": {
+            "sha256": hashlib.sha256(plan_bytes).hexdigest()} | addressees_entry(plan) | ({"secure": {
                 "colluding": plan.secure.colluding, "min_parties": plan.secure.min_parties,
                 "roster": [{"site": k.site, "public_key": keys.b64(k.public_key), "signature": keys.b64(k.signature),
-                            "signer": k.signer} for k in roster]}} if plan.HasField("secure") else {})
+                            "signer": k.signer} for k in roster]} | tolerance | recovered} if plan.HasField("secure") else {})
+
+
+def addressees_entry(plan: pb.QueryPlan) -> dict[str, Any]:
+    """The sites a signed plan is addressed to, (site, key fingerprint) each, as the manifest repeats them
+    (nothing for a plan without addressees, as plans were before guards required them)."""
+    return {"addressees": [{"site": a.site, "signer": a.signer} for a in plan.addressees]} if plan.addressees else {}
 
 
 def plan_entry(rnd: Round) -> dict[str, Any]:
-    return plan_entry_of(rnd.number, rnd.plan, rnd.signed.plan, rnd.signed.signature, rnd.signed.roster)
+    return plan_entry_of(rnd.number, rnd.plan, rnd.signed.plan, rnd.signed.signature, rnd.signed.roster,
+                         round_recovery(rnd))
 
 
 def groups_entry(groups) -> dict[str, Any]:
@@ -75,10 +136,17 @@ def to_json(obj: Any) -> bytes:
 
 # ----------------------------------------------------------------------------- receipts -> privacy
 def unreadable_plans(by_site: dict[str, list[pb.BudgetReceipt]], plans: list[PlanFacts]) -> set[str]:
-    """Secure plans whose masked sum cannot be read: a roster member has no receipt for them. Their
-    receipts were charged for nothing, and count like every other."""
+    """Secure plans whose masked sum cannot be read: without dropouts, a roster member has no receipt
+    for them; with dropouts, the signed reveals do not suffice or the sites without a receipt are not
+    exactly those the signed recovery statement lists as dropped. Their receipts were charged for
+    nothing, and count like every other."""
     receipted = {(site, rc.plan_id) for site, rcs in by_site.items() for rc in rcs}
-    return {p.plan_id for p in plans if p.secure and any((s, p.plan_id) not in receipted for s in p.roster)}
+    out = set()
+    for p in plans:
+        missing = {s for s in p.roster if (s, p.plan_id) not in receipted}
+        if p.secure and (not (p.recovered and missing == set(p.dropped)) if p.dropouts else missing):
+            out.add(p.plan_id)
+    return out
 
 
 def release_delta(by_site: dict[str, list[pb.BudgetReceipt]]) -> float:
@@ -123,6 +191,10 @@ def privacy_figures(by_site: dict[str, list[pb.BudgetReceipt]], plans: list[Plan
     sites = {s: site_entry(rcs, plans, unreadable) for s, rcs in sorted(by_site.items())}
     answered = {rc.plan_id for rcs in by_site.values() for rc in rcs}
     secure = [p for p in plans if p.secure and p.plan_id in answered]
+    unread = unreadable_plans(by_site, plans)
+    tolerant = [{"round": p.round, "dropouts": p.dropouts, "threshold": secagg.threshold(len(p.roster), p.dropouts),
+                 "parties": len(p.roster), "dropped": list(p.dropped), "recovered": p.plan_id not in unread}
+                for p in secure if p.dropouts]
     rho = max(e["rho"] for e in sites.values())
     alone = max(e["rho_if_others_collude"] for e in sites.values())
     return {"unit": release_unit(by_site), "delta": delta, "rho": rho, "epsilon": accounting.epsilon(rho, delta),
@@ -131,7 +203,7 @@ def privacy_figures(by_site: dict[str, list[pb.BudgetReceipt]], plans: list[Plan
             "secure_rounds": sorted(p.round for p in secure),
             "colluding": max((p.colluding for p in secure), default=0),
             "rho_if_others_collude": alone, "epsilon_if_others_collude": accounting.epsilon(alone, delta),
-            "sites": sites}
+            "dropouts": tolerant, "sites": sites}
 
 
 def privacy_statement(f: dict[str, Any]) -> str:
@@ -147,6 +219,15 @@ def privacy_statement(f: dict[str, Any]) -> str:
                     f"{f['colluding']} enrolled site(s) colluding with the coordinator; if all the other sites colluded, "
                     f"no site's loss would exceed rho = {f['rho_if_others_collude']:.4g}, i.e. "
                     f"({f['epsilon_if_others_collude']:.3g}, {f['delta']:g})-DP.")
+    for t in f["dropouts"]:
+        happened = ((f"{', '.join(t['dropped'])} enrolled but did not answer, and " if t["dropped"] else
+                     "every enrolled site answered, and ")
+                    + ("its sum was read" + (f" over the other {t['parties'] - len(t['dropped'])} sites" if t["dropped"]
+                                             else "") if t["recovered"] else "its sum could not be read"))
+        text.append(f"Round {t['round']} tolerated {t['dropouts']} of its {t['parties']} enrolled sites dropping out "
+                    f"(each site's noise share sized so that any {t['threshold']} shares carry the planned noise; masks "
+                    f"removable with the reveals of {t['threshold']} sites, or of every site that answered if some did "
+                    f"not): {happened}.")
     text.append("If a patient appears at k sites, their loss is at most the sum over those sites. Epsilon is OpenDP's "
                 "zCDP-to-approximate-DP privacy profile; each site's rho is the sum of its signed receipts.")
     return " ".join(text)
@@ -161,7 +242,8 @@ def privacy_section(f: dict[str, Any]) -> dict[str, Any]:
         f"{f['colluding']} enrolled site(s) colluding with the coordinator, and OpenDP's map of the site's own noise "
         "share (receipts name the bound). Each site's rho_if_others_collude is its loss if all the other sites "
         "colluded.")} if f["secure_rounds"] else {}
-    return trust | {
+    tolerance = {"secure_dropouts": f["dropouts"]} if f["dropouts"] else {}
+    return trust | tolerance | {
         "unit": f["unit"],
         "site_units": {s: {"unit": e["unit"], "rows_per_patient": e["rows_per_patient"],
                            "description": units.describe(e["unit"], e["rows_per_patient"])}
@@ -191,7 +273,7 @@ def receipt_entry_of(site: str, signer: str, raw: bytes, signature: bytes, rc: p
             "debited_at": rc.debited_at, "ledger_seq": rc.ledger_seq, "used": used,
             "unit": rc.unit, "rows_per_patient": rc.rows_per_patient} | (
                 {"parties": rc.parties, "colluding": rc.colluding, "rho_alone": rc.rho_alone, "bound": rc.bound}
-                if rc.parties else {})
+                | ({"dropouts": rc.dropouts} if rc.dropouts else {}) if rc.parties else {})
 
 
 def receipt_entry(r: SiteResult, used: bool = True) -> dict[str, Any]:
@@ -208,16 +290,23 @@ def charged_text(code: str, receipted: bool) -> str:
     release holds a receipt of the site for that plan (then it is counted in the site's rho)."""
     if receipted:
         return "yes, for nothing (the masked sum could not be read); its receipt is in this release and counted"
-    if code in ("NOT_SENT", "NOT_IN_ROSTER"):
+    if code in ("NOT_SENT", "NOT_IN_ROSTER", "NOT_VERIFIED"):
         return "no (the plan was not sent to it to be answered)"
     if code in NO_RECEIPT_UNKNOWN or code.startswith("FLOWER_"):
         return "unknown: no receipt in this release; check the site's ledger"
     return "no (the guard refused the plan)"
 
 
-def sum_incomplete_message(rho: float, missing: Iterable[str]) -> str:
-    return (f"answered and was charged rho {rho:.4g} for nothing: the masked sum needs every enrolled site, and "
-            f"{', '.join(sorted(missing))} did not answer")
+def sum_incomplete_message(rho: float, missing: Iterable[str], dropouts: int = 0) -> str:
+    missing = sorted(missing)
+    if not dropouts:
+        return (f"answered and was charged rho {rho:.4g} for nothing: the masked sum needs every enrolled site, and "
+                f"{', '.join(missing)} did not answer")
+    if len(missing) > dropouts:
+        return (f"answered and was charged rho {rho:.4g} for nothing: {', '.join(missing)} did not answer, more than "
+                f"the {dropouts} dropout(s) the plan tolerates")
+    return (f"answered and was charged rho {rho:.4g} for nothing: the masks could not be removed (too few signed "
+            "reveals)" + (f"; {', '.join(missing)} did not answer" if missing else ""))
 
 
 def exclusion_entries(rounds: list[Round], known: set[str]) -> list[dict[str, Any]]:
@@ -243,7 +332,8 @@ def exclusion_entries(rounds: list[Round], known: set[str]) -> list[dict[str, An
                                                       "charged": charged_text(f.code, False)})
                 continue
             listed.add(site)
-            message = sum_incomplete_message(wasted[site].rho_debited, missing) if site in wasted else f.message
+            message = (sum_incomplete_message(wasted[site].rho_debited, missing, rnd.plan.secure.dropouts)
+                       if site in wasted else f.message)
             out.append({"site": site} | head | {"code": f.code, "message": message,
                                                 "charged": charged_text(f.code, site in wasted)})
     return out
@@ -251,7 +341,7 @@ def exclusion_entries(rounds: list[Round], known: set[str]) -> list[dict[str, An
 
 def aggregates_json(dictionary: Dictionary, syn: Synthesis) -> dict[str, Any]:
     def cells(v: str, g) -> list[str]:
-        return syn.groups if v == SITE else group_labels(dictionary[v].cells, g)
+        return group_labels(syn.groups, g) if v == SITE else group_labels(dictionary[v].cells, g)
 
     return {"note": "the sites' noisy marginals (DP outputs), summed per site group when `site` is a variable; "
                     "variance is the noise variance of each cell (null: not observed); `groups` (compressed "

@@ -1,0 +1,195 @@
+"""Development consortia for the fidelity work (not the held-out benchmark consortia).
+
+Each builder writes a consortium directory (`dictionary.toml` with a `[benchmark] target`, and
+`sites/<site>.toml` mappings next to the sites' CSV files), the layout `ppsehr bench fidelity
+--consortium DIR` reads, and `load` turns such a directory into a benchmark `Dataset`.
+
+- ``icu``: a simulated 4-site ICU consortium (2,520 stays, 26 variables) with the features that
+  broke earlier strategies: eight labs missing together for about a quarter of the stays, a rare
+  binary variable (dialysis), strongly dependent lab pairs (creatinine-BUN), site differences in
+  case mix and in how often labs are drawn. Drawn from a fixed seed.
+- ``whas500``: the Worcester Heart Attack Study (scikit-survival's `load_whas500`, 500 patients,
+  16 variables with the follow-up status as target), split into four sites by record order.
+
+    python -m ppsehr.deploy.bench.devsets icu /tmp/dev-icu
+    ppsehr bench fidelity --consortium /tmp/dev-icu ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+
+NAMES = ("icu", "whas500")
+
+
+def _write(root: Path, name: str, variables: dict[str, dict], sites: dict[str, dict[str, list]], target: str) -> Path:
+    """Write dictionary, site CSVs and mappings. `variables`: name -> dictionary spec (TOML-able dict)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sites").mkdir(exist_ok=True)
+    lines = [f'[dictionary]\nname = "{name}"\nversion = "1"\n', f'[benchmark]\ntarget = "{target}"\n']
+    for var, spec in variables.items():
+        lines.append(f"[variables.{var}]")
+        for k, v in spec.items():
+            if isinstance(v, str):
+                lines.append(f'{k} = "{v}"')
+            elif isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, (list, tuple)):
+                lines.append(f"{k} = [" + ", ".join(f'"{x}"' if isinstance(x, str) else repr(x) for x in v) + "]")
+            else:
+                lines.append(f"{k} = {v!r}")
+        lines.append("")
+    (root / "dictionary.toml").write_text("\n".join(lines))
+    for site, cols in sites.items():
+        names = list(variables)
+        n = len(cols[names[0]])
+        with open(root / "sites" / f"{site}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(names)
+            for i in range(n):
+                w.writerow(["" if cols[c][i] is None else cols[c][i] for c in names])
+        m = [f'[site]\nid = "{site}"\n[source]\npath = "{site}.csv"\nformat = "csv"\nheader = true\n']
+        for var, spec in variables.items():
+            m.append(f"[variables.{var}]\ncolumn = \"{var}\"")
+        (root / "sites" / f"{site}.toml").write_text("\n".join(m) + "\n")
+    return root
+
+
+def icu(root: Path, seed: int = 20240612) -> Path:
+    rng = np.random.default_rng(seed)
+    sizes = {"north": 900, "south": 700, "east": 550, "west": 370}
+    emergency_rate = {"north": 0.75, "south": 0.6, "east": 0.85, "west": 0.5}
+    labs_missing = {"north": 0.2, "south": 0.3, "east": 0.15, "west": 0.4}  # stays without a lab panel
+    sites: dict[str, dict[str, list]] = {}
+    for site, n in sizes.items():
+        age = np.clip(rng.normal(64, 16, n), 18, 99).round()
+        sex = rng.choice(["female", "male"], n, p=[0.43, 0.57])
+        emergency = rng.random(n) < emergency_rate[site]
+        admission = np.where(emergency, np.where(rng.random(n) < 0.7, "medical", "surgical_emergency"), "surgical_elective")
+        sev = rng.normal(0, 1, n) + 0.02 * (age - 64) + 0.6 * emergency  # latent severity
+        hr = np.clip(rng.normal(88 + 8 * sev, 14), 35, 190).round()
+        sbp = np.clip(rng.normal(122 - 7 * sev, 18), 50, 230).round()
+        rr = np.clip(rng.normal(19 + 2.5 * sev, 4), 6, 50).round()
+        temp = np.clip(rng.normal(37.0 + 0.25 * sev, 0.7), 33, 41.5).round(1)
+        spo2 = np.clip(rng.normal(96 - 1.5 * sev, 2.5), 70, 100).round()
+        gcs = np.clip(np.round(15 - np.abs(rng.normal(0, 1.5 + 1.2 * np.clip(sev, 0, None), n))), 3, 15)
+        kidney = rng.normal(0, 1, n) + 0.4 * sev + 0.015 * (age - 64)
+        creat = np.exp(rng.normal(0.05 + 0.45 * kidney, 0.25))
+        bun = np.exp(rng.normal(2.9 + 0.55 * kidney + 0.1 * sev, 0.2))
+        sodium = np.clip(rng.normal(139 - 1.2 * sev, 4), 115, 165).round()
+        potassium = np.clip(rng.normal(4.2 + 0.25 * kidney, 0.5), 2.0, 7.5).round(1)
+        glucose = np.clip(rng.normal(135 + 18 * sev, 40), 40, 600).round()
+        wbc = np.clip(np.exp(rng.normal(2.3 + 0.25 * sev, 0.4)), 0.5, 60).round(1)
+        hgb = np.clip(rng.normal(11.5 - 0.5 * kidney - (sex == "female") * 0.9, 1.8), 5, 19).round(1)
+        lactate = np.clip(np.exp(rng.normal(0.5 + 0.35 * sev, 0.45)), 0.3, 20).round(1)
+        dialysis = rng.random(n) < 1 / (1 + np.exp(-(-5.2 + 1.6 * kidney)))
+        diabetes = rng.random(n) < 1 / (1 + np.exp(-(-1.4 + 0.02 * (age - 64))))
+        chf = rng.random(n) < 1 / (1 + np.exp(-(-2.0 + 0.04 * (age - 64) + 0.3 * kidney)))
+        copd = rng.random(n) < 0.14
+        ventilated = rng.random(n) < 1 / (1 + np.exp(-(-0.8 + 0.9 * sev + 0.5 * (admission == "surgical_emergency")
+                                                        - 0.4 * (gcs > 12))))
+        vaso = rng.random(n) < 1 / (1 + np.exp(-(-1.9 + 1.1 * sev - 0.02 * (sbp - 120))))
+        sepsis = rng.random(n) < 1 / (1 + np.exp(-(-1.8 + 0.8 * sev + 0.15 * (wbc - 10))))
+        los = np.clip(np.exp(rng.normal(1.0 + 0.35 * sev + 0.5 * ventilated, 0.6)), 0.2, 60).round(1)
+        died = rng.random(n) < 1 / (1 + np.exp(-(-3.0 + 0.9 * sev + 0.8 * vaso + 0.03 * (age - 64) + 0.4 * (lactate > 4))))
+        no_labs = rng.random(n) < labs_missing[site] * np.where(admission == "surgical_elective", 1.6, 0.8)
+        cols = {"age": age, "sex": sex, "admission": admission, "hr": hr, "sbp": sbp, "rr": rr, "temp": temp,
+                "spo2": spo2, "gcs": gcs, "creatinine": creat.round(2), "bun": bun.round(), "sodium": sodium,
+                "potassium": potassium, "glucose": glucose, "wbc": wbc, "hemoglobin": hgb, "lactate": lactate,
+                "dialysis": dialysis, "diabetes": diabetes, "chf": chf, "copd": copd, "ventilated": ventilated,
+                "vasopressors": vaso, "sepsis": sepsis, "los": los, "died": died}
+        out: dict[str, list] = {}
+        for k, v in cols.items():
+            vals = [("yes" if x else "no") if v.dtype == bool else x for x in v.tolist()]
+            if k in ("creatinine", "bun", "sodium", "potassium", "glucose", "wbc", "hemoglobin", "lactate"):
+                sporadic = rng.random(n) < 0.03
+                vals = [None if (no_labs[i] or sporadic[i]) else x for i, x in enumerate(vals)]
+            elif k in ("temp", "spo2", "gcs"):
+                vals = [None if rng.random() < 0.04 else x for x in vals]
+            out[k] = vals
+        sites[site] = out
+
+    def num(bins, unit="", missing=True, precision=0):
+        return {"type": "numeric", "bins": bins, "unit": unit, "precision": precision, "missing": missing}
+
+    yn = {"type": "categorical", "categories": ["no", "yes"], "missing": False}
+    variables = {
+        "age": num([18, 40, 50, 60, 70, 80, 90, 100], "a", False), "sex": {"type": "categorical", "categories": ["female", "male"], "missing": False},
+        "admission": {"type": "categorical", "categories": ["medical", "surgical_emergency", "surgical_elective"], "missing": False},
+        "hr": num([30, 60, 70, 80, 90, 100, 110, 120, 140, 200], "/min", False), "sbp": num([40, 80, 90, 100, 110, 120, 130, 140, 160, 240], "mm[Hg]", False),
+        "rr": num([0, 12, 15, 18, 21, 24, 28, 60], "/min", False), "temp": num([33, 36, 36.5, 37, 37.5, 38, 38.5, 42], "Cel", True, 1),
+        "spo2": num([60, 88, 92, 94, 96, 98, 101], "%"), "gcs": num([3, 8, 12, 14, 15, 16], "{score}"),
+        "creatinine": num([0.1, 0.6, 0.8, 1.0, 1.3, 1.7, 2.5, 4, 15], "mg/dL", True, 2), "bun": num([1, 10, 15, 20, 30, 45, 70, 200], "mg/dL"),
+        "sodium": num([110, 130, 135, 138, 141, 145, 170], "mmol/L"), "potassium": num([1.5, 3.5, 4.0, 4.5, 5.0, 5.5, 8], "mmol/L", True, 1),
+        "glucose": num([30, 80, 100, 120, 150, 200, 300, 700], "mg/dL"), "wbc": num([0, 4, 7, 10, 13, 17, 25, 70], "10*3/uL", True, 1),
+        "hemoglobin": num([4, 8, 9, 10, 11, 12, 13, 14, 20], "g/dL", True, 1), "lactate": num([0, 1, 1.5, 2, 3, 4, 6, 21], "mmol/L", True, 1),
+        "dialysis": yn, "diabetes": yn, "chf": yn, "copd": yn, "ventilated": yn, "vasopressors": yn, "sepsis": yn,
+        "los": num([0, 1, 2, 3, 5, 8, 14, 61], "d", False, 1), "died": yn,
+    }
+    return _write(root, "dev-icu", variables, sites, "died")
+
+
+def whas500(root: Path) -> Path:
+    from sksurv.datasets import load_whas500
+
+    X, y = load_whas500()
+    n = len(X)
+    cols = {c: X[c].to_numpy() for c in X.columns}
+    cols["lenfol"] = np.asarray([t for _, t in y], dtype=float)
+    cols["fstat"] = np.asarray(["dead" if e else "alive" for e, _ in y])  # first category "dead": the TSTR target
+    binary = {"afb", "av3", "chf", "cvd", "sho"}
+    variables: dict[str, dict] = {}
+    for c in X.columns:
+        if c in binary:
+            variables[c] = {"type": "categorical", "categories": ["0", "1"], "missing": False}
+        elif c == "gender":
+            variables[c] = {"type": "categorical", "categories": ["0", "1"], "missing": False}
+        elif c in ("miord", "mitype"):
+            variables[c] = {"type": "categorical", "categories": ["0", "1"], "missing": False}
+    numeric = {"age": [30, 50, 60, 70, 80, 90, 105], "bmi": [10, 20, 23, 26, 29, 33, 45], "diasbp": [0, 50, 60, 70, 80, 90, 110, 200],
+               "hr": [30, 60, 70, 80, 90, 100, 120, 190], "los": [0, 3, 5, 7, 10, 50], "sysbp": [50, 100, 120, 140, 160, 180, 250],
+               "lenfol": [0, 100, 500, 1000, 1500, 2000, 2400]}
+    for c, bins in numeric.items():
+        variables[c] = {"type": "numeric", "bins": bins, "precision": 1, "missing": False}
+    variables["fstat"] = {"type": "categorical", "categories": ["dead", "alive"], "missing": False}
+    order = ["age", "gender", "bmi", "hr", "sysbp", "diasbp", "afb", "av3", "chf", "cvd", "sho", "miord", "mitype", "los",
+             "lenfol", "fstat"]
+    variables = {k: variables[k] for k in order}
+
+    def fmt(c, x):
+        if c in numeric:
+            return float(x)
+        return str(x) if c == "fstat" else str(int(float(x)))
+
+    bounds = np.linspace(0, n, 5).astype(int)
+    sites = {f"whas{k + 1}": {c: [fmt(c, x) for x in cols[c][bounds[k]:bounds[k + 1]]] for c in order} for k in range(4)}
+    return _write(root, "dev-whas500", variables, sites, "fstat")
+
+
+def load(root: Path, name: str | None = None):
+    """A consortium directory as a benchmark Dataset (target from `[benchmark] target`)."""
+    from ...common.dictionary import load_dictionary
+    from ...common.mapping import load_mapping, load_site_table
+    from .fidelity import Dataset
+
+    root = Path(root)
+    d = load_dictionary(root / "dictionary.toml")
+    maps = {f.stem: f for f in sorted((root / "sites").glob("*.toml"))}
+    tables = {s: load_site_table(load_mapping(m, d), d)[0] for s, m in maps.items()}
+    return Dataset(name or root.name, d, root / "dictionary.toml", maps, tables, d.content["benchmark"]["target"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("name", choices=NAMES)
+    p.add_argument("out", type=Path)
+    a = p.parse_args()
+    print({"icu": icu, "whas500": whas500}[a.name](a.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""What the release measures, chosen from the data: selection on cases with known answers, and the
+three rounds end to end against real guards (budget, secure sums, no flags needed)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ppsehr.common import accounting
+from ppsehr.common.dictionary import parse_dictionary
+from ppsehr.server.measure import planner
+from ppsehr.server.model.graphical import SITE, JunctionTree, Measurement, estimate
+
+
+def make_dictionary(spec: dict[str, tuple[int, bool]]):
+    """Categorical variables name -> (categories, has a missing cell)."""
+    return parse_dictionary({"dictionary": {"name": "t", "version": "1"}, "variables": {
+        n: {"type": "categorical", "categories": [f"c{i}" for i in range(k)], "missing": miss}
+        for n, (k, miss) in spec.items()}})
+
+
+def noisy_tables(d, data: dict[str, np.ndarray], sigma: float, rng, pairs=None):
+    """Pooled 1-way and 2-way tables of `data` (cell codes) with Gaussian noise of sd sigma per cell."""
+    def table(vs):
+        t = np.zeros(tuple(d[v].size for v in vs))
+        np.add.at(t, tuple(data[v] for v in vs), 1)
+        return Measurement(tuple(vs), t + rng.normal(0, sigma, t.shape), sigma ** 2)
+
+    oneway = [table((v,)) for v in d.names]
+    cands = [table(p) for p in (pairs or itertools.combinations(d.names, 2))]
+    return oneway, cands
+
+
+def clique_cells(d):
+    def cells(sets):
+        domain = d.domain()
+        if any(SITE in s for s in sets):
+            domain = {SITE: 4} | domain
+        tree = JunctionTree(domain, sets)
+        return max(int(np.prod(tree.shape(c))) for c in tree.cliques)
+    return cells
+
+
+def follow(parent, k, p, rng):
+    """A child that copies its parent's code (mod k) with probability p, else is uniform."""
+    return np.where(rng.random(len(parent)) < p, parent % k, rng.integers(0, k, len(parent)))
+
+
+def test_a_planted_strong_pair_is_selected():
+    rng = np.random.default_rng(1)
+    n = 5000
+    d = make_dictionary({f"x{i}": (4, False) for i in range(10)})
+    data = {v: rng.integers(0, 4, n) for v in d.names}
+    data["x7"] = follow(data["x3"], 4, 0.6, rng)
+    oneway, cands = noisy_tables(d, data, 10.0, rng)
+    sel = planner.select(d, oneway, cands, clique_cells=clique_cells(d))
+    assert ("x3", "x7") in sel.tree
+    assert sel.scores[("x3", "x7")].z > 20
+    assert max(sel.scores[p].z for p in itertools.combinations(d.names, 2) if p != ("x3", "x7")) < 10
+
+
+def test_co_missing_variables_do_not_crowd_out_real_dependence():
+    """Six labs missing together for 30% of records (creatinine and BUN also depend on each other),
+    a strong pair elsewhere, everything else independent (exact expected tables plus noise): both
+    real pairs are measured, the block gets one spanning tree and no extra pairs for its
+    co-missingness, and the fitted model keeps the joint missingness."""
+    rng = np.random.default_rng(2)
+    n, p_missing = 6000, 0.3
+    labs = ["creat", "bun", "na", "k", "wbc", "hgb"]
+    d = make_dictionary({**{v: (5, True) for v in labs}, "a": (4, False), "b": (4, False), "c": (3, False),
+                         "e": (3, False)})
+    values = {v: rng.dirichlet(np.full(5, 3.0)) for v in labs}  # a lab's values, when drawn
+    copy = 0.7 * np.eye(5) + 0.3 * values["bun"][None, :]  # P(bun | creat)
+    ab = np.full((4, 4), 0.4 / 16) + 0.6 * np.eye(4) / 4
+    one = {v: np.append((1 - p_missing) * values[v], p_missing) for v in labs}
+    one["bun"] = np.append((1 - p_missing) * values["creat"] @ copy, p_missing)
+    one |= {"a": ab.sum(axis=1), "b": ab.sum(axis=0), "c": np.full(3, 1 / 3), "e": np.array([0.2, 0.3, 0.5])}
+
+    def joint(x, y):
+        if x in labs and y in labs:
+            t = np.zeros((6, 6))
+            t[5, 5] = p_missing
+            if {x, y} == {"creat", "bun"}:
+                block = values["creat"][:, None] * copy
+                t[:5, :5] = (1 - p_missing) * (block if x == "creat" else block.T)
+            else:
+                t[:5, :5] = (1 - p_missing) * np.outer(one[x][:5] / (1 - p_missing), one[y][:5] / (1 - p_missing))
+            return t
+        if {x, y} == {"a", "b"}:
+            return ab if x == "a" else ab.T
+        return np.outer(one[x], one[y])
+
+    sigma = 8.0
+    oneway = [Measurement((v,), n * one[v] + rng.normal(0, sigma, one[v].shape), sigma ** 2) for v in d.names]
+    cands = [Measurement(p, n * joint(*p) + rng.normal(0, sigma, joint(*p).shape), sigma ** 2)
+             for p in itertools.combinations(d.names, 2)]
+    # what crowded the block before: every lab pair is strongly dependent on its face
+    indep = planner.select(d, oneway, cands)
+    assert all(indep.scores[p].z > 50 for p in itertools.combinations(labs, 2))
+    sel = planner.select(d, oneway, cands, clique_cells=clique_cells(d))
+    pairs = {frozenset(p) for p in sel.pairs}
+    assert frozenset(("creat", "bun")) in pairs and frozenset(("a", "b")) in pairs
+    in_block = [p for p in sel.pairs if set(p) <= set(labs)]
+    assert len(in_block) == len(labs) - 1  # a spanning tree, not the 15 co-missing pairs
+    assert not sel.extras
+    model = estimate(d.domain(), oneway + [m for m in cands if frozenset(m.variables) in pairs])
+    all_missing = model.marginal(tuple(labs))[(5,) * len(labs)] / model.total
+    assert all_missing == pytest.approx(p_missing, abs=0.03)
+
+
+def test_a_rare_binary_variable_does_not_take_most_tree_edges():
+    """A chain of 12 six-category variables and a rare (3%) binary one that depends on x5, measured
+    with a lot of noise: the rare variable is a leaf of the tree, the chain is recovered."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    names = [f"x{i}" for i in range(12)]
+    d = make_dictionary({**{v: (6, False) for v in names}, "dialysis": (2, False)})
+    data = {"x0": rng.integers(0, 6, n)}
+    for a, b in zip(names, names[1:]):
+        data[b] = follow(data[a], 6, 0.55, rng)
+    data["dialysis"] = (rng.random(n) < np.where(data["x5"] == 0, 0.12, 0.012)).astype(int)
+    oneway, cands = noisy_tables(d, data, 25.0, rng)
+    sel = planner.select(d, oneway, cands, clique_cells=clique_cells(d))
+    degree = sum("dialysis" in p for p in sel.tree)
+    assert degree <= 1
+    chain = {frozenset(p) for p in zip(names, names[1:])}
+    assert len(chain & {frozenset(p) for p in sel.tree}) >= 10
+
+
+def test_extra_pairs_are_what_the_tree_model_misses_within_the_model_size_budget(monkeypatch):
+    """a-b and b-c explain a-c through b unless a-c has its own dependence: then a-c is added, if the
+    resulting triangle fits the model-size budget."""
+    rng = np.random.default_rng(4)
+    n = 20000
+    d = make_dictionary({v: (3, False) for v in "abcde"})
+    data = {v: rng.integers(0, 3, n) for v in "abcde"}
+    data["b"] = follow(data["a"], 3, 0.8, rng)
+    data["c"] = follow(data["b"], 3, 0.8, rng)  # a-c is strong, but only through b
+    oneway, cands = noisy_tables(d, data, 3.0, rng)
+    sel = planner.select(d, oneway, cands, clique_cells=clique_cells(d))
+    assert {frozenset("ab"), frozenset("bc")} <= {frozenset(p) for p in sel.tree} and not sel.extras
+    # now c also copies a directly in some records: a-c carries dependence the tree cannot explain
+    direct = rng.random(n) < 0.3
+    data["c"] = np.where(direct, (data["a"] + 1) % 3, data["c"])
+    oneway, cands = noisy_tables(d, data, 3.0, rng)
+    sel = planner.select(d, oneway, cands, clique_cells=clique_cells(d))
+    assert {frozenset(p) for p in sel.pairs} >= {frozenset("ab"), frozenset("bc"), frozenset("ac")}
+    monkeypatch.setattr(planner, "EXTRA_CLIQUE_CELLS", 9)  # a triangle (27 cells) no longer fits
+    assert not planner.select(d, oneway, cands, clique_cells=clique_cells(d)).extras
+
+
+def test_priors_tilt_the_selection_without_overruling_the_data():
+    rng = np.random.default_rng(5)
+    n = 2000
+    d = make_dictionary({v: (3, False) for v in "abcd"})
+    data = {v: rng.integers(0, 3, n) for v in "abcd"}
+    data["b"] = follow(data["a"], 3, 0.9, rng)  # strong
+    data["d"] = follow(data["c"], 3, 0.08, rng)  # faint: lost in the noise below
+    oneway, cands = noisy_tables(d, data, 15.0, rng)
+    plain = planner.select(d, oneway, cands)
+    tilted = planner.select(d, oneway, cands, priors=[("c", "d"), ("a", "c")])
+    assert ("c", "d") in tilted.tree  # the data cannot tell: the prior decides
+    assert ("a", "b") in plain.tree and ("a", "b") in tilted.tree  # the data can: the prior does not overrule them
+    assert ("a", "c") not in tilted.tree or ("b", "c") not in plain.tree
+
+
+def test_site_effects_are_modelled_where_the_sites_differ():
+    rng = np.random.default_rng(6)
+    d = make_dictionary({v: (4, False) for v in "abc"})
+    sizes = [3000, 2000, 1500, 1000]
+    shifted = [rng.dirichlet(np.ones(4)) for _ in sizes]  # 'a' differs by site; 'b' and 'c' do not
+    tables = {v: np.zeros((4, 4)) for v in "abc"}
+    for s, size in enumerate(sizes):
+        tables["a"][s] = size * shifted[s]
+        tables["b"][s] = size * np.array([0.25] * 4)
+        tables["c"][s] = size * np.array([0.1, 0.2, 0.3, 0.4])
+    sigma = 5.0
+    site_tables = [Measurement((SITE, v), t + rng.normal(0, sigma, t.shape), sigma ** 2) for v, t in tables.items()]
+    oneway = [Measurement((v,), t.values.sum(axis=0), 4 * sigma ** 2) for v, t in zip("abc", site_tables)]
+    cands = [Measurement(p, np.outer(oneway[0].values, oneway[1].values) / 7500, 4 * sigma ** 2)
+             for p in itertools.combinations("abc", 2)]
+    sel = planner.select(d, oneway, cands, site_tables, clique_cells=clique_cells(d))
+    assert sel.site == ["a"]
+    assert (SITE, "a") in sel.structure(d)
+
+
+def test_candidates_respect_the_default_site_policy_and_keep_the_priors():
+    d = make_dictionary({f"v{i:02d}": (3, False) for i in range(40)})  # 780 pairs
+    priors = [("v00", "v39"), ("v10", "v20", "v30")]
+    pairs = planner.candidate_pairs(d, priors)
+    assert len(pairs) == planner.MAX_CANDIDATES == len(set(pairs))
+    assert {("v00", "v39"), ("v10", "v20"), ("v10", "v30"), ("v20", "v30")} <= set(pairs)
+    assert pairs == planner.candidate_pairs(d, priors)  # the same dictionary, the same sample
+    assert len(planner.candidate_pairs(make_dictionary({f"v{i}": (3, False) for i in range(12)}))) == 66
+    tiered = parse_dictionary({"dictionary": {"name": "t", "version": "1"}, "variables": {
+        "a": {"type": "categorical", "categories": ["x", "y"]}, "b": {"type": "categorical", "categories": ["x", "y"]},
+        "hiv": {"type": "categorical", "categories": ["x", "y"], "tier": 3}}})
+    assert planner.candidate_pairs(tiered) == [("a", "b")]  # tier 3: 1-way tables only (the default site policy)
+
+
+# ----------------------------------------------------------------------------- end to end
+SITES = ("cleveland", "hungarian", "va")
+
+
+@pytest.fixture
+def in_process(site_config, consortium_keys, dictionary):
+    """Collect the release's rounds from in-process guards of SITES (secure: all join secure sums)."""
+    from ppsehr.client.guard import SiteGuard
+    from ppsehr.common import keys
+    from ppsehr.deploy.transports import InProcessTransport
+    from ppsehr.server.measure.rounds import MeasureOptions, Request, collect
+
+    def run(epsilon=1.0, secure=True, events=None, **options):
+        guards = {s: SiteGuard(site_config(s, secure=secure)) for s in SITES}
+        request = Request("coordinator", "test", accounting.rho_for_epsilon(epsilon, 1e-6), 1e-6)
+        site_keys = {s: keys.load_public_key(consortium_keys.site_keys[s][1]) for s in SITES}
+        rounds, structure = collect(MeasureOptions(**options), request, dictionary,
+                                    keys.load_signing_key(consortium_keys.coordinator_key), site_keys,
+                                    InProcessTransport(guards), events or (lambda *a, **k: None))
+        return guards, request, rounds, structure
+
+    return run
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, dictionary, secure):
+    """Automatic secure aggregation: secure sums where every site allows them, plain sums (and nothing
+    debited for trying) where none does; either way every site spends exactly the requested rho."""
+    seen = []
+    guards, request, rounds, structure = in_process(secure=secure, events=lambda m, **k: seen.append(m))
+    assert [r.number for r in rounds] == [1, 2, 3]
+    assert [r.secure for r in rounds] == [False, secure, secure]  # round 1 stays per site: site effects
+    assert all(len(r.results) == len(SITES) for r in rounds)
+    assert sum(sum(m.rho for m in r.marginals) for r in rounds) == pytest.approx(request.rho, rel=1e-12)
+    for site, g in guards.items():
+        assert g.ledger.spent() == pytest.approx(request.rho, rel=1e-9)
+    assert [len(m.variables) for m in rounds[0].marginals] == [1] * len(dictionary.names)
+    assert len(rounds[1].marginals) == len(list(itertools.combinations(dictionary.names, 2)))
+    pairs = [m.variables for m in rounds[2].marginals if len(m.variables) == 2]
+    assert len(pairs) >= len(dictionary.names) // 2 and set(pairs) <= {tuple(s) for s in structure}
+    assert any(m.startswith("selected ") for m in seen)
+    assert secure or any("secure aggregation is not possible" in m for m in seen)
+
+
+def test_the_default_release_needs_no_flags():
+    from ppsehr.deploy.cli import build_parser, job_options
+    from ppsehr.server.measure.rounds import MeasureOptions
+    from ppsehr.server.pipeline import ReleaseJob
+
+    args = build_parser().parse_args(["coordinator", "release", "--dictionary", "d.toml", "--out", "o",
+                                      "--superlink", "127.0.0.1:1", "--signing-key", "k", "--site-key", "a=a.pub"])
+    job = ReleaseJob.create(dictionary="d.toml", out="o", signing_key="k", site_keys={"a": "a.pub"},
+                            **{k: v for k, v in job_options(args).items() if k in {"site_variable", "structure",
+                               "secure_aggregation", "colluding", "min_parties", "site_groups"}})
+    assert job.measure == MeasureOptions() == ReleaseJob(dictionary="d.toml", out="o", signing_key="k",
+                                                         site_keys={}).measure
+    assert MeasureOptions().secure_aggregation is None and MeasureOptions().structure == []
+    depends = build_parser().parse_args(["coordinator", "release", "--dictionary", "d.toml", "--out", "o",
+                                         "--superlink", "x", "--signing-key", "k", "--depends", "age,chol"])
+    assert job_options(depends)["structure"] == [["age", "chol"]]
