@@ -112,16 +112,38 @@ class _Batches:
                  examples: Sequence[SyntheticRecord], rules: Sequence[Rule]):
         self.client, self.dictionary, self.aggregates, self.style = client, dictionary, aggregates, style
         self.examples, self.rules = examples, rules
-        self.per_record = _record_tokens(client, dictionary, examples)
+        self.estimate = _record_tokens(client, dictionary, examples)  # from the dictionary, before any reply
         self.size = max(1, client.config.batch_size)
         self.dropped: dict[str, int] = {}
         self.compact = False
+        self.seen_tokens = self.seen_records = 0
+        self.fit_capped = False  # the batch size was cut so that a reply fits max_tokens
+
+    @property
+    def per_record(self) -> float:
+        """Reply tokens to allow per record: the estimate, or 1.3 times what this endpoint's replies took
+        if that is more (a model's whitespace and digits vary; a cap costs nothing unless the model loops)."""
+        seen = self.seen_tokens / self.seen_records if self.seen_records else 0.0
+        return max(self.estimate, 1.3 * seen)
 
     def reply_tokens(self, n: int) -> int:
         return int(self.per_record * n) + 40
 
     def max_tokens(self, n: int) -> int:
         return min(self.client.config.max_tokens, self.reply_tokens(n) + 32)
+
+    def fits(self) -> int:
+        """Records whose reply fits the max_tokens cap (and half the context, when known)."""
+        cap = self.client.config.max_tokens
+        if self.client.context:
+            cap = min(cap, self.client.context // 2)
+        return max(1, int((cap - 72) // self.per_record))
+
+    def learn(self, completion_tokens: int, records: int) -> None:
+        """Tokens the records of a reply took: the next batches are sized to it (see per_record)."""
+        if completion_tokens > 0 and records > 0:
+            self.seen_tokens += completion_tokens
+            self.seen_records += records
 
     def build(self, n: int, batch: int) -> tuple[Prompt, int]:
         """(the prompt for a batch of up to n records, its max_tokens); fewer records if the context is small.
@@ -130,6 +152,9 @@ class _Batches:
         k = max(1, c.config.example_rows)
         ex = ([self.examples[(batch * k + j) % len(self.examples)] for j in range(min(k, len(self.examples)))]
               if self.style == "example" else ())
+        fit = self.fits()
+        if fit < self.size:  # a batch must fit one reply: more records than max_tokens holds come back cut off
+            self.size, self.fit_capped = fit, True
         n = max(1, min(n, self.size))
         afford = c.affordable_tokens(c.context // 3 if c.context else 1500)
         if afford is not None:  # no more records than the endpoint can write in the time left
@@ -194,7 +219,7 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
                 break
             want = prompt.info.get("n", size - asked)
             try:
-                obj, _ = client.json(prompt, validate=_records_shape, max_tokens=max_tokens)
+                obj, rec = client.json(prompt, validate=_records_shape, max_tokens=max_tokens)
             except LLMContextError as e:  # the context is smaller than thought: it is known now; build again
                 overflows += 1
                 if overflows > 1 or not (client.context or batches.size > 1):
@@ -206,6 +231,9 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
             except LLMError as e:
                 out.append((None, str(e), prompt, want))
                 break
+            if not rec.cached:
+                with lock:
+                    batches.learn(rec.completion_tokens, len(obj["records"]))
             out.append((obj, "", prompt, want))
             asked += want
         return out
@@ -276,6 +304,11 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
                 * bool(stats["batches_failed"])))
     new_calls = client.calls[calls_before:]
     stats["batch_size"] = batches.size
+    if batches.seen_records:
+        stats["reply_tokens_per_record"] = round(batches.seen_tokens / batches.seen_records, 1)
+    if batches.fit_capped:
+        stats["batch_size_note"] = (f"batches cut to {batches.size} records so that a reply fits max_tokens "
+                                    f"{client.config.max_tokens} (about {batches.per_record:.0f} tokens a record)")
     stats["prompt_trimmed"] = dict(batches.dropped)
     if batches.compact:
         stats["prompt_trimmed"]["dictionary"] = "shortened descriptions"
