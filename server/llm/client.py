@@ -8,8 +8,9 @@ classified (`classify`):
   overflow     the prompt does not fit the model's context (a 400 that says so): the context size
                is learnt from the message and `LLMContextError` is raised (callers trim and retry);
   transient    429, 408/409, other 5xx, connection errors: retried with backoff (Retry-After
-               honoured); a timeout is retried once, with twice the time (a slow server is still
-               busy with the first request: sending it again at once only queues behind it);
+               honoured); a timeout teaches the speed model and is retried once with the time it
+               needs (doubled on a one-request-at-a-time endpoint: the server is still busy with the
+               abandoned request), and not at all when the time budget cannot cover that;
   fatal        401/403 (key), 404 (model), other 4xx: `LLMError` at once.
 Nothing else leaves the client: every failure a caller sees is an `LLMError`.
 
@@ -711,6 +712,10 @@ class LLMClient:
         else:
             predicted = self.memory.speed.predict(prompt_tokens, max_tokens)
             t = DEFAULT_TIMEOUT if predicted is None else max(30.0, 1.5 * predicted + 15.0)
+            if predicted is not None and c.concurrency == 1:
+                # one request at a time, and llama.cpp-style servers finish what a client abandons: a timeout
+                # costs the whole request anyway and its retry queues behind it, so wait longer before giving up
+                t = max(t, 3.0 * predicted)
         left = self.remaining()
         if left is not None:
             predicted = self.memory.speed.predict(prompt_tokens, min(max_tokens, 64))
