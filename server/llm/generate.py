@@ -118,6 +118,12 @@ class _Batches:
         self.compact = False
         self.seen_tokens = self.seen_records = 0
         self.fit_capped = False  # the batch size was cut so that a reply fits max_tokens
+        self._fit()
+
+    def _fit(self) -> None:
+        fit = self.fits()
+        if fit < self.size:  # a batch must fit one reply: more records than max_tokens holds come back cut off
+            self.size, self.fit_capped = fit, True
 
     @property
     def per_record(self) -> float:
@@ -152,9 +158,7 @@ class _Batches:
         k = max(1, c.config.example_rows)
         ex = ([self.examples[(batch * k + j) % len(self.examples)] for j in range(min(k, len(self.examples)))]
               if self.style == "example" else ())
-        fit = self.fits()
-        if fit < self.size:  # a batch must fit one reply: more records than max_tokens holds come back cut off
-            self.size, self.fit_capped = fit, True
+        self._fit()  # again: the context or the tokens a record takes may be known better now
         n = max(1, min(n, self.size))
         afford = c.affordable_tokens(c.context // 3 if c.context else 1500)
         if afford is not None:  # no more records than the endpoint can write in the time left
