@@ -418,6 +418,21 @@ def test_a_note_that_contradicts_its_record_is_written_again_or_dropped(dp, fake
     assert "connected prose" in bodies(fake, NOTE)[0]["messages"][1]["content"]
 
 
+def test_a_looping_note_loses_its_repeats_and_its_unfinished_last_sentence(dp, fake):
+    """A small model repeats a sentence until max_tokens cuts it off mid-word: the repeats are dropped, the note
+    ends at its last finished sentence, and the manifest counts both."""
+    fake.handlers["note"] = lambda body: ("The patient is seen in clinic for chest pain on exertion. "
+                                          + "Symptoms are evaluated in clinic today. " * 6 + "Further evaluat")
+    fake.script("truncate", NOTE)  # the first reply is cut off (finish_reason "length")
+    result = stage(dp, config(fake, uses=("notes",), notes_limit=2, concurrency=1))
+    notes = [json.loads(x)["note"] for x in result.files["notes.jsonl"].decode().splitlines()]
+    stats = result.manifest_section["uses"]["notes"]
+    assert notes[0] == "The patient is seen in clinic for chest pain on exertion. Symptoms are evaluated in clinic today."
+    assert notes[1].endswith("Further evaluat")  # not cut off: kept as written, less its repeats
+    assert notes[1].count("Symptoms are evaluated") == 1
+    assert stats["cut_to_last_sentence"] == 1 and stats["repeated_sentences_dropped"] > 5 and stats["notes"] == 2
+
+
 def test_the_note_checker_finds_contradictions_and_accepts_faithful_notes(dp):
     d = dp["dictionary"]
     rec = SyntheticRecord.from_values(d, {"age": "54", "sex": "male", "cp": "atypical_angina", "trestbps": "130",

@@ -223,6 +223,33 @@ def list_like(text: str) -> bool:
     return bullets >= 3 or colon >= 3
 
 
+_SENTENCE_END = re.compile(r"[.!?](?:[\"')\]]*)(?=\s|$)")
+
+
+def tidy_note(text: str, cut_off: bool) -> tuple[str, bool, int]:
+    """A note without the sentences a small model repeats word for word, and (if the reply was cut off at
+    max_tokens) without its unfinished last sentence, when a finished one is left. Returns (note, whether it
+    was cut back to a sentence end, repeated sentences dropped)."""
+    text = text.strip()
+    cut = False
+    if cut_off:
+        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        if ends and ends[-1] < len(text) and ends[-1] >= 20:
+            text, cut = text[:ends[-1]], True
+    pieces, seen, repeated, start = [], set(), 0, 0
+    for m in list(_SENTENCE_END.finditer(text)) + [None]:
+        end = m.end() if m else len(text)
+        piece = text[start:end]
+        key = re.sub(r"\W+", " ", piece).strip().lower()
+        if key and key in seen and len(key) > 12:
+            repeated += 1
+        elif piece.strip():
+            pieces.append(piece)
+            seen.add(key)
+        start = end
+    return ("".join(pieces).strip() if repeated else text), cut, repeated
+
+
 def write_notes(client: LLMClient, dictionary: Dictionary, columns: dict[str, list[str]], language: str,
                 max_tier: int, guard: PIIGuard, limit: int | None = None,
                 progress: Progress | None = None, every: int | None = None) -> tuple[bytes, dict[str, Any]]:
@@ -240,17 +267,19 @@ def write_notes(client: LLMClient, dictionary: Dictionary, columns: dict[str, li
         try:
             for attempt in range(retries + 1):
                 p = note_prompt(dictionary, record, language, max_tier, attempt)
-                text = client.text(p, max_tokens=client.config.note_max_tokens)[0].strip()
+                text, rec = client.text(p, max_tokens=client.config.note_max_tokens)
+                text, cut, repeated = tidy_note(text, rec.truncated > 0)
+                tidied = (cut, repeated)
                 if not text:
-                    return None, "empty reply", attempt, problems
+                    return None, "empty reply", attempt, problems, tidied
                 problems = checker.check(record, text, max_tier, language)
                 if not problems:
-                    return text, "", attempt, []
-            return None, "contradicts its record", retries, problems
+                    return text, "", attempt, [], tidied
+            return None, "contradicts its record", retries, problems, tidied
         except LLMTimeBudgetError as e:
-            return None, f"budget: {e}", 0, problems
+            return None, f"budget: {e}", 0, problems, (False, 0)
         except (LLMError, ValueError) as e:
-            return None, str(e), 0, problems
+            return None, str(e), 0, problems, (False, 0)
 
     step = every or max(1, min(25, n // 10))
     say = progress or (lambda *a, **k: None)
@@ -259,13 +288,15 @@ def write_notes(client: LLMClient, dictionary: Dictionary, columns: dict[str, li
         if k % step == 0 or k == n:
             _emit(say, f"LLM notes: {k}/{n} records done", done=k, total=n)
 
-    lines, failed, skipped, dropped, regenerated, listy = [], 0, 0, 0, 0, 0
+    lines, failed, skipped, dropped, regenerated, listy, cut_back, repeats = [], 0, 0, 0, 0, 0, 0, 0
     contradictions: list[dict[str, Any]] = []
-    for i, (text, err, attempts, problems) in enumerate(client.map(one, range(n), on_done=done)):
+    for i, (text, err, attempts, problems, (cut, repeated)) in enumerate(client.map(one, range(n), on_done=done)):
         if err.startswith("budget:"):
             skipped += 1
             continue
         regenerated += attempts
+        cut_back += cut and text is not None
+        repeats += repeated if text is not None else 0
         if text is None:
             failed += 1
             entry: dict[str, Any] = {"record": i, "language": language, "note": None, "error": (err or "empty reply")[:200]}
@@ -289,6 +320,7 @@ def write_notes(client: LLMClient, dictionary: Dictionary, columns: dict[str, li
     data = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode()
     return data, {"records": n, "notes": written, "failed": failed, "skipped_time_budget": skipped,
                   "dropped_contradicting": dropped, "regenerated": regenerated, "list_like": listy,
+                  "cut_to_last_sentence": cut_back, "repeated_sentences_dropped": repeats,
                   "contradictions": contradictions[:10], "language": language,
                   "template": TEMPLATES["note"].id, "max_tier_in_prompt": max_tier,
                   "check": "numbers (by unit or the variable's words) in the record's bin; categories, thresholds and "
