@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_openai_server import FakeOpenAI  # noqa: E402
+from fake_openai_server import FakeOpenAI, note_from_facts  # noqa: E402
 from test_llm import GENERATE, KNOWLEDGE, NOTE, bodies, config, dp, fake, stage  # noqa: E402,F401
 
 from ppsehr.server.llm.client import (LLMClient, LLMContextError, LLMError, _Unsupported, classify,  # noqa: E402
@@ -421,16 +421,41 @@ def test_a_note_that_contradicts_its_record_is_written_again_or_dropped(dp, fake
 def test_a_looping_note_loses_its_repeats_and_its_unfinished_last_sentence(dp, fake):
     """A small model repeats a sentence until max_tokens cuts it off mid-word: the repeats are dropped, the note
     ends at its last finished sentence, and the manifest counts both."""
-    fake.handlers["note"] = lambda body: ("The patient is seen in clinic for chest pain on exertion. "
+    fake.handlers["note"] = lambda body: (note_from_facts(body["messages"][1]["content"]) + " "
                                           + "Symptoms are evaluated in clinic today. " * 6 + "Further evaluat")
     fake.script("truncate", NOTE)  # the first reply is cut off (finish_reason "length")
     result = stage(dp, config(fake, uses=("notes",), notes_limit=2, concurrency=1))
     notes = [json.loads(x)["note"] for x in result.files["notes.jsonl"].decode().splitlines()]
     stats = result.manifest_section["uses"]["notes"]
-    assert notes[0] == "The patient is seen in clinic for chest pain on exertion. Symptoms are evaluated in clinic today."
+    assert notes[0].endswith(". Symptoms are evaluated in clinic today.") and notes[0].count("Symptoms") == 1
     assert notes[1].endswith("Further evaluat")  # not cut off: kept as written, less its repeats
     assert notes[1].count("Symptoms are evaluated") == 1
-    assert stats["cut_to_last_sentence"] == 1 and stats["repeated_sentences_dropped"] > 5 and stats["notes"] == 2
+    assert stats["cut_to_last_sentence"] == 1 and stats["repeated_sentences_dropped"] >= 5 and stats["notes"] == 2
+
+
+def test_a_note_that_states_none_of_its_record_is_dropped_and_an_introduction_is_cut(dp, fake):
+    """A small model writes about itself or about nothing ("I am Dr. Smith, a cardiologist..."): a note that
+    states fewer than 2 of its record's facts is written again, then dropped as not about its record. A first
+    line that only introduces the note ("Here's a possible clinical narrative:") is cut."""
+    from ppsehr.server.llm.notes import NoteChecker, tidy_note
+
+    replies = iter(["I am a cardiologist at a large clinic and I have written many such letters before today.",
+                    "Here's a possible clinical narrative:\n\n\"The patient attends the clinic for a routine review of the heart.\""])
+    fake.handlers["note"] = lambda body: next(replies, None) or note_from_facts(body["messages"][1]["content"])
+    result = stage(dp, config(fake, uses=("notes",), notes_limit=2, concurrency=1))
+    entry, second = [json.loads(x) for x in result.files["notes.jsonl"].decode().splitlines()]
+    stats = result.manifest_section["uses"]["notes"]
+    assert entry["note"] is None and entry["error"] == "not about its record" and "of the record's" in entry["why"]
+    assert second["note"] and stats["notes"] == 1  # the fake's own note states the facts it was given
+    assert stats["dropped_unrelated"] == 1 and stats["dropped_contradicting"] == 0 and stats["regenerated"] == 1
+    assert "1 dropped as not about their record" in " ".join(result.manifest_section["degradations"])
+    assert tidy_note("Here's a possible clinical narrative:\n\n\"The patient, 54 years old, has typical angina.\"", False)[0] \
+        == "The patient, 54 years old, has typical angina."
+    d = dp["dictionary"]
+    record = SyntheticRecord.from_columns(d, dp["columns"], 0)
+    values = record.as_dict()
+    stated, possible = NoteChecker(d).grounding(record, f"A {values['age']}-year-old patient was seen.", 2)
+    assert stated == 1 and possible >= 4
 
 
 def test_the_note_checker_finds_contradictions_and_accepts_faithful_notes(dp):

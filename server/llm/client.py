@@ -1097,20 +1097,12 @@ def check_endpoint(config: LLMConfig, probe_context: bool = True) -> dict[str, A
         if p_read > p_tiny > 0:
             cpt = (len(long_text) - 30) / (p_read - p_tiny)
             speed["prompt_tokens_per_s"] = round((p_read - p_tiny) / max(t_read - t_tiny, 0.05), 1)
-    nonce = random.Random().randrange(10 ** 9)
-    count = [{"role": "user", "content": f"[{nonce}] Write the numbers from 1 to 100, separated by spaces."}]
-    resp, t_write = _raw(client, count, 64, config.timeout or 600.0)
-    if not isinstance(resp, Exception):
-        _, c_write = _usage(resp)
-        if c_write > 4:
-            speed["completion_tokens_per_s"] = round(c_write / max(t_write - overhead, 0.05), 2)
-    speed["overhead_s"] = round(overhead, 3)
-    plain_tps = speed.get("completion_tokens_per_s")
-    # 3b. writing a structured reply after a long prompt, as the LLM stage does: a grammar and a long context
-    # make a small model on a CPU several times slower than the count above (SmolLM2-135M: 66 -> 10-25 tokens/s)
+    # 3b. writing a structured reply after a long prompt, as the LLM stage does (right after the read probe, so
+    # that a server with a prefix cache does not read the prompt again): a grammar and a long context
+    # make a small model on a CPU several times slower than the count below (docs/local-model.md)
     mode = out["structured_output"]
     numbers = {"type": "object", "additionalProperties": False, "required": ["numbers"], "properties": {
-        "numbers": {"type": "array", "minItems": 40, "maxItems": 60, "items": {"type": "integer"}}}}
+        "numbers": {"type": "array", "minItems": 40, "maxItems": 60, "items": {"enum": list(range(1, 61))}}}}
     extra: dict[str, Any] = {}
     if mode == "json_schema":
         extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": numbers, "strict": True}}
@@ -1124,11 +1116,21 @@ def check_endpoint(config: LLMConfig, probe_context: bool = True) -> dict[str, A
         p_struct, c_struct = _usage(resp)
         if c_struct > 8:
             # the prompt's start was just read (a server with a prefix cache reads only the last line again);
-            # without such a cache this errs slow, which is the safe side for timeouts and batch sizes
+            # without such a cache this errs slow, which is the safe side for timeouts and batch sizes.
+            # Numbers as an enum, as records are sent to grammar-constrained servers
             speed["structured_completion_tokens_per_s"] = round(c_struct / max(t_struct - overhead, 0.05), 2)
             speed["structured_context_tokens"] = p_struct + c_struct
     else:
         speed["structured_probe_error"] = f"{type(resp).__name__}: {str(resp)[:120]}"
+    nonce = random.Random().randrange(10 ** 9)
+    count = [{"role": "user", "content": f"[{nonce}] Write the numbers from 1 to 100, separated by spaces."}]
+    resp, t_write = _raw(client, count, 64, config.timeout or 600.0)
+    if not isinstance(resp, Exception):
+        _, c_write = _usage(resp)
+        if c_write > 4:
+            speed["completion_tokens_per_s"] = round(c_write / max(t_write - overhead, 0.05), 2)
+    speed["overhead_s"] = round(overhead, 3)
+    plain_tps = speed.get("completion_tokens_per_s")
     # 4. parallel slots: two such requests at once take twice as long on a server that serves one at a time
     slots = None
     if speed.get("completion_tokens_per_s"):
