@@ -489,6 +489,19 @@ def test_bench_llm_never_crashes_and_says_why(tmp_path, capsys):
     assert "below 80% valid" in (tmp_path / "b" / "bench-llm.md").read_text()
 
 
+def test_batches_the_time_budget_leaves_unsent_are_counted_apart_from_calls(dp):
+    """Past the time budget a batch is not sent: it is counted as not sent, not as a call or a failed call."""
+    d = dp["dictionary"]
+    with FakeOpenAI(delay=0.4) as server:
+        client = LLMClient(config(server, concurrency=1, batch_size=5, timeout=None))
+        client.set_deadline(1.0)
+        cols, stats = generate_pool(client, d, DPAggregates.from_measurements(d, dp["measurements"]), 60, "definition")
+        sent = len(server.requests)
+    assert 1 <= sent < 12 and stats["batches"] + stats["topup_batches"] == sent and stats["batches_failed"] == 0
+    assert stats["batches_not_sent"] >= 12 - sent and "time budget" in stats["shortfall_reason"]
+    assert len(cols[d.names[0]]) == stats["records_valid"] < 60
+
+
 def test_requests_are_sized_to_what_a_slow_endpoint_can_write_in_the_time_left(dp, fake):
     """At 10 tokens/s with 30 s left, the knowledge call asks for 2 items and a batch for a few records."""
     from ppsehr.server.llm.generate import _Batches

@@ -21,7 +21,7 @@ import numpy as np
 
 from ...common.dictionary import OUT_OF_RANGE, Dictionary
 from ..model.records import encode
-from .client import LLMClient, LLMContextError, LLMError
+from .client import LLMClient, LLMContextError, LLMError, LLMTimeBudgetError
 from .knowledge import match_category, norm_label
 from .prompts import (STYLES, TEMPLATES, DPAggregates, Prompt, PromptTooLong, Rule, SyntheticRecord, _typed,
                       generation_prompt)
@@ -199,7 +199,7 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
     cols: dict[str, list[str]] = {name: [] for name in dictionary.names}
     stats: dict[str, Any] = {
         "style": style, "template": TEMPLATES[STYLES[style]].id, "records_requested": n, "batches": 0,
-        "batches_failed": 0, "topup_batches": 0, "records_returned": 0, "records_valid": 0, "records_rejected": 0,
+        "batches_failed": 0, "batches_not_sent": 0, "topup_batches": 0, "records_returned": 0, "records_valid": 0, "records_rejected": 0,
         "records_beyond_batch_size": 0, "example_copies_dropped": 0, "values_repaired": 0, "rejections": {},
         "errors": []}
     shown: set[tuple[str, ...]] = set()
@@ -232,6 +232,9 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
                 if not client.context:
                     batches.size = max(1, batches.size // 2)
                 continue
+            except LLMTimeBudgetError as e:  # nothing was sent (or a timed-out request was not sent again)
+                out.append((None, str(e), None if "not sent" in str(e) else prompt, want))
+                break
             except LLMError as e:
                 out.append((None, str(e), prompt, want))
                 break
@@ -251,6 +254,11 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
                     rec, _, _ = validate_record(dictionary, json.loads(line))
                     if rec is not None:
                         shown.add(tuple(rec[name] for name in dictionary.names))
+            if obj is None and prompt is None and "time budget" in err:  # not sent: no call, no failure
+                stats["batches_not_sent"] += 1
+                if not any("time budget" in e for e in stats["errors"]):
+                    stats["errors"].append(err[:200])
+                continue
             if obj is None:
                 stats["batches_failed"] += 1
                 stats["errors"].append(err[:200])
