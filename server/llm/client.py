@@ -554,7 +554,8 @@ class LLMClient:
             raise LLMError(f"{rec.template}: {rec.error}") from None
         finally:
             rec.latency_s = time.perf_counter() - t0
-            self._record(rec)
+            if rec.requests or rec.ok or not rec.error.startswith(f"{rec.template}: the LLM time budget is spent"):
+                self._record(rec)  # a call the time budget did not let out is no call (the use counts it as skipped)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], on_done: Callable[[int, R], None] | None = None) -> list[R]:
         """fn over items, up to `concurrency` at a time, results in order (exceptions re-raised).
