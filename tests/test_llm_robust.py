@@ -266,6 +266,9 @@ def test_a_timeout_teaches_the_speed_and_is_not_retried_when_the_budget_cannot_c
 
 
 def test_the_time_budget_ends_the_notes_and_says_so(dp):
+    from ppsehr.server.llm import pii
+
+    pii._engine()  # the PII guard's one-time load (spaCy, Presidio) is not what this budget measures
     with FakeOpenAI(delay=0.15) as server:
         progress = []
         result = stage(dp, config(server, uses=("notes",), concurrency=1, time_budget=1.2),
