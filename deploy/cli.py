@@ -484,7 +484,7 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-parties", type=int, default=3, help="secure aggregation: fewest sites in a masked sum")
     p.add_argument("--dropouts", type=int, default=None, metavar="D",
                    help="secure aggregation: enrolled sites that may drop out before answering while the sum stays "
-                        "readable (each site's noise share is sized for the others; default: floor((n-1)/3) of n "
+                        "readable (each site's noise share is sized for the others; default: floor(n/10) of n "
                         "sites, at most n - min-parties; 0: every enrolled site must answer)")
     p.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
                    help="model (or release) a coarser site group instead of the site; repeat per site")

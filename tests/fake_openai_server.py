@@ -295,30 +295,39 @@ def follow_prompt(obj: dict, schema: dict, prompt: str, rng: random.Random) -> N
         for var, (cells, weights) in dists.items():
             cell = rng.choices(cells, weights=weights)[0]
             if cell.startswith('""'):
-                rec[var] = None if "minimum" in props[var] else ""
+                rec[var] = None if _numeric(props[var]) else ""
             elif cell.startswith("["):
                 lo, hi = (float(x) for x in cell[1:-1].split(","))
                 x = rng.uniform(lo, hi)
-                rec[var] = round(x, 1) if hi - lo <= 2 else int(x) if int(x) >= lo else lo
+                x = round(x, 1) if hi - lo <= 2 else int(x) if int(x) >= lo else lo
+                grid = [v for v in props[var].get("enum", ()) if isinstance(v, (int, float))]
+                rec[var] = min(grid, key=lambda v: abs(v - x)) if grid else x  # a grammar allows only the listed numbers
             else:
                 rec[var] = cell
+
+
+def _numeric(spec: dict) -> bool:
+    """A numeric variable's schema: a range, or (for grammar-constrained servers) an enum of numbers."""
+    return "minimum" in spec or any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec.get("enum", ()))
 
 
 def corrupt(obj: dict, schema: dict, rng: random.Random) -> None:
     """Out-of-domain values of the kinds models produce: wrong case, invented categories, absurd numbers."""
     props = schema["properties"]["records"]["items"]["properties"]
-    cats = [k for k, s in props.items() if "enum" in s and any(v.isalpha() for v in s["enum"])]
-    nums = [k for k, s in props.items() if "minimum" in s]
+    cats = [k for k, s in props.items() if "enum" in s and any(isinstance(v, str) and v.isalpha() for v in s["enum"])]
+    nums = [k for k, s in props.items() if _numeric(s)]
     recs = obj["records"]
     if recs and cats:
         k = cats[0]
         recs[0][k] = str(next(v for v in props[k]["enum"] if v)).upper().replace("_", " ")  # repairable
     if len(recs) > 1 and cats:
         recs[1][cats[-1]] = "banana"  # not repairable: rejected
+    top = (props[nums[0]].get("maximum") if nums and "maximum" in props[nums[0]]
+           else max((v for v in props[nums[0]]["enum"] if isinstance(v, (int, float))), default=0) if nums else 0)
     if len(recs) > 2 and nums:
-        recs[2][nums[0]] = props[nums[0]]["maximum"] * 50  # absurd: rejected
+        recs[2][nums[0]] = top * 50  # absurd: rejected
     if len(recs) > 3 and nums:
-        recs[3][nums[0]] = props[nums[0]]["maximum"] + 1  # slightly out of range: the dictionary's policy
+        recs[3][nums[0]] = top + 1  # slightly out of range: the dictionary's policy
 
 
 def inject_pii(obj: Any) -> None:

@@ -119,7 +119,7 @@ def test_unreachable_endpoint_gives_up_quickly_and_release_goes_on(dp):
 def test_every_use_end_to_end_and_no_site_value_reaches_a_prompt(dp, fake, tmp_path):
     seen = []
     cfg = config(fake, tmp_path, uses=("knowledge", "generate", "notes"), styles=("definition", "example", "rule"),
-                 generate_rows=40, batch_size=10)
+                 generate_rows=40, batch_size=10, timeout=10.0)  # one request per call: no timeout on a loaded machine
     result = stage(dp, cfg, seen.append)
     m = result.manifest_section
     d = dp["dictionary"]

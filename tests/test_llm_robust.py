@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_openai_server import FakeOpenAI  # noqa: E402
+from fake_openai_server import FakeOpenAI, note_from_facts  # noqa: E402
 from test_llm import GENERATE, KNOWLEDGE, NOTE, bodies, config, dp, fake, stage  # noqa: E402,F401
 
 from ppsehr.server.llm.client import (LLMClient, LLMContextError, LLMError, _Unsupported, classify,  # noqa: E402
@@ -89,6 +89,49 @@ def test_http_500_on_json_schema_falls_back_to_json_object_and_works(dp, schema_
         assert formats[2] == ("json_object", True) and set(formats[3:]) == {("json_object", False)}
 
 
+def test_grammar_constrained_servers_get_numeric_ranges_as_enums(dp):
+    """llama-cpp-python compiles json_object + schema into a grammar but ignores minimum/maximum (a small model
+    then writes ages of 1 and cholesterol of 38.27645): in that mode the records schema lists each numeric
+    variable's values at its precision, so every number written is in the domain. The prompt keeps the short hint;
+    validation still uses the plain schema; other modes never see the enums."""
+    from ppsehr.server.llm.prompts import numeric_grid, records_schema
+
+    d = dp["dictionary"]
+    with FakeOpenAI(json_schema=False, json_schema_status=500) as server:
+        result = stage(dp, config(server, uses=("generate",), styles=("definition",), generate_rows=30, batch_size=10,
+                                  pool_factor=1.0, concurrency=1))
+    gen = result.manifest_section["uses"]["generate"]["styles"][0]
+    assert result.manifest_section["structured_output"] == "json_object_schema"
+    assert gen["records_valid"] == 30 and gen["records_rejected"] == 0 and gen["values_repaired"] == 0
+    sent = [b for b in bodies(server, GENERATE) if b.get("response_format", {}).get("type") == "json_object"]
+    assert sent
+    for b in sent:
+        props = b["response_format"]["schema"]["properties"]["records"]["items"]["properties"]
+        assert props["age"] == {"enum": list(range(25, 81))}  # never missing: no null
+        assert props["oldpeak"]["enum"][:2] == [-3.0, -2.9] and props["oldpeak"]["enum"][-2:] == [6.5, None]
+        assert props["sex"]["enum"] == ["female", "male"] and "type" not in props["chol"]
+        assert "[25, 26, 27" not in json.dumps(b["messages"])  # the prompt itself is not longer
+    for b in bodies(server, GENERATE):
+        if b.get("response_format", {}).get("type") == "json_schema":  # the strict JSON Schema keeps ranges
+            assert "minimum" in b["response_format"]["json_schema"]["schema"]["properties"]["records"]["items"]["properties"]["age"]
+    # a grid too large to list keeps its range (the record is then validated and repaired as before)
+    wide = type("V", (), {"type": "numeric", "bins": [0.0, 5000.0], "precision": 1})()
+    assert numeric_grid(wide) is None and numeric_grid(d["oldpeak"])[:3] == [-3.0, -2.9, -2.8]
+    assert "minimum" in records_schema(d, 2)["properties"]["records"]["items"]["properties"]["age"]
+
+
+def test_a_batch_is_no_larger_than_one_reply_can_hold(dp, fake):
+    """A batch of 20 records does not fit a max_tokens of 400: batches are cut to what fits (no reply is cut
+    off at max_tokens), the tokens a record takes are learnt from the replies, and the bench says so."""
+    result = stage(dp, config(fake, uses=("generate",), styles=("definition",), generate_rows=12, batch_size=20,
+                              pool_factor=1.0, concurrency=1, max_tokens=400))
+    gen = result.manifest_section["uses"]["generate"]["styles"][0]
+    assert gen["records_valid"] == 12 and gen["replies_cut_off"] == 0 and result.manifest_section["truncated_replies"] == 0
+    assert gen["batch_size"] < 20 and "fits max_tokens 400" in gen["batch_size_note"]
+    assert 0 < gen["reply_tokens_per_record"] < 400
+    assert all(b["max_tokens"] <= 400 for b in bodies(fake, GENERATE))
+
+
 def test_llm_check_measures_the_endpoint_and_writes_a_profile_releases_reuse(tmp_path, monkeypatch, capsys):
     from ppsehr.deploy.cli import build_parser, job_options, main
     from ppsehr.server.llm.client import default_profile_path, llm_config_from_args
@@ -102,6 +145,10 @@ def test_llm_check_measures_the_endpoint_and_writes_a_profile_releases_reuse(tmp
         assert out["json_object"] is True and out["structured_output"] == "json_object"
         assert out["context_tokens"] == 3000 and out["context_source"] == "the endpoint's overflow answer"
         assert out["speed"]["completion_tokens_per_s"] > 0 and out["speed"]["prompt_tokens_per_s"] > 0
+        # the write speed is also measured as the stage writes: a structured reply after a long prompt
+        assert out["speed"]["structured_completion_tokens_per_s"] > 0 and out["speed"]["structured_context_tokens"] > 300
+        probe = [b for b in bodies(server) if "listing the whole numbers" in b["messages"][-1]["content"]]
+        assert len(probe) == 1 and probe[0]["response_format"] == {"type": "json_object"}
         path = Path(out["profile_path"])
         assert path == default_profile_path(server.base_url, "fake-model") and path.exists()
         profile = json.loads(path.read_text())
@@ -197,7 +244,31 @@ def test_a_slow_endpoint_times_out_once_per_request_and_the_stage_degrades(dp):
     assert took < 20
 
 
+def test_a_timeout_teaches_the_speed_and_is_not_retried_when_the_budget_cannot_cover_it(dp):
+    """A request that times out was slower than predicted (a grammar, a long context, other load): the speed
+    model believes it. A server that does not cancel keeps computing the abandoned request, so a retry that the
+    time left cannot cover is not sent (it would queue behind it and keep the endpoint busy past the budget)."""
+    with FakeOpenAI(slow_seconds=2.5) as server:
+        server.script("timeout", KNOWLEDGE)
+        client = LLMClient(config(server, timeout=None, completion_tps=5000.0, prompt_tps=50000.0, concurrency=1))
+        client.set_deadline(1.5)
+        t0 = time.monotonic()
+        with pytest.raises(LLMError, match="not retried"):
+            client.json(knowledge_prompt(dp["dictionary"]), max_tokens=1000)
+        assert time.monotonic() - t0 < 2.4 and len(server.requests) == 1
+        sp = client.memory.speed
+        assert sp.factor > 1 and sp.predict(500, 1000) >= 1.25 * 1.4
+    from ppsehr.server.llm.client import Speed
+
+    unknown = Speed()
+    unknown.slower_than(1000, 500, 60.0)  # nothing measured before: a first speed from the timeout
+    assert unknown.known and unknown.predict(1000, 500) >= 60.0
+
+
 def test_the_time_budget_ends_the_notes_and_says_so(dp):
+    from ppsehr.server.llm import pii
+
+    pii._engine()  # the PII guard's one-time load (spaCy, Presidio) is not what this budget measures
     with FakeOpenAI(delay=0.15) as server:
         progress = []
         result = stage(dp, config(server, uses=("notes",), concurrency=1, time_budget=1.2),
@@ -350,6 +421,46 @@ def test_a_note_that_contradicts_its_record_is_written_again_or_dropped(dp, fake
     assert "connected prose" in bodies(fake, NOTE)[0]["messages"][1]["content"]
 
 
+def test_a_looping_note_loses_its_repeats_and_its_unfinished_last_sentence(dp, fake):
+    """A small model repeats a sentence until max_tokens cuts it off mid-word: the repeats are dropped, the note
+    ends at its last finished sentence, and the manifest counts both."""
+    fake.handlers["note"] = lambda body: (note_from_facts(body["messages"][1]["content"]) + " "
+                                          + "Symptoms are evaluated in clinic today. " * 6 + "Further evaluat")
+    fake.script("truncate", NOTE)  # the first reply is cut off (finish_reason "length")
+    result = stage(dp, config(fake, uses=("notes",), notes_limit=2, concurrency=1))
+    notes = [json.loads(x)["note"] for x in result.files["notes.jsonl"].decode().splitlines()]
+    stats = result.manifest_section["uses"]["notes"]
+    assert notes[0].endswith(". Symptoms are evaluated in clinic today.") and notes[0].count("Symptoms") == 1
+    assert notes[1].endswith("Further evaluat")  # not cut off: kept as written, less its repeats
+    assert notes[1].count("Symptoms are evaluated") == 1
+    assert stats["cut_to_last_sentence"] == 1 and stats["repeated_sentences_dropped"] >= 5 and stats["notes"] == 2
+
+
+def test_a_note_that_states_none_of_its_record_is_dropped_and_an_introduction_is_cut(dp, fake):
+    """A small model writes about itself or about nothing ("I am Dr. Smith, a cardiologist..."): a note that
+    states fewer than 2 of its record's facts is written again, then dropped as not about its record. A first
+    line that only introduces the note ("Here's a possible clinical narrative:") is cut."""
+    from ppsehr.server.llm.notes import NoteChecker, tidy_note
+
+    replies = iter(["I am a cardiologist at a large clinic and I have written many such letters before today.",
+                    "Here's a possible clinical narrative:\n\n\"The patient attends the clinic for a routine review of the heart.\""])
+    fake.handlers["note"] = lambda body: next(replies, None) or note_from_facts(body["messages"][1]["content"])
+    result = stage(dp, config(fake, uses=("notes",), notes_limit=2, concurrency=1))
+    entry, second = [json.loads(x) for x in result.files["notes.jsonl"].decode().splitlines()]
+    stats = result.manifest_section["uses"]["notes"]
+    assert entry["note"] is None and entry["error"] == "not about its record" and "of the record's" in entry["why"]
+    assert second["note"] and stats["notes"] == 1  # the fake's own note states the facts it was given
+    assert stats["dropped_unrelated"] == 1 and stats["dropped_contradicting"] == 0 and stats["regenerated"] == 1
+    assert "1 dropped as not about their record" in " ".join(result.manifest_section["degradations"])
+    assert tidy_note("Here's a possible clinical narrative:\n\n\"The patient, 54 years old, has typical angina.\"", False)[0] \
+        == "The patient, 54 years old, has typical angina."
+    d = dp["dictionary"]
+    record = SyntheticRecord.from_columns(d, dp["columns"], 0)
+    values = record.as_dict()
+    stated, possible = NoteChecker(d).grounding(record, f"A {values['age']}-year-old patient was seen.", 2)
+    assert stated == 1 and possible >= 4
+
+
 def test_the_note_checker_finds_contradictions_and_accepts_faithful_notes(dp):
     d = dp["dictionary"]
     rec = SyntheticRecord.from_values(d, {"age": "54", "sex": "male", "cp": "atypical_angina", "trestbps": "130",
@@ -379,6 +490,19 @@ def test_bench_llm_never_crashes_and_says_why(tmp_path, capsys):
     for s in result["styles"].values():
         assert s["records_valid"] == 0 and "does not fit" in s["why_not"] and "120 tokens" in s["why_not"]
     assert "below 80% valid" in (tmp_path / "b" / "bench-llm.md").read_text()
+
+
+def test_batches_the_time_budget_leaves_unsent_are_counted_apart_from_calls(dp):
+    """Past the time budget a batch is not sent: it is counted as not sent, not as a call or a failed call."""
+    d = dp["dictionary"]
+    with FakeOpenAI(delay=0.4) as server:
+        client = LLMClient(config(server, concurrency=1, batch_size=5, timeout=None))
+        client.set_deadline(1.0)
+        cols, stats = generate_pool(client, d, DPAggregates.from_measurements(d, dp["measurements"]), 60, "definition")
+        sent = len(server.requests)
+    assert 1 <= sent < 12 and stats["batches"] + stats["topup_batches"] == sent and stats["batches_failed"] == 0
+    assert stats["batches_not_sent"] >= 12 - sent and "time budget" in stats["shortfall_reason"]
+    assert len(cols[d.names[0]]) == stats["records_valid"] < 60
 
 
 def test_requests_are_sized_to_what_a_slow_endpoint_can_write_in_the_time_left(dp, fake):

@@ -52,7 +52,7 @@ def _write(root: Path, name: str, variables: dict[str, dict], sites: dict[str, d
             w.writerow(names)
             for i in range(n):
                 w.writerow(["" if cols[c][i] is None else cols[c][i] for c in names])
-        m = [f'[site]\nid = "{site}"\n[source]\npath = "{site}.csv"\nformat = "csv"\nheader = true\n']
+        m = [f'[site]\nid = "{site}"\n[source]\npath = "{site}.csv"\nformat = "csv"\nheader = true\npatient_key = \"row\"  # one row per patient (stays drawn independently)\n']
         for var, spec in variables.items():
             m.append(f"[variables.{var}]\ncolumn = \"{var}\"")
         (root / "sites" / f"{site}.toml").write_text("\n".join(m) + "\n")

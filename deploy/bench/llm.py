@@ -82,7 +82,8 @@ def bench_llm_first(config: LLMConfig, rows: int = 1000, styles: Sequence[str] =
         entry = {k: stats[k] for k in ("template", "records_requested", "records_valid", "valid_rate", "valid_of_returned",
                                        "records_returned", "records_rejected", "example_copies_dropped",
                                        "records_beyond_batch_size", "values_repaired", "rejections", "batches",
-                                       "topup_batches", "batches_failed", "batch_size", "replies_cut_off", "prompt_trimmed")}
+                                       "topup_batches", "batches_failed", "batches_not_sent", "batch_size", "replies_cut_off", "prompt_trimmed")}
+        entry.update({k: stats[k] for k in ("reply_tokens_per_record", "batch_size_note") if k in stats})
         calls = client.calls[calls_before:]
         tokens = sum(c.prompt_tokens + c.completion_tokens for c in calls)
         entry.update(prompt_tokens=sum(c.prompt_tokens for c in calls), completion_tokens=sum(c.completion_tokens for c in calls),

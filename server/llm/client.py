@@ -8,8 +8,9 @@ classified (`classify`):
   overflow     the prompt does not fit the model's context (a 400 that says so): the context size
                is learnt from the message and `LLMContextError` is raised (callers trim and retry);
   transient    429, 408/409, other 5xx, connection errors: retried with backoff (Retry-After
-               honoured); a timeout is retried once, with twice the time (a slow server is still
-               busy with the first request: sending it again at once only queues behind it);
+               honoured); a timeout teaches the speed model and is retried once with the time it
+               needs (doubled on a one-request-at-a-time endpoint: the server is still busy with the
+               abandoned request), and not at all when the time budget cannot cover that;
   fatal        401/403 (key), 404 (model), other 4xx: `LLMError` at once.
 Nothing else leaves the client: every failure a caller sees is an `LLMError`.
 
@@ -278,6 +279,14 @@ class Speed:
     def predict(self, prompt_tokens: float, completion_tokens: float) -> float | None:
         return self.factor * self.raw(prompt_tokens, completion_tokens) if self.known else None
 
+    def slower_than(self, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        """A request of this size was not done after `seconds` (a timeout): predict at least 1.25 times that."""
+        if not self.known:  # nothing measured: assume the prompt is read 10x faster than text is written
+            self.completion_tps = max((prompt_tokens / 10 + completion_tokens) / (1.25 * max(seconds, 0.05)), 0.1)
+            return
+        raw = self.raw(prompt_tokens, completion_tokens)
+        self.factor = min(max(self.factor, 1.25 * seconds / max(raw, 1e-3)), 50.0)
+
     def observe(self, prompt_tokens: int, completion_tokens: int, latency: float) -> None:
         self.observed += 1
         if prompt_tokens + completion_tokens <= 0 or latency <= 0:
@@ -545,7 +554,8 @@ class LLMClient:
             raise LLMError(f"{rec.template}: {rec.error}") from None
         finally:
             rec.latency_s = time.perf_counter() - t0
-            self._record(rec)
+            if rec.requests or rec.ok or not rec.error.startswith(f"{rec.template}: the LLM time budget is spent"):
+                self._record(rec)  # a call the time budget did not let out is no call (the use counts it as skipped)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], on_done: Callable[[int, R], None] | None = None) -> list[R]:
         """fn over items, up to `concurrency` at a time, results in order (exceptions re-raised).
@@ -703,6 +713,10 @@ class LLMClient:
         else:
             predicted = self.memory.speed.predict(prompt_tokens, max_tokens)
             t = DEFAULT_TIMEOUT if predicted is None else max(30.0, 1.5 * predicted + 15.0)
+            if predicted is not None and c.concurrency == 1:
+                # one request at a time, and llama.cpp-style servers finish what a client abandons: a timeout
+                # costs the whole request anyway and its retry queues behind it, so wait longer before giving up
+                t = max(t, 3.0 * predicted)
         left = self.remaining()
         if left is not None:
             predicted = self.memory.speed.predict(prompt_tokens, min(max_tokens, 64))
@@ -722,8 +736,8 @@ class LLMClient:
         if mode == "json_schema":
             kwargs["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": prompt.schema_name or "reply", "schema": prompt.schema, "strict": True}}
-        elif mode == "json_object_schema":
-            kwargs["response_format"] = {"type": "json_object", "schema": prompt.schema}
+        elif mode == "json_object_schema":  # compiled into a grammar: numeric ranges as enums (Prompt.grammar_schema)
+            kwargs["response_format"] = {"type": "json_object", "schema": prompt.grammar_schema}
         elif mode == "json_object":
             kwargs["response_format"] = {"type": "json_object"}
         structured = mode in MODES[:3]
@@ -742,14 +756,26 @@ class LLMClient:
                 with self._sem:
                     resp = self._client.chat.completions.create(**kwargs, timeout=timeout)
             except oa.APITimeoutError:
+                waited = time.perf_counter() - t0
                 rec.timeouts += 1
                 timeouts += 1
                 with self._lock:
                     self._unreachable += 1
+                # the endpoint is slower than predicted (a grammar, a long context, other load): believe it, so
+                # that what follows (its retry, later requests, what fits in the time left) is sized to it
+                self.memory.speed.slower_than(est, want, waited)
                 if timeouts > c.timeout_retries or attempt >= c.max_retries:
                     raise LLMError(f"{prompt.template.id}: timed out after {timeouts} attempt(s) "
                                    f"(last timeout {timeout:.3g} s)") from None
-                timeout_scale *= 2  # the same request again, with more time (not at once: a slow server is busy)
+                left = self.remaining()
+                if left is not None and left < 2 * waited:
+                    # a server that does not cancel is still busy with the abandoned request: a retry would only
+                    # queue behind it and be abandoned too, keeping the endpoint busy past the budget
+                    raise LLMTimeBudgetError(f"{prompt.template.id}: timed out after {waited:.0f} s; not retried, "
+                                             f"{max(left, 0):.0f} s of the LLM time budget left") from None
+                # the same request again, with the time it needs after what was learnt, and (one request at a time)
+                # the time the abandoned one still keeps the server busy
+                timeout_scale = 2.0 if (c.concurrency == 1 or c.timeout is not None) else 1.0
                 attempt += 1
                 self._sleep(self._delay(attempt - 1, None))
                 continue
@@ -970,12 +996,12 @@ def _props_context(config: LLMConfig) -> int:
         return 0
 
 
-def _raw(client: LLMClient, messages: list[dict], max_tokens: int, timeout: float) -> tuple[Any, float]:
+def _raw(client: LLMClient, messages: list[dict], max_tokens: int, timeout: float, **extra: Any) -> tuple[Any, float]:
     """One bare request (no retries), for measurements: (response or exception, seconds)."""
     t0 = time.perf_counter()
     try:
         resp = client._client.chat.completions.create(model=client.config.model, messages=messages, max_tokens=max_tokens,
-                                                     temperature=0.0, seed=0, timeout=timeout)
+                                                     temperature=0.0, seed=0, timeout=timeout, **extra)
     except Exception as e:
         return e, time.perf_counter() - t0
     return resp, time.perf_counter() - t0
@@ -1072,6 +1098,31 @@ def check_endpoint(config: LLMConfig, probe_context: bool = True) -> dict[str, A
         if p_read > p_tiny > 0:
             cpt = (len(long_text) - 30) / (p_read - p_tiny)
             speed["prompt_tokens_per_s"] = round((p_read - p_tiny) / max(t_read - t_tiny, 0.05), 1)
+    # 3b. writing a structured reply after a long prompt, as the LLM stage does (right after the read probe, so
+    # that a server with a prefix cache does not read the prompt again): a grammar and a long context
+    # make a small model on a CPU several times slower than the count below (docs/local-model.md)
+    mode = out["structured_output"]
+    numbers = {"type": "object", "additionalProperties": False, "required": ["numbers"], "properties": {
+        "numbers": {"type": "array", "minItems": 40, "maxItems": 60, "items": {"enum": list(range(1, 61))}}}}
+    extra: dict[str, Any] = {}
+    if mode == "json_schema":
+        extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": numbers, "strict": True}}
+    elif mode == "json_object_schema":
+        extra["response_format"] = {"type": "json_object", "schema": numbers}
+    elif mode == "json_object":
+        extra["response_format"] = {"type": "json_object"}
+    ask = long_text + '\nReply with the JSON object {"numbers": [1, 2, 3, ...]} listing the whole numbers from 1 to 60.'
+    resp, t_struct = _raw(client, [{"role": "user", "content": ask}], 240, config.timeout or 600.0, **extra)
+    if not isinstance(resp, Exception):
+        p_struct, c_struct = _usage(resp)
+        if c_struct > 8:
+            # the prompt's start was just read (a server with a prefix cache reads only the last line again);
+            # without such a cache this errs slow, which is the safe side for timeouts and batch sizes.
+            # Numbers as an enum, as records are sent to grammar-constrained servers
+            speed["structured_completion_tokens_per_s"] = round(c_struct / max(t_struct - overhead, 0.05), 2)
+            speed["structured_context_tokens"] = p_struct + c_struct
+    else:
+        speed["structured_probe_error"] = f"{type(resp).__name__}: {str(resp)[:120]}"
     nonce = random.Random().randrange(10 ** 9)
     count = [{"role": "user", "content": f"[{nonce}] Write the numbers from 1 to 100, separated by spaces."}]
     resp, t_write = _raw(client, count, 64, config.timeout or 600.0)
@@ -1080,6 +1131,7 @@ def check_endpoint(config: LLMConfig, probe_context: bool = True) -> dict[str, A
         if c_write > 4:
             speed["completion_tokens_per_s"] = round(c_write / max(t_write - overhead, 0.05), 2)
     speed["overhead_s"] = round(overhead, 3)
+    plain_tps = speed.get("completion_tokens_per_s")
     # 4. parallel slots: two such requests at once take twice as long on a server that serves one at a time
     slots = None
     if speed.get("completion_tokens_per_s"):
@@ -1093,6 +1145,9 @@ def check_endpoint(config: LLMConfig, probe_context: bool = True) -> dict[str, A
             single = overhead + max(_usage(r)[1] for r, _ in res) / speed["completion_tokens_per_s"]
             slots = 1 if wall > 1.6 * single else 2
         speed["parallel_slots"] = slots
+    if plain_tps and speed.get("structured_completion_tokens_per_s"):  # requests are timed with the slower of the two
+        speed["plain_completion_tokens_per_s"] = plain_tps
+        speed["completion_tokens_per_s"] = min(plain_tps, speed["structured_completion_tokens_per_s"])
     out["speed"] = speed
     # 5. context size
     ctx, source = (config.context, "configured (--llm-context)") if config.context else (0, "")
@@ -1224,8 +1279,11 @@ def run_check_cli(args) -> int:
             line("structured output", result["structured_output"])
             sp = result.get("speed", {})
             line("context", f"{result.get('context_tokens') or 'unknown'} tokens ({result.get('context_source')})")
-            line("speed", f"reads {sp.get('prompt_tokens_per_s', '?')} tokens/s, writes {sp.get('completion_tokens_per_s', '?')} "
-                          f"tokens/s, {sp.get('parallel_slots') or '?'} request(s) at once")
+            writes = (f"writes {sp.get('completion_tokens_per_s', '?')} tokens/s" + (
+                f" ({sp['structured_completion_tokens_per_s']} structured after {sp.get('structured_context_tokens')} tokens, "
+                f"{sp['plain_completion_tokens_per_s']} plain)" if sp.get("plain_completion_tokens_per_s") else ""))
+            line("speed", f"reads {sp.get('prompt_tokens_per_s', '?')} tokens/s, {writes}, "
+                          f"{sp.get('parallel_slots') or '?'} request(s) at once")
             s = result["profile"]["settings"]
             line("release settings", f"context {s['context'] or 'unknown'}, max_tokens {s['max_tokens']}, concurrency "
                                      f"{s['concurrency']}, batch {s.get('batch_size', 'default')}, timeout per request from the speed")

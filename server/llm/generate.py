@@ -21,7 +21,7 @@ import numpy as np
 
 from ...common.dictionary import OUT_OF_RANGE, Dictionary
 from ..model.records import encode
-from .client import LLMClient, LLMContextError, LLMError
+from .client import LLMClient, LLMContextError, LLMError, LLMTimeBudgetError
 from .knowledge import match_category, norm_label
 from .prompts import (STYLES, TEMPLATES, DPAggregates, Prompt, PromptTooLong, Rule, SyntheticRecord, _typed,
                       generation_prompt)
@@ -112,16 +112,44 @@ class _Batches:
                  examples: Sequence[SyntheticRecord], rules: Sequence[Rule]):
         self.client, self.dictionary, self.aggregates, self.style = client, dictionary, aggregates, style
         self.examples, self.rules = examples, rules
-        self.per_record = _record_tokens(client, dictionary, examples)
+        self.estimate = _record_tokens(client, dictionary, examples)  # from the dictionary, before any reply
         self.size = max(1, client.config.batch_size)
         self.dropped: dict[str, int] = {}
         self.compact = False
+        self.seen_tokens = self.seen_records = 0
+        self.fit_capped = False  # the batch size was cut so that a reply fits max_tokens
+        self._fit()
+
+    def _fit(self) -> None:
+        fit = self.fits()
+        if fit < self.size:  # a batch must fit one reply: more records than max_tokens holds come back cut off
+            self.size, self.fit_capped = fit, True
+
+    @property
+    def per_record(self) -> float:
+        """Reply tokens to allow per record: the estimate, or 1.3 times what this endpoint's replies took
+        if that is more (a model's whitespace and digits vary; a cap costs nothing unless the model loops)."""
+        seen = self.seen_tokens / self.seen_records if self.seen_records else 0.0
+        return max(self.estimate, 1.3 * seen)
 
     def reply_tokens(self, n: int) -> int:
         return int(self.per_record * n) + 40
 
     def max_tokens(self, n: int) -> int:
         return min(self.client.config.max_tokens, self.reply_tokens(n) + 32)
+
+    def fits(self) -> int:
+        """Records whose reply fits the max_tokens cap (and half the context, when known)."""
+        cap = self.client.config.max_tokens
+        if self.client.context:
+            cap = min(cap, self.client.context // 2)
+        return max(1, int((cap - 72) // self.per_record))
+
+    def learn(self, completion_tokens: int, records: int) -> None:
+        """Tokens the records of a reply took: the next batches are sized to it (see per_record)."""
+        if completion_tokens > 0 and records > 0:
+            self.seen_tokens += completion_tokens
+            self.seen_records += records
 
     def build(self, n: int, batch: int) -> tuple[Prompt, int]:
         """(the prompt for a batch of up to n records, its max_tokens); fewer records if the context is small.
@@ -130,6 +158,7 @@ class _Batches:
         k = max(1, c.config.example_rows)
         ex = ([self.examples[(batch * k + j) % len(self.examples)] for j in range(min(k, len(self.examples)))]
               if self.style == "example" else ())
+        self._fit()  # again: the context or the tokens a record takes may be known better now
         n = max(1, min(n, self.size))
         afford = c.affordable_tokens(c.context // 3 if c.context else 1500)
         if afford is not None:  # no more records than the endpoint can write in the time left
@@ -170,7 +199,7 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
     cols: dict[str, list[str]] = {name: [] for name in dictionary.names}
     stats: dict[str, Any] = {
         "style": style, "template": TEMPLATES[STYLES[style]].id, "records_requested": n, "batches": 0,
-        "batches_failed": 0, "topup_batches": 0, "records_returned": 0, "records_valid": 0, "records_rejected": 0,
+        "batches_failed": 0, "batches_not_sent": 0, "topup_batches": 0, "records_returned": 0, "records_valid": 0, "records_rejected": 0,
         "records_beyond_batch_size": 0, "example_copies_dropped": 0, "values_repaired": 0, "rejections": {},
         "errors": []}
     shown: set[tuple[str, ...]] = set()
@@ -194,7 +223,7 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
                 break
             want = prompt.info.get("n", size - asked)
             try:
-                obj, _ = client.json(prompt, validate=_records_shape, max_tokens=max_tokens)
+                obj, rec = client.json(prompt, validate=_records_shape, max_tokens=max_tokens)
             except LLMContextError as e:  # the context is smaller than thought: it is known now; build again
                 overflows += 1
                 if overflows > 1 or not (client.context or batches.size > 1):
@@ -203,9 +232,15 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
                 if not client.context:
                     batches.size = max(1, batches.size // 2)
                 continue
+            except LLMTimeBudgetError as e:  # nothing was sent (or a timed-out request was not sent again)
+                out.append((None, str(e), None if "not sent" in str(e) else prompt, want))
+                break
             except LLMError as e:
                 out.append((None, str(e), prompt, want))
                 break
+            if not rec.cached:
+                with lock:
+                    batches.learn(rec.completion_tokens, len(obj["records"]))
             out.append((obj, "", prompt, want))
             asked += want
         return out
@@ -219,6 +254,11 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
                     rec, _, _ = validate_record(dictionary, json.loads(line))
                     if rec is not None:
                         shown.add(tuple(rec[name] for name in dictionary.names))
+            if obj is None and prompt is None and "time budget" in err:  # not sent: no call, no failure
+                stats["batches_not_sent"] += 1
+                if not any("time budget" in e for e in stats["errors"]):
+                    stats["errors"].append(err[:200])
+                continue
             if obj is None:
                 stats["batches_failed"] += 1
                 stats["errors"].append(err[:200])
@@ -276,6 +316,11 @@ def generate_pool(client: LLMClient, dictionary: Dictionary, aggregates: DPAggre
                 * bool(stats["batches_failed"])))
     new_calls = client.calls[calls_before:]
     stats["batch_size"] = batches.size
+    if batches.seen_records:
+        stats["reply_tokens_per_record"] = round(batches.seen_tokens / batches.seen_records, 1)
+    if batches.fit_capped:
+        stats["batch_size_note"] = (f"batches cut to {batches.size} records so that a reply fits max_tokens "
+                                    f"{client.config.max_tokens} (about {batches.per_record:.0f} tokens a record)")
     stats["prompt_trimmed"] = dict(batches.dropped)
     if batches.compact:
         stats["prompt_trimmed"]["dictionary"] = "shortened descriptions"

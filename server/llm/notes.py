@@ -146,6 +146,33 @@ class NoteChecker:
         return out
 
     # ------------------------------------------------------------------ the check
+    def grounding(self, record: SyntheticRecord, text: str, max_tier: int = 3, language: str = "en") -> tuple[int, int]:
+        """(facts of the record the note states, facts it could be seen to state): a numeric value written as
+        the record has it, or (in English) a category label of the record that says something on its own
+        (not yes/no, normal, a count). A note that states none of them is not about its record."""
+        low = text.lower()
+        stated = possible = 0
+        for name, value in record.values:
+            var = self.dictionary[name]
+            if value == "" or var.tier > max_tier:
+                continue
+            if var.type == "numeric":
+                try:
+                    x = float(value)
+                except ValueError:
+                    continue
+                shown = f"{x:.{var.precision}f}".rstrip("0").rstrip(".") if var.precision else f"{x:.0f}"
+                rx = re.escape(shown).replace(r"\.", "[.,]")
+                possible += 1
+                stated += bool(re.search(r"(?<![\d.,])" + rx + r"(?![\d])", text))
+            elif language.lower() in ("en", "english"):
+                label = value.replace("_", " ").strip().lower()
+                if label in _GENERIC_LABELS or len(label) < 4 or label.isdigit():
+                    continue
+                possible += 1
+                stated += bool(re.search(r"(?<![\w-])" + r"[\s_-]*".join(map(re.escape, label.split())) + r"(?![\w-])", low))
+        return stated, possible
+
     def check(self, record: SyntheticRecord, text: str, max_tier: int = 3, language: str = "en") -> list[str]:
         """What the note says that its record contradicts (empty: nothing found)."""
         d = self.dictionary
@@ -223,6 +250,45 @@ def list_like(text: str) -> bool:
     return bullets >= 3 or colon >= 3
 
 
+_SENTENCE_END = re.compile(r"[.!?](?:[\"')\]]*)(?=\s|$)")
+
+
+_PREAMBLE = re.compile(r"^[^\n]{0,100}:[ \t]*\n+")
+
+
+def tidy_note(text: str, cut_off: bool) -> tuple[str, bool, int]:
+    """A note without a first line that only introduces it ("Here's a possible clinical narrative:") and the
+    quotes around the rest, without the sentences a small model repeats word for word, and (if the reply was
+    cut off at max_tokens) without its unfinished last sentence, when a finished one is left. Returns (note,
+    whether it was cut back to a sentence end, repeated sentences dropped)."""
+    text = text.strip()
+    intro = _PREAMBLE.match(text)
+    if intro and len(text) - intro.end() >= 40:
+        text = text[intro.end():].strip()
+        if len(text) > 2 and text[0] in "\"“" and text.count(text[0]) + text.count("”") <= 2:
+            text = text.strip("\"“”").strip()
+    cut = False
+    if cut_off:
+        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        if ends and ends[-1] < len(text) and ends[-1] >= 20:
+            text, cut = text[:ends[-1]], True
+    pieces, seen, repeated, start = [], set(), 0, 0
+    for m in list(_SENTENCE_END.finditer(text)) + [None]:
+        end = m.end() if m else len(text)
+        piece = text[start:end]
+        key = re.sub(r"\W+", " ", piece).strip().lower()
+        if key and key in seen and len(key) > 12:
+            repeated += 1
+        elif piece.strip():
+            pieces.append(piece)
+            seen.add(key)
+        start = end
+    return ("".join(pieces).strip() if repeated else text), cut, repeated
+
+
+MIN_FACTS_STATED = 2  # a kept note states at least this many of its record's facts (fewer if it has fewer)
+
+
 def write_notes(client: LLMClient, dictionary: Dictionary, columns: dict[str, list[str]], language: str,
                 max_tier: int, guard: PIIGuard, limit: int | None = None,
                 progress: Progress | None = None, every: int | None = None) -> tuple[bytes, dict[str, Any]]:
@@ -240,17 +306,25 @@ def write_notes(client: LLMClient, dictionary: Dictionary, columns: dict[str, li
         try:
             for attempt in range(retries + 1):
                 p = note_prompt(dictionary, record, language, max_tier, attempt)
-                text = client.text(p, max_tokens=client.config.note_max_tokens)[0].strip()
+                text, rec = client.text(p, max_tokens=client.config.note_max_tokens)
+                text, cut, repeated = tidy_note(text, rec.truncated > 0)
+                tidied = (cut, repeated)
                 if not text:
-                    return None, "empty reply", attempt, problems
+                    return None, "empty reply", attempt, problems, tidied
                 problems = checker.check(record, text, max_tier, language)
                 if not problems:
-                    return text, "", attempt, []
-            return None, "contradicts its record", retries, problems
+                    stated, possible = checker.grounding(record, text, max_tier, language)
+                    if stated >= min(MIN_FACTS_STATED, possible):
+                        return text, "", attempt, [], tidied
+                    problems = [f"states {stated} of the record's {possible} recognisable facts (at least "
+                                f"{min(MIN_FACTS_STATED, possible)} needed): not about its record"]
+            if problems[0].endswith("not about its record"):
+                return None, "not about its record", retries, problems, tidied
+            return None, "contradicts its record", retries, problems, tidied
         except LLMTimeBudgetError as e:
-            return None, f"budget: {e}", 0, problems
+            return None, f"budget: {e}", 0, problems, (False, 0)
         except (LLMError, ValueError) as e:
-            return None, str(e), 0, problems
+            return None, str(e), 0, problems, (False, 0)
 
     step = every or max(1, min(25, n // 10))
     say = progress or (lambda *a, **k: None)
@@ -259,17 +333,22 @@ def write_notes(client: LLMClient, dictionary: Dictionary, columns: dict[str, li
         if k % step == 0 or k == n:
             _emit(say, f"LLM notes: {k}/{n} records done", done=k, total=n)
 
-    lines, failed, skipped, dropped, regenerated, listy = [], 0, 0, 0, 0, 0
+    lines, failed, skipped, dropped, regenerated, listy, cut_back, repeats, unrelated = [], 0, 0, 0, 0, 0, 0, 0, 0
     contradictions: list[dict[str, Any]] = []
-    for i, (text, err, attempts, problems) in enumerate(client.map(one, range(n), on_done=done)):
+    for i, (text, err, attempts, problems, (cut, repeated)) in enumerate(client.map(one, range(n), on_done=done)):
         if err.startswith("budget:"):
             skipped += 1
             continue
         regenerated += attempts
+        cut_back += cut and text is not None
+        repeats += repeated if text is not None else 0
         if text is None:
             failed += 1
             entry: dict[str, Any] = {"record": i, "language": language, "note": None, "error": (err or "empty reply")[:200]}
-            if problems:
+            if err == "not about its record":
+                unrelated += 1
+                entry["why"] = problems[0]
+            elif problems:
                 dropped += 1
                 entry["contradictions"] = problems[:5]
                 contradictions.append({"record": i, "contradictions": problems[:3]})
@@ -285,14 +364,17 @@ def write_notes(client: LLMClient, dictionary: Dictionary, columns: dict[str, li
     if progress:
         _emit(say, f"LLM notes: {written} of {n} records, in {language}" + (
             f" ({dropped} dropped as contradicting their record)" if dropped else "")
+            + (f" ({unrelated} dropped as not about their record)" if unrelated else "")
             + (f"; {skipped} not written: time budget spent" if skipped else ""))
     data = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode()
     return data, {"records": n, "notes": written, "failed": failed, "skipped_time_budget": skipped,
-                  "dropped_contradicting": dropped, "regenerated": regenerated, "list_like": listy,
+                  "dropped_contradicting": dropped, "dropped_unrelated": unrelated, "regenerated": regenerated,
+                  "list_like": listy,
+                  "cut_to_last_sentence": cut_back, "repeated_sentences_dropped": repeats,
                   "contradictions": contradictions[:10], "language": language,
                   "template": TEMPLATES["note"].id, "max_tier_in_prompt": max_tier,
                   "check": "numbers (by unit or the variable's words) in the record's bin; categories, thresholds and "
-                           "sex consistent with the record"}
+                           f"sex consistent with the record; at least {MIN_FACTS_STATED} of the record's facts stated"}
 
 
 def _emit(progress: Callable[..., None], message: str, **data: Any) -> None:

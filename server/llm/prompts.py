@@ -247,10 +247,18 @@ class Prompt:
     seed_offset: int = 0
     meta: tuple[tuple[str, Any], ...] = field(default=())
     schema_hint: str | None = None  # the reply's shape in a few lines, sent instead of the schema in prompt mode
+    # the schema as a grammar-constrained server (llama-cpp-python's json_object + schema) is sent it: the same
+    # shape with numeric ranges spelled out as enums, because its grammar converter ignores minimum/maximum
+    grammar_schema_json: str | None = None
 
     @property
     def schema(self) -> dict | None:
         return None if self.schema_json is None else json.loads(self.schema_json)
+
+    @property
+    def grammar_schema(self) -> dict | None:
+        """The schema for a server that turns it into a grammar (numeric ranges enumerated where small)."""
+        return json.loads(self.grammar_schema_json) if self.grammar_schema_json is not None else self.schema
 
     @property
     def hash(self) -> str:
@@ -258,6 +266,8 @@ class Prompt:
                    "schema_name": self.schema_name, "seed_offset": self.seed_offset}
         if self.schema_hint is not None:
             content["schema_hint"] = self.schema_hint
+        if self.grammar_schema_json is not None:
+            content["grammar_schema"] = self.grammar_schema_json
         return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     @property
@@ -281,11 +291,11 @@ class Prompt:
 
 
 def _prompt(name: str, user: str, schema: dict | None = None, schema_name: str = "", seed_offset: int = 0,
-            hint: str | None = None, **meta: Any) -> Prompt:
+            hint: str | None = None, grammar_schema: dict | None = None, **meta: Any) -> Prompt:
     t = TEMPLATES[name]
-    return Prompt(t, (("system", t.system), ("user", user)),
-                  None if schema is None else json.dumps(schema, sort_keys=True, separators=(",", ":")),
-                  schema_name, seed_offset, tuple(sorted(meta.items())), hint)
+    dump = (lambda x: None if x is None else json.dumps(x, sort_keys=True, separators=(",", ":")))
+    return Prompt(t, (("system", t.system), ("user", user)), dump(schema), schema_name, seed_offset,
+                  tuple(sorted(meta.items())), hint, dump(grammar_schema if grammar_schema != schema else None))
 
 
 class PromptTooLong(ValueError):
@@ -415,16 +425,37 @@ KNOWLEDGE_HINT = (
     "variables by their dictionary names; \"values\" for in/not_in (else []), \"value\" for comparisons (else null).")
 
 
-def value_schema(var: Variable) -> dict:
+GRAMMAR_ENUM_MAX = 1000  # numeric variables with at most this many values at their precision are enumerated
+
+
+def numeric_grid(var: Variable, limit: int = GRAMMAR_ENUM_MAX) -> list[int | float] | None:
+    """Every value a numeric variable can take at its precision, in order (None if more than `limit`)."""
+    if var.type != "numeric" or not var.bins:
+        return None
+    scale = 10 ** var.precision
+    lo, hi = math.ceil(var.bins[0] * scale - 1e-9), math.floor(var.bins[-1] * scale + 1e-9)
+    if hi < lo or hi - lo + 1 > limit:
+        return None
+    return [k if var.precision == 0 else round(k / scale, var.precision) for k in range(lo, hi + 1)]
+
+
+def value_schema(var: Variable, grammar: bool = False) -> dict:
+    """A value's JSON Schema. grammar=True: for servers that compile the schema into a grammar without
+    honouring minimum/maximum (llama-cpp-python), numbers are listed as an enum where the grid is small,
+    so even a small model cannot write a number outside the domain or at another precision."""
     if var.type == "categorical":
         return {"type": "string", "enum": list(var.categories) + ([OTHER] if var.other else []) + ([""] if var.missing else [])}
+    grid = numeric_grid(var) if grammar else None
+    if grid is not None:
+        return {"enum": grid + ([None] if var.missing else [])}
     s = {"type": ["number", "null"] if var.missing else "number", "minimum": var.bins[0], "maximum": var.bins[-1]}
     return s
 
 
-def records_schema(dictionary: Dictionary, n: int) -> dict:
+def records_schema(dictionary: Dictionary, n: int, grammar: bool = False) -> dict:
+    """The reply of a generation batch: exactly n records (grammar=True: see value_schema)."""
     item = {"type": "object", "additionalProperties": False, "required": dictionary.names,
-            "properties": {name: value_schema(v) for name, v in dictionary.variables.items()}}
+            "properties": {name: value_schema(v, grammar) for name, v in dictionary.variables.items()}}
     return {"type": "object", "additionalProperties": False, "required": ["records"],
             "properties": {"records": {"type": "array", "minItems": n, "maxItems": n, "items": item}}}
 
@@ -535,7 +566,8 @@ def generation_prompt(style: str, dictionary: Dictionary, aggregates: DPAggregat
         kept = parts[1].splitlines()[1:]
         kept_examples = tuple(kept)
     return _prompt(STYLES[style], "\n\n".join(parts), records_schema(dictionary, n), "records", seed_offset=batch,
-                   hint=records_hint(dictionary, n), style=style, batch=batch, n=n, dropped=tuple(sorted(dropped.items())),
+                   hint=records_hint(dictionary, n), grammar_schema=records_schema(dictionary, n, grammar=True),
+                   style=style, batch=batch, n=n, dropped=tuple(sorted(dropped.items())),
                    compact_dictionary=compact, examples_shown=kept_examples)
 
 

@@ -169,7 +169,8 @@ def _run(config: LLMConfig, dictionary: Dictionary, measurements: list[Measureme
         if stats["notes"] < wanted:
             why = [f"{stats['skipped_time_budget']} not written (time budget spent)"] * bool(stats.get("skipped_time_budget"))
             why += [f"{stats['dropped_contradicting']} dropped as contradicting their record"] * bool(stats.get("dropped_contradicting"))
-            other = stats.get("failed", 0) - stats.get("dropped_contradicting", 0)
+            why += [f"{stats['dropped_unrelated']} dropped as not about their record"] * bool(stats.get("dropped_unrelated"))
+            other = stats.get("failed", 0) - stats.get("dropped_contradicting", 0) - stats.get("dropped_unrelated", 0)
             why += [f"{other} failed"] * bool(other > 0) + [str(stats.get("error", ""))[:160]] * bool(stats.get("error"))
             degradations.append(f"notes: {stats['notes']} of {wanted} written" + (f" ({', '.join(why)})" if why else ""))
         uses["notes"] = {"ran": stats["notes"] > 0, **stats}

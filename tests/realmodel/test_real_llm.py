@@ -56,7 +56,7 @@ def profile(out_dir):
 
 def test_llm_check_writes_a_usable_profile(profile):
     p = json.loads(profile.read_text())
-    assert p["structured_output"] in ("json_schema", "json_object", "prompt")
+    assert p["structured_output"] in ("json_schema", "json_object_schema", "json_object", "prompt")
     assert p["settings"]["max_tokens"] >= 256 and p["settings"]["concurrency"] >= 1
 
 
