@@ -41,6 +41,7 @@ class InProcessTransport:
 
     def query(self, plan, timeout, progress, kind="summary", to=None):
         from ..client.guard import Refusal
+        from ..client.relay import REQUESTS  # kind -> the guard method that answers it, as the relay uses
 
         replies: list[SiteReply] = []
         failures: list[SiteFailure] = []
@@ -48,8 +49,7 @@ class InProcessTransport:
             if to is not None and name not in to:
                 continue
             try:
-                replies.append(SiteReply(name, {"enroll": guard.enroll, "confirm": guard.confirm, "reveal": guard.reveal,
-                                                  "identify": guard.identify}.get(kind, guard.answer)(plan)))
+                replies.append(SiteReply(name, getattr(guard, REQUESTS[kind][2])(plan)))
             except Refusal as r:
                 failures.append(SiteFailure(name, r.code, r.message))
         return replies, failures
