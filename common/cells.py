@@ -10,7 +10,10 @@ these functions, so a grouping means the same everywhere.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from concurrent import futures
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -71,9 +74,10 @@ def count_tables(columns: Mapping[str, np.ndarray], n_rows: int,
     them; `columns` maps each variable to its rows' dictionary cell codes. Each result (int64,
     row-major over the grouped shape) equals `np.bincount(grouped_index(...), minlength=cells)`:
     every row adds 1 to exactly one cell of every table. Tables are packed into joint tables of at
-    most `joint_cells` cells; the rows are walked once, block by block, each joint table's flat
-    cell index built with integer arithmetic in a reused buffer and counted with np.bincount; each
-    table is then the sum of its joint table over the other variables. Codes outside a variable's
+    most `joint_cells` cells; the rows are walked once, block by block (large tables: one row range
+    per core, on threads), each joint table's flat cell index built with int32 arithmetic in a reused
+    buffer and counted with np.bincount; each table is then the sum of its joint table over the
+    other variables. Codes outside a variable's
     domain raise ValueError (nothing is counted then).
     """
     axes_of: list[list[tuple]] = []  # per table: (axis key, column, grouping or None, grouped size)
@@ -85,7 +89,7 @@ def count_tables(columns: Mapping[str, np.ndarray], n_rows: int,
         axes = []
         for name, size, g in zip(names, shape, maps):
             col = columns[name]
-            g = None if g is None else np.asarray(g, dtype=np.intp)
+            g = None if g is None else np.asarray(g, dtype=np.int64)
             full = int(size) if g is None else len(g)
             if len(col) != n_rows:
                 raise ValueError(f"column {name!r} has {len(col)} rows, expected {n_rows}")
@@ -96,35 +100,21 @@ def count_tables(columns: Mapping[str, np.ndarray], n_rows: int,
             axes.append(((name, None if g is None else g.tobytes()), col, g, int(size)))
         axes_of.append(axes)
     joints = _pack(axes_of, joint_cells)
-    counts = [np.zeros(math.prod(a[3] for a in axes), dtype=np.int64) for axes in joints]
-    if n_rows:
-        block_rows = max(1, min(int(block_rows), n_rows))
-        index = np.empty(block_rows, dtype=np.intp)
-        scratch = np.empty(block_rows, dtype=np.intp)
-        plans = []
-        for axes in joints:
-            strides = np.cumprod([1] + [a[3] for a in axes[:0:-1]])[::-1]
-            plans.append([(col, g, np.intp(s)) for (_, col, g, _), s in zip(axes, strides)])
-        for start in range(0, n_rows, block_rows):
-            stop = min(start + block_rows, n_rows)
-            idx, tmp = index[:stop - start], scratch[:stop - start]
-            for plan, out in zip(plans, counts):
-                if len(plan) == 1 and plan[0][1] is None:  # one plain variable: count its codes
-                    out += np.bincount(plan[0][0][start:stop], minlength=len(out))
-                    continue
-                for k, (col, g, stride) in enumerate(plan):
-                    part = col[start:stop]
-                    if g is not None:
-                        np.take(g, part, out=tmp)
-                        part = tmp
-                    if k == 0:
-                        np.multiply(part, stride, out=idx)
-                    elif stride == 1:
-                        np.add(idx, part, out=idx)
-                    else:
-                        np.multiply(part, stride, out=tmp)
-                        np.add(idx, tmp, out=idx)
-                out += np.bincount(idx, minlength=len(out))
+    sizes = [math.prod(a[3] for a in axes) for axes in joints]
+    # int32 cell indices carry half the memory traffic of int64 (joint tables are far smaller)
+    index_type = np.int32 if max(sizes, default=0) < 2**31 else np.int64
+    plans = []
+    for axes in joints:
+        strides = np.cumprod([1] + [a[3] for a in axes[:0:-1]])[::-1]
+        plans.append([(col, None if g is None else g.astype(index_type), index_type(s))
+                      for (_, col, g, _), s in zip(axes, strides)])
+    block_rows = max(1, min(int(block_rows), n_rows or 1))
+    spans = _spans(n_rows, block_rows)
+    if len(spans) > 1:  # numpy releases the GIL in these loops: one row range per core
+        parts = list(_count_pool().map(lambda span: _count_span(plans, sizes, span, block_rows, index_type), spans))
+        counts = [np.sum(c, axis=0) for c in zip(*parts)]
+    else:
+        counts = _count_span(plans, sizes, spans[0] if spans else (0, 0), block_rows, index_type)
     keys = [[a[0] for a in axes] for axes in joints]
     results = []
     for axes in axes_of:
@@ -136,6 +126,56 @@ def count_tables(columns: Mapping[str, np.ndarray], n_rows: int,
         kept = [k for k in keys[j] if k in want]
         results.append(np.ascontiguousarray(table.transpose([kept.index(k) for k in want])).reshape(-1))
     return results
+
+
+# Plans over at least this many rows are counted on several threads, one contiguous row range each.
+PARALLEL_COUNT_ROWS = 1 << 18
+
+
+@functools.lru_cache(maxsize=1)
+def _count_pool() -> futures.ThreadPoolExecutor:
+    return futures.ThreadPoolExecutor(max_workers=_count_workers(), thread_name_prefix="count")
+
+
+def _count_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _spans(n_rows: int, block_rows: int) -> list[tuple[int, int]]:
+    """Row ranges, whole blocks each, one per counting thread (one range below PARALLEL_COUNT_ROWS)."""
+    k = min(_count_workers(), max(1, n_rows // PARALLEL_COUNT_ROWS))
+    blocks = -(-n_rows // block_rows)
+    cuts = [min(n_rows, (blocks * i // k) * block_rows) for i in range(k + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _count_span(plans: list[list[tuple]], sizes: list[int], span: tuple[int, int], block_rows: int,
+                index_type: type) -> list[np.ndarray]:
+    """Exact counts of each joint table (flat plan of (column, grouping, stride)) over rows [a, b)."""
+    counts = [np.zeros(n, dtype=np.int64) for n in sizes]
+    index = np.empty(block_rows, dtype=index_type)
+    scratch = np.empty(block_rows, dtype=index_type)
+    for start in range(span[0], span[1], block_rows):
+        stop = min(start + block_rows, span[1])
+        idx, tmp = index[:stop - start], scratch[:stop - start]
+        for plan, out in zip(plans, counts):
+            if len(plan) == 1 and plan[0][1] is None:  # one plain variable: count its codes
+                out += np.bincount(plan[0][0][start:stop], minlength=len(out))
+                continue
+            for k, (col, g, stride) in enumerate(plan):
+                part = col[start:stop]
+                if g is not None:
+                    np.take(g, part, out=tmp)
+                    part = tmp
+                if k == 0:
+                    np.multiply(part, stride, out=idx)
+                elif stride == 1:
+                    np.add(idx, part, out=idx)
+                else:
+                    np.multiply(part, stride, out=tmp)
+                    np.add(idx, tmp, out=idx)
+            out += np.bincount(idx, minlength=len(out))
+    return counts
 
 
 def _pack(axes_of: list[list[tuple]], joint_cells: int) -> list[list[tuple]]:

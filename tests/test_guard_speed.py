@@ -64,6 +64,22 @@ def test_one_pass_counts_equal_per_marginal_bincounts(n_rows, joint_cells, block
         assert g.sum() == n_rows
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64])
+def test_row_ranges_counted_on_threads_add_up(monkeypatch, dtype):
+    """Large tables are split into row ranges counted on threads; any column dtype gives the same counts."""
+    monkeypatch.setattr(cells, "PARALLEL_COUNT_ROWS", 500)
+    monkeypatch.setattr(cells, "_count_workers", lambda: 3)
+    rng = np.random.default_rng(7)
+    sizes = {f"v{i}": int(rng.integers(2, 12)) for i in range(6)}
+    n_rows = 5_003
+    columns = {n: rng.integers(0, k, n_rows).astype(dtype) for n, k in sizes.items()}
+    tables = random_tables(rng, sizes, 20)
+    assert len(cells._spans(n_rows, 1000)) == 3
+    got = cells.count_tables(columns, n_rows, tables, block_rows=1000)
+    for g, w in zip(got, reference(columns, tables)):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_a_variable_under_two_groupings_in_one_joint_table():
     rng = np.random.default_rng(5)
     columns = {"a": rng.integers(0, 6, 5000).astype(np.int32), "b": rng.integers(0, 3, 5000).astype(np.int32)}
