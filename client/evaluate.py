@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import opendp.prelude as dp
+from ..common import opendp_core as dp
 
 from ..common import accounting
 from ..common.dictionary import MISSING, OUT_OF_RANGE, Dictionary, Variable

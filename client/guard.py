@@ -41,7 +41,7 @@ from typing import Iterator
 
 import grpc
 import numpy as np
-import opendp.prelude as dp
+from ..common import opendp_core as dp
 
 from ..common import accounting, addressing, cells, keys, secagg
 from ..common.dictionary import Dictionary, load_dictionary

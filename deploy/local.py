@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..common.procs import FlwrCli, ProcessGroup, flower_env, free_port, wait_for_port
+from .supernode import DEFAULT_POLL as SUPERNODE_POLL
+from .supernode import Launcher
 
 if TYPE_CHECKING:
     from ..common.keys import ConsortiumKeys
@@ -101,10 +103,12 @@ class LocalConsortium:
         self.runtime_apis.write_text("")
         isolation = ["--isolation", "process"] if self.warm else []
         self.cli = FlwrCli(env, self.group)  # Flower's CLI, imported once while the rest starts
+        launcher = Launcher(self.group, flower_env(self.flwr_home), SUPERNODE_POLL)  # imports Flower's SuperNode meanwhile
         if self.warm:  # first: its imports overlap everything else's start-up
             self.group.start("warm-superexec", [sys.executable, "-m", "ppsehr.deploy.warm", "--addresses",
                                                 str(self.runtime_apis), "--preload", "ppsehr.client.relay",
-                                                "--preload", "ppsehr.server.serverapp"], env=env)
+                                                "--preload", "ppsehr.server.serverapp", "--preload", "matplotlib.figure",
+                                                "--preload", "matplotlib.backends.backend_agg"], env=env)
         keys = self.keys
         guards = {}
         for site in self.sites:
@@ -135,12 +139,14 @@ class LocalConsortium:
                         str(keys.tls.ca_cert) if self.secure else None)
         self.progress(f"starting {len(self.sites)} site guards and a Flower SuperLink on {HOST}"
                       + (" (TLS, SuperNode authentication)" if self.secure else " (insecure)"))
+        from ..server import pipeline  # noqa: F401  (release() needs it: import it while the processes start)
+
         wait_for_port(HOST, fleet, 60, superlink)
         wait_for_port(HOST, control, 60, superlink)
         if self.secure:
             self.register_supernodes([keys.supernode_keys[s][1] for s in self.sites])
-        for site in self.sites:  # SuperNodes are the slowest to start: before waiting for the guards
-            self.start_supernode(site, keys.supernode_keys[site][0])
+        for site in self.sites:  # forked at once from the launcher (Flower already imported); before waiting for the guards
+            launcher.start(f"supernode-{site}", self._supernode_args(site, keys.supernode_keys[site][0]))
         for site, (proc, port) in guards.items():
             wait_for_port(HOST, port, 60, proc)
         self.progress(f"{len(self.sites)} guards ready; {len(self.sites)} SuperNodes connecting to the SuperLink")
@@ -154,18 +160,21 @@ class LocalConsortium:
                 raise RuntimeError(f"`flwr supernode register {k}` failed (exit {code}):\n{out[-2000:]}")
 
     def start_supernode(self, site: str, auth_key: Path | None, name: str | None = None):
-        """Start one SuperNode for a site, authenticated with auth_key when the deployment is secure."""
+        """Start one SuperNode for a site (its own process), authenticated with auth_key when the deployment is secure."""
+        return self.group.start(name or f"supernode-{site}", [sys.executable, "-m", "ppsehr.deploy.supernode", "--poll",
+                                                              str(SUPERNODE_POLL), *self._supernode_args(site, auth_key)],
+                                env=flower_env(self.flwr_home))
+
+    def _supernode_args(self, site: str, auth_key: Path | None) -> list[str]:
+        """flower-supernode's arguments for a site (a fresh ClientAppIo port, served by the warm SuperExec if any)."""
         keys = self.keys
         security = (["--root-certificates", str(keys.tls.ca_cert)] + (["--auth-supernode-private-key", str(auth_key)] if auth_key else [])
                     if self.secure else ["--insecure"])
         port = free_port()
-        proc = self.group.start(name or f"supernode-{site}", [
-            "flower-supernode", *security, *(["--isolation", "process"] if self.warm else []),
-            "--superlink", self.fleet_address, "--host", HOST, "--port", str(port), "--node-config",
-            f'guard-address="{self.guard_addresses[site]}" site="{site}"'], env=flower_env(self.flwr_home))
         if self.warm:
             self._serve_runtime_api(f"{HOST}:{port}")
-        return proc
+        return [*security, *(["--isolation", "process"] if self.warm else []), "--superlink", self.fleet_address,
+                "--host", HOST, "--port", str(port), "--node-config", f'guard-address="{self.guard_addresses[site]}" site="{site}"']
 
     def stop(self) -> None:
         self.group.stop()

@@ -6,17 +6,17 @@ from __future__ import annotations
 import io
 import math
 import re
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
-from matplotlib import dates as mdates
-from matplotlib import rc_context
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from ..model.graphical import SITE
 from .compare import VariableComparison
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BLUE, ORANGE, SLATE, LIGHT, GREY = "#2563eb", "#ea580c", "#334155", "#e2e8f0", "#94a3b8"
 STYLE = {"font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold",
@@ -31,7 +31,20 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "variable"
 
 
-def _png(fig: Figure) -> bytes:
+@contextmanager
+def _figure(figsize: tuple[float, float], style: dict[str, Any] | None = None) -> Iterator["Figure"]:
+    """A new figure under the report's style. matplotlib is imported here, on the first figure: its
+    1.4 s import is paid by a process that draws, not by every one that imports the pipeline."""
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+
+    with rc_context(STYLE | (style or {})):
+        yield Figure(figsize=figsize)
+
+
+def _png(fig: "Figure") -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, facecolor="white")
@@ -41,8 +54,7 @@ def _png(fig: Figure) -> bytes:
 def figure_distribution(c: VariableComparison, title: str) -> bytes:
     """Bars: synthetic shares; points with whiskers: the DP aggregate and its 95% noise band."""
     k = len(c.cells)
-    with rc_context(STYLE):
-        fig = Figure(figsize=(5.4, 3.1))
+    with _figure((5.4, 3.1)) as fig:
         ax = fig.add_subplot()
         x = np.arange(k)
         ax.bar(x, c.synthetic, width=0.62, color=BLUE, alpha=0.85, label="synthetic records", zorder=2)
@@ -80,8 +92,7 @@ def figure_structure(variables: list[str], cliques: list[list[str]], measured: l
         pos[SITE] = (0.0, 0.0)
     measured_pairs = {frozenset(p) for s in measured for p in _pairs(s)}
     edges = {frozenset(p) for c in cliques for p in _pairs(c)}
-    with rc_context(STYLE | {"axes.grid": False}):
-        fig = Figure(figsize=(6.4, 6.6))
+    with _figure((6.4, 6.6), {"axes.grid": False}) as fig:
         ax = fig.add_subplot()
         ax.set_axis_off()
         ax.set_aspect("equal")
@@ -124,8 +135,7 @@ def figure_budget(sites: dict[str, dict[str, Any]], history: dict[str, list[tupl
     """Left: each site's lifetime rho (spent before, this release, left). Right: lifetime rho over time."""
     over_time = len({p[0] for pts in history.values() for p in pts}) >= 2
     names = sorted(sites)
-    with rc_context(STYLE):
-        fig = Figure(figsize=(10.0 if over_time else 6.4, max(2.4, 0.55 * len(names) + 1.3)))
+    with _figure((10.0 if over_time else 6.4, max(2.4, 0.55 * len(names) + 1.3))) as fig:
         ax = fig.add_subplot(1, 2 if over_time else 1, 1)
         y = np.arange(len(names))[::-1]
         this = np.array([float(sites[s]["rho"]) for s in names])
@@ -170,6 +180,8 @@ def figure_budget(sites: dict[str, dict[str, Any]], history: dict[str, list[tupl
             if above:
                 ax2.text(0.01, 0.97, f"lifetime limit ρ {', '.join(f'{x:.4g}' for x in above)}: above this scale",
                          transform=ax2.transAxes, ha="left", va="top", fontsize=7.5, color=SLATE)
+            from matplotlib import dates as mdates
+
             locator = mdates.AutoDateLocator(minticks=3, maxticks=6)
             ax2.xaxis.set_major_locator(locator)
             ax2.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
@@ -189,8 +201,7 @@ def _palette(i: int) -> str:
 def figure_fidelity(rows: list[dict[str, Any]]) -> bytes:
     """TVD of every measured marginal, grouped by width, with the group means."""
     widths = sorted({len(r["variables"]) for r in rows})
-    with rc_context(STYLE):
-        fig = Figure(figsize=(5.4, 3.2))
+    with _figure((5.4, 3.2)) as fig:
         ax = fig.add_subplot()
         for i, w in enumerate(widths):
             tvd = np.sort([float(r["tvd"]) for r in rows if len(r["variables"]) == w])
@@ -215,8 +226,7 @@ def figure_unmeasured(rows: list[dict[str, Any]]) -> bytes:
     """Evaluation: TVD of each unmeasured pair against the sites' noisy real table, with its noise bound
     (the exact TVD lies within value ± bound); a value beyond its bound is drawn solid."""
     rows = [r for r in rows if r.get("tvd") is not None]
-    with rc_context(STYLE):
-        fig = Figure(figsize=(5.4, 0.9 + 0.42 * max(len(rows), 1)))
+    with _figure((5.4, 0.9 + 0.42 * max(len(rows), 1))) as fig:
         ax = fig.add_subplot()
         y = np.arange(len(rows))[::-1]
         for yi, r in zip(y, rows):
@@ -241,8 +251,7 @@ def figure_unmeasured(rows: list[dict[str, Any]]) -> bytes:
 def figure_distances(distances: Sequence[int], groups: dict[str, dict[str, Any]]) -> bytes:
     """Evaluation: each real row's Hamming distance to its closest synthetic record, as shares of the
     (noisy, clipped) rows of each group: members (sites in the release) and held-out sites."""
-    with rc_context(STYLE):
-        fig = Figure(figsize=(5.4, 3.0))
+    with _figure((5.4, 3.0)) as fig:
         ax = fig.add_subplot()
         x = np.asarray(list(distances), dtype=float)
         shown = [(k, g) for k, g in groups.items() if g and g.get("histogram")]
