@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..common.procs import FlwrCli, ProcessGroup, flower_env, free_port, wait_for_port
-from .supernode import DEFAULT_POLL as SUPERNODE_POLL
+from .flower_waits import DEFAULT_POLL as LOOPBACK_POLL
 from .supernode import Launcher
 
 if TYPE_CHECKING:
@@ -103,12 +103,12 @@ class LocalConsortium:
         self.runtime_apis.write_text("")
         isolation = ["--isolation", "process"] if self.warm else []
         self.cli = FlwrCli(env, self.group)  # Flower's CLI, imported once while the rest starts
-        launcher = Launcher(self.group, flower_env(self.flwr_home), SUPERNODE_POLL)  # imports Flower's SuperNode meanwhile
+        launcher = Launcher(self.group, flower_env(self.flwr_home), LOOPBACK_POLL)  # imports Flower's SuperNode meanwhile
         if self.warm:  # first: its imports overlap everything else's start-up
             self.group.start("warm-superexec", [sys.executable, "-m", "ppsehr.deploy.warm", "--addresses",
-                                                str(self.runtime_apis), "--preload", "ppsehr.client.relay",
-                                                "--preload", "ppsehr.server.serverapp", "--preload", "matplotlib.figure",
-                                                "--preload", "matplotlib.backends.backend_agg"], env=env)
+                                                str(self.runtime_apis), "--pull-backoff", str(LOOPBACK_POLL),
+                                                "--preload", "ppsehr.client.relay",
+                                                "--preload", "ppsehr.server.serverapp"], env=env)
         keys = self.keys
         guards = {}
         for site in self.sites:
@@ -162,7 +162,7 @@ class LocalConsortium:
     def start_supernode(self, site: str, auth_key: Path | None, name: str | None = None):
         """Start one SuperNode for a site (its own process), authenticated with auth_key when the deployment is secure."""
         return self.group.start(name or f"supernode-{site}", [sys.executable, "-m", "ppsehr.deploy.supernode", "--poll",
-                                                              str(SUPERNODE_POLL), *self._supernode_args(site, auth_key)],
+                                                              str(LOOPBACK_POLL), *self._supernode_args(site, auth_key)],
                                 env=flower_env(self.flwr_home))
 
     def _supernode_args(self, site: str, auth_key: Path | None) -> list[str]:

@@ -1,20 +1,14 @@
-"""`flower-supernode` with a shorter idle poll, for loopback consortia (the demo and the tests).
-
-Flower 1.39's SuperNode asks the SuperLink for a message, and when there is none sleeps a fixed
-3 s before asking again (`flwr.supernode.start_client_internal`); it waits for its ClientApp's
-reply in 0.5 s steps. Every message of a release waits on average half a poll at each site, so
-the demo's identity check and three rounds (five messages each with secure sums) spend most of
-their time asleep. This entry point runs Flower's own `flower-supernode` with every sleep in that
-loop capped at `--poll` seconds. Nothing else changes: same arguments, same process, same
-protocol. Hospitals run Flower's unmodified `flower-supernode` (deploy/systemd), where a 3 s poll
-costs a few seconds per round and spares the SuperLink a request per site every `--poll` seconds.
+"""`flower-supernode` with Flower's fixed waits shortened (deploy/flower_waits.py), for loopback
+consortia (the demo and the tests).
 
     python -m ppsehr.deploy.supernode --poll 0.1 --superlink HOST:PORT ... (flower-supernode's arguments)
 
-With `--fork` it is a launcher instead: it imports Flower once (1.7 s of CPU) and forks one
-SuperNode per request line on stdin, so a loopback consortium's SuperNodes start at once when the
-SuperLink is ready instead of each importing Flower then (`Launcher`). Each SuperNode is still a
-process of its own, with its own arguments and log, and stops with the launcher's process group.
+Same arguments, same process, same protocol as Flower's `flower-supernode`; only its idle poll
+and object-pull back-off are `--poll` seconds. With `--fork` it is a launcher instead: it imports
+Flower once (1.7 s of CPU) and forks one SuperNode per request line on stdin, so a loopback
+consortium's SuperNodes start at once when the SuperLink is ready instead of each importing
+Flower then (`Launcher`). Each SuperNode is still a process of its own, with its own arguments
+and log, and stops with the launcher's process group.
 """
 
 from __future__ import annotations
@@ -23,25 +17,9 @@ import json
 import os
 import subprocess
 import sys
-import time
-import types
 from pathlib import Path
 
-PATCHED_FLOWER = "1.39.0"  # the Flower release whose SuperNode loop this shortens (pinned in pyproject.toml)
-DEFAULT_POLL = 0.1
-
-
-def shorten_poll(poll: float) -> bool:
-    """Cap the sleeps of Flower's SuperNode loop at `poll` seconds; False (unchanged) on another Flower."""
-    import flwr
-    from flwr.supernode import start_client_internal as loop
-
-    if flwr.__version__ != PATCHED_FLOWER or not isinstance(getattr(loop, "time", None), types.ModuleType):
-        return False
-    clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
-    clock.sleep = lambda seconds: time.sleep(min(float(seconds), poll))
-    loop.time = clock
-    return True
+from .flower_waits import DEFAULT_POLL, PATCHED_FLOWER, shorten
 
 
 def _run_supernode(args: list[str]) -> None:
@@ -135,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         if not 0 < poll <= 3:
             raise SystemExit(f"--poll {poll}: give seconds in (0, 3]")
         args = args[2:]
-    if not shorten_poll(poll):
+    if not shorten(poll, supernode=True):
         import flwr
 
         print(f"ppsehr.deploy.supernode: Flower {flwr.__version__} is not {PATCHED_FLOWER}; "

@@ -110,13 +110,18 @@ def _read_addresses(path: Path) -> list[tuple[str, str | None]]:
     return out
 
 
-def serve(addresses: Path, preload: list[str], poll: float = DEFAULT_POLL) -> None:
-    """Serve the Runtime APIs listed in `addresses` until SIGTERM/SIGINT."""
+def serve(addresses: Path, preload: list[str], poll: float = DEFAULT_POLL, pull_backoff: float | None = None) -> None:
+    """Serve the Runtime APIs listed in `addresses` until SIGTERM/SIGINT; with `pull_backoff`, the apps
+    it forks start Flower's object-pull back-off at that many seconds instead of 1."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.superexec.plugin import AutoExecPlugin
 
+    if pull_backoff:  # inherited by every forked ClientApp and ServerApp (deploy/flower_waits.py)
+        from .flower_waits import shorten
+
+        shorten(pull_backoff)
     executor = ForkExecutor()
     for module in preload:  # the apps' own imports, paid once here instead of once per message
         importlib.import_module(module)
@@ -156,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--addresses", required=True, help="file of Runtime API addresses, one `ADDRESS [ROOT_CA]` per line")
     p.add_argument("--preload", action="append", default=[], help="module to import before serving (repeatable)")
     p.add_argument("--poll", type=float, default=DEFAULT_POLL, help=f"seconds between polls (default {DEFAULT_POLL})")
+    p.add_argument("--pull-backoff", type=float, default=None,
+                   help="first back-off (s) of the apps' object pulls (default: Flower's 1 s; loopback: 0.1)")
     args = p.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    serve(Path(args.addresses), args.preload, max(0.01, args.poll))
+    serve(Path(args.addresses), args.preload, max(0.01, args.poll), args.pull_backoff)
     return 0
 
 

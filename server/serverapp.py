@@ -7,6 +7,7 @@ progress and the outcome are appended to the job's events file as JSON lines.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 from flwr.app import Context
@@ -14,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .pipeline import Events, ReleaseJob, run_release
 from .measure.transport import FlowerTransport
+from .release import figures
 
 app = ServerApp()
 
@@ -29,8 +31,11 @@ def main(grid: Grid, context: Context) -> None:
         job, run = ReleaseJob.load(path), run_release
     events = Events(job.events)
     events("coordinator ServerApp started", stage="start")
+    # a release's report figures are drawn on worker processes that start now, while the sites answer
+    drawing = figures.workers() if run is run_release and job.output.report else nullcontext()
     try:
-        run(job, FlowerTransport(grid, job.min_sites, job.wait_sites_timeout), events)
+        with drawing:
+            run(job, FlowerTransport(grid, job.min_sites, job.wait_sites_timeout), events)
     except Exception as e:
         events(f"{'evaluation' if run is not run_release else 'release'} failed: {e}", stage="failed",
                error=f"{type(e).__name__}: {e}")

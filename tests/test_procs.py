@@ -37,3 +37,24 @@ def test_flower_executables_are_found_beside_the_interpreter_and_a_missing_one_i
     assert Path(procs.command(["flower-superlink", "--help"], env)[0]).parent == Path(sys.executable).parent
     with pytest.raises(PpsehrError, match="'flower-no-such-tool' was not found beside"):
         procs.command(["flower-no-such-tool"], env)
+
+
+def test_loopback_flower_waits_are_shortened_in_that_process_only():
+    """deploy/flower_waits.py caps the SuperNode loop's sleeps and starts the object-pull back-off at
+    `poll`, in the process that asks (the demo's SuperNodes and warm apps), not in Flower itself."""
+    import subprocess
+    import sys
+
+    probe = ("import time; from ppsehr.deploy import flower_waits as w; "
+             "from flwr.supercore.inflatable import inflatable_utils as u; "
+             "from flwr.supernode import start_client_internal as loop; "
+             "before = dict(u.pull_objects.__kwdefaults__); assert w.shorten(0.05, supernode=True); "
+             "t = time.monotonic(); loop.time.sleep(3); slept = time.monotonic() - t; "
+             "print(before['initial_backoff'], u.pull_objects.__kwdefaults__['initial_backoff'], "
+             "u.pull_and_inflate_object_from_tree.__kwdefaults__['initial_backoff'], slept < 0.5, time.sleep is not loop.time.sleep)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "0.05", "0.05", "True", "True"]
+    from flwr.supercore.inflatable import inflatable_utils
+
+    assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 1  # this process: untouched

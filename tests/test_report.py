@@ -444,3 +444,27 @@ def test_exclusions_that_name_a_node_or_state_no_charge_render(releases, diction
     assert rows[1].startswith("<td>va</td><td>3</td>") and "unknown: check the ledger" in rows[1]
     assert rows[2].startswith("<td>node 17 <span class='muted'>(no known site)</span></td><td>–</td>")
     assert "None" not in section and "3 answers did not count" in section
+
+
+def test_figures_drawn_on_workers_are_the_figures_drawn_here(releases, tmp_path):
+    """Inside `figures.workers()` the report's figures come from worker processes: the same report,
+    a dead worker's figures drawn here instead, and no worker left running after the block."""
+    from ppsehr.server.release import figures
+    from ppsehr.server.release.compare import VariableComparison
+
+    c = VariableComparison("age", ["<40", "40-60", ">60"], np.array([0.2, 0.5, 0.3]), np.array([0.25, 0.45, 0.3]),
+                           np.array([0.03, 0.03, 0.03]), ["age"])
+    here = figures.figure_distribution(c, "age (years)")
+    with figures.workers(2):
+        pool = figures._pool
+        assert pool is not None and len(pool.procs) == 2
+        drawings = [figures.draw(figures.figure_distribution, c, "age (years)") for _ in range(3)]
+        assert all(isinstance(d, figures.Drawing) for d in drawings)
+        assert all(d.result() == here for d in drawings)  # Agg output is deterministic
+        for proc in pool.procs:  # workers die: their figures are drawn here
+            proc.kill()
+            proc.wait()
+        late = [figures.draw(figures.figure_distribution, c, "age (years)") for _ in range(5)]
+        assert all((d if isinstance(d, bytes) else d.result()) == here for d in late)
+    assert figures._pool is None and all(p.poll() is not None for p in pool.procs)
+    assert isinstance(figures.draw(figures.figure_distribution, c, "age (years)"), bytes)  # outside: drawn here

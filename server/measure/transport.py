@@ -58,7 +58,7 @@ class FlowerTransport:
     """Send the plan to every connected SuperNode through Flower's Grid, in one round (message type
     `query.<kind>`)."""
 
-    def __init__(self, grid, min_sites: int, wait_timeout: float, poll: float = 0.25, rejoin_timeout: float = 15.0):
+    def __init__(self, grid, min_sites: int, wait_timeout: float, poll: float = 0.1, rejoin_timeout: float = 15.0):
         self.grid, self.min_sites, self.wait_timeout, self.poll = grid, min_sites, wait_timeout, poll
         self.rejoin_timeout = rejoin_timeout
         self.seen: set[int] = set()  # nodes connected for an earlier round of this release

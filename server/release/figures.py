@@ -1,14 +1,23 @@
 """The release report's figures, drawn with matplotlib's Agg canvas (no display, no global pyplot
-state) and returned as PNG bytes."""
+state) and returned as PNG bytes.
+
+A report has a figure per variable, 0.1-0.2 s of one core each. Inside `workers()` (the ServerApp
+opens it when a release starts) `draw` hands them to worker processes started then, which import
+matplotlib while the sites answer and draw in parallel when the report is built; elsewhere
+`draw` draws here.
+"""
 
 from __future__ import annotations
 
 import io
 import math
+import os
 import re
+from concurrent import futures
+from concurrent.futures import process as _process  # noqa: F401  (futures.process.BrokenProcessPool)
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +49,140 @@ def _figure(figsize: tuple[float, float], style: dict[str, Any] | None = None) -
 
     with rc_context(STYLE | (style or {})):
         yield Figure(figsize=figsize)
+
+
+def warm_up() -> None:
+    """Import matplotlib and draw one small figure: fonts and renderer loaded (0.5-0.8 s of the first figure)."""
+    with _figure((1.0, 1.0)) as fig:
+        fig.add_subplot().set_title("warm-up 0.5")
+        _png(fig)
+
+
+class _Workers:
+    """Worker processes (`python -m ppsehr.server.release.figures`, matplotlib warmed up at start) and
+    one thread per worker feeding it figures over its pipes: a pickled (function, args) frame in, a
+    PNG frame out. Pickle is safe here: both ends are this program, on a pipe nobody else holds."""
+
+    def __init__(self, count: int):
+        import queue
+        import subprocess
+        import sys
+
+        self.procs = [subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                      for _ in range(count)]
+        self.idle: queue.Queue = queue.Queue()
+        for proc in self.procs:
+            self.idle.put(proc)
+        self.threads = futures.ThreadPoolExecutor(count, thread_name_prefix="figures")
+
+    def submit(self, fn: Callable[..., bytes], args: tuple) -> futures.Future:
+        return self.threads.submit(self._run, fn, args)
+
+    def _run(self, fn: Callable[..., bytes], args: tuple) -> bytes:
+        import pickle
+
+        proc = self.idle.get()
+        try:
+            if proc.poll() is not None:
+                raise EOFError
+            _send(proc.stdin, pickle.dumps((fn, args)))
+            kind, data = _receive(proc.stdout)
+        except (OSError, EOFError):
+            raise futures.process.BrokenProcessPool("a figure worker exited") from None
+        finally:
+            self.idle.put(proc)  # a dead one too: whoever takes it next finds out at once
+        if kind != b"P":
+            raise RuntimeError(f"figure worker: {data.decode(errors='replace')}")
+        return data
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=2)
+            except Exception:  # noqa: BLE001  (any state: make sure it is gone)
+                proc.kill()
+                proc.wait()
+
+
+def _send(pipe, payload: bytes, kind: bytes = b"J") -> None:
+    pipe.write(kind + len(payload).to_bytes(8, "big") + payload)
+    pipe.flush()
+
+
+def _receive(pipe) -> tuple[bytes, bytes]:
+    head = pipe.read(9)
+    if len(head) < 9:
+        raise EOFError
+    data = pipe.read(int.from_bytes(head[1:], "big"))
+    return head[:1], data
+
+
+def _serve() -> None:
+    """A figure worker: warm up, then draw each (function, args) frame from stdin until it closes."""
+    import pickle
+    import sys
+
+    warm_up()
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            _, frame = _receive(source)
+        except EOFError:
+            return
+        try:
+            fn, args = pickle.loads(frame)
+            _send(sink, fn(*args), b"P")
+        except Exception as e:  # noqa: BLE001  (reported to the caller, which raises it)
+            _send(sink, f"{type(e).__name__}: {e}".encode(), b"E")
+
+
+_pool: _Workers | None = None
+
+
+@contextmanager
+def workers(count: int | None = None) -> Iterator[None]:
+    """Within this block `draw` uses `count` worker processes (default: one per core, at most 4),
+    started now so that they import matplotlib meanwhile, and stopped on exit. With one core, or
+    when they cannot start, figures are drawn in this process."""
+    global _pool
+    count = count or min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    pool = None
+    if count > 1 and _pool is None:
+        try:
+            pool = _pool = _Workers(count)
+        except OSError:
+            pool = None
+    try:
+        yield
+    finally:
+        if pool is not None:
+            _pool = None
+            pool.close()
+
+
+def draw(fn: Callable[..., bytes], *args: Any) -> "bytes | Drawing":
+    """`fn(*args)`'s PNG: on a worker inside `workers()` (a Drawing to `result()` later), else drawn now."""
+    if _pool is None:
+        return fn(*args)
+    try:
+        return Drawing(_pool.submit(fn, args), fn, args)
+    except RuntimeError:  # the pool was shut down: draw here
+        return fn(*args)
+
+
+class Drawing:
+    """A figure being drawn on a worker; `result()` gives its PNG (drawn here if the worker died)."""
+
+    def __init__(self, future: futures.Future, fn: Callable[..., bytes], args: tuple):
+        self.future, self.fn, self.args = future, fn, args
+
+    def result(self, timeout: float = 120.0) -> bytes:
+        try:
+            return self.future.result(timeout)
+        except (futures.process.BrokenProcessPool, futures.CancelledError, futures.TimeoutError):
+            return self.fn(*self.args)
 
 
 def _png(fig: "Figure") -> bytes:
@@ -269,3 +412,7 @@ def figure_distances(distances: Sequence[int], groups: dict[str, dict[str, Any]]
         ax.legend(loc="upper right", fontsize=7.5)
         fig.tight_layout()
         return _png(fig)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -76,12 +76,23 @@ def _code(x: Any) -> Markup:
 
 
 class _Figures(dict):
-    """The report's PNGs by release-relative path; `add` stores one and returns what the template shows."""
+    """The report's PNGs by release-relative path; `add` stores one (or one being drawn, `fg.draw`) and
+    returns what the template shows; `done` waits for the drawings and fills in their data."""
 
-    def add(self, name: str, data: bytes, alt: str, caption: str | Markup) -> dict[str, Any]:
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, data: "bytes | fg.Drawing", alt: str, caption: str | Markup) -> dict[str, Any]:
         path = f"figures/{name}.png"
         self[path] = data
-        return {"data": base64.b64encode(data).decode(), "alt": alt, "path": path, "caption": caption}
+        self.shown[path] = {"data": None, "alt": alt, "path": path, "caption": caption}
+        return self.shown[path]
+
+    def done(self) -> None:
+        for path, data in self.items():
+            self[path] = data = data if isinstance(data, bytes) else data.result()
+            self.shown[path]["data"] = base64.b64encode(data).decode()
 
 
 def _distributions(dictionary: Dictionary, comparisons: list[VariableComparison], fidelity: dict[str, Any],
@@ -101,7 +112,7 @@ def _distributions(dictionary: Dictionary, comparisons: list[VariableComparison]
         name = f"distribution-{fg.slug(c.variable)}"
         if f"figures/{name}.png" in figs:  # two names with the same slug
             name += f"-{len(cards)}"
-        cards.append(figs.add(name, fg.figure_distribution(c, title), f"Distribution of {c.variable}", caption))
+        cards.append(figs.add(name, fg.draw(fg.figure_distribution, c, title), f"Distribution of {c.variable}", caption))
     return cards
 
 
@@ -117,7 +128,7 @@ def _structure(dictionary: Dictionary, gen: dict[str, Any], measurements: list[M
     order = dictionary.names + ([SITE] if any(SITE in c for c in cliques) else [])
     domain = dictionary.domain() | {SITE: max(len(gen.get("site_groups", [])), 1)}
     rows = [[_mono(" · ".join(c)), f"{len(c)}", f"{math.prod(domain.get(v, 1) for v in c):,}"] for c in cliques]
-    fig = figs.add("structure", fg.figure_structure(order, cliques, measured), "Model dependency graph",
+    fig = figs.add("structure", fg.draw(fg.figure_structure, order, cliques, measured), "Model dependency graph",
                    "An edge joins two variables that share a clique of the model.")
     return {"lead": lead, "figure": fig, "rows": rows}
 
@@ -164,7 +175,7 @@ def _budget(manifest: dict[str, Any], history: Sequence[dict[str, Any]], figs: _
     if not sites:
         return {"lead": lead, "figure": None}
     return {"lead": lead, "figure": figs.add(
-        "budget", fg.figure_budget(sites, hist), "Privacy budget per site",
+        "budget", fg.draw(fg.figure_budget, sites, hist), "Privacy budget per site",
         "ρ composes by addition across plans and releases; ε at the site's δ follows from OpenDP's privacy profile.")}
 
 
@@ -180,7 +191,7 @@ def _fidelity(fidelity: dict[str, Any], figs: _Figures) -> dict[str, Any]:
     worst = sorted(rows, key=lambda r: -float(r["tvd"]))[:10]
     grouped = sum(1 for r in rows if r.get("grouped"))
     return {"lead": lead,
-            "figure": figs.add("fidelity", fg.figure_fidelity(rows), "Records against the DP aggregates per measured marginal",
+            "figure": figs.add("fidelity", fg.draw(fg.figure_fidelity, rows), "Records against the DP aggregates per measured marginal",
                                "TVD between the records and each measured DP aggregate (noisy counts, clipped at 0)"
                                + (f"; {grouped} compressed table(s) compared over their groups of cells." if grouped else ".")),
             "widths": [[f"{k}-way", _num(v, ".4f")] for k, v in fidelity.get("mean_tvd_by_width", {}).items()],
@@ -282,7 +293,7 @@ def _verified_evaluation(e: dict[str, Any], dictionary: Dictionary, manifest: di
         tvd_summary = (f"{beyond} of {len(unmeasured)} unmeasured pair(s) beyond their noise bound; mean TVD "
                        f"{_num(r['fidelity']['mean_tvd'], '.3f')}, mean noise bound "
                        f"{_num(r['fidelity']['mean_tvd_noise_bound'], '.3f')}.")
-    tvd_figure = figs.add(f"evaluation-{tag}-unmeasured", fg.figure_unmeasured(unmeasured),
+    tvd_figure = figs.add(f"evaluation-{tag}-unmeasured", fg.draw(fg.figure_unmeasured, unmeasured),
                           "Unmeasured pairs: TVD against the real tables",
                           "Each dot is the TVD between the records and the sites' summed noisy real table; the bar is "
                           "the noise bound (the exact TVD lies within it with high probability). Filled: beyond its "
@@ -314,7 +325,7 @@ def _verified_evaluation(e: dict[str, Any], dictionary: Dictionary, manifest: di
             "rows": rows, "membership": membership,
             "bound": (f"The release's DP guarantee, ({_num(bound['epsilon'], '.3g')}, {_num(bound['delta'], 'g')})-DP per "
                       f"site, bounds any membership test's advantage (TPR − FPR) by {_num(bound['max_advantage'], '.3f')}."),
-            "figure": figs.add(f"evaluation-{tag}-distance", fg.figure_distances(risk["distances"], groups),
+            "figure": figs.add(f"evaluation-{tag}-distance", fg.draw(fg.figure_distances, risk["distances"], groups),
                                "Distance to closest record", "Share of each group's real rows at each Hamming distance "
                                "from their closest synthetic record (summed noisy counts, clipped at 0). Distance 0: an "
                                "exact copy of the row exists among the records.")}
@@ -416,6 +427,7 @@ def build_report(dictionary: Dictionary, manifest: dict[str, Any], measurements:
         "not_included": _not_included(manifest),
         "generator": _generator(manifest),
     }
+    figs.done()
     page = _environment().get_template("report.html.j2").render(context)
     return {"report.html": page.encode()} | dict(sorted(figs.items()))
 
