@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..common.procs import FlwrCli, ProcessGroup, flower_env, free_port, wait_for_port
 from .flower_waits import DEFAULT_POLL as LOOPBACK_POLL
-from .supernode import Launcher
+from .launcher import Launcher
 
 if TYPE_CHECKING:
     from ..common.keys import ConsortiumKeys
@@ -102,14 +102,27 @@ class LocalConsortium:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_apis.write_text("")
         isolation = ["--isolation", "process"] if self.warm else []
-        self.cli = FlwrCli(env, self.group)  # Flower's CLI, imported once while the rest starts
-        launcher = Launcher(self.group, flower_env(self.flwr_home), LOOPBACK_POLL)  # imports Flower's SuperNode meanwhile
-        if self.warm:  # first: its imports overlap everything else's start-up
+        keys = self.keys
+        control, fleet = free_port(), free_port()
+        self.control_address = f"{HOST}:{control}"
+        self.fleet_address = f"{HOST}:{fleet}"
+        tls = (["--ssl-ca-certfile", str(keys.tls.ca_cert), "--ssl-certfile", str(keys.tls.server_cert),
+                "--ssl-keyfile", str(keys.tls.server_key), "--enable-supernode-auth"] if self.secure else ["--insecure"])
+        superlink = self.group.start("superlink", [  # first: everything after waits for it
+            "flower-superlink", *tls, *isolation, "--host", HOST, "--port", str(control),
+            "--fleet-api-address", self.fleet_address, "--disable-runtime-dependency-installation"], env=env)
+        if self.warm:
             self.group.start("warm-superexec", [sys.executable, "-m", "ppsehr.deploy.warm", "--addresses",
                                                 str(self.runtime_apis), "--pull-backoff", str(LOOPBACK_POLL),
                                                 "--preload", "ppsehr.client.relay",
                                                 "--preload", "ppsehr.server.serverapp"], env=env)
-        keys = self.keys
+            self._serve_runtime_api(self.control_address, keys.tls.ca_cert if self.secure else None)
+        self.cli = FlwrCli(env, self.group)  # Flower's CLI, imported once while the rest starts
+        launcher = Launcher(self.group, env, LOOPBACK_POLL)  # guards and SuperNodes, forked from one warm process
+        write_flwr_home(self.flwr_home, self.connection, self.control_address,
+                        str(keys.tls.ca_cert) if self.secure else None)
+        self.progress(f"starting {len(self.sites)} site guards and a Flower SuperLink on {HOST}"
+                      + (" (TLS, SuperNode authentication)" if self.secure else " (insecure)"))
         guards = {}
         for site in self.sites:
             port = free_port()
@@ -122,31 +135,16 @@ class LocalConsortium:
             else:  # keep ledger and settings, take a fresh port
                 text = cfg.read_text().splitlines()
                 cfg.write_text("\n".join(f'listen = "{HOST}:{port}"' if t.startswith("listen") else t for t in text) + "\n")
-            guards[site] = (self.group.start(f"guard-{site}", [sys.executable, "-m", "ppsehr.deploy.cli", "site", "serve",
-                                                             "--config", str(cfg)], env=env), port)
+            guards[site] = (launcher.start("guard", f"guard-{site}", ["--config", str(cfg)]), port)
             self.guard_addresses[site] = f"{HOST}:{port}"
-        control, fleet = free_port(), free_port()
-        self.control_address = f"{HOST}:{control}"
-        self.fleet_address = f"{HOST}:{fleet}"
-        tls = (["--ssl-ca-certfile", str(keys.tls.ca_cert), "--ssl-certfile", str(keys.tls.server_cert),
-                "--ssl-keyfile", str(keys.tls.server_key), "--enable-supernode-auth"] if self.secure else ["--insecure"])
-        superlink = self.group.start("superlink", [
-            "flower-superlink", *tls, *isolation, "--host", HOST, "--port", str(control),
-            "--fleet-api-address", self.fleet_address, "--disable-runtime-dependency-installation"], env=env)
-        if self.warm:
-            self._serve_runtime_api(self.control_address, keys.tls.ca_cert if self.secure else None)
-        write_flwr_home(self.flwr_home, self.connection, self.control_address,
-                        str(keys.tls.ca_cert) if self.secure else None)
-        self.progress(f"starting {len(self.sites)} site guards and a Flower SuperLink on {HOST}"
-                      + (" (TLS, SuperNode authentication)" if self.secure else " (insecure)"))
         from ..server import pipeline  # noqa: F401  (release() needs it: import it while the processes start)
 
         wait_for_port(HOST, fleet, 60, superlink)
         wait_for_port(HOST, control, 60, superlink)
         if self.secure:
             self.register_supernodes([keys.supernode_keys[s][1] for s in self.sites])
-        for site in self.sites:  # forked at once from the launcher (Flower already imported); before waiting for the guards
-            launcher.start(f"supernode-{site}", self._supernode_args(site, keys.supernode_keys[site][0]))
+        for site in self.sites:  # before waiting for the guards
+            launcher.start("supernode", f"supernode-{site}", self._supernode_args(site, keys.supernode_keys[site][0]))
         for site, (proc, port) in guards.items():
             wait_for_port(HOST, port, 60, proc)
         self.progress(f"{len(self.sites)} guards ready; {len(self.sites)} SuperNodes connecting to the SuperLink")
