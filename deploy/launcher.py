@@ -27,7 +27,8 @@ from ..common.procs import Managed, ProcessGroup, _alive
 from .flower_waits import DEFAULT_POLL
 
 # what each kind of child imports, in the order the launcher warms them up (guards are asked for first)
-PRELOADS = {"guard": ("ppsehr.client.guard", "ppsehr.deploy.cli"), "supernode": ("flwr.supernode.cli",)}
+PRELOADS = {"guard": ("ppsehr.client.guard", "ppsehr.deploy.cli", "ppsehr.common.source", "duckdb"),
+            "supernode": ("flwr.supernode.cli",)}
 
 
 def _run_child(kind: str, argv: list[str]) -> int:
