@@ -470,8 +470,8 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
                    help="a dependency you believe in: a prior for the selection of what to measure, like the "
                         "dictionary's declared dependencies (never a fixed structure); repeat per dependency")
     p.add_argument("--outcome", metavar="VAR",
-                   help="the variable the records will be analysed for (e.g. a model's target): the selection of "
-                        "what to measure weighs its pairs more and measures each of them that shows dependence")
+                   help="the variable the records will be analysed for (e.g. a model's target): round 3 measures "
+                        "every pair with it, not only those the selection picks, with more budget each")
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")

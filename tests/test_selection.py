@@ -170,8 +170,8 @@ def test_a_declared_outcome_measures_each_of_its_predictors():
     """A binary outcome y depends weakly on x1, x2 and x3 (additively, as a logistic model sees it),
     which form a chain; the candidates show each y pair at only 3-7 noise standard deviations, so
     the spanning tree joins y to one of them and the tree model explains the rest away. With y
-    declared as the outcome every planted predictor is measured with y (with OUTCOME_WEIGHT times
-    the budget weight); the tree is unchanged and an independent variable is left out."""
+    declared as the outcome every variable is measured with y (with OUTCOME_WEIGHT times the
+    budget weight), the planted predictors first; the tree is unchanged."""
     rng = np.random.default_rng(5)
     n = 3000
     names = [f"x{i}" for i in range(8)]
@@ -188,7 +188,8 @@ def test_a_declared_outcome_measures_each_of_its_predictors():
     sel = planner.select(d, oneway, cands, clique_cells=clique_cells(d), outcome="y")
     with_y = lambda s: {next(v for v in p if v != "y") for p in s.pairs if "y" in p}  # noqa: E731
     assert not plain.outcome and len(with_y(plain)) == 1
-    assert with_y(sel) == {"x1", "x2", "x3"} and sel.tree == plain.tree and set(sel.outcome) <= set(sel.pairs)
+    assert with_y(sel) == set(names) and sel.tree == plain.tree and set(sel.outcome) <= set(sel.pairs)
+    assert {v for p in sel.outcome[:2] for v in p} | with_y(plain) == {"x1", "x2", "x3", "y"}
     plan = planner.allocate(d, [("x0", "x4"), ("y", "x1")], 1.0, outcome="y")
     assert plan[1].rho / plan[0].rho == pytest.approx(planner.OUTCOME_WEIGHT * (8 / 16) ** (2 / 3))
     assert planner.allocate(d, [("x0", "x4"), ("y", "x1")], 1.0) == planner.allocate(d, [("x0", "x4"), ("y", "x1")], 1.0, None)
@@ -273,12 +274,13 @@ def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, diction
 
 
 def test_a_declared_outcome_in_a_release(in_process, dictionary):
-    """`outcome`: round 3 measures the outcome's pairs with more budget each, the release still spends
+    """`outcome`: round 3 measures every pair with the outcome, with more budget each; the release still spends
     exactly its rho; an outcome the dictionary does not have stops the release before anything is sent."""
     guards, request, rounds, structure = in_process(epsilon=4.0, outcome="heart_disease")
     third = [m for m in rounds[2].marginals if len(m.variables) == 2]
     mine = [m for m in third if "heart_disease" in m.variables]
-    assert len(mine) >= 3 and sum(m.rho for r in rounds for m in r.marginals) == pytest.approx(request.rho, rel=1e-12)
+    assert {v for m in mine for v in m.variables} == set(planner.joint_names(dictionary))  # a star
+    assert sum(m.rho for r in rounds for m in r.marginals) == pytest.approx(request.rho, rel=1e-12)
     others = [m for m in third if "heart_disease" not in m.variables]
     per_cell = lambda ms: np.mean([m.rho / m.cells(dictionary) ** (2 / 3) for m in ms])  # noqa: E731
     assert per_cell(mine) / per_cell(others) == pytest.approx(planner.OUTCOME_WEIGHT)

@@ -20,11 +20,14 @@ exactly the per-site rho of the release (ONEWAY_SHARE + CANDIDATE_SHARE + the re
    compressed for round 3's noise (more budget per table: AIM's annealing, in rounds).
 
 A declared outcome (`outcome`: the variable the records will be analysed for, e.g. a model's
-target) weights the workload toward its pairs, as AIM weights a workload: its candidate and
-round-3 tables get OUTCOME_WEIGHT times the rho weight, and round 3 measures every outcome pair
-whose score against independence clears OUTCOME_SIGMAS, not only those in the tree. At small
-budgets the candidates barely show which predictors matter (scores of 2-3 sigma), so a tree picks
-the outcome's edges almost by chance; the star keeps them all.
+target) weights the workload toward its pairs, as AIM weights a workload: round 3 measures every
+pair with the outcome (a star, within the model-size budget), not only the tree's, and its
+candidate and round-3 tables get OUTCOME_WEIGHT times the rho weight. At small budgets the
+candidates barely show which predictors matter (scores of 2-3 sigma on the dev sets at epsilon
+1), so a tree joins the outcome to one or two of them almost by chance; the star is the
+structure of a naive Bayes model (an additive P(outcome | predictors), as a logistic model
+assumes), its tables are small when the outcome has few categories, and the estimator weighs
+each by its noise.
 
 Declared dependencies (dictionary, `structure` option, the LLM's zero-budget prior) tilt the
 selection: a prior pair's score gains PRIOR_SIGMAS noise standard deviations, so it wins when the
@@ -74,8 +77,7 @@ EXTRA_BATCH = 4  # extra pairs added between refits of the model
 EXTRA_CLIQUE_CELLS = 100_000  # extra pairs may grow the model's largest clique up to this size
 SITE_SIGMAS = 3.0  # a site effect (site x variable) is modelled if its heterogeneity clears this
 SITE_MIN_TVD = 0.01  # ... and is worth at least this much total variation
-OUTCOME_WEIGHT = 4.0  # a declared outcome's pairs weigh this many times more in rounds 2 and 3 (weighted workload)
-OUTCOME_SIGMAS = 2.0  # an outcome pair is measured in round 3 if its score clears this many standard deviations
+OUTCOME_WEIGHT = 2.0  # a declared outcome's pairs weigh this many times more in rounds 2 and 3 (weighted workload)
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,7 @@ def select(dictionary: Dictionary, oneway: Sequence[Measurement], candidates: Se
     site axis); structures beyond EXTRA_CLIQUE_CELLS are not grown. `final_sigma`: the noise standard
     deviation per cell round 3 will give a pair table; as in AIM, an extra pair must be worth more
     than the L1 error its own measurement would bring (sqrt(2/pi) sigma per cell). `outcome`: a
-    declared outcome, whose pairs clearing OUTCOME_SIGMAS against independence are all selected.
+    declared outcome, every pair with which is selected (strongest first, within the size budget).
     """
     names = dictionary.names
     domain = dictionary.domain()
@@ -314,9 +316,8 @@ def select(dictionary: Dictionary, oneway: Sequence[Measurement], candidates: Se
         if size(trial) <= EXTRA_CLIQUE_CELLS:
             sel = trial
 
-    # a declared outcome: every pair with it that shows dependence, strongest first
-    star = [s for p, s in scores.items() if outcome in p and SITE not in p and frozenset(p) not in map(frozenset, sel.tree)
-            and s.z >= OUTCOME_SIGMAS and s.error >= 2 * N * EXTRA_MIN_TVD]
+    # a declared outcome: every pair with it, strongest first
+    star = [s for p, s in scores.items() if outcome in p and SITE not in p and frozenset(p) not in map(frozenset, sel.tree)]
     for s in sorted(star, key=lambda s: -s.error):
         trial = replace(sel, outcome=sel.outcome + [s.variables])  # type: ignore[list-item]
         if size(trial) <= EXTRA_CLIQUE_CELLS:

@@ -55,7 +55,7 @@ class MeasureOptions:
     the selection, like the dictionary's declared dependencies, never a fixed structure),
     `dropouts` (enrolled sites a secure sum may lose and still be read; None: `auto_dropouts`),
     `outcome` (the variable the records are for, e.g. a model's target: the workload weighs its
-    pairs more, `planner.OUTCOME_WEIGHT`, and round 3 measures each of them that shows dependence).
+    pairs more, `planner.OUTCOME_WEIGHT`, and round 3 measures every one of them).
     """
 
     site_variable: str = "model"  # SITE_MODES
