@@ -305,4 +305,8 @@ def test_the_default_release_needs_no_flags():
     assert MeasureOptions().secure_aggregation is None and MeasureOptions().structure == []
     depends = build_parser().parse_args(["coordinator", "release", "--dictionary", "d.toml", "--out", "o",
                                          "--superlink", "x", "--signing-key", "k", "--depends", "age,chol"])
-    assert job_options(depends)["structure"] == [["age", "chol"]]
+    assert job_options(depends)["structure"] == [["age", "chol"]] and job_options(depends)["outcome"] is None
+    outcome = build_parser().parse_args(["coordinator", "release", "--dictionary", "d.toml", "--out", "o",
+                                         "--superlink", "x", "--signing-key", "k", "--outcome", "heart_disease"])
+    assert ReleaseJob.create(dictionary="d.toml", out="o", signing_key="k", site_keys={},
+                             **job_options(outcome)).measure.outcome == "heart_disease"
