@@ -222,6 +222,8 @@ def test_candidates_respect_the_default_site_policy_and_keep_the_priors():
     assert len(pairs) == planner.MAX_CANDIDATES == len(set(pairs))
     assert {("v00", "v39"), ("v10", "v20"), ("v10", "v30"), ("v20", "v30")} <= set(pairs)
     assert pairs == planner.candidate_pairs(d, priors)  # the same dictionary, the same sample
+    star = {p for p in planner.candidate_pairs(d, priors, outcome="v05") if "v05" in p}
+    assert len(star) == 39 and len({p for p in pairs if "v05" in p}) < 39  # a declared outcome keeps all its pairs
     assert len(planner.candidate_pairs(make_dictionary({f"v{i}": (3, False) for i in range(12)}))) == 66
     tiered = parse_dictionary({"dictionary": {"name": "t", "version": "1"}, "variables": {
         "a": {"type": "categorical", "categories": ["x", "y"]}, "b": {"type": "categorical", "categories": ["x", "y"]},

@@ -133,17 +133,17 @@ def joint_names(dictionary: Dictionary) -> list[str]:
 
 
 def candidate_pairs(dictionary: Dictionary, priors: Sequence[Sequence[str]] = (),
-                    limit: int = MAX_CANDIDATES) -> list[tuple[str, str]]:
-    """Every pair of variables (tier 3 left out), or (beyond `limit`) the prior pairs and a fixed
-    sample of the rest (seeded by the dictionary's hash, so the same dictionary always gives the
-    same sample)."""
+                    limit: int = MAX_CANDIDATES, outcome: str | None = None) -> list[tuple[str, str]]:
+    """Every pair of variables (tier 3 left out), or (beyond `limit`) the prior pairs, the outcome's
+    pairs and a fixed sample of the rest (seeded by the dictionary's hash, so the same dictionary
+    always gives the same sample)."""
     names = joint_names(dictionary)
     pairs = list(itertools.combinations(names, 2))
     if len(pairs) <= limit:
         return pairs
     order = {n: i for i, n in enumerate(names)}
     prior = {tuple(sorted(p, key=order.__getitem__)) for s in priors for p in itertools.combinations(s, 2)}
-    keep = [p for p in pairs if p in prior][:limit]
+    keep = [p for p in pairs if p in prior or outcome in p][:limit]
     rest = [p for p in pairs if p not in prior]
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(dictionary.hash.encode()).digest()[:8], "little"))
     pick = sorted(rng.choice(len(rest), size=limit - len(keep), replace=False))
@@ -153,7 +153,8 @@ def candidate_pairs(dictionary: Dictionary, priors: Sequence[Sequence[str]] = ()
 def candidate_plan(dictionary: Dictionary, oneway: Sequence[Measurement], rho: float, sites: float,
                    priors: Sequence[Sequence[str]] = (), outcome: str | None = None) -> list[PlannedMarginal]:
     """Round 2: the candidate pairs over domains compressed for their (small) share of rho."""
-    return compressed_plan(dictionary, candidate_pairs(dictionary, priors), oneway, rho, sites, CANDIDATE_NOISE, outcome)
+    return compressed_plan(dictionary, candidate_pairs(dictionary, priors, outcome=outcome), oneway, rho, sites,
+                           CANDIDATE_NOISE, outcome)
 
 
 def final_plan(dictionary: Dictionary, pairs: Sequence[tuple[str, ...]], oneway: Sequence[Measurement], rho: float,
@@ -317,7 +318,8 @@ def select(dictionary: Dictionary, oneway: Sequence[Measurement], candidates: Se
             sel = trial
 
     # a declared outcome: every pair with it, strongest first
-    star = [s for p, s in scores.items() if outcome in p and SITE not in p and frozenset(p) not in map(frozenset, sel.tree)]
+    in_tree = {frozenset(p) for p in sel.tree}
+    star = [s for p, s in scores.items() if outcome in p and SITE not in p and frozenset(p) not in in_tree]
     for s in sorted(star, key=lambda s: -s.error):
         trial = replace(sel, outcome=sel.outcome + [s.variables])  # type: ignore[list-item]
         if size(trial) <= EXTRA_CLIQUE_CELLS:
