@@ -471,7 +471,8 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
                         "dictionary's declared dependencies (never a fixed structure); repeat per dependency")
     p.add_argument("--outcome", metavar="VAR",
                    help="the variable the records will be analysed for (e.g. a model's target): round 3 measures "
-                        "every pair with it, not only those the selection picks, with more budget each")
+                        "every pair with it, not only those the selection picks, with more budget each (default: the "
+                        "dictionary's [model] outcome, if any)")
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")

@@ -312,3 +312,14 @@ def test_the_default_release_needs_no_flags():
                                          "--superlink", "x", "--signing-key", "k", "--outcome", "heart_disease"])
     assert ReleaseJob.create(dictionary="d.toml", out="o", signing_key="k", site_keys={},
                              **job_options(outcome)).measure.outcome == "heart_disease"
+
+
+def test_a_dictionary_may_declare_the_outcome():
+    from ppsehr.common.errors import DictionaryError
+
+    head = {"dictionary": {"name": "t", "version": "1"}, "variables": {
+        v: {"type": "categorical", "categories": ["x", "y"]} for v in "abc"}}
+    assert parse_dictionary(head).outcome is None
+    assert parse_dictionary(head | {"model": {"outcome": "b"}}).outcome == "b"
+    with pytest.raises(DictionaryError, match="model.outcome"):
+        parse_dictionary(head | {"model": {"outcome": "z"}})

@@ -55,7 +55,8 @@ class MeasureOptions:
     the selection, like the dictionary's declared dependencies, never a fixed structure),
     `dropouts` (enrolled sites a secure sum may lose and still be read; None: `auto_dropouts`),
     `outcome` (the variable the records are for, e.g. a model's target: the workload weighs its
-    pairs more, `planner.OUTCOME_WEIGHT`, and round 3 measures every one of them).
+    pairs more, `planner.OUTCOME_WEIGHT`, and round 3 measures every one of them; None: the
+    dictionary's `[model] outcome`, if it declares one).
     """
 
     site_variable: str = "model"  # SITE_MODES
@@ -412,7 +413,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     unknown = sorted({v for s in priors for v in s} - set(names))
     if unknown:
         raise PpsehrError(f"the prior dependencies name variables the dictionary does not have: {unknown}. Nothing was sent.")
-    outcome = opts.outcome
+    outcome = opts.outcome or dictionary.outcome
     if outcome is not None and outcome not in planner.joint_names(dictionary):
         why = "is tier 3 (1-way tables only)" if outcome in names else "is not a variable of the dictionary"
         raise PpsehrError(f"the outcome {outcome!r} {why}. Nothing was sent.")
