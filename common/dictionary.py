@@ -127,6 +127,7 @@ class Dictionary:
     content: dict[str, Any]
     source: str = ""
     encounter: str = "outpatient"  # ENCOUNTER_TYPES
+    outcome: str | None = None  # [model] outcome: what the records are for (releases weight its pairs)
 
     @property
     def hash(self) -> str:
@@ -181,6 +182,10 @@ def parse_dictionary(raw: dict[str, Any], source: str = "<dictionary>") -> Dicti
             if n not in variables:
                 raise DictionaryError(f"{source}: model.dependencies[{i}] names unknown variable {n!r}")
         deps.append(tuple(dep))
+    outcome = raw.get("model", {}).get("outcome")
+    if outcome is not None and (not isinstance(outcome, str) or outcome not in variables or variables[outcome].tier >= 3):
+        raise DictionaryError(f"{source}: model.outcome must name a variable of the dictionary below tier 3 (tier 3 "
+                              f"is released in 1-way tables only), got {outcome!r}")
     for domain in ("age", "gender"):
         holders = [n for n, v in variables.items() if v.codes.get("domain") == domain]
         if len(holders) > 1:
@@ -188,7 +193,7 @@ def parse_dictionary(raw: dict[str, Any], source: str = "<dictionary>") -> Dicti
     encounter = head.get("encounter", "outpatient")
     if encounter not in ENCOUNTER_TYPES:
         raise DictionaryError(f"{source}: dictionary.encounter must be one of {sorted(ENCOUNTER_TYPES)}, got {encounter!r}")
-    return Dictionary(str(head["name"]), str(head["version"]), variables, tuple(deps), raw, source, encounter)
+    return Dictionary(str(head["name"]), str(head["version"]), variables, tuple(deps), raw, source, encounter, outcome)
 
 
 _VAR_KEYS = {"type", "description", "tier", "categories", "bins", "unit", "precision", "missing",

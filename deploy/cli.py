@@ -469,6 +469,10 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depends", action="append", default=[], metavar="A,B[,C]",
                    help="a dependency you believe in: a prior for the selection of what to measure, like the "
                         "dictionary's declared dependencies (never a fixed structure); repeat per dependency")
+    p.add_argument("--outcome", metavar="VAR",
+                   help="the variable the records will be analysed for (e.g. a model's target): round 3 measures "
+                        "every pair with it, not only those the selection picks, with more budget each (default: the "
+                        "dictionary's [model] outcome, if any)")
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled, records pooled; release: records keep a site column; "
                         "pooled: tables summed across sites")
@@ -511,7 +515,7 @@ def job_options(args) -> dict:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     llm = llm_config_from_args(args)
     structure = [[v.strip() for v in item.split(",") if v.strip()] for item in args.depends]
-    return {"site_variable": args.site_variable, "structure": structure,
+    return {"site_variable": args.site_variable, "structure": structure, "outcome": args.outcome,
             "secure_aggregation": args.secure_aggregation, "colluding": args.colluding, "min_parties": args.min_parties,
             "dropouts": args.dropouts,
             "formats": formats if "csv" in formats else ["csv"] + formats, "report": not args.no_report,

@@ -238,6 +238,7 @@ def run_release(job: ReleaseJob, transport: Transport, events: Events) -> dict[s
                       "strategy": "selected in rounds: 1-way tables, candidate pairs, selected marginals",
                       "secure_aggregation": {None: "automatic", True: "required", False: "off"}[opts.secure_aggregation],
                       "site_variable": opts.site_variable,
+                      "outcome": opts.outcome or dictionary.outcome,  # a declared outcome weighted the workload
                       "site_groups": syn.groups, "cliques": [list(c) for c in syn.model.cliques],
                       "estimated_total": syn.model.total, "rows": len(samples), "seed": seed,
                       "fit_seconds": round(syn.seconds, 3), "python": platform.python_version(),

@@ -200,10 +200,14 @@ def test_the_default_release_selects_in_three_rounds_with_a_receipt_each(guards,
     assert m["generator"]["site_variable"] == "release"
 
 
-def test_pooled_release_has_no_site_axis(guards, job, tmp_path, all_sites):
+def test_pooled_release_has_no_site_axis(guards, job, dictionary, tmp_path, all_sites):
     gs = guards(*all_sites[:2])
     transport = DirectTransport({g.guard.config.site: g.address for g in gs})
-    m = run_release(job(tmp_path / "rel", epsilon=2.0, seed=6, site_variable="pooled"), transport, Events())
+    m = run_release(job(tmp_path / "rel", epsilon=2.0, seed=6, site_variable="pooled", outcome="heart_disease"),
+                    transport, Events())
+    assert m["generator"]["outcome"] == "heart_disease"  # a declared outcome: every pair with it in round 3
+    star = {v for x in m["plans"][2]["marginals"] if "heart_disease" in x["variables"] for v in x["variables"]}
+    assert star == set(dictionary.names)
     aggregates = json.loads((tmp_path / "rel" / "aggregates.json").read_text())
     assert all("site" not in a["variables"] for a in aggregates["marginals"])
     assert all("site" not in c for c in m["generator"]["cliques"])

@@ -166,6 +166,35 @@ def test_priors_tilt_the_selection_without_overruling_the_data():
     assert ("a", "c") not in tilted.tree or ("b", "c") not in plain.tree
 
 
+def test_a_declared_outcome_measures_each_of_its_predictors():
+    """A binary outcome y depends weakly on x1, x2 and x3 (additively, as a logistic model sees it),
+    which form a chain; the candidates show each y pair at only 3-7 noise standard deviations, so
+    the spanning tree joins y to one of them and the tree model explains the rest away. With y
+    declared as the outcome every variable is measured with y (with OUTCOME_WEIGHT times the
+    budget weight), the planted predictors first; the tree is unchanged."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    names = [f"x{i}" for i in range(8)]
+    d = make_dictionary({**{v: (4, False) for v in names}, "y": (2, False)})
+    data = {v: rng.integers(0, 4, n) for v in names}
+    data["x2"] = follow(data["x1"], 4, 0.6, rng)
+    data["x3"] = follow(data["x2"], 4, 0.6, rng)
+    data["x5"] = follow(data["x4"], 4, 0.7, rng)
+    data["x6"] = follow(data["x5"], 4, 0.7, rng)
+    logit = -1 + 0.25 * sum((data[v] >= 2) for v in ("x1", "x2", "x3"))
+    data["y"] = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    oneway, cands = noisy_tables(d, data, 25.0, rng)
+    plain = planner.select(d, oneway, cands, clique_cells=clique_cells(d))
+    sel = planner.select(d, oneway, cands, clique_cells=clique_cells(d), outcome="y")
+    with_y = lambda s: {next(v for v in p if v != "y") for p in s.pairs if "y" in p}  # noqa: E731
+    assert not plain.outcome and len(with_y(plain)) == 1
+    assert with_y(sel) == set(names) and sel.tree == plain.tree and set(sel.outcome) <= set(sel.pairs)
+    assert {v for p in sel.outcome[:2] for v in p} | with_y(plain) == {"x1", "x2", "x3", "y"}
+    plan = planner.allocate(d, [("x0", "x4"), ("y", "x1")], 1.0, outcome="y")
+    assert plan[1].rho / plan[0].rho == pytest.approx(planner.OUTCOME_WEIGHT * (8 / 16) ** (2 / 3))
+    assert planner.allocate(d, [("x0", "x4"), ("y", "x1")], 1.0) == planner.allocate(d, [("x0", "x4"), ("y", "x1")], 1.0, None)
+
+
 def test_site_effects_are_modelled_where_the_sites_differ():
     rng = np.random.default_rng(6)
     d = make_dictionary({v: (4, False) for v in "abc"})
@@ -193,6 +222,8 @@ def test_candidates_respect_the_default_site_policy_and_keep_the_priors():
     assert len(pairs) == planner.MAX_CANDIDATES == len(set(pairs))
     assert {("v00", "v39"), ("v10", "v20"), ("v10", "v30"), ("v20", "v30")} <= set(pairs)
     assert pairs == planner.candidate_pairs(d, priors)  # the same dictionary, the same sample
+    star = {p for p in planner.candidate_pairs(d, priors, outcome="v05") if "v05" in p}
+    assert len(star) == 39 and len({p for p in pairs if "v05" in p}) < 39  # a declared outcome keeps all its pairs
     assert len(planner.candidate_pairs(make_dictionary({f"v{i}": (3, False) for i in range(12)}))) == 66
     tiered = parse_dictionary({"dictionary": {"name": "t", "version": "1"}, "variables": {
         "a": {"type": "categorical", "categories": ["x", "y"]}, "b": {"type": "categorical", "categories": ["x", "y"]},
@@ -244,6 +275,23 @@ def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, diction
     assert secure or any("secure aggregation is not possible" in m for m in seen)
 
 
+def test_a_declared_outcome_in_a_release(in_process, dictionary):
+    """`outcome`: round 3 measures every pair with the outcome, with more budget each; the release still spends
+    exactly its rho; an outcome the dictionary does not have stops the release before anything is sent."""
+    guards, request, rounds, structure = in_process(epsilon=4.0, outcome="heart_disease")
+    third = [m for m in rounds[2].marginals if len(m.variables) == 2]
+    mine = [m for m in third if "heart_disease" in m.variables]
+    assert {v for m in mine for v in m.variables} == set(planner.joint_names(dictionary))  # a star
+    assert sum(m.rho for r in rounds for m in r.marginals) == pytest.approx(request.rho, rel=1e-12)
+    others = [m for m in third if "heart_disease" not in m.variables]
+    per_cell = lambda ms: np.mean([m.rho / m.cells(dictionary) ** (2 / 3) for m in ms])  # noqa: E731
+    assert per_cell(mine) / per_cell(others) == pytest.approx(planner.OUTCOME_WEIGHT)
+    from ppsehr.common.errors import PpsehrError
+
+    with pytest.raises(PpsehrError, match="not a variable"):
+        in_process(outcome="no_such_variable")
+
+
 def test_the_default_release_needs_no_flags():
     from ppsehr.deploy.cli import build_parser, job_options
     from ppsehr.server.measure.rounds import MeasureOptions
@@ -259,4 +307,19 @@ def test_the_default_release_needs_no_flags():
     assert MeasureOptions().secure_aggregation is None and MeasureOptions().structure == []
     depends = build_parser().parse_args(["coordinator", "release", "--dictionary", "d.toml", "--out", "o",
                                          "--superlink", "x", "--signing-key", "k", "--depends", "age,chol"])
-    assert job_options(depends)["structure"] == [["age", "chol"]]
+    assert job_options(depends)["structure"] == [["age", "chol"]] and job_options(depends)["outcome"] is None
+    outcome = build_parser().parse_args(["coordinator", "release", "--dictionary", "d.toml", "--out", "o",
+                                         "--superlink", "x", "--signing-key", "k", "--outcome", "heart_disease"])
+    assert ReleaseJob.create(dictionary="d.toml", out="o", signing_key="k", site_keys={},
+                             **job_options(outcome)).measure.outcome == "heart_disease"
+
+
+def test_a_dictionary_may_declare_the_outcome():
+    from ppsehr.common.errors import DictionaryError
+
+    head = {"dictionary": {"name": "t", "version": "1"}, "variables": {
+        v: {"type": "categorical", "categories": ["x", "y"]} for v in "abc"}}
+    assert parse_dictionary(head).outcome is None
+    assert parse_dictionary(head | {"model": {"outcome": "b"}}).outcome == "b"
+    with pytest.raises(DictionaryError, match="model.outcome"):
+        parse_dictionary(head | {"model": {"outcome": "z"}})

@@ -53,7 +53,10 @@ class MeasureOptions:
     site allows them; True: require them; False: plain sums), `colluding` and `min_parties` (the
     trust terms of secure sums), `structure` (dependencies the coordinator believes in: priors for
     the selection, like the dictionary's declared dependencies, never a fixed structure),
-    `dropouts` (enrolled sites a secure sum may lose and still be read; None: `auto_dropouts`).
+    `dropouts` (enrolled sites a secure sum may lose and still be read; None: `auto_dropouts`),
+    `outcome` (the variable the records are for, e.g. a model's target: the workload weighs its
+    pairs more, `planner.OUTCOME_WEIGHT`, and round 3 measures every one of them; None: the
+    dictionary's `[model] outcome`, if it declares one).
     """
 
     site_variable: str = "model"  # SITE_MODES
@@ -63,6 +66,7 @@ class MeasureOptions:
     min_parties: int = 3  # secure: a masked sum needs at least this many sites
     dropouts: int | None = None  # secure: enrolled sites that may drop before answering (None: auto_dropouts)
     structure: list[list[str]] = field(default_factory=list)  # further prior dependencies (2-3 variables each)
+    outcome: str | None = None  # a declared outcome: its pairs weigh more in the workload
     reply_timeout: float = 300.0
     plan_lifetime_s: float = 1800.0
 
@@ -84,6 +88,8 @@ class MeasureOptions:
                               "someone's noise must count")
         if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.site_groups.items()):
             raise PpsehrError(f"site_groups must map site names to non-empty group names, got {self.site_groups!r}")
+        if self.outcome is not None and (not isinstance(self.outcome, str) or not self.outcome):
+            raise PpsehrError(f"outcome must be a variable name (or null: none), got {self.outcome!r}")
         if not all(isinstance(s, (list, tuple)) and 2 <= len(s) <= 3 and all(isinstance(v, str) for v in s)
                    for s in self.structure):
             raise PpsehrError(f"structure must list dependencies of 2 or 3 variable names, got {self.structure!r}")
@@ -407,6 +413,10 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     unknown = sorted({v for s in priors for v in s} - set(names))
     if unknown:
         raise PpsehrError(f"the prior dependencies name variables the dictionary does not have: {unknown}. Nothing was sent.")
+    outcome = opts.outcome or dictionary.outcome
+    if outcome is not None and outcome not in planner.joint_names(dictionary):
+        why = "is tier 3 (1-way tables only)" if outcome in names else "is not a variable of the dictionary"
+        raise PpsehrError(f"the outcome {outcome!r} {why}. Nothing was sent.")
     check_model_size(opts, dictionary, [(n,) for n in names], list(site_keys))
     verified = identify(site_keys, dictionary.hash, transport, opts.reply_timeout, events)
     sites = sorted(verified.keys)
@@ -436,7 +446,8 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
 
     second = None
     if not state.stop:
-        second = _round(2, lambda secure: planner.candidate_plan(dictionary, oneway, rho * shares[1], copies(secure), priors),
+        second = _round(2, lambda secure: planner.candidate_plan(dictionary, oneway, rho * shares[1], copies(secure), priors,
+                                                                  outcome),
                         state, args, cover, events, rho * (1 - shares[0] - shares[1]))
         rounds.append(second)
     groups = _groups(opts, [r.site for r in first.results])
@@ -452,9 +463,12 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
         rest = rho * (1 - shares[0] - shares[1])
         sigma3 = planner.pair_sigma(dictionary, candidates, rest, copies(state.on and state.mode is not False
                                                                            and second.secure))
-        selection = planner.select(dictionary, oneway, candidates, site_tables, priors, clique_cells, sigma3)
+        selection = planner.select(dictionary, oneway, candidates, site_tables, priors, clique_cells, sigma3,
+                                   outcome=outcome)
         events(f"selected {len(selection.pairs)} pairs from {len(candidates)} candidates: a spanning tree of "
                f"{len(selection.tree)} ({', '.join('-'.join(p) for p in selection.tree)})"
+               + (f", {len(selection.outcome)} more with the outcome ({', '.join('-'.join(p) for p in selection.outcome)})"
+                  if selection.outcome else "")
                + (f" and {len(selection.extras)} the tree model missed ({', '.join('-'.join(p) for p in selection.extras)})"
                   if selection.extras else "")
                + (f"; site effects on {', '.join(selection.site)}" if selection.site else "; no site effects modelled"),
@@ -474,7 +488,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     rest = rho * (1 - shares[0] - shares[1])
     if second is not None and second.secure and second.results:  # a site that dropped out of round 2 is not waited for
         cover = {r.site for r in second.results}
-    third = _round(3, lambda secure: planner.final_plan(dictionary, selection.pairs, oneway, rest, copies(secure)),
+    third = _round(3, lambda secure: planner.final_plan(dictionary, selection.pairs, oneway, rest, copies(secure), outcome),
                    state, args, cover, events)
     rounds.append(third)
     if third.results:
