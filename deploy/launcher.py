@@ -1,13 +1,13 @@
-"""A loopback consortium's site guards and SuperNodes, forked from one warm launcher process.
+"""A loopback consortium's SuperLink, site guards and SuperNodes, forked from one warm launcher.
 
 At real hospitals every guard and SuperNode is a process of its own that imports its code once.
-On one machine (the demo, the tests) four guards (0.5 s of CPU each to import ppsehr's guard) and
-four SuperNodes (1.6 s each to import Flower) would import the same code at once while the
-SuperLink and the coordinator start too. The launcher imports each kind's code once and forks a
-child per request. A child is still a process of its own: it starts a session of its own (so it
-is stopped by its PID like any process of a ProcessGroup), logs to its own file, and runs exactly
-what its command line would: `ppsehr site serve ARGS`, or `flower-supernode ARGS` with the loopback
-waits of deploy/flower_waits.py.
+On one machine (the demo, the tests) a SuperLink (1.7 s of CPU to import Flower), four guards
+(0.5 s each to import ppsehr's guard) and four SuperNodes (1.6 s each) would import the same code
+at once, on the same cores as the coordinator. The launcher imports each kind's code once, in the
+order asked for, and forks a child per request. A child is still a process of its own: it starts
+a session of its own (so it is stopped by its PID like any process of a ProcessGroup), logs to its
+own file, and runs exactly what its command line would: `flower-superlink ARGS`, `ppsehr site
+serve ARGS`, or `flower-supernode ARGS` with the loopback waits of deploy/flower_waits.py.
 
     python -m ppsehr.deploy.launcher --poll 0.1     (one JSON request per stdin line; replies on stdout)
 """
@@ -27,7 +27,8 @@ from ..common.procs import Managed, ProcessGroup, _alive
 from .flower_waits import DEFAULT_POLL
 
 # what each kind of child imports, in the order the launcher warms them up (guards are asked for first)
-PRELOADS = {"guard": ("ppsehr.client.guard", "ppsehr.deploy.cli", "ppsehr.common.source", "duckdb"),
+PRELOADS = {"superlink": ("flwr.superlink.cli",),
+            "guard": ("ppsehr.client.guard", "ppsehr.deploy.cli", "ppsehr.common.source", "duckdb"),
             "supernode": ("flwr.supernode.cli",)}
 
 
@@ -36,6 +37,12 @@ def _run_child(kind: str, argv: list[str]) -> int:
         from .cli import main
 
         return main(["site", "serve", *argv])
+    if kind == "superlink":
+        from flwr.superlink.cli import flower_superlink
+
+        sys.argv = ["flower-superlink", *argv]
+        flower_superlink()
+        return 0
     from .supernode import run_supernode
 
     run_supernode(argv)
@@ -147,8 +154,8 @@ class Forked:
 
 
 class Launcher:
-    """The launcher as a member of a ProcessGroup. `start(kind, name, argv)` forks a guard or a
-    SuperNode logging to <log_dir>/<name>.log and adds it to the group (stopped with it)."""
+    """The launcher as a member of a ProcessGroup. `start(kind, name, argv)` forks a SuperLink, a guard
+    or a SuperNode logging to <log_dir>/<name>.log and adds it to the group (stopped with it)."""
 
     def __init__(self, group: ProcessGroup, env: dict[str, str], poll: float = DEFAULT_POLL):
         self.group = group

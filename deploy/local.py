@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..common.keys import ConsortiumKeys
 
 DEMO_SITES = ("cleveland", "hungarian", "switzerland", "va")
+STOP_GRACE = 0.5
 HOST = "127.0.0.1"
 
 
@@ -108,9 +109,8 @@ class LocalConsortium:
         self.fleet_address = f"{HOST}:{fleet}"
         tls = (["--ssl-ca-certfile", str(keys.tls.ca_cert), "--ssl-certfile", str(keys.tls.server_cert),
                 "--ssl-keyfile", str(keys.tls.server_key), "--enable-supernode-auth"] if self.secure else ["--insecure"])
-        superlink = self.group.start("superlink", [  # first: everything after waits for it
-            "flower-superlink", *tls, *isolation, "--host", HOST, "--port", str(control),
-            "--fleet-api-address", self.fleet_address, "--disable-runtime-dependency-installation"], env=env)
+        # guards, SuperNodes and the SuperLink are forked from one warm process (deploy/launcher.py)
+        launcher = Launcher(self.group, env, LOOPBACK_POLL)
         if self.warm:
             self.group.start("warm-superexec", [sys.executable, "-m", "ppsehr.deploy.warm", "--addresses",
                                                 str(self.runtime_apis), "--pull-backoff", str(LOOPBACK_POLL),
@@ -118,7 +118,11 @@ class LocalConsortium:
                                                 "--preload", "ppsehr.server.serverapp"], env=env)
             self._serve_runtime_api(self.control_address, keys.tls.ca_cert if self.secure else None)
         self.cli = FlwrCli(env, self.group)  # Flower's CLI, imported once while the rest starts
-        launcher = Launcher(self.group, env, LOOPBACK_POLL)  # guards and SuperNodes, forked from one warm process
+        from ..server import pipeline  # noqa: F401  (release() needs it: import it while the processes start)
+
+        superlink = launcher.start("superlink", "superlink", [  # first: everything after waits for it
+            *tls, *isolation, "--host", HOST, "--port", str(control), "--fleet-api-address", self.fleet_address,
+            "--disable-runtime-dependency-installation"])
         write_flwr_home(self.flwr_home, self.connection, self.control_address,
                         str(keys.tls.ca_cert) if self.secure else None)
         self.progress(f"starting {len(self.sites)} site guards and a Flower SuperLink on {HOST}"
@@ -137,8 +141,6 @@ class LocalConsortium:
                 cfg.write_text("\n".join(f'listen = "{HOST}:{port}"' if t.startswith("listen") else t for t in text) + "\n")
             guards[site] = (launcher.start("guard", f"guard-{site}", ["--config", str(cfg)]), port)
             self.guard_addresses[site] = f"{HOST}:{port}"
-        from ..server import pipeline  # noqa: F401  (release() needs it: import it while the processes start)
-
         wait_for_port(HOST, fleet, 60, superlink)
         wait_for_port(HOST, control, 60, superlink)
         if self.secure:
@@ -175,7 +177,10 @@ class LocalConsortium:
                 "--host", HOST, "--port", str(port), "--node-config", f'guard-address="{self.guard_addresses[site]}" site="{site}"']
 
     def stop(self) -> None:
-        self.group.stop()
+        """SIGTERM to every process, SIGKILL to what is still running STOP_GRACE seconds later (the
+        SuperLink's graceful shutdown takes over a second; nothing here needs it: a guard's ledger is
+        durable before any answer leaves, and the Flower state lives only as long as the run)."""
+        self.group.stop(grace=STOP_GRACE)
 
     def __enter__(self) -> "LocalConsortium":
         try:
