@@ -33,10 +33,12 @@ PRELOADS = {"superlink": ("flwr.superlink.cli",),
 
 
 def _run_child(kind: str, argv: list[str]) -> int:
-    if kind == "guard":
-        from .cli import main
+    if kind == "guard":  # `ppsehr site serve ARGS`, as its command line runs it
+        import runpy
 
-        return main(["site", "serve", *argv])
+        sys.argv = ["ppsehr", "site", "serve", *argv]
+        runpy.run_module("ppsehr.deploy.cli", run_name="__main__", alter_sys=True)
+        return 0
     if kind == "superlink":
         from flwr.superlink.cli import flower_superlink
 
