@@ -47,6 +47,7 @@ from ..common import accounting, addressing, cells, keys, secagg
 from ..common.dictionary import Dictionary, load_dictionary
 from ..common.mapping import EncodedTable, load_mapping
 from ..common.source import load_site_table
+from ..common.procs import usable_cores
 from ..common.refusals import MAX_PLAN_BYTES, REFUSAL_CODES
 from ..protos import guard_pb2 as pb
 from ..protos import guard_pb2_grpc as pb_grpc
@@ -123,9 +124,7 @@ PARALLEL_NOISE_CELLS = 2000
 
 @functools.lru_cache(maxsize=1)
 def _noise_pool() -> futures.ThreadPoolExecutor:
-    import os
-
-    return futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="noise")
+    return futures.ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="noise")
 
 
 @functools.lru_cache(maxsize=64)

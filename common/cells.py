@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from concurrent import futures
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from .procs import usable_cores
 
 
 def check_groups(sizes: Sequence[int], groups: Sequence[Sequence[int] | None]) -> tuple[tuple[np.ndarray | None, ...], tuple[int, ...]]:
@@ -138,7 +139,7 @@ def _count_pool() -> futures.ThreadPoolExecutor:
 
 
 def _count_workers() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return usable_cores()
 
 
 def _spans(n_rows: int, block_rows: int) -> list[tuple[int, int]]:

@@ -23,6 +23,35 @@ from .errors import PpsehrError
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
+def usable_cores(cap: int = 4) -> int:
+    """CPUs this process may run on (its affinity where known), at least 1, at most `cap`."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cap, n))
+
+
+def fork_call(child) -> int:
+    """Fork; the child runs `child()` and exits with its code (a SystemExit's, 1 on any other
+    exception, whose traceback it prints) without running this process's cleanup. Returns the
+    child's PID in the parent."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        result = child()
+        code = result if isinstance(result, int) else 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def flower_env(flwr_home: str | Path | None = None, **extra: str) -> dict[str, str]:
     """The environment of a Flower process: telemetry and update checks off, and this interpreter's
     scripts directory first on PATH, so that ppsehr installed in a virtualenv that was never

@@ -18,12 +18,13 @@ import importlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from ..common.procs import Managed, ProcessGroup, _alive
+from ..common.procs import Managed, ProcessGroup, _alive, fork_call
 from .flower_waits import DEFAULT_POLL
 
 # what each kind of child imports, in the order the launcher warms them up (guards are asked for first)
@@ -52,27 +53,15 @@ def _run_child(kind: str, argv: list[str]) -> int:
 
 
 def _fork(request: dict) -> int:
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:  # the child: a session of its own, its own log, then what its command line would run
+    def child() -> int:  # a session of its own, its own log, then what its command line would run
         os.setsid()
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        code = _run_child(request["kind"], list(request["argv"]))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        import traceback
+        return _run_child(request["kind"], list(request["argv"]))
 
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    return fork_call(child)
 
 
 def serve(poll: float) -> None:
@@ -103,24 +92,22 @@ def serve(poll: float) -> None:
         *lines, buffer = buffer.split(b"\n")
         pending.extend(json.loads(line) for line in lines if line.strip())
 
-    for kind in PRELOADS:
-        warm(kind)
-        replies.write(f"ready {kind}\n")
-        replies.flush()
-        read(0)
+    def answer(timeout: float | None) -> None:  # fork whatever has been asked for by now
+        read(timeout)
         while pending:
             request = pending.pop(0)
             warm(request["kind"])
             replies.write(json.dumps({"pid": _fork(request)}) + "\n")
             replies.flush()
             read(0)
+
+    for kind in PRELOADS:
+        warm(kind)
+        replies.write(f"ready {kind}\n")
+        replies.flush()
+        answer(0)
     while not closed:
-        read(None)
-        while pending:
-            request = pending.pop(0)
-            warm(request["kind"])
-            replies.write(json.dumps({"pid": _fork(request)}) + "\n")
-            replies.flush()
+        answer(None)
     while True:
         try:
             os.wait()
@@ -152,7 +139,7 @@ class Forked:
             os.kill(self.pid, sig)
 
     def kill(self) -> None:
-        self.send_signal(9)
+        self.send_signal(signal.SIGKILL)
 
 
 class Launcher:

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..common.procs import fork_call
+
 DEFAULT_POLL = 0.2  # seconds between AcquireTask calls on each Runtime API (Flower's SuperExec: 1 s)
 ENTRY_POINTS = {"flwr-clientapp": ("flwr.supernode.cli.flwr_clientapp", "flwr_clientapp"),
                 "flwr-serverapp": ("flwr.superlink.cli.flwr_serverapp", "flwr_serverapp")}
@@ -62,12 +64,7 @@ class ForkExecutor:
             argv += ["--root-certificates", spec.root_certificates_path]
         if spec.parent_pid is not None:
             argv += ["--parent-pid", str(spec.parent_pid)]
-        pid = os.fork()
-        if pid:
-            self.children.add(pid)
-            return LaunchResult.accepted()
-        code = 1
-        try:  # the child: exactly the command line's work, then exit without running this process's cleanup
+        def child() -> None:  # exactly the command line's work
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
             if spec.suppress_output:
@@ -76,17 +73,9 @@ class ForkExecutor:
                 os.dup2(devnull, 2)
             sys.argv = argv
             entry()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            import traceback
 
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        self.children.add(fork_call(child))
+        return LaunchResult.accepted()
 
     def reconcile(self) -> None:
         for pid in list(self.children):

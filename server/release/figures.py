@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 from concurrent import futures
 from concurrent.futures import process as _process  # noqa: F401  (futures.process.BrokenProcessPool)
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ...common.procs import usable_cores
 from ..model.graphical import SITE
 from .compare import VariableComparison
 
@@ -147,7 +147,7 @@ def workers(count: int | None = None) -> Iterator[None]:
     started now so that they import matplotlib meanwhile, and stopped on exit. With one core, or
     when they cannot start, figures are drawn in this process."""
     global _pool
-    count = count or min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    count = count or usable_cores()
     pool = None
     if count > 1 and _pool is None:
         try:
