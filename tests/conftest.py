@@ -120,6 +120,30 @@ def all_sites():
     return DEMO_SITES
 
 
+def site_guards(tmp, demo, consortium_keys, sites, peers=None, min_parties=3) -> dict[str, SiteGuard]:
+    """In-process guards of the demo `sites` under `tmp` (lifetime epsilon 10), each joining secure
+    sums with the other `peers` (default: the other `sites`)."""
+    peers = tuple(peers or sites)
+    guards = {}
+    for site in sites:
+        cfg = write_site_config(tmp / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
+                                tmp / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
+                                [consortium_keys.coordinator_pub],
+                                peers={p: consortium_keys.site_keys[p][1] for p in peers if p != site}, min_parties=min_parties)
+        guards[site] = SiteGuard(load_site_config(cfg))
+    return guards
+
+
+def secure_job(tmp, demo, consortium_keys, sites, **options):
+    """A secure release job over `sites` (epsilon 1, seed 2, csv only, no report) writing `tmp`/rel."""
+    from ppsehr.server.pipeline import ReleaseJob
+
+    return ReleaseJob.create(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
+                             signing_key=str(consortium_keys.coordinator_key),
+                             site_keys={s: str(consortium_keys.site_keys[s][1]) for s in sites}, epsilon=1.0, seed=2,
+                             secure_aggregation=True, report=False, formats=["csv"], **options)
+
+
 def release_from_guards(tmp, demo, consortium_keys, sites, epsilon, seed, **options):
     """A real release from in-process guards of `sites` under `tmp`; returns (path, manifest, job)."""
     from ppsehr.server.pipeline import Events, ReleaseJob, run_release
@@ -127,12 +151,8 @@ def release_from_guards(tmp, demo, consortium_keys, sites, epsilon, seed, **opti
 
     running = []
     try:
-        for site in sites:
-            cfg = write_site_config(tmp / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
-                                    tmp / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
-                                    [consortium_keys.coordinator_pub],
-                                    peers={p: k[1] for p, k in consortium_keys.site_keys.items() if p != site}, min_parties=2)
-            running.append(RunningGuard(SiteGuard(load_site_config(cfg))))
+        guards = site_guards(tmp, demo, consortium_keys, sites, peers=consortium_keys.site_keys, min_parties=2)
+        running = [RunningGuard(g) for g in guards.values()]
         job = ReleaseJob.create(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
                          signing_key=str(consortium_keys.coordinator_key),
                          site_keys={s: str(p[1]) for s, p in consortium_keys.site_keys.items()}, epsilon=epsilon,

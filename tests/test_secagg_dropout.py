@@ -23,7 +23,7 @@ from ppsehr.server.measure.rounds import MeasureOptions, auto_dropouts
 from ppsehr.server.measure.transport import SiteFailure
 from ppsehr.server.release.bundle import verify_release
 
-from conftest import edit_manifest, resign_manifest
+from conftest import edit_manifest, resign_manifest, secure_job, site_guards
 
 SITES = ("cleveland", "hungarian", "switzerland", "va")
 
@@ -292,23 +292,8 @@ class CrashesAfterEnrolling(InProcessTransport):
 def in_process(tmp_path, demo, consortium_keys, **options):
     """Four in-process guards and a secure release job tolerating 1 dropout unless `options` say otherwise."""
     options.setdefault("dropouts", 1)
-    from ppsehr.client.config import load_site_config
-    from ppsehr.client.guard import SiteGuard
-    from ppsehr.deploy.local import write_site_config
-    from ppsehr.server.pipeline import ReleaseJob
-
-    guards = {}
-    for site in SITES:
-        cfg = write_site_config(tmp_path / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
-                                tmp_path / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
-                                [consortium_keys.coordinator_pub],
-                                peers={p: consortium_keys.site_keys[p][1] for p in SITES if p != site})
-        guards[site] = SiteGuard(load_site_config(cfg))
-    job = ReleaseJob.create(dictionary=str(demo / "dictionary.toml"), out=str(tmp_path / "rel"),
-                            signing_key=str(consortium_keys.coordinator_key),
-                            site_keys={s: str(consortium_keys.site_keys[s][1]) for s in SITES}, epsilon=1.0, seed=2,
-                            secure_aggregation=True, report=False, formats=["csv"], **options)
-    return guards, job
+    return (site_guards(tmp_path, demo, consortium_keys, SITES),
+            secure_job(tmp_path, demo, consortium_keys, SITES, **options))
 
 
 @pytest.fixture(scope="module")

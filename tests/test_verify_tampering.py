@@ -22,6 +22,8 @@ from ppsehr.protos import guard_pb2 as pb
 from ppsehr.server.measure.transport import SiteFailure
 from ppsehr.server.release import manifest as mf
 
+from conftest import secure_job, site_guards
+
 SECURE_SITES = ("cleveland", "hungarian", "va")
 
 
@@ -44,23 +46,11 @@ class DropsAnswer(InProcessTransport):
 def unreadable(tmp_path_factory, demo, consortium_keys):
     """A release whose secure round 2 could not be read (va's answer lost): rosters, receipts charged for
     nothing, SUM_INCOMPLETE and TIMEOUT entries, bounds in receipts."""
-    from ppsehr.client.config import load_site_config
-    from ppsehr.client.guard import SiteGuard
-    from ppsehr.deploy.local import write_site_config
-    from ppsehr.server.pipeline import Events, ReleaseJob, run_release
+    from ppsehr.server.pipeline import Events, run_release
 
     tmp = tmp_path_factory.mktemp("unreadable")
-    guards = {}
-    for site in SECURE_SITES:
-        cfg = write_site_config(tmp / f"{site}.toml", site, demo / "dictionary.toml", demo / "sites" / f"{site}.toml",
-                                tmp / "state" / site, "127.0.0.1:0", 10.0, 1e-6, consortium_keys.site_keys[site][0],
-                                [consortium_keys.coordinator_pub],
-                                peers={p: consortium_keys.site_keys[p][1] for p in SECURE_SITES if p != site})
-        guards[site] = SiteGuard(load_site_config(cfg))
-    job = ReleaseJob.create(dictionary=str(demo / "dictionary.toml"), out=str(tmp / "rel"),
-                            signing_key=str(consortium_keys.coordinator_key),
-                            site_keys={s: str(consortium_keys.site_keys[s][1]) for s in SECURE_SITES}, epsilon=1.0, seed=2,
-                            secure_aggregation=True, report=False, formats=["csv"])
+    guards = site_guards(tmp, demo, consortium_keys, SECURE_SITES)
+    job = secure_job(tmp, demo, consortium_keys, SECURE_SITES)
     run_release(job, DropsAnswer(guards, "va"), Events())
     return tmp / "rel"
 
