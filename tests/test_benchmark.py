@@ -52,3 +52,11 @@ def test_bench_fidelity_command_writes_json_table_and_plot(tmp_path, capsys):
 def test_bench_rejects_unknown_methods():
     with pytest.raises(SystemExit, match="unknown method"):
         main(["bench", "fidelity", "--methods", "magic"])
+
+
+def test_central_baselines_without_the_bench_extra_stop_before_any_work(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mbi", None)  # as if the bench extra were not installed
+    with pytest.raises(SystemExit, match=r"central-mst need\(s\) the bench extra"):
+        main(["bench", "fidelity", "--methods", "ppsehr,central-mst"])

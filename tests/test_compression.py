@@ -288,17 +288,17 @@ def test_compressed_plan_spends_rho_and_coarsens_less_with_more_budget(dictionar
 # ----------------------------------------------------------------------------- release
 @pytest.fixture(scope="module")
 def small_release(tmp_path_factory, demo, consortium_keys):
-    """A release at epsilon 0.5 from two in-process guards (dictionary strategy, compression on)."""
+    """A release at epsilon 4 from two in-process guards (dictionary strategy, compression on)."""
     from conftest import release_from_guards
 
-    return release_from_guards(tmp_path_factory.mktemp("compressed-release"), demo, consortium_keys, ("hungarian", "va"), 0.5, 5)
+    return release_from_guards(tmp_path_factory.mktemp("compressed-release"), demo, consortium_keys, ("hungarian", "va"), 4.0, 5)
 
 
 def test_release_measures_oneways_then_compressed_tables(small_release, dictionary):
     path, manifest, job = small_release
     assert verify_release(path)["release_id"] == manifest["release_id"]
     first, second, third = manifest["plans"]
-    rho = accounting.rho_for_epsilon(0.5, job.delta)
+    rho = accounting.rho_for_epsilon(4.0, job.delta)
     assert [m["variables"] for m in first["marginals"]] == [[n] for n in dictionary.names]
     assert not any("groups" in m for m in first["marginals"])
     assert first["rho_per_site"] == pytest.approx(rho * planner.ONEWAY_SHARE, rel=1e-9)
@@ -306,7 +306,7 @@ def test_release_measures_oneways_then_compressed_tables(small_release, dictiona
     assert third["rho_per_site"] == pytest.approx(rho * (1 - planner.ONEWAY_SHARE - planner.CANDIDATE_SHARE), rel=1e-9)
     for rnd in (second, third):
         grouped = [m for m in rnd["marginals"] if "groups" in m]
-        assert grouped, "at epsilon 0.5 candidate and selected pair tables should be compressed"
+        assert grouped, "at epsilon 4 candidate and selected pair tables should be compressed"
         signed = pb.QueryPlan.FromString(keys.unb64(rnd["signed_plan"]))
         for entry, q in zip(rnd["marginals"], signed.marginals):
             assert [list(g.cell_group) or None for g in q.groups] == entry.get("groups", [])  # the manifest says what was signed

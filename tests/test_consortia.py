@@ -159,6 +159,18 @@ def test_target_is_declared_given_or_the_first_binary_variable(tmp_path):
         B.consortium_dataset(tmp_path / "a", target="age")
     with pytest.raises(DictionaryError, match=r"dictionary\.toml: benchmark\.target 'death' is not a variable"):
         B.consortium_dataset(_tiny(tmp_path / "d", extra='[benchmark]\ntarget = "death"\n'))
+    declared = _tiny(tmp_path / "e", extra="")  # no [benchmark] target: the dictionary's declared outcome
+    text = (declared / "dictionary.toml").read_text()
+    (declared / "dictionary.toml").write_text(text.replace("[model]\n", '[model]\noutcome = "smoker"\n'))
+    assert B.consortium_dataset(declared).target == "smoker"
+    with pytest.raises(DictionaryError, match=r"--target 'Outcome' is not a variable.*did you mean 'outcome'"):
+        B.consortium_dataset(tmp_path / "a", target="Outcome")
+    tiered = _tiny(tmp_path / "f")
+    text = (tiered / "dictionary.toml").read_text()
+    (tiered / "dictionary.toml").write_text(text.replace('categories = ["event", "none"]\n',
+                                                         'categories = ["event", "none"]\ntier = 3\n'))
+    with pytest.raises(DictionaryError, match=r"benchmark\.target 'outcome' is tier 3"):
+        B.consortium_dataset(tiered)
 
 
 def test_broken_consortium_errors_name_the_file(tmp_path, capsys):

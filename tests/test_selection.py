@@ -260,7 +260,7 @@ def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, diction
     """Automatic secure aggregation: secure sums where every site allows them, plain sums (and nothing
     debited for trying) where none does; either way every site spends exactly the requested rho."""
     seen = []
-    guards, request, rounds, structure = in_process(secure=secure, events=lambda m, **k: seen.append(m))
+    guards, request, rounds, structure = in_process(epsilon=4.0, secure=secure, events=lambda m, **k: seen.append(m))
     assert [r.number for r in rounds] == [1, 2, 3]
     assert [r.secure for r in rounds] == [False, secure, secure]  # round 1 stays per site: site effects
     assert all(len(r.results) == len(SITES) for r in rounds)
@@ -273,6 +273,26 @@ def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, diction
     assert len(pairs) >= len(dictionary.names) // 2 and set(pairs) <= {tuple(s) for s in structure}
     assert any(m.startswith("selected ") for m in seen)
     assert secure or any("secure aggregation is not possible" in m for m in seen)
+
+
+def test_candidates_too_noisy_to_tell_anything_are_not_bought(in_process, dictionary):
+    """When round 1 shows that a typical candidate table would hold fewer records per cell than
+    MIN_CANDIDATE_SNR noise sigmas, no candidates are sent: its budget goes to round 3, which measures the outcome's
+    pairs (and the prior dependencies); the release still spends exactly its rho."""
+    seen = []
+    guards, request, rounds, structure = in_process(epsilon=0.3, outcome="heart_disease",
+                                                    events=lambda m, **k: seen.append(m))
+    assert [r.number for r in rounds] == [1, 2] and any(m.startswith("no candidate round") for m in seen)
+    pairs = {frozenset(m.variables) for m in rounds[1].marginals if len(m.variables) == 2}
+    priors = {frozenset(p) for p in dictionary.dependencies}
+    star = {frozenset(("heart_disease", v)) for v in planner.joint_names(dictionary) if v != "heart_disease"}
+    assert pairs == {frozenset(s) for s in structure if len(s) == 2} == priors | star
+    for g in guards.values():
+        assert g.ledger.spent() == pytest.approx(request.rho, rel=1e-9)
+    assert sum(sum(m.rho for m in r.marginals) for r in rounds) == pytest.approx(request.rho, rel=1e-12)
+    _, _, rounds, _ = in_process(epsilon=0.3)  # no outcome: the 1-way tables and the prior dependencies
+    assert [r.number for r in rounds] == [1, 2]
+    assert {frozenset(m.variables) for m in rounds[1].marginals if len(m.variables) == 2} == priors
 
 
 def test_a_declared_outcome_in_a_release(in_process, dictionary):

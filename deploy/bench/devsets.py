@@ -2,7 +2,7 @@
 
 Each builder writes a consortium directory (`dictionary.toml` with a `[benchmark] target`, and
 `sites/<site>.toml` mappings next to the sites' CSV files), the layout `ppsehr bench fidelity
---consortium DIR` reads, and `load` turns such a directory into a benchmark `Dataset`.
+--consortium DIR` reads (`fidelity.consortium_dataset`).
 
 - ``icu``: a simulated 4-site ICU consortium (2,520 stays, 26 variables) with the features that
   broke earlier strategies: eight labs missing together for about a quarter of the stays, a rare
@@ -10,6 +10,11 @@ Each builder writes a consortium directory (`dictionary.toml` with a `[benchmark
   case mix and in how often labs are drawn. Drawn from a fixed seed.
 - ``whas500``: the Worcester Heart Attack Study (scikit-survival's `load_whas500`, 500 patients,
   16 variables with the follow-up status as target), split into four sites by record order.
+- ``veterans``: the Veterans' Administration lung cancer trial (scikit-survival's
+  `load_veterans_lung_cancer`, 137 patients, 7 variables, death within 90 days as target; the survival time itself is left out,
+  since it would give the target away), split
+  into four sites by arm and prior therapy: the very small consortium (about 34 patients a site),
+  where every measured table costs more noise than it is worth unless the dependence is strong.
 
     python -m ppsehr.deploy.bench.devsets icu /tmp/dev-icu
     ppsehr bench fidelity --consortium /tmp/dev-icu ...
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-NAMES = ("icu", "whas500")
+NAMES = ("icu", "whas500", "veterans")
 
 
 def _write(root: Path, name: str, variables: dict[str, dict], sites: dict[str, dict[str, list]], target: str) -> Path:
@@ -170,17 +175,32 @@ def whas500(root: Path) -> Path:
     return _write(root, "dev-whas500", variables, sites, "fstat")
 
 
-def load(root: Path, name: str | None = None):
-    """A consortium directory as a benchmark Dataset (target from `[benchmark] target`)."""
-    from ...common.dictionary import load_dictionary
-    from ...common.mapping import load_mapping, load_site_table
-    from .fidelity import Dataset
+def veterans(root: Path) -> Path:
+    from sksurv.datasets import load_veterans_lung_cancer
 
-    root = Path(root)
-    d = load_dictionary(root / "dictionary.toml")
-    maps = {f.stem: f for f in sorted((root / "sites").glob("*.toml"))}
-    tables = {s: load_site_table(load_mapping(m, d), d)[0] for s, m in maps.items()}
-    return Dataset(name or root.name, d, root / "dictionary.toml", maps, tables, d.content["benchmark"]["target"])
+    X, y = load_veterans_lung_cancer()
+    days = np.asarray([t for _, t in y], dtype=float)
+    dead = np.asarray([e for e, _ in y], dtype=bool)
+    cols = {"age": X["Age_in_years"].to_numpy(float), "celltype": X["Celltype"].astype(str).to_numpy(),
+            "karnofsky": X["Karnofsky_score"].to_numpy(float), "months_dx": X["Months_from_Diagnosis"].to_numpy(float),
+            "prior_therapy": X["Prior_therapy"].astype(str).to_numpy(), "treatment": X["Treatment"].astype(str).to_numpy(),
+            "died_90d": np.where(dead & (days <= 90), "yes", "no")}
+    variables = {
+        "age": {"type": "numeric", "bins": [30, 50, 60, 70, 90], "precision": 0, "missing": False},
+        "celltype": {"type": "categorical", "categories": ["squamous", "smallcell", "adeno", "large"], "missing": False},
+        "karnofsky": {"type": "numeric", "bins": [0, 40, 60, 80, 101], "precision": 0, "missing": False},
+        "months_dx": {"type": "numeric", "bins": [0, 3, 6, 12, 100], "precision": 0, "missing": False},
+        "prior_therapy": {"type": "categorical", "categories": ["no", "yes"], "missing": False},
+        "treatment": {"type": "categorical", "categories": ["standard", "test"], "missing": False},
+        "died_90d": {"type": "categorical", "categories": ["yes", "no"], "missing": False},
+    }
+    sites = {}
+    for arm in ("standard", "test"):
+        for prior in ("no", "yes"):
+            keep = (cols["treatment"] == arm) & (cols["prior_therapy"] == prior)
+            sites[f"{arm}-{'prior' if prior == 'yes' else 'naive'}"] = {
+                c: [float(x) if variables[c]["type"] == "numeric" else str(x) for x in v[keep]] for c, v in cols.items()}
+    return _write(root, "dev-veterans", variables, sites, "died_90d")
 
 
 def main() -> None:
@@ -188,7 +208,7 @@ def main() -> None:
     p.add_argument("name", choices=NAMES)
     p.add_argument("out", type=Path)
     a = p.parse_args()
-    print({"icu": icu, "whas500": whas500}[a.name](a.out))
+    print({"icu": icu, "whas500": whas500, "veterans": veterans}[a.name](a.out))
 
 
 if __name__ == "__main__":

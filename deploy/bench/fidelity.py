@@ -102,24 +102,31 @@ def consortium_dataset(directory: str | Path, target: str | None = None, name: s
 
 
 def resolve_target(d: Dictionary, target: str | None = None) -> str:
-    """The TSTR target: `target`, else the dictionary's `[benchmark] target`, else its first
-    categorical variable with two categories. It must be categorical (first category vs the rest)."""
+    """The TSTR target: `target`, else the dictionary's `[benchmark] target`, else its declared
+    outcome (`[model] outcome`), else its first categorical variable with two categories. It must be
+    categorical (first category vs the rest) and may appear in joint tables (not tier 3)."""
+    import difflib
+
     bench = d.content.get("benchmark", {})
     declared = bench.get("target") if isinstance(bench, dict) else None
-    name = target or declared
+    name = target or declared or d.outcome
     if name is None:
-        binary = [n for n, v in d.variables.items() if v.type == "categorical" and len(v.categories) == 2]
+        binary = [n for n, v in d.variables.items() if v.type == "categorical" and len(v.categories) == 2 and v.tier < 3]
         if not binary:
             raise DictionaryError(f"{d.source}: no binary categorical variable to use as the TSTR target; "
                                   f"give --target or declare [benchmark] target = \"...\"")
         return binary[0]
-    origin = "--target" if target else "benchmark.target"
+    origin = "--target" if target else "benchmark.target" if declared else "model.outcome"
     if name not in d.variables:
-        raise DictionaryError(f"{d.source}: {origin} {name!r} is not a variable of the dictionary "
-                              f"(variables: {', '.join(d.names)})")
+        close = difflib.get_close_matches(name, list(d.variables), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (variables: {', '.join(d.names)})"
+        raise DictionaryError(f"{d.source}: {origin} {name!r} is not a variable of the dictionary{hint}")
     if d[name].type != "categorical":
         raise DictionaryError(f"{d.source}: {origin} {name!r} is numeric; the TSTR target must be categorical "
                               f"(its first category is predicted against the rest)")
+    if d[name].tier >= 3:
+        raise DictionaryError(f"{d.source}: {origin} {name!r} is tier 3 (released in 1-way tables only), so no "
+                              "model could learn it from the release; choose another TSTR target")
     return name
 
 
@@ -344,6 +351,8 @@ def tvds(real: np.ndarray, synth: np.ndarray, sizes: list[int], width: int, samp
     if sample is not None and len(sets) > sample:
         rng = np.random.default_rng(0)  # a fixed sample of 3-way sets, the same for every method
         sets = [sets[i] for i in sorted(rng.choice(len(sets), size=sample, replace=False))]
+    if not sets:  # fewer variables than the width
+        return float("nan")
     return float(np.mean([0.5 * np.abs(marginal(real, c, tuple(sizes[i] for i in c))
                                        - marginal(synth, c, tuple(sizes[i] for i in c))).sum() for c in sets]))
 
@@ -520,6 +529,14 @@ def run_fidelity_cli(args) -> int:
     if args.consortium and args.dataset:
         raise SystemExit("give --dataset or --consortium, not both")
     dataset = args.dataset or "demo"
+    central = [m for m in methods if m.startswith("central-")]
+    if central:
+        try:
+            import mbi  # noqa: F401
+            import polars  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"{', '.join(central)} need(s) the bench extra ({e}): pip install 'ppsehr[bench]', "
+                             "or leave them out of --methods") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ppsehr-bench-") as tmp:

@@ -8,6 +8,12 @@ exactly the per-site rho of the release (ONEWAY_SHARE + CANDIDATE_SHARE + the re
 2. **Candidates** (`candidate_plan`): every pair of variables (up to MAX_CANDIDATES tables, the
    default site policy's limit), each over domains compressed by round 1's noisy counts so that a
    typical cell holds CANDIDATE_NOISE times its noise: cheap tables that show which pairs matter.
+   Not sent when round 1 shows that a typical one would hold less than MIN_CANDIDATE_SNR noise
+   sigma per cell (`candidate_snr`: a small consortium at a small budget): a tree chosen from noise
+   costs more than it fixes, so round 3's budget grows instead and it measures the prior
+   dependencies and a declared outcome's pairs (`prior_selection`), and the other pairs are
+   modelled as independent (at that noise level central MST, too, does worse than independent
+   columns on the small development sets).
 3. **Selected marginals** (`select`, then `final_plan`): the coordinator scores every candidate
    by its noisy workload error, the L1 distance between the candidate and what the current model
    predicts for it, minus the L1 norm the noise alone would add (AIM's quality score, computed as
@@ -69,6 +75,7 @@ CANDIDATE_SHARE = 0.15  # round 2: every pair, compressed (round 3 gets the rest
 MAX_CANDIDATES = 500  # the default site policy's max_marginals: more pairs than this are sampled
 MAX_TABLE_CELLS = 100_000  # the default site policy's max_cells: a joint table is compressed to fit
 CANDIDATE_NOISE = 2.0  # compression of candidates: a typical cell holds this many noise sigmas
+MIN_CANDIDATE_SNR = 1.0  # no candidate round if a typical candidate cell would hold fewer records than this many sigmas
 PRIOR_SIGMAS = 2.0  # a declared (prior) pair's score gains this many noise standard deviations
 TREE_SIGMAS = 0.0  # a spanning-tree edge is kept if its score clears this many standard deviations
 EXTRA_SIGMAS = 3.0  # an extra pair's residual error must clear its noise by this many standard deviations
@@ -157,6 +164,16 @@ def candidate_plan(dictionary: Dictionary, oneway: Sequence[Measurement], rho: f
                            CANDIDATE_NOISE, outcome)
 
 
+
+
+def candidate_snr(dictionary: Dictionary, plan: Sequence[PlannedMarginal], oneway: Sequence[Measurement],
+                  sites: float) -> float:
+    """The median over a candidate plan's tables of records per cell over noise sigma per cell."""
+    total = estimate_total([m for m in oneway if len(m.variables) == 1])
+    return float(np.median([total / p.cells(dictionary) / (math.sqrt(sites) * accounting.scale_for_rho(p.rho))
+                            for p in plan]))
+
+
 def final_plan(dictionary: Dictionary, pairs: Sequence[tuple[str, ...]], oneway: Sequence[Measurement], rho: float,
                sites: float, outcome: str | None = None) -> list[PlannedMarginal]:
     """Round 3: every 1-way table again and the selected marginals, compressed for round 3's noise."""
@@ -230,6 +247,23 @@ def co_missing_error(dictionary: Dictionary, m: Measurement, expected: np.ndarra
     np.add.at(c_y, (idx[0][:, None], idx[1][None, :]), m.values)
     np.add.at(c_var, (idx[0][:, None], idx[1][None, :]), var)
     return float(np.abs(c_mu - c_y).sum() - math.sqrt(2 / math.pi) * np.sqrt(c_var).sum())
+
+
+def prior_selection(dictionary: Dictionary, known: Sequence[tuple[str, ...]], outcome: str | None,
+                    clique_cells: Callable[[list[tuple[str, ...]]], int] | None = None) -> "Selection":
+    """Round 3's marginals without candidates: the prior dependencies' pairs and, with a declared
+    outcome, every pair with it (dictionary order, within the model-size budget)."""
+    allowed = set(joint_names(dictionary))
+    sel = Selection([tuple(p) for p in known if len(p) == 2 and set(p) <= allowed])  # type: ignore[misc]
+    if outcome is None:
+        return sel
+    have = {frozenset(p) for p in sel.tree}
+    for v in joint_names(dictionary):
+        if v != outcome and frozenset((outcome, v)) not in have:
+            trial = replace(sel, outcome=sel.outcome + [(outcome, v)])
+            if clique_cells is None or clique_cells(trial.structure(dictionary)) <= EXTRA_CLIQUE_CELLS:
+                sel = trial
+    return sel
 
 
 @dataclass

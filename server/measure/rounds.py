@@ -404,7 +404,11 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
     (the rest). The three plans spend exactly rho per site. Round 1 must be answered by someone;
     if a later round is answered by no one, what was paid for is used (the manifest lists the
-    refusals): without candidates, round 3 measures the prior dependencies.
+    refusals): without candidates, round 3 measures the prior dependencies and the outcome's pairs.
+    If round 1 shows that a candidate table would hold fewer records per cell than
+    planner.MIN_CANDIDATE_SNR noise sigmas (a small consortium at a small budget), there is
+    no candidate round: the selected marginals (prior dependencies, outcome's pairs) are round 2
+    and get its budget too.
     """
     opts.validate()
     rho = request.rho
@@ -438,6 +442,9 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     if not joint:
         return rounds, [(n,) for n in names] + ([(SITE,)] if opts.site_variable == "release" else [])
     cover = {r.site for r in first.results}
+    if state.mode is None and len(cover) < opts.min_parties:
+        events(f"secure aggregation needs at least {opts.min_parties} sites (min_parties) and {len(cover)} answered "
+               "round 1: plain sums", stage="plan")
     oneway = aggregate(first.plan, first.results, dictionary, correction=first.correction)
     n = len(first.results)
 
@@ -445,7 +452,16 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
         return n / max(1, n - opts.tolerated(n) - opts.colluding) if secure else float(n)
 
     second = None
-    if not state.stop:
+    cand_secure = state.wanted(len(cover), opts.min_parties)
+    snr = planner.candidate_snr(dictionary, planner.candidate_plan(dictionary, oneway, rho * shares[1], copies(cand_secure),
+                                                                  priors, outcome), oneway, copies(cand_secure))
+    skip = snr < planner.MIN_CANDIDATE_SNR
+    if skip:
+        events(f"no candidate round: at this budget a candidate table would hold {snr:.2g} records per cell per noise "
+               f"sigma (under {planner.MIN_CANDIDATE_SNR:g}), too few to tell which pairs matter; its budget goes to "
+               "the selected marginals", stage="plan")
+        shares = (shares[0], 0.0)
+    if not state.stop and not skip:
         second = _round(2, lambda secure: planner.candidate_plan(dictionary, oneway, rho * shares[1], copies(secure), priors,
                                                                   outcome),
                         state, args, cover, events, rho * (1 - shares[0] - shares[1]))
@@ -474,13 +490,13 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
                + (f"; site effects on {', '.join(selection.site)}" if selection.site else "; no site effects modelled"),
                stage="plan")
     else:
-        allowed = set(planner.joint_names(dictionary))
         known = [tuple(p) for p in planner.structure(dictionary, [tuple(x) for x in opts.structure] + list(prior))
                  if dictionary.dependencies or opts.structure or prior]
-        selection = planner.Selection([p for p in known if len(p) == 2 and set(p) <= allowed])  # type: ignore[misc]
+        selection = planner.prior_selection(dictionary, known, outcome, clique_cells)
         events("no candidates were measured: round 3 measures the prior dependencies"
-               + (f" ({', '.join('-'.join(p) for p in selection.tree)})" if selection.tree else " (none: 1-way tables only)"),
-               stage="plan")
+               + (f" ({', '.join('-'.join(p) for p in selection.tree)})" if selection.tree else " (none)")
+               + (f" and the outcome's pairs ({', '.join('-'.join(p) for p in selection.outcome)})" if selection.outcome
+                  else ""), stage="plan")
     structure = selection.structure(dictionary) + ([(SITE,)] if opts.site_variable == "release" else [])
     check_model_size(opts, dictionary, structure, sites)
     if state.stop:
@@ -488,7 +504,8 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     rest = rho * (1 - shares[0] - shares[1])
     if second is not None and second.secure and second.results:  # a site that dropped out of round 2 is not waited for
         cover = {r.site for r in second.results}
-    third = _round(3, lambda secure: planner.final_plan(dictionary, selection.pairs, oneway, rest, copies(secure), outcome),
+    last = len(rounds) + 1
+    third = _round(last, lambda secure: planner.final_plan(dictionary, selection.pairs, oneway, rest, copies(secure), outcome),
                    state, args, cover, events)
     rounds.append(third)
     if third.results:
@@ -496,7 +513,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
             f"{'-'.join(m.variables)} {m.cells(dictionary)} cells" for m in third.marginals if len(m.variables) > 1),
             stage="plan")
     else:
-        events("round 3 was answered by no site: the release uses the earlier rounds' tables within the selected "
+        events(f"round {last} was answered by no site: the release uses the earlier rounds' tables within the selected "
                "structure; " + "; ".join(f"{f.site}: {f.code}" for f in third.failures))
     return rounds, structure
 
