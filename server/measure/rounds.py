@@ -493,7 +493,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
         known = [tuple(p) for p in planner.structure(dictionary, [tuple(x) for x in opts.structure] + list(prior))
                  if dictionary.dependencies or opts.structure or prior]
         selection = planner.prior_selection(dictionary, known, outcome, clique_cells)
-        events("no candidates were measured: round 3 measures the prior dependencies"
+        events(f"no candidates were measured: round {len(rounds) + 1} measures the prior dependencies"
                + (f" ({', '.join('-'.join(p) for p in selection.tree)})" if selection.tree else " (none)")
                + (f" and the outcome's pairs ({', '.join('-'.join(p) for p in selection.outcome)})" if selection.outcome
                   else ""), stage="plan")
