@@ -28,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-NAMES = ("icu", "whas500", "veterans")
-
 
 def _write(root: Path, name: str, variables: dict[str, dict], sites: dict[str, dict[str, list]], target: str) -> Path:
     """Write dictionary, site CSVs and mappings. `variables`: name -> dictionary spec (TOML-able dict)."""
@@ -203,12 +201,15 @@ def veterans(root: Path) -> Path:
     return _write(root, "dev-veterans", variables, sites, "died_90d")
 
 
+BUILDERS = {"icu": icu, "whas500": whas500, "veterans": veterans}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=NAMES)
+    p.add_argument("name", choices=list(BUILDERS))
     p.add_argument("out", type=Path)
     a = p.parse_args()
-    print({"icu": icu, "whas500": whas500, "veterans": veterans}[a.name](a.out))
+    print(BUILDERS[a.name](a.out))
 
 
 if __name__ == "__main__":

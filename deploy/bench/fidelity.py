@@ -23,6 +23,7 @@ scikit-survival into the work directory).
 from __future__ import annotations
 
 import argparse
+import difflib
 import itertools
 import json
 import math
@@ -105,8 +106,6 @@ def resolve_target(d: Dictionary, target: str | None = None) -> str:
     """The TSTR target: `target`, else the dictionary's `[benchmark] target`, else its declared
     outcome (`[model] outcome`), else its first categorical variable with two categories. It must be
     categorical (first category vs the rest) and may appear in joint tables (not tier 3)."""
-    import difflib
-
     bench = d.content.get("benchmark", {})
     declared = bench.get("target") if isinstance(bench, dict) else None
     name = target or declared or d.outcome

@@ -164,8 +164,6 @@ def candidate_plan(dictionary: Dictionary, oneway: Sequence[Measurement], rho: f
                            CANDIDATE_NOISE, outcome)
 
 
-
-
 def candidate_snr(dictionary: Dictionary, plan: Sequence[PlannedMarginal], oneway: Sequence[Measurement],
                   sites: float) -> float:
     """The median over a candidate plan's tables of records per cell over noise sigma per cell."""

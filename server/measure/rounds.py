@@ -452,20 +452,24 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
         return n / max(1, n - opts.tolerated(n) - opts.colluding) if secure else float(n)
 
     second = None
-    cand_secure = state.wanted(len(cover), opts.min_parties)
-    snr = planner.candidate_snr(dictionary, planner.candidate_plan(dictionary, oneway, rho * shares[1], copies(cand_secure),
-                                                                  priors, outcome), oneway, copies(cand_secure))
-    skip = snr < planner.MIN_CANDIDATE_SNR
-    if skip:
-        events(f"no candidate round: at this budget a candidate table would hold {snr:.2g} records per cell per noise "
-               f"sigma (under {planner.MIN_CANDIDATE_SNR:g}), too few to tell which pairs matter; its budget goes to "
-               "the selected marginals", stage="plan")
-        shares = (shares[0], 0.0)
-    if not state.stop and not skip:
-        second = _round(2, lambda secure: planner.candidate_plan(dictionary, oneway, rho * shares[1], copies(secure), priors,
-                                                                  outcome),
-                        state, args, cover, events, rho * (1 - shares[0] - shares[1]))
-        rounds.append(second)
+    plans: dict[bool, list[planner.PlannedMarginal]] = {}
+
+    def candidates_for(secure: bool) -> list[planner.PlannedMarginal]:  # planned once per kind of sum
+        if secure not in plans:
+            plans[secure] = planner.candidate_plan(dictionary, oneway, rho * shares[1], copies(secure), priors, outcome)
+        return plans[secure]
+
+    if not state.stop:
+        wanted = state.wanted(len(cover), opts.min_parties)
+        snr = planner.candidate_snr(dictionary, candidates_for(wanted), oneway, copies(wanted))
+        if snr < planner.MIN_CANDIDATE_SNR:
+            events(f"no candidate round: at this budget a candidate table would hold {snr:.2g} records per cell per "
+                   f"noise sigma (under {planner.MIN_CANDIDATE_SNR:g}), too few to tell which pairs matter; its budget "
+                   "goes to the selected marginals", stage="plan")
+            shares = (shares[0], 0.0)
+        else:
+            second = _round(2, candidates_for, state, args, cover, events, rho * (1 - shares[0] - shares[1]))
+            rounds.append(second)
     groups = _groups(opts, [r.site for r in first.results])
     site_tables = []
     if opts.site_variable != "pooled" and len(set(groups.values())) > 1:
