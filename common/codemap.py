@@ -4,13 +4,12 @@ targets checked against the dictionary, and the per-variable mapping record ever
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .dictionary import MISSING, OTHER, Variable
-from .errors import MappingError
+from .errors import MappingError, did_you_mean
 
 
 def check_keys(table: Any, known: Sequence[str], where: str, what: str = "key") -> None:
@@ -19,9 +18,7 @@ def check_keys(table: Any, known: Sequence[str], where: str, what: str = "key") 
         raise MappingError(f"{where}: must be a table")
     for key in table:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
-            raise MappingError(f"{where}: unknown {what} {key!r}{hint}")
+            raise MappingError(f"{where}: unknown {what} {key!r}" + did_you_mean(key, known, f"known: {', '.join(known)}"))
 
 
 def norm_code(value: Any) -> str:
@@ -79,7 +76,6 @@ def check_target(label: Any, code: str, var: Variable, where: str) -> str:
                                f"for {var.name!r} (other = true)")
         return label
     keywords = [MISSING] * var.missing + [OTHER] * var.other
-    close = difflib.get_close_matches(label, list(var.categories) + keywords, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(label, list(var.categories) + keywords)
     raise MappingError(f"{where}: code {code!r} maps to {label!r}, which is not a category of {var.name!r}{hint} "
                        f"(categories: {list(var.categories)}" + (f"; or {' / '.join(keywords)}" if keywords else "") + ")")

@@ -55,7 +55,6 @@ it may quote local values.
 from __future__ import annotations
 
 import codecs
-import difflib
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ from . import omop
 from . import privacy_unit
 from .dictionary import MISSING, OTHER, OUT_OF_RANGE, Dictionary, Variable
 from .codemap import VariableMapping, check_keys, check_target, norm_code
-from .errors import MappingError
+from .errors import MappingError, did_you_mean
 from .units import conversion, parse_number, round_to
 
 FORMATS = ("csv", "tsv", "parquet", "omop")  # omop: CDM tables, see common/omop.py
@@ -186,9 +185,8 @@ def load_mapping(path: str | Path, dictionary: Dictionary) -> SiteMapping:
         raise MappingError(f"{where}: [variables] must be a table of [variables.<name>] tables")
     for name in raw_vars:
         if name not in dictionary.variables:
-            close = difflib.get_close_matches(name, list(dictionary.variables), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise MappingError(f"{where}: variables.{name} is not in dictionary {dictionary.name} {dictionary.version}{hint}")
+            raise MappingError(f"{where}: variables.{name} is not in dictionary {dictionary.name} {dictionary.version}"
+                               + did_you_mean(name, dictionary.variables))
     for name in dictionary.variables:
         if name not in raw_vars:
             raise MappingError(f"{where}: dictionary variable {name!r} is not mapped (map it, or declare absent = true)")
@@ -421,9 +419,8 @@ def _parse_variable_mapping(spec: Any, var: Variable, where: str, tables: dict[s
         raise MappingError(f"{where}.absent: must be true or false")
     table = spec.get("table", default_table)
     if tables is not None and table not in tables:
-        close = difflib.get_close_matches(str(table), list(tables), n=1, cutoff=0.6)
-        raise MappingError(f"{where}.table: {table!r} is not a table of the source" +
-                           (f"; did you mean {close[0]!r}?" if close else f" (tables: {', '.join(tables)})"))
+        raise MappingError(f"{where}.table: {table!r} is not a table of the source"
+                           + did_you_mean(table, tables, f"tables: {', '.join(tables)}"))
     reduce = spec.get("reduce")
     if reduce is not None:
         rules = NUMERIC_RULES if var.type == "numeric" else CATEGORICAL_RULES

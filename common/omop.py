@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import difflib
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ import numpy as np
 
 from .dictionary import MISSING, Dictionary, Variable
 from .codemap import VariableMapping, check_target, norm_code
-from .errors import MappingError
+from .errors import MappingError, did_you_mean
 from .units import conversion, parse_number
 
 # kind -> (table, concept column, date column)
@@ -104,9 +103,8 @@ def parse_variable(name: str, spec: dict[str, Any], var: Variable, where: str):
     allowed = _KEYS.get(kind) or _KEYS[var.type]
     for key in spec:
         if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
             raise MappingError(f"{where}: unknown key {key!r} for omop = {kind!r} and a {var.type} variable"
-                               + (f"; did you mean {close[0]!r}?" if close else f" (keys: {sorted(allowed)})"))
+                               + did_you_mean(key, sorted(allowed), f"keys: {sorted(allowed)}"))
     column = f"omop:{name}"
     if kind == "age":
         if var.type != "numeric":

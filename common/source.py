@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import difflib
 import re
 import shutil
 import sqlite3
@@ -36,7 +35,7 @@ import numpy as np
 
 from . import omop, privacy_unit
 from .dictionary import MISSING, OTHER, Dictionary
-from .errors import MappingError
+from .errors import MappingError, did_you_mean
 from .mapping import (EncodedTable, encode_column, SiteMapping, TableSpec, ValidationReport, VariableMapping, VariableReport,
                       bin_values, norm_code)
 from .units import round_to
@@ -209,9 +208,8 @@ class _Loader:
     def _check_columns(self, spec: TableSpec, needed: dict[str, str], have: list[str]) -> None:
         for column, by in needed.items():
             if column not in have:
-                close = difflib.get_close_matches(column, have, n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise MappingError(f"{spec.label}: column {column!r} not found (needed by {by}){hint} (columns: {have})")
+                raise MappingError(f"{spec.label}: column {column!r} not found (needed by {by})"
+                                   f"{did_you_mean(column, have)} (columns: {have})")
 
     def _csv(self, spec: TableSpec, needed: dict[str, str], sqlcols: dict[str, str]):
         path = spec.path

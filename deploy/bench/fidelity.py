@@ -23,7 +23,6 @@ scikit-survival into the work directory).
 from __future__ import annotations
 
 import argparse
-import difflib
 import itertools
 import json
 import math
@@ -37,7 +36,7 @@ import numpy as np
 
 from ...common import accounting
 from ...common.dictionary import Dictionary, load_dictionary
-from ...common.errors import DictionaryError, MappingError, PpsehrError
+from ...common.errors import DictionaryError, MappingError, PpsehrError, did_you_mean
 from ...common.mapping import EncodedTable, load_mapping
 from ...common.source import load_site_table
 from ..consortia import NAMES as CONSORTIA
@@ -117,9 +116,8 @@ def resolve_target(d: Dictionary, target: str | None = None) -> str:
         return binary[0]
     origin = "--target" if target else "benchmark.target" if declared else "model.outcome"
     if name not in d.variables:
-        close = difflib.get_close_matches(name, list(d.variables), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else f" (variables: {', '.join(d.names)})"
-        raise DictionaryError(f"{d.source}: {origin} {name!r} is not a variable of the dictionary{hint}")
+        raise DictionaryError(f"{d.source}: {origin} {name!r} is not a variable of the dictionary"
+                              + did_you_mean(name, d.variables, f"variables: {', '.join(d.names)}"))
     if d[name].type != "categorical":
         raise DictionaryError(f"{d.source}: {origin} {name!r} is numeric; the TSTR target must be categorical "
                               f"(its first category is predicted against the rest)")

@@ -20,7 +20,6 @@ addressees, so a guard that is not one of them refuses for free (NOT_ADDRESSED).
 
 from __future__ import annotations
 
-import difflib
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,7 +27,7 @@ from typing import Callable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ...common import addressing, keys
-from ...common.errors import PpsehrError
+from ...common.errors import PpsehrError, closest
 from ...protos import guard_pb2 as pb
 from .transport import SiteFailure, Transport
 
@@ -124,18 +123,18 @@ def identify(site_keys: dict[str, Ed25519PublicKey], dictionary_hash: str, trans
             mentioned.add(by_fp[fp])
         else:
             text = f"{_who(site, w)} answered with key {fp}, but no --site-key is given for it"
-            close = difflib.get_close_matches(site, [u for u in unmatched if u not in mentioned], n=1, cutoff=0.5)
+            close = closest(site, [u for u in unmatched if u not in mentioned], cutoff=0.5)
             if close:
-                text += f"; --site-key {close[0]!r} matches no site (did you mean {site!r}?)"
-                mentioned.add(close[0])
+                text += f"; --site-key {close!r} matches no site (did you mean {site!r}?)"
+                mentioned.add(close)
             problems.append(text)
     if problems:
         names = [s for _, s, _ in mismatched]
         for u in unmatched:
             if u in mentioned:
                 continue
-            close = difflib.get_close_matches(u, names, n=1, cutoff=0.5)
-            problems.append(f"--site-key {u!r} matches no site that answered" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = closest(u, names, cutoff=0.5)
+            problems.append(f"--site-key {u!r} matches no site that answered" + (f" (did you mean {close!r}?)" if close else ""))
         raise SiteMismatch("the sites that answered do not match the --site-key list; no plan that costs budget was "
                            "sent and no site was charged:\n  - " + "\n  - ".join(problems)
                            + ("\nVerified: " + ", ".join(sorted(verified)) if verified else "")
