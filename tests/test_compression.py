@@ -200,8 +200,9 @@ def _check_compress(var, counts, threshold):
     """What planner.compress promises; returns the groups found below threshold."""
     g = planner.compress(var, counts, threshold)
     c = np.clip(np.asarray(counts, dtype=float), 0, None)
+    apart = var.missing and c[-1] > 0 and c[-1] >= planner.MISSING_APART * threshold
     if g is None:  # every cell stays: each one holds the threshold (or two cells are the minimum)
-        assert (c >= threshold).all() or var.size == 2
+        assert ((c[:-1] if apart else c) >= threshold).all() or var.size == 2
         return []
     assert len(g) == var.size and not (c >= threshold).all()
     arr = np.asarray(g)
@@ -214,16 +215,21 @@ def _check_compress(var, counts, threshold):
         bins = [k for k in range(ordered) if g[k] == j]
         assert _runs(bins), (j, g)  # numeric bins merge with neighbours only
     short = [j for j in range(n) if c[arr == j].sum() < threshold]
-    if short:  # only the two-group fallback (everything would merge into one) leaves a group short
+    if apart:  # the missing cell stands alone, even short of the threshold
+        assert list(arr).count(arr[-1]) == 1, (g, c, threshold)
+        # short observed values: only if they all share one group (too few records to split)
+        assert not [j for j in short if j != arr[-1]] or n == 2, (g, c, threshold)
+    elif short:  # only the two-group fallback (everything would merge into one) leaves a group short
         assert n == 2, (g, c, threshold)
         if ordered > 1:
             assert g[0] == 0 and g[ordered - 1] == 1  # the bins split in two, extra cells with the upper part
         else:
             assert list(arr).count(0 if g[int(np.argmax(c))] == 0 else 1) == 1  # the largest cell stands apart
         return short
-    rare = [k for k in range(ordered, var.size) if c[k] < threshold]
+    others = range(ordered, var.size - 1 if apart else var.size)
+    rare = [k for k in others if c[k] < threshold]
     assert len({g[k] for k in rare}) <= 1  # short categories are pooled into one group
-    for k in range(ordered, var.size):
+    for k in others:
         if c[k] >= threshold:  # a category that holds the threshold is never merged with another such one or with bins
             assert not any(g[x] == g[k] for x in range(var.size) if x != k and (x < ordered or c[x] >= threshold))
     return short
@@ -355,7 +361,9 @@ def test_reports_and_prompts_read_coarse_tables_back(small_release, dictionary):
     fine = [p for p in pooled if not p.coarse]
     for m in coarse:  # a variable's DP counts never come from a table that groups its cells
         v = next(v for v, g in zip(m.variables, m.maps()) if g is not None)
-        got, want = dp_marginal(v, pooled), dp_marginal(v, fine)
+        ungrouped = [p for p in pooled if v not in p.variables or p.maps()[p.variables.index(v)] is None]
+        got, want = dp_marginal(v, pooled), dp_marginal(v, ungrouped)
+        assert len(ungrouped) < len(pooled)
         assert np.allclose(got[0], want[0]) and got[2] == want[2]
     assert len(compare_variables(dictionary, ms, samples)) == len(dictionary.names)
     prompt = DPAggregates.from_measurements(dictionary, pooled)

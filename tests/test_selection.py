@@ -110,6 +110,39 @@ def test_co_missing_variables_do_not_crowd_out_real_dependence():
     assert all_missing == pytest.approx(p_missing, abs=0.03)
 
 
+def test_compressed_candidates_keep_a_missing_cell_apart_so_co_missing_labs_are_linked():
+    """Candidates at a small budget are compressed to about two groups per variable. Labs missing
+    together for 28% of records, their values independent: the missing cell stays a group of its
+    own, though short of the threshold, so the candidates show the co-missingness, the tree joins
+    the labs to each other and the model keeps their joint missingness (pooled with observed
+    values, the missing cell hid it: the model put 0.4% of records, not 28%, with every lab
+    missing)."""
+    rng = np.random.default_rng(3)
+    n, labs = 3000, ["creat", "bun", "na", "k", "hgb"]
+    d = make_dictionary({**{v: (5, True) for v in labs}, "a": (4, False), "b": (3, False), "c": (2, False)})
+    missing = rng.random(n) < 0.28
+    data = {v: np.where(missing, 5, rng.choice(5, n, p=[0.5, 0.2, 0.15, 0.1, 0.05])) for v in labs}
+    data |= {"a": rng.integers(0, 4, n), "b": rng.integers(0, 3, n), "c": rng.integers(0, 2, n)}
+    sigma = 20.0
+    oneway, _ = noisy_tables(d, data, sigma, rng, pairs=[])
+    threshold = 0.5 * n  # two groups per variable: a typical cell of a 2-way table holds n / 4
+    groups = {v: planner.compress(d[v], m.values, threshold) for v, m in zip(d.names, oneway)}
+    for v in labs:
+        g = groups[v]
+        assert g is not None and g.count(g[-1]) == 1  # the missing cell alone
+    cands = []
+    for a, b in itertools.combinations(d.names, 2):
+        maps = tuple(None if groups[v] is None else np.asarray(groups[v]) for v in (a, b))
+        shape = tuple(d[v].size if g is None else int(g.max()) + 1 for v, g in zip((a, b), maps))
+        t = np.zeros(shape)
+        np.add.at(t, tuple(data[v] if g is None else g[data[v]] for v, g in zip((a, b), maps)), 1)
+        cands.append(Measurement((a, b), t + rng.normal(0, sigma, shape), sigma ** 2, maps))
+    sel = planner.select(d, oneway, cands, clique_cells=clique_cells(d))
+    assert len([p for p in sel.tree if set(p) <= set(labs)]) == len(labs) - 1
+    model = estimate(d.domain(), oneway + [m for m in cands if tuple(m.variables) in set(sel.pairs)])
+    assert model.marginal(tuple(labs))[(5,) * len(labs)] / model.total == pytest.approx(0.28, abs=0.03)
+
+
 def test_a_rare_binary_variable_does_not_take_most_tree_edges():
     """A chain of 12 six-category variables and a rare (3%) binary one that depends on x5, measured
     with a lot of noise: the rare variable is a leaf of the tree, the chain is recovered."""
