@@ -229,3 +229,19 @@ def test_dataset_option_materializes_a_shipped_consortium(tmp_path):
                  "--methods", "independent", "--json", str(out / "l.json"), "--out", str(out)]) == 0
     rows = json.loads((out / "l.json").read_text())["rows"]
     assert [(r["dataset"], r["method"], r["rows"]) for r in rows] == [("ncctg-lung", "independent", 227)]
+
+
+DEVSET_ROWS = {"icu": 2520, "whas500": 500, "veterans": 137, "aids": 1151}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(
+    n != "icu" and importlib.util.find_spec("sksurv") is None, reason="scikit-survival is not installed"))
+    for n in DEVSET_ROWS])
+def test_development_consortia_build_and_load_through_their_mappings(name, tmp_path):
+    from ppsehr.deploy.bench import devsets
+
+    out = devsets.BUILDERS[name](tmp_path / name)
+    ds = B.consortium_dataset(out)
+    assert len(list((out / "sites").glob("*.toml"))) == 4
+    assert len(ds.pooled()) == DEVSET_ROWS[name]
+    assert ds.target == load_dictionary(out / "dictionary.toml").content["benchmark"]["target"]

@@ -16,6 +16,12 @@ Each builder writes a consortium directory (`dictionary.toml` with a `[benchmark
   into four sites by arm and prior therapy: the very small consortium (about 34 patients a site),
   where every measured table costs more noise than it is worth unless the dependence is strong.
 
+- ``aids``: not a development set but a fresh check, written after the code was final and scored
+  once: the ACTG 320 trial (scikit-survival's `load_aids`, 1,151 patients, 11 variables, AIDS or
+  death during follow-up as target; follow-up time left out, as for veterans), split into four
+  sites by treatment arm and CD4 stratum (the trial's randomisation strata), so that two
+  variables are constant within each site.
+
     python -m ppsehr.deploy.bench.devsets icu /tmp/dev-icu
     ppsehr bench fidelity --consortium /tmp/dev-icu ...
 """
@@ -201,7 +207,40 @@ def veterans(root: Path) -> Path:
     return _write(root, "dev-veterans", variables, sites, "died_90d")
 
 
-BUILDERS = {"icu": icu, "whas500": whas500, "veterans": veterans}
+def aids(root: Path) -> Path:
+    """ACTG 320 (scikit-survival's `load_aids`): written and scored once, after the code was final."""
+    from sksurv.datasets import load_aids
+
+    X, y = load_aids()
+    cols = {"age": X["age"].to_numpy(float), "sex": X["sex"].astype(str).to_numpy(),
+            "raceth": X["raceth"].astype(str).to_numpy(), "ivdrug": X["ivdrug"].astype(str).to_numpy(),
+            "hemophil": X["hemophil"].astype(str).to_numpy(), "karnof": X["karnof"].astype(str).to_numpy(),
+            "cd4": X["cd4"].to_numpy(float), "priorzdv": X["priorzdv"].to_numpy(float),
+            "tx": X["tx"].astype(str).to_numpy(), "strat2": X["strat2"].astype(str).to_numpy(),
+            "event": np.asarray(["yes" if e else "no" for e, _ in y])}
+    variables = {
+        "age": {"type": "numeric", "bins": [0, 30, 40, 50, 100], "precision": 0, "missing": False},
+        "sex": {"type": "categorical", "categories": ["1", "2"], "missing": False},
+        "raceth": {"type": "categorical", "categories": ["1", "2", "3", "4", "5", "6"], "missing": False},
+        "ivdrug": {"type": "categorical", "categories": ["1", "2", "3"], "missing": False},
+        "hemophil": {"type": "categorical", "categories": ["0", "1"], "missing": False},
+        "karnof": {"type": "categorical", "categories": ["70", "80", "90", "100"], "missing": False},
+        "cd4": {"type": "numeric", "bins": [0, 25, 50, 100, 150, 200, 1000], "precision": 1, "missing": False},
+        "priorzdv": {"type": "numeric", "bins": [0, 6, 12, 24, 48, 1000], "precision": 0, "missing": False},
+        "tx": {"type": "categorical", "categories": ["0", "1"], "missing": False},
+        "strat2": {"type": "categorical", "categories": ["0", "1"], "missing": False},
+        "event": {"type": "categorical", "categories": ["yes", "no"], "missing": False},
+    }
+    sites = {}
+    for tx in ("0", "1"):
+        for stratum in ("0", "1"):
+            keep = (cols["tx"] == tx) & (cols["strat2"] == stratum)
+            sites[f"arm{tx}-cd4{'low' if stratum == '0' else 'high'}"] = {
+                c: [float(x) if variables[c]["type"] == "numeric" else str(x) for x in v[keep]] for c, v in cols.items()}
+    return _write(root, "fresh-aids", variables, sites, "event")
+
+
+BUILDERS = {"icu": icu, "whas500": whas500, "veterans": veterans, "aids": aids}
 
 
 def main() -> None:

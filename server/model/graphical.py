@@ -31,6 +31,7 @@ from ...common import cells
 Vars = tuple[str, ...]
 SITE = "site"  # the model variable that holds a record's site (or site group), when site effects are modelled
 MAX_CLIQUE_CELLS = 20_000_000  # a model clique table of float64 beyond this is a plan error, not a model
+BALANCE_COLUMNS = 3  # earlier columns a new column is balanced against when records are drawn (Model.sample)
 
 
 @dataclass(frozen=True)
@@ -287,20 +288,29 @@ class Model:
             table = np.transpose(p, perm).reshape(math.prod(tree.shape(sep)), math.prod(tree.shape(new)))
             sep_index = (np.ravel_multi_index([out[:, col[v]] for v in sep], tree.shape(sep)) if sep
                          else np.zeros(n, dtype=np.int64))
-            flat = _draw(table, sep_index, rng)
+            earlier = [v for v in done if v not in sep]
+            strata = [out[:, col[earlier[k]]] for k in rng.permutation(len(earlier))[:BALANCE_COLUMNS]]
+            flat = _draw(table, sep_index, rng, strata)
             for v, values in zip(new, np.unravel_index(flat, tree.shape(new))):
                 out[:, col[v]] = values
             done.update(new)
         return out
 
 
-def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator,
+          strata: Sequence[np.ndarray] = ()) -> np.ndarray:
     """For rows in separator groups, draw a column of `joint` (G x K) given the row's group.
 
     Controlled rounding per group: each of the K cells gets floor(g * p_k) rows and the remaining
     rows go to distinct cells chosen by systematic sampling over the fractional parts in a random
     cell order, so cell k gains its extra row with probability exactly its fractional part and
-    the expected count of every cell is g * p_k. Rows are matched to cells in random order.
+    the expected count of every cell is g * p_k.
+
+    Balanced matching: within a group, rows are ordered by `strata` (columns drawn earlier, outside
+    the separator; first column first) and the cells' rows are interleaved (cell k's c rows at
+    positions (j + u) / c, j < c), so every stratum gets each cell in proportion, within a row or
+    so: the model makes the new column independent of earlier ones given the separator, and the
+    records then show that without the noise of a random matching.
     """
     G, K = joint.shape
     rowsum = joint.sum(axis=1, keepdims=True)
@@ -319,8 +329,12 @@ def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator) -> np.
     picked = np.diff(np.concatenate([np.zeros((G, 1), np.int64), hits], axis=1), axis=1)
     alloc = base.copy()
     np.put_along_axis(alloc, order, np.take_along_axis(alloc, order, axis=1) + picked, axis=1)
-    labels = np.repeat(np.tile(np.arange(K), G), alloc.ravel())
-    rows = np.lexsort((rng.random(len(group)), group))  # rows grouped by separator, random within group
+    sizes = alloc.ravel()
+    labels = np.repeat(np.tile(np.arange(K), G), sizes)
+    within = np.arange(len(labels)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    position = (within + np.repeat(rng.random(G * K), sizes)) / np.repeat(np.maximum(sizes, 1), sizes)
+    labels = labels[np.lexsort((position, np.repeat(np.arange(G), alloc.sum(axis=1))))]  # by group, interleaved
+    rows = np.lexsort((rng.random(len(group)),) + tuple(reversed(list(strata))) + (group,))
     out = np.empty(len(group), dtype=np.int64)
     out[rows] = labels
     return out
