@@ -401,9 +401,12 @@ def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, 
     fall short (and the bins, if all of them together do) are pooled into one group, which joins
     the smallest group if it still falls short. The declared missing cell stays apart if it holds
     MISSING_APART times the threshold: whether a value is missing is often what a variable shares
-    most with others (labs drawn as a panel), and pooled with values it would hide that. A variable keeps at least two groups (a
-    joint table over one group says nothing): if everything would merge, the largest cell
-    (numeric: the bins up to the median) stands apart.
+        most with others (labs drawn as a panel), and pooled with values it would hide that. The
+    observed values keep at least two groups (a joint table over one group says nothing about
+    them; a binary outcome merged with itself would leave its pairs with nothing but
+    missingness): if they would all merge, the largest cell (numeric: the bins up to the median)
+    stands apart (unless the missing cell stands apart and the observed values together fall
+    short: they are then one group).
     Returns cell -> group (groups numbered by first cell), or None if every cell stays.
     """
     counts = np.clip(np.asarray(counts, dtype=float), 0, None)
@@ -430,15 +433,16 @@ def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, 
             min(runs, key=lambda r: counts[r].sum()).extend(rare)
         else:
             runs.append(rare)
+    observed = [c for c in range(var.size) if c != apart]
+    if len(runs) == 1 and len(observed) > 1 and (apart is None or counts[observed].sum() >= threshold):
+        if ordered > 1:
+            cut = min(int(np.searchsorted(np.cumsum(counts[:ordered]), counts[:ordered].sum() / 2)) + 1, ordered - 1)
+            runs = [list(range(cut)), [c for c in observed if c >= cut]]
+        else:
+            top = observed[int(np.argmax(counts[observed]))]
+            runs = [[top], [c for c in observed if c != top]]
     if apart is not None:
         runs.append([apart])
-    if len(runs) == 1 and var.size > 1:
-        if ordered > 1:
-            cut = int(np.searchsorted(np.cumsum(counts[:ordered]), counts[:ordered].sum() / 2)) + 1
-            runs = [list(range(min(cut, ordered - 1))), [c for c in range(var.size) if c >= min(cut, ordered - 1)]]
-        else:
-            top = int(np.argmax(counts))
-            runs = [[top], [c for c in range(var.size) if c != top]]
     for j, r in enumerate(sorted(runs, key=min)):
         group[r] = j
     if len(runs) == var.size:
