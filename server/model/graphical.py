@@ -288,7 +288,7 @@ class Model:
             table = np.transpose(p, perm).reshape(math.prod(tree.shape(sep)), math.prod(tree.shape(new)))
             sep_index = (np.ravel_multi_index([out[:, col[v]] for v in sep], tree.shape(sep)) if sep
                          else np.zeros(n, dtype=np.int64))
-            earlier = [v for v in done if v not in sep]
+            earlier = [v for v in col if v in done and v not in sep]  # domain order: reproducible from the seed
             strata = [out[:, col[earlier[k]]] for k in rng.permutation(len(earlier))[:BALANCE_COLUMNS]]
             flat = _draw(table, sep_index, rng, strata)
             for v, values in zip(new, np.unravel_index(flat, tree.shape(new))):
