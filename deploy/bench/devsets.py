@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -66,6 +67,18 @@ def _write(root: Path, name: str, variables: dict[str, dict], sites: dict[str, d
             m.append(f"[variables.{var}]\ncolumn = \"{var}\"")
         (root / "sites" / f"{site}.toml").write_text("\n".join(m) + "\n")
     return root
+
+
+def _split(cols: dict[str, np.ndarray], variables: dict[str, dict], a: str, b: str,
+           name: Callable[[str, str], str]) -> dict[str, dict[str, list]]:
+    """One site per pair of values of columns `a` and `b` (e.g. trial arm x stratum), named by `name`."""
+    sites = {}
+    for va in sorted(set(cols[a])):
+        for vb in sorted(set(cols[b])):
+            keep = (cols[a] == va) & (cols[b] == vb)
+            sites[name(va, vb)] = {c: [float(x) if variables[c]["type"] == "numeric" else str(x) for x in v[keep]]
+                                   for c, v in cols.items()}
+    return sites
 
 
 def icu(root: Path, seed: int = 20240612) -> Path:
@@ -198,12 +211,8 @@ def veterans(root: Path) -> Path:
         "treatment": {"type": "categorical", "categories": ["standard", "test"], "missing": False},
         "died_90d": {"type": "categorical", "categories": ["yes", "no"], "missing": False},
     }
-    sites = {}
-    for arm in ("standard", "test"):
-        for prior in ("no", "yes"):
-            keep = (cols["treatment"] == arm) & (cols["prior_therapy"] == prior)
-            sites[f"{arm}-{'prior' if prior == 'yes' else 'naive'}"] = {
-                c: [float(x) if variables[c]["type"] == "numeric" else str(x) for x in v[keep]] for c, v in cols.items()}
+    sites = _split(cols, variables, "treatment", "prior_therapy",
+                   lambda arm, prior: f"{arm}-{'prior' if prior == 'yes' else 'naive'}")
     return _write(root, "dev-veterans", variables, sites, "died_90d")
 
 
@@ -231,12 +240,7 @@ def aids(root: Path) -> Path:
         "strat2": {"type": "categorical", "categories": ["0", "1"], "missing": False},
         "event": {"type": "categorical", "categories": ["yes", "no"], "missing": False},
     }
-    sites = {}
-    for tx in ("0", "1"):
-        for stratum in ("0", "1"):
-            keep = (cols["tx"] == tx) & (cols["strat2"] == stratum)
-            sites[f"arm{tx}-cd4{'low' if stratum == '0' else 'high'}"] = {
-                c: [float(x) if variables[c]["type"] == "numeric" else str(x) for x in v[keep]] for c, v in cols.items()}
+    sites = _split(cols, variables, "tx", "strat2", lambda tx, stratum: f"arm{tx}-cd4{'low' if stratum == '0' else 'high'}")
     return _write(root, "fresh-aids", variables, sites, "event")
 
 
