@@ -230,8 +230,9 @@ def _check_compress(var, counts, threshold):
         if ordered > 1:
             assert g[0] == 0 and g[ordered - 1] == 1  # the bins split in two, extra cells with the upper part
         else:
-            top = int(np.argmax(c[:len(observed)]))
-            assert list(observed).count(observed[top]) == 1  # the largest observed cell stands apart
+            values = c[:var.size - 1] if var.missing else c  # the missing cell is not a value
+            top = int(np.argmax(values))
+            assert list(arr).count(arr[top]) == 1  # the largest value stands apart
         return short
     others = range(ordered, var.size - 1 if apart else var.size)
     rare = [k for k in others if c[k] < threshold]
@@ -266,6 +267,8 @@ def test_a_binary_variable_keeps_both_values_beside_its_missing_cell(dictionary)
     assert var.size == 3 and var.missing
     assert planner.compress(var, np.array([1790.0, 350.0, 250.0]), 600.0) is None  # every cell stays
     assert planner.compress(var, np.array([1790.0, 150.0, 250.0]), 600.0) is None
+    # a missing cell short of a quarter of the threshold, but the largest cell: a value stands apart
+    assert planner.compress(var, np.array([1000.0, 400.0, 140.0]), 600.0) == (0, 1, 1)
     # the observed values together short of the threshold: one group beside the missing cell
     assert planner.compress(var, np.array([300.0, 100.0, 900.0]), 600.0) == (0, 0, 1)
 

@@ -76,6 +76,8 @@ def _split(cols: dict[str, np.ndarray], variables: dict[str, dict], a: str, b: s
     for va in sorted(set(cols[a])):
         for vb in sorted(set(cols[b])):
             keep = (cols[a] == va) & (cols[b] == vb)
+            if name(va, vb) in sites:
+                raise ValueError(f"two sites would be named {name(va, vb)!r} (values of {a!r}, {b!r})")
             sites[name(va, vb)] = {c: [float(x) if variables[c]["type"] == "numeric" else str(x) for x in v[keep]]
                                    for c, v in cols.items()}
     return sites

@@ -401,10 +401,10 @@ def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, 
     fall short (and the bins, if all of them together do) are pooled into one group, which joins
     the smallest group if it still falls short. The declared missing cell stays apart if it holds
     MISSING_APART times the threshold: whether a value is missing is often what a variable shares
-        most with others (labs drawn as a panel), and pooled with values it would hide that. The
+    most with others (labs drawn as a panel), and pooled with values it would hide that. The
     observed values keep at least two groups (a joint table over one group says nothing about
     them; a binary outcome merged with itself would leave its pairs with nothing but
-    missingness): if they would all merge, the largest cell (numeric: the bins up to the median)
+    missingness): if they would all merge, the largest value (numeric: the bins up to the median)
     stands apart (unless the missing cell stands apart and the observed values together fall
     short: they are then one group).
     Returns cell -> group (groups numbered by first cell), or None if every cell stays.
@@ -438,8 +438,9 @@ def compress(var: Variable, counts: np.ndarray, threshold: float) -> tuple[int, 
         if ordered > 1:
             cut = min(int(np.searchsorted(np.cumsum(counts[:ordered]), counts[:ordered].sum() / 2)) + 1, ordered - 1)
             runs = [list(range(cut)), [c for c in observed if c >= cut]]
-        else:
-            top = observed[int(np.argmax(counts[observed]))]
+        else:  # the largest value stands apart (a missing cell pooled here is not a value)
+            values = [c for c in observed if not (var.missing and c == var.size - 1)]
+            top = values[int(np.argmax(counts[values]))]
             runs = [[top], [c for c in observed if c != top]]
     if apart is not None:
         runs.append([apart])

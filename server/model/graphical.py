@@ -308,9 +308,10 @@ def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator,
 
     Balanced matching: within a group, rows are ordered by `strata` (columns drawn earlier, outside
     the separator; first column first) and the cells' rows are interleaved (cell k's c rows at
-    positions (j + u) / c, j < c), so every stratum gets each cell in proportion, within a row or
-    so: the model makes the new column independent of earlier ones given the separator, and the
-    records then show that without the noise of a random matching.
+    positions (j + u) / c, j < c, then the group's sequence rolled by a random number of rows), so
+    every stratum gets each cell in proportion, within a row or so, and every row is equally
+    likely to get any cell: the model makes the new column independent of earlier ones given the separator, and
+    the records then show that without the noise of a random matching.
     """
     G, K = joint.shape
     rowsum = joint.sum(axis=1, keepdims=True)
@@ -332,8 +333,13 @@ def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator,
     sizes = alloc.ravel()
     labels = np.repeat(np.tile(np.arange(K), G), sizes)
     within = np.arange(len(labels)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    entry_group = np.repeat(np.arange(G), counts)
     position = (within + np.repeat(rng.random(G * K), sizes)) / np.repeat(np.maximum(sizes, 1), sizes)
-    labels = labels[np.lexsort((position, np.repeat(np.arange(G), alloc.sum(axis=1))))]  # by group, interleaved
+    interleaved = labels[np.lexsort((position, entry_group))]
+    start = np.repeat(np.cumsum(counts) - counts, counts)  # each group's labels, rolled by a random offset
+    shift = np.floor(rng.random(G) * counts).astype(np.int64)[entry_group]
+    labels = np.empty_like(interleaved)
+    labels[start + (np.arange(len(interleaved)) - start + shift) % np.maximum(counts, 1)[entry_group]] = interleaved
     rows = np.lexsort((rng.random(len(group)),) + tuple(reversed(list(strata))) + (group,))
     out = np.empty(len(group), dtype=np.int64)
     out[rows] = labels
