@@ -260,11 +260,18 @@ def prior_selection(dictionary: Dictionary, known: Sequence[tuple[str, ...]], ou
     if outcome is None:
         return sel
     have = {frozenset(p) for p in sel.tree}
-    for v in joint_names(dictionary):
-        if v != outcome and frozenset((outcome, v)) not in have:
-            trial = replace(sel, outcome=sel.outcome + [(outcome, v)])
-            if clique_cells is None or clique_cells(trial.structure(dictionary)) <= EXTRA_CLIQUE_CELLS:
-                sel = trial
+    star = [(outcome, v) for v in joint_names(dictionary) if v != outcome and frozenset((outcome, v)) not in have]
+    return _grow(dictionary, sel, "outcome", star, clique_cells)
+
+
+def _grow(dictionary: Dictionary, sel: "Selection", part: str, items: Sequence,
+          clique_cells: Callable[[list[tuple[str, ...]]], int] | None) -> "Selection":
+    """Add `items` to one part of a selection (`site`, `outcome`) in order, each one only if the
+    model it needs stays within EXTRA_CLIQUE_CELLS."""
+    for item in items:
+        trial = replace(sel, **{part: getattr(sel, part) + [item]})
+        if clique_cells is None or clique_cells(trial.structure(dictionary)) <= EXTRA_CLIQUE_CELLS:
+            sel = trial
     return sel
 
 
@@ -348,18 +355,13 @@ def select(dictionary: Dictionary, oneway: Sequence[Measurement], candidates: Se
         scores[(SITE, v)] = s
         if s.z >= SITE_SIGMAS and s.error >= 2 * N * SITE_MIN_TVD:
             site_scores.append(s)
-    for s in sorted(site_scores, key=lambda s: -s.error):
-        trial = replace(sel, site=sel.site + [s.variables[1]])
-        if size(trial) <= EXTRA_CLIQUE_CELLS:
-            sel = trial
+    sel = _grow(dictionary, sel, "site", [s.variables[1] for s in sorted(site_scores, key=lambda s: -s.error)],
+                clique_cells)
 
     # a declared outcome: every pair with it, strongest first
     in_tree = {frozenset(p) for p in sel.tree}
     star = [s for p, s in scores.items() if outcome in p and SITE not in p and frozenset(p) not in in_tree]
-    for s in sorted(star, key=lambda s: -s.error):
-        trial = replace(sel, outcome=sel.outcome + [s.variables])  # type: ignore[list-item]
-        if size(trial) <= EXTRA_CLIQUE_CELLS:
-            sel = trial
+    sel = _grow(dictionary, sel, "outcome", [s.variables for s in sorted(star, key=lambda s: -s.error)], clique_cells)
 
     # extra pairs: what the fitted model still gets wrong, strongest first, in batches with refits
     limit = max(1, len(names) // 2)

@@ -310,8 +310,8 @@ def _draw(joint: np.ndarray, group: np.ndarray, rng: np.random.Generator,
     the separator; first column first) and the cells' rows are interleaved (cell k's c rows at
     positions (j + u) / c, j < c, then the group's sequence rolled by a random number of rows), so
     every stratum gets each cell in proportion, within a row or so, and every row is equally
-    likely to get any cell: the model makes the new column independent of earlier ones given the separator, and
-    the records then show that without the noise of a random matching.
+    likely to get any cell: the model makes the new column independent of earlier ones given the
+    separator, and the records then show that without the noise of a random matching.
     """
     G, K = joint.shape
     rowsum = joint.sum(axis=1, keepdims=True)
