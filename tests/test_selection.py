@@ -143,6 +143,34 @@ def test_compressed_candidates_keep_a_missing_cell_apart_so_co_missing_labs_are_
     assert model.marginal(tuple(labs))[(5,) * len(labs)] / model.total == pytest.approx(0.28, abs=0.03)
 
 
+def test_without_candidates_variables_missing_as_often_are_linked():
+    """Too little budget for candidates: round 1's 1-way tables alone show a block of variables
+    missing for about the same 25% (a module one site does not collect); a chain joins them, and
+    not the variables missing rarely or far more often. The outcome's pairs come on top."""
+    rng = np.random.default_rng(5)
+    n = 2000
+    block = ["trt", "ascites", "ast", "copper"]
+    d = make_dictionary({**{v: (3, True) for v in block}, "stage": (4, True), "chol": (3, True),
+                         "age": (4, False), "dead": (2, False)})
+    off = rng.random(n) < 0.25
+    data = {v: np.where(off, 3, rng.integers(0, 3, n)) for v in block}
+    data |= {"stage": np.where(rng.random(n) < 0.02, 4, rng.integers(0, 4, n)),
+             "chol": np.where(rng.random(n) < 0.7, 3, rng.integers(0, 3, n)),
+             "age": rng.integers(0, 4, n), "dead": rng.integers(0, 2, n)}
+    oneway, _ = noisy_tables(d, data, 15.0, rng, pairs=[])
+    sel = planner.prior_selection(d, [], "dead", clique_cells(d), oneway)
+    linked = {frozenset(p) for p in sel.tree}
+    assert len(linked) == len(block) - 1 and all(p <= set(block) for p in linked)
+    graph = {v: {w for p in linked if v in p for w in p} for v in block}
+    reach, todo = set(), [block[0]]
+    while todo:  # the chain connects the whole block
+        v = todo.pop()
+        reach, todo = reach | {v}, todo + [w for w in graph[v] if w not in reach]
+    assert reach == set(block)
+    assert {frozenset(p) for p in sel.outcome} == {frozenset(("dead", v)) for v in d.names if v != "dead"}
+    assert planner.prior_selection(d, [], "dead", clique_cells(d)).tree == []  # no 1-way tables: no guess
+
+
 def test_a_rare_binary_variable_does_not_take_most_tree_edges():
     """A chain of 12 six-category variables and a rare (3%) binary one that depends on x5, measured
     with a lot of noise: the rare variable is a leaf of the tree, the chain is recovered."""
@@ -228,6 +256,30 @@ def test_a_declared_outcome_measures_each_of_its_predictors():
     assert planner.allocate(d, [("x0", "x4"), ("y", "x1")], 1.0) == planner.allocate(d, [("x0", "x4"), ("y", "x1")], 1.0, None)
 
 
+def test_a_candidate_that_was_not_selected_still_informs_the_margins():
+    """Unselected tables reach the model as their 1-way margins, each charged its share of the noise."""
+    from ppsehr.server.measure.rounds import margins
+
+    values = np.arange(6.0).reshape(2, 3)
+    a, b = margins(Measurement(("a", "b"), values, 2.0), lambda vs: len(vs) == 1)
+    assert a.variables == ("a",) and np.allclose(a.values, [3, 12]) and np.allclose(a.variance, 2.0 * 3 * 2)
+    assert b.variables == ("b",) and np.allclose(b.values, [3, 5, 7]) and np.allclose(b.variance, 2.0 * 2 * 2)
+    # a per-site table keeps the site axis where the model has that site effect, and an unobserved
+    # slice stays unobserved
+    per_site = Measurement((SITE, "a", "b"), np.ones((2, 2, 3)), np.array([1.0, np.inf]).reshape(2, 1, 1))
+    a, b = margins(per_site, lambda vs: set(vs) in ({"a"}, {"b"}, {SITE, "a"}))
+    assert a.variables == (SITE, "a") and np.allclose(a.values, 3) and np.all(np.isinf(a.variance[1]))
+    assert b.variables == ("b",) and np.all(np.isinf(b.variance))
+    # a precise pair outside the model moves a noisy margin to the truth (a = 50/50)
+    domain = {"a": 2, "b": 3}
+    noisy = Measurement(("a",), np.array([70.0, 30.0]), 400.0)
+    pair = Measurement(("a", "b"), np.array([[10.0, 20, 20], [25, 5, 20]]), 1.0)
+    alone = estimate(domain, [noisy, Measurement(("b",), np.array([35.0, 25, 40]), 1.0)], stall=0)
+    helped = estimate(domain, [noisy, *margins(pair, lambda vs: len(vs) == 1)], stall=0)
+    assert abs(alone.marginal(("a",))[0] / alone.total - 0.7) < 0.02
+    assert abs(helped.marginal(("a",))[0] / helped.total - 0.5) < 0.02
+
+
 def test_site_effects_are_modelled_where_the_sites_differ():
     rng = np.random.default_rng(6)
     d = make_dictionary({v: (4, False) for v in "abc"})
@@ -311,7 +363,8 @@ def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, diction
 def test_candidates_too_noisy_to_tell_anything_are_not_bought(in_process, dictionary):
     """When round 1 shows that a typical candidate table would hold fewer records per cell than
     MIN_CANDIDATE_SNR noise sigmas, no candidates are sent: its budget goes to round 3, which measures the outcome's
-    pairs (and the prior dependencies); the release still spends exactly its rho."""
+    pairs, the prior dependencies and a chain through variables missing about as often; the release still spends
+    exactly its rho."""
     seen = []
     guards, request, rounds, structure = in_process(epsilon=0.3, outcome="heart_disease",
                                                     events=lambda m, **k: seen.append(m))
@@ -319,13 +372,15 @@ def test_candidates_too_noisy_to_tell_anything_are_not_bought(in_process, dictio
     pairs = {frozenset(m.variables) for m in rounds[1].marginals if len(m.variables) == 2}
     priors = {frozenset(p) for p in dictionary.dependencies}
     star = {frozenset(("heart_disease", v)) for v in planner.joint_names(dictionary) if v != "heart_disease"}
-    assert pairs == {frozenset(s) for s in structure if len(s) == 2} == priors | star
+    assert pairs == {frozenset(s) for s in structure if len(s) == 2} and priors | star <= pairs
+    assert all(dictionary[v].missing for p in pairs - priors - star for v in p)  # the co-missing chain
     for g in guards.values():
         assert g.ledger.spent() == pytest.approx(request.rho, rel=1e-9)
     assert sum(sum(m.rho for m in r.marginals) for r in rounds) == pytest.approx(request.rho, rel=1e-12)
     _, _, rounds, _ = in_process(epsilon=0.3)  # no outcome: the 1-way tables and the prior dependencies
     assert [r.number for r in rounds] == [1, 2]
-    assert {frozenset(m.variables) for m in rounds[1].marginals if len(m.variables) == 2} == priors
+    pairs = {frozenset(m.variables) for m in rounds[1].marginals if len(m.variables) == 2}
+    assert priors <= pairs and all(dictionary[v].missing for p in pairs - priors for v in p)
 
 
 def test_a_declared_outcome_in_a_release(in_process, dictionary):

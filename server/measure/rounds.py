@@ -22,7 +22,7 @@ from ...common.dictionary import Dictionary
 from ...common.errors import PpsehrError
 from ...common.refusals import MAX_PLAN_BYTES
 from ...protos import guard_pb2 as pb
-from ..model.graphical import SITE, JunctionTree, Measurement, pooled
+from ..model.graphical import SITE, JunctionTree, Measurement
 from . import planner
 from .aggregate import SiteResult, SummaryRejected, aggregate, planned_shape, verify_reveal, verify_summary
 from .identify import Verified, identify
@@ -496,8 +496,9 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     else:
         known = [tuple(p) for p in planner.structure(dictionary, [tuple(x) for x in opts.structure] + list(prior))
                  if dictionary.dependencies or opts.structure or prior]
-        selection = planner.prior_selection(dictionary, known, outcome, clique_cells)
-        events(f"no candidates were measured: round {len(rounds) + 1} measures the prior dependencies"
+        selection = planner.prior_selection(dictionary, known, outcome, clique_cells, oneway)
+        events(f"no candidates were measured: round {len(rounds) + 1} measures the prior dependencies and the "
+               "variables missing about as often as each other"
                + (f" ({', '.join('-'.join(p) for p in selection.tree)})" if selection.tree else " (none)")
                + (f" and the outcome's pairs ({', '.join('-'.join(p) for p in selection.outcome)})" if selection.outcome
                   else ""), stage="plan")
@@ -560,7 +561,9 @@ def round_measurements(dictionary: Dictionary, rounds: list[Round], structure: l
     group labels (empty when `site` is not a model variable).
 
     Every table whose variables lie inside one of the model's cliques is used, candidates included
-    (they are noisier than round 3's tables, and the estimator weighs each by its noise). Per-site
+    (they are noisier than round 3's tables, and the estimator weighs each by its noise); a table
+    outside every clique (a candidate that was not selected) is used through its 1-way margins
+    (`margins`). Per-site
     tables keep their `site` axis where the model has site effects on their variables and are
     summed over sites elsewhere; secure rounds arrive as pooled sums. A secure sum cannot be cut
     down, so when sites dropped out of one (`Round.correction`), the model covers the sites of the
@@ -594,12 +597,25 @@ def round_measurements(dictionary: Dictionary, rounds: list[Round], structure: l
                                                                        None if rnd.secure else groups, rnd.correction)]
         domain = {SITE: len(set(groups.values()))} | dictionary.domain()
     cliques = [set(c) for c in JunctionTree(domain, sets).cliques]
+    inside = lambda vs: any(set(vs) <= c for c in cliques)  # noqa: E731
     kept = []
     for m in measurements:
-        if m.variables[:1] == (SITE,) and not any(set(m.variables) <= c for c in cliques):
-            m = next(iter(pooled([m])), None)  # summed over sites (if every slice was observed)
-            if m is None:
-                continue
-        if np.any(m.weights() > 0) and any(set(m.variables) <= c for c in cliques):
-            kept.append(m)
+        kept += [p for p in ([m] if inside(m.variables) else margins(m, inside)) if np.any(p.weights() > 0)]
     return kept, sorted(set(groups.values()))
+
+
+def margins(m: Measurement, inside: Callable[[Sequence[str]], bool]) -> list[Measurement]:
+    """A table the model has no clique for, as its 1-way margins (with `site` where the model has
+    that site effect): a candidate that was not selected still informs every variable's margin.
+
+    The margins share the table's noise, so each one's variance is multiplied by their number (as
+    if each used its share of the table): they never count for more than the table did."""
+    keep = [tuple(a for a in (SITE, v) if a in m.variables and (a == v or inside((SITE, v))))
+            for v in m.variables if v != SITE]
+    out = []
+    for axes in keep:
+        drop = tuple(k for k, v in enumerate(m.variables) if v not in axes)
+        variance = np.broadcast_to(np.asarray(m.variance, dtype=float), m.values.shape).sum(axis=drop) * len(keep)
+        groups = tuple(m.groups[m.variables.index(v)] for v in axes) if m.coarse else None
+        out.append(Measurement(axes, m.values.sum(axis=drop), variance, groups))
+    return out
