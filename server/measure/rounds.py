@@ -609,7 +609,8 @@ def margins(m: Measurement, inside: Callable[[Sequence[str]], bool]) -> list[Mea
     that site effect): a candidate that was not selected still informs every variable's margin.
 
     The margins share the table's noise, so each one's variance is multiplied by their number (as
-    if each used its share of the table): they never count for more than the table did."""
+    if each used its share of the table): they never count for more than the table did. They are
+    `derived`: fitted, never published as DP aggregates."""
     keep = [tuple(a for a in (SITE, v) if a in m.variables and (a == v or inside((SITE, v))))
             for v in m.variables if v != SITE]
     out = []
@@ -617,5 +618,5 @@ def margins(m: Measurement, inside: Callable[[Sequence[str]], bool]) -> list[Mea
         drop = tuple(k for k, v in enumerate(m.variables) if v not in axes)
         variance = np.broadcast_to(np.asarray(m.variance, dtype=float), m.values.shape).sum(axis=drop) * len(keep)
         groups = tuple(m.groups[m.variables.index(v)] for v in axes) if m.coarse else None
-        out.append(Measurement(axes, m.values.sum(axis=drop), variance, groups))
+        out.append(Measurement(axes, m.values.sum(axis=drop), variance, groups, derived=True))
     return out

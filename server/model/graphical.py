@@ -41,13 +41,16 @@ class Measurement:
     `variance` is one number for every cell, or an array broadcastable to `values`; an infinite
     variance marks cells that were not observed (e.g. the slice of a site that did not answer).
     `groups` (one per variable, None for a variable measured cell by cell) marks a coarsened
-    table: its axes are over groups of dictionary cells (common/cells.py).
+    table: its axes are over groups of dictionary cells (common/cells.py). `derived` marks a table
+    summed from another measurement for the fit only (its variance is a fitting weight, not the
+    noise of a DP output): the estimator uses it, a release never publishes it.
     """
 
     variables: Vars
     values: np.ndarray
     variance: float | np.ndarray
     groups: tuple[np.ndarray | None, ...] | None = None
+    derived: bool = False
 
     @property
     def coarse(self) -> bool:

@@ -18,7 +18,7 @@ from .graphical import SITE, Measurement, Model, estimate, pooled
 class Synthesis:
     """The model fitted to the DP aggregates and the records sampled from it (post-processing only)."""
 
-    measurements: list[Measurement]  # what the model was fitted to (with a `site` axis if site effects are modelled)
+    measurements: list[Measurement]  # the DP outputs the model was fitted to (with a `site` axis if site effects are modelled)
     pooled: list[Measurement]  # the same, summed over sites: what fidelity and reports compare against
     model: Model
     samples: np.ndarray  # (n, V) cell indices, columns in dictionary order
@@ -31,7 +31,8 @@ def synthesize(dictionary: Dictionary, measurements: list[Measurement], groups: 
                rng: np.random.Generator) -> Synthesis:
     """Fit the graphical model to the DP measurements and sample records (post-processing only).
 
-    `groups`: the site group labels when `site` is a model variable (some measurements have a
+    `measurements` may include `derived` tables (margins of tables outside the model): the fit uses
+    them, the Synthesis keeps only the DP outputs. `groups`: the site group labels when `site` is a model variable (some measurements have a
     leading `site` axis), else empty. The record total is the inverse-variance estimate from every
     complete table (pooled or per site); only if every table misses some site's slice is it added
     up slice by slice.
@@ -48,7 +49,8 @@ def synthesize(dictionary: Dictionary, measurements: list[Measurement], groups: 
     if groups:
         site_labels = [labels[i] for i in samples[:, 0]]
         samples = samples[:, 1:]
-    return Synthesis(measurements, pooled(measurements), model, samples, site_labels, labels, time.perf_counter() - t0)
+    published = [m for m in measurements if not m.derived]  # DP outputs only; derived margins served the fit
+    return Synthesis(published, pooled(published), model, samples, site_labels, labels, time.perf_counter() - t0)
 
 
 def full_domain(syn: Synthesis) -> list[Measurement]:
