@@ -400,7 +400,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     key that does not match stops the release here (SiteMismatch), before any plan that costs budget;
     the rounds go only to the verified sites (at least one), addressed to them.
 
-    Round 1: the 1-way tables, per site (planner.ONEWAY_SHARE of rho). Round 2: the candidate pairs,
+    Round 1: the 1-way tables, per site (planner.oneway_share of rho). Round 2: the candidate pairs,
     compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
     (the rest). The three plans spend exactly rho per site. Round 1 must be answered by someone;
     if a later round is answered by no one, what was paid for is used (the manifest lists the
@@ -432,7 +432,8 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     state = _Secure(opts.secure_aggregation)
     pooled_sites = opts.site_variable == "pooled"
     joint = len(planner.joint_names(dictionary)) > 1  # else there is nothing to select: one round of 1-way tables
-    shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
+    discount = not pooled_sites and state.wanted(len(sites), opts.min_parties)  # plain round 1, secure sums after it
+    shares = (planner.oneway_share(len(sites), discount), planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
     r1 = planner.oneway_plan(dictionary, rho * shares[0])
     if pooled_sites:  # nothing is modelled per site: round 1 may be a secure sum too
         first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events, rho * (1 - shares[0])))
