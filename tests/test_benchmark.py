@@ -33,6 +33,20 @@ def test_logistic_regression_learns_a_clear_signal():
     assert B.tstr(data[:1500], data[1500:], [2, 3, 3], 0) > 0.85
 
 
+def test_the_table_shows_the_spread_over_seeds_of_tvd2_and_of_its_ratio():
+    def row(method, seed, tvd2):
+        return {"dataset": "d", "method": method, "epsilon": 1.0, "seed": seed, "tvd1": 0.0, "tvd2": tvd2, "tvd3": 0.0,
+                "tstr_auc": 0.5, "trtr_auc": 0.5, "fit_seconds": 0.0}
+
+    rows = [row("ppsehr", 0, 0.10), row("ppsehr", 1, 0.12), row("central-mst", 0, 0.10), row("central-mst", 1, 0.10)]
+    summary = {r["method"]: r for r in B.summarize(rows)}
+    assert summary["ppsehr"]["tvd2_se"] == pytest.approx(0.01) and summary["central-mst"]["tvd2_se"] == 0.0
+    table = B.markdown(list(summary.values()), "cmd")
+    assert "0.1100 ±0.0100" in table and "| 1.100 ±0.100 |" in table  # the ratio's error: 1.1 * 0.01 / 0.11
+    one = B.markdown(B.summarize(rows[:1] + rows[2:3]), "cmd")
+    assert "±" not in one and "| 1.000 |" in one  # one seed: no spread to show
+
+
 def test_bench_fidelity_command_writes_json_table_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "fidelity", "--epsilon", "4", "--seeds", "1", "--methods", "ppsehr,ppsehr-plain,independent,bootstrap",

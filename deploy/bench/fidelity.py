@@ -446,26 +446,35 @@ def run_fidelity(ds: Dataset, epsilons: list[float], seeds: int, methods: list[s
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean over seeds per (dataset, method, epsilon)."""
+    """Mean over seeds per (dataset, method, epsilon), and tvd2's standard error over seeds (0 for one seed)."""
     keys = sorted({(r["dataset"], r["method"], r["epsilon"]) for r in rows}, key=lambda k: (k[0], k[2], METHODS.index(k[1]) if k[1] in METHODS else 99))
     out = []
     for ds, method, eps in keys:
         sel = [r for r in rows if (r["dataset"], r["method"], r["epsilon"]) == (ds, method, eps)]
         out.append({"dataset": ds, "method": method, "epsilon": eps, "seeds": len(sel),
-                    **{k: float(np.nanmean([r[k] for r in sel])) for k in ("tvd1", "tvd2", "tvd3", "tstr_auc", "trtr_auc", "fit_seconds")}})
+                    **{k: float(np.nanmean([r[k] for r in sel])) for k in ("tvd1", "tvd2", "tvd3", "tstr_auc", "trtr_auc", "fit_seconds")},
+                    "tvd2_se": float(np.std([r["tvd2"] for r in sel], ddof=1) / math.sqrt(len(sel))) if len(sel) > 1 else 0.0})
     return out
 
 
 def markdown(summary: list[dict], command: str) -> str:
+    """The summary as a table; tvd2 and its ratio to the best central baseline carry +- one standard
+    error over seeds (the ratio's by the delta method), so a difference within the noise shows as such."""
     lines = [f"Command: `{command}`", "",
              "| dataset | method | epsilon | seeds | tvd1 | tvd2 | tvd3 | TSTR AUC | TRTR AUC | fit s | tvd2 / best central |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
-        central = [x["tvd2"] for x in summary if x["dataset"] == r["dataset"] and x["epsilon"] == r["epsilon"]
+        central = [x for x in summary if x["dataset"] == r["dataset"] and x["epsilon"] == r["epsilon"]
                    and x["method"] in ("central-mst", "central-aim")]
-        ratio = f"{r['tvd2'] / min(central):.3f}" if central and r["method"].startswith("ppsehr") else ""
+        ratio = ""
+        if central and r["method"].startswith("ppsehr"):
+            best = min(central, key=lambda x: x["tvd2"])
+            q = r["tvd2"] / best["tvd2"]
+            se = q * math.hypot(r.get("tvd2_se", 0.0) / r["tvd2"], best.get("tvd2_se", 0.0) / best["tvd2"])
+            ratio = f"{q:.3f}" + (f" ±{se:.3f}" if se else "")
+        spread = f" ±{r['tvd2_se']:.4f}" if r.get("tvd2_se") else ""
         lines.append(f"| {r['dataset']} | {r['method']} | {r['epsilon']:g} | {r['seeds']} | {r['tvd1']:.4f} | "
-                     f"{r['tvd2']:.4f} | {r['tvd3']:.4f} | {r['tstr_auc']:.3f} | {r['trtr_auc']:.3f} | "
+                     f"{r['tvd2']:.4f}{spread} | {r['tvd3']:.4f} | {r['tstr_auc']:.3f} | {r['trtr_auc']:.3f} | "
                      f"{r['fit_seconds']:.2f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
