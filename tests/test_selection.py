@@ -368,21 +368,26 @@ def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, diction
     assert secure or any("secure aggregation is not possible" in m for m in seen)
 
 
-def test_round_one_shrinks_beyond_a_few_sites_only_when_later_rounds_are_secure(in_process, monkeypatch):
-    """Per-site 1-way tables carry every site's noise in their pooled sum; when secure sums may follow
-    (automatic or required) round 1's share shrinks as 1 / sites beyond ONEWAY_SITES (to a floor), and
-    the release still spends exactly its rho. With plain sums ordered, or few sites, it keeps ONEWAY_SHARE."""
-    assert planner.oneway_share(planner.ONEWAY_SITES) == planner.ONEWAY_SHARE
-    shares = [planner.oneway_share(k) for k in range(planner.ONEWAY_SITES, 200)]
-    assert all(a >= b for a, b in zip(shares, shares[1:])) and shares[-1] == planner.ONEWAY_MIN_SHARE
-    assert planner.oneway_share(2 * planner.ONEWAY_SITES) == pytest.approx(planner.ONEWAY_SHARE / 2)
-    assert planner.oneway_share(100, secure_later=False) == planner.ONEWAY_SHARE
-    monkeypatch.setattr(planner, "ONEWAY_SITES", 2)  # the test's three sites count as "many"
-    for secure, share in ((None, planner.ONEWAY_SHARE * 2 / 3), (False, planner.ONEWAY_SHARE)):
-        _, request, rounds, _ = in_process(epsilon=4.0, secure_aggregation=secure)
-        assert sum(m.rho for m in rounds[0].marginals) == pytest.approx(request.rho * share, rel=1e-9)
+def test_with_many_sites_round_one_is_a_secure_sum_unless_sums_are_plain(in_process, monkeypatch):
+    """Per-site 1-way tables carry every site's noise in their pooled sum: beyond PER_SITE_SITES sites,
+    when secure sums may follow (automatic or required), round 1 is one secure sum too and no site
+    effects are modelled; with plain sums ordered, or few sites, round 1 stays per site. Either way
+    the release spends exactly its rho."""
+    assert planner.per_site_round_one(planner.PER_SITE_SITES) and not planner.per_site_round_one(planner.PER_SITE_SITES + 1)
+    assert planner.per_site_round_one(100, secure_later=False)
+    seen = []
+    _, request, rounds, _ = in_process(epsilon=4.0, events=lambda m, **k: seen.append(m))
+    assert [r.secure for r in rounds] == [False, True, True]  # three sites: per site
+    monkeypatch.setattr(planner, "PER_SITE_SITES", 2)  # the test's three sites count as "many"
+    for secure in (None, False):
+        seen = []
+        _, request, rounds, structure = in_process(epsilon=4.0, secure_aggregation=secure,
+                                                   events=lambda m, **k: seen.append(m))
+        assert [r.secure for r in rounds] == [secure is None] * 3
+        assert (secure is None) == any(m.startswith("round 1 is one secure sum") for m in seen)
+        assert secure is False or not any("site" in s for s in structure)
+        assert sum(m.rho for m in rounds[0].marginals) == pytest.approx(request.rho * planner.ONEWAY_SHARE, rel=1e-9)
         assert sum(sum(m.rho for m in r.marginals) for r in rounds) == pytest.approx(request.rho, rel=1e-12)
-        assert [r.secure for r in rounds] == [False, secure is None, secure is None]
 
 
 def test_candidates_too_noisy_to_tell_anything_are_not_bought(in_process, dictionary):

@@ -37,6 +37,10 @@ Each builder writes a consortium directory (`dictionary.toml` with a `[benchmark
 
     python -m ppsehr.deploy.bench.devsets icu /tmp/dev-icu
     ppsehr bench fidelity --consortium /tmp/dev-icu ...
+
+`--parts N` deals each site's records in turn into N sites with the same mapping (`split_sites`):
+the same pooled data in N times as many, smaller sites, to measure how the release copes with
+more sites (docs/benchmarks.md, "Many sites").
 """
 
 from __future__ import annotations
@@ -344,6 +348,27 @@ def colon(root: Path) -> Path:
     return _write(root, "fresh-colon", variables, sites, "died")
 
 
+def split_sites(root: Path, parts: int) -> Path:
+    """Deal each site's records of a consortium written by `_write` in turn into `parts` sites
+    (`<site>-0` ... with the same mapping); the pooled data stay the same."""
+    if parts < 2:
+        return root
+    for mapping in sorted((root / "sites").glob("*.toml")):
+        site = mapping.stem
+        text = mapping.read_text()
+        with open(root / "sites" / f"{site}.csv", newline="") as f:
+            header, *rows = list(csv.reader(f))
+        for k in range(parts):
+            name = f"{site}-{k}"
+            with open(root / "sites" / f"{name}.csv", "w", newline="") as f:
+                csv.writer(f).writerows([header] + rows[k::parts])
+            (root / "sites" / f"{name}.toml").write_text(
+                text.replace(f'id = "{site}"', f'id = "{name}"').replace(f'path = "{site}.csv"', f'path = "{name}.csv"'))
+        mapping.unlink()
+        (root / "sites" / f"{site}.csv").unlink()
+    return root
+
+
 BUILDERS = {"icu": icu, "whas500": whas500, "veterans": veterans, "aids": aids, "pbc": pbc, "colon": colon}
 
 
@@ -351,8 +376,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("name", choices=list(BUILDERS))
     p.add_argument("out", type=Path)
+    p.add_argument("--parts", type=int, default=1, help="deal each site's records into this many sites (default 1: as built)")
     a = p.parse_args()
-    print(BUILDERS[a.name](a.out))
+    print(split_sites(BUILDERS[a.name](a.out), a.parts))
 
 
 if __name__ == "__main__":

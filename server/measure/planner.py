@@ -1,11 +1,11 @@
 """Query plans: which marginals every site measures, in which round, with how much of the release's rho.
 
 One strategy, chosen from the data in three rounds (AIM-style selection, federated), spending
-exactly the per-site rho of the release (`oneway_share` + CANDIDATE_SHARE + the rest):
+exactly the per-site rho of the release (ONEWAY_SHARE + CANDIDATE_SHARE + the rest):
 
-1. **1-way tables, per site** (`oneway_plan`; a smaller share beyond ONEWAY_SITES sites). They
-   carry every clique's margins, the record total, the per-site heterogeneity (site effects) and
-   the domain compression of later rounds.
+1. **1-way tables, per site** (`oneway_plan`; one secure sum beyond PER_SITE_SITES sites,
+   `per_site_round_one`). They carry every clique's margins, the record total, the per-site
+   heterogeneity (site effects) and the domain compression of later rounds.
 2. **Candidates** (`candidate_plan`): every pair of variables (up to MAX_CANDIDATES tables, the
    default site policy's limit), each over domains compressed by round 1's noisy counts so that a
    typical cell holds CANDIDATE_NOISE times its noise: cheap tables that show which pairs matter.
@@ -75,9 +75,8 @@ from ...protos import guard_pb2 as pb
 from ..model.graphical import SITE, Measurement, estimate, estimate_total, max_spanning_tree
 
 ONE_WAY_WEIGHT = 3.0
-ONEWAY_SHARE = 0.3  # round 1: the per-site 1-way tables, for up to ONEWAY_SITES sites (`oneway_share`)
-ONEWAY_SITES = 4  # beyond this many sites, round 1's share shrinks as 1 / sites ...
-ONEWAY_MIN_SHARE = 0.1  # ... down to this
+ONEWAY_SHARE = 0.3  # round 1: the 1-way tables
+PER_SITE_SITES = 4  # round 1 is per site for up to this many sites; beyond, one secure sum (`per_site_round_one`)
 CANDIDATE_SHARE = 0.15  # round 2: every pair, compressed (round 3 gets the rest)
 MAX_CANDIDATES = 500  # the default site policy's max_marginals: more pairs than this are sampled
 MAX_TABLE_CELLS = 100_000  # the default site policy's max_cells: a joint table is compressed to fit
@@ -142,18 +141,17 @@ def oneway_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
     return allocate(dictionary, [(n,) for n in dictionary.names], rho)
 
 
-def oneway_share(sites: int, secure_later: bool = True) -> float:
-    """Round 1's share of rho for `sites` sites. Its per-site tables are plain sums: their pooled
-    1-ways carry every site's noise (`sites` times one site's variance), while the later rounds'
-    secure sums (`secure_later`) carry one site's worth. So beyond ONEWAY_SITES sites round 1 keeps
-    what its own uses need (site effects, compression) and gives the rest to round 3:
-    ONEWAY_SHARE * ONEWAY_SITES / sites, at least ONEWAY_MIN_SHARE. With plain sums ordered, or a
-    round 1 that is itself a secure sum (sites pooled), it is ONEWAY_SHARE. (Automatic secure
-    aggregation counts as secure: whether every site's policy allows it shows only at round 2's
-    enrollment; if one does not, the split was merely less apt, and the rho spent is the same.)"""
-    if not secure_later or sites <= ONEWAY_SITES:
-        return ONEWAY_SHARE
-    return max(ONEWAY_MIN_SHARE, ONEWAY_SHARE * ONEWAY_SITES / sites)
+def per_site_round_one(sites: int, secure_later: bool = True) -> bool:
+    """Whether round 1 measures the 1-way tables per site (site effects are read from them) or as one
+    secure sum. Per-site tables are plain sums: pooled, they carry every site's noise (`sites`
+    times one site's variance) where a secure sum carries one site's worth, and each site's table
+    shows less of its differences as sites get smaller. Beyond PER_SITE_SITES sites they cost more
+    than the site effects they show (measured on consortia split into 6-20 sites, docs/benchmarks.md),
+    so round 1 is a secure sum and no site effects are modelled. With plain sums ordered
+    (`secure_later` False) per-site tables cost nothing more and are kept. (Automatic secure
+    aggregation counts as secure: whether every site's policy allows it shows at enrollment; a
+    round that cannot be secure goes out as plain sums, and the rho spent is the same.)"""
+    return not secure_later or sites <= PER_SITE_SITES
 
 
 def joint_names(dictionary: Dictionary) -> list[str]:

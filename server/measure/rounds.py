@@ -400,7 +400,8 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     key that does not match stops the release here (SiteMismatch), before any plan that costs budget;
     the rounds go only to the verified sites (at least one), addressed to them.
 
-    Round 1: the 1-way tables, per site (planner.oneway_share of rho). Round 2: the candidate pairs,
+    Round 1: the 1-way tables (planner.ONEWAY_SHARE of rho), per site (one secure sum with more than
+    planner.PER_SITE_SITES sites, or sites pooled: `planner.per_site_round_one`). Round 2: the candidate pairs,
     compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
     (the rest). The three plans spend exactly rho per site. Round 1 must be answered by someone;
     if a later round is answered by no one, what was paid for is used (the manifest lists the
@@ -430,12 +431,15 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
            f"secure aggregation {mode}", stage="plan")
     args = (opts, request, dictionary, coordinator_key, verified, transport, events)
     state = _Secure(opts.secure_aggregation)
-    pooled_sites = opts.site_variable == "pooled"
+    per_site = opts.site_variable == "release" or (opts.site_variable == "model" and planner.per_site_round_one(
+        len(sites), state.wanted(len(sites), opts.min_parties)))
+    if opts.site_variable == "model" and not per_site:
+        events(f"round 1 is one secure sum: with {len(sites)} sites (over {planner.PER_SITE_SITES}) per-site tables would "
+               "put every site's noise in the pooled 1-way tables; no site effects are modelled", stage="plan")
     joint = len(planner.joint_names(dictionary)) > 1  # else there is nothing to select: one round of 1-way tables
-    discount = not pooled_sites and state.wanted(len(sites), opts.min_parties)  # plain round 1, secure sums after it
-    shares = (planner.oneway_share(len(sites), discount), planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
+    shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
     r1 = planner.oneway_plan(dictionary, rho * shares[0])
-    if pooled_sites:  # nothing is modelled per site: round 1 may be a secure sum too
+    if not per_site:  # nothing is modelled per site: round 1 may be a secure sum too
         first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events, rho * (1 - shares[0])))
     else:
         first = _answered(measure(1, r1, *args, to_follow=rho * (1 - shares[0])))
@@ -473,7 +477,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
             rounds.append(second)
     groups = _groups(opts, [r.site for r in first.results])
     site_tables = []
-    if opts.site_variable != "pooled" and len(set(groups.values())) > 1:
+    if per_site and len(set(groups.values())) > 1:
         site_tables = aggregate(first.plan, first.results, dictionary, groups)
 
     def clique_cells(sets: list[tuple[str, ...]]) -> int:
