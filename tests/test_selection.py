@@ -388,6 +388,14 @@ def test_with_many_sites_round_one_is_a_secure_sum_unless_sums_are_plain(in_proc
         assert secure is False or not any("site" in s for s in structure)
         assert sum(m.rho for m in rounds[0].marginals) == pytest.approx(request.rho * planner.ONEWAY_SHARE, rel=1e-9)
         assert sum(sum(m.rho for m in r.marginals) for r in rounds) == pytest.approx(request.rho, rel=1e-12)
+    seen, site_tables = [], []  # sites that do not allow secure sums: round 1 goes out per site (enrolling cost nothing)
+    select = planner.select
+    monkeypatch.setattr(planner, "select", lambda *a, **k: site_tables.append(a[3]) or select(*a, **k))
+    _, request, rounds, _ = in_process(epsilon=4.0, secure=False, events=lambda m, **k: seen.append(m))
+    assert [r.secure for r in rounds] == [False] * 3 and any("secure aggregation is not possible" in m for m in seen)
+    assert site_tables and site_tables[-1]  # ... and site effects are read from its per-site tables after all
+    assert len(rounds[0].results) == len(SITES) and sum(m.rho for m in rounds[0].marginals) == pytest.approx(
+        request.rho * planner.ONEWAY_SHARE, rel=1e-9)
 
 
 def test_candidates_too_noisy_to_tell_anything_are_not_bought(in_process, dictionary):

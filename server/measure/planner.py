@@ -149,8 +149,9 @@ def per_site_round_one(sites: int, secure_later: bool = True) -> bool:
     than the site effects they show (measured on consortia split into 6-20 sites, docs/benchmarks.md),
     so round 1 is a secure sum and no site effects are modelled. With plain sums ordered
     (`secure_later` False) per-site tables cost nothing more and are kept. (Automatic secure
-    aggregation counts as secure: whether every site's policy allows it shows at enrollment; a
-    round that cannot be secure goes out as plain sums, and the rho spent is the same.)"""
+    aggregation counts as secure: whether every site's policy allows it shows at enrollment, which
+    costs nothing; a round 1 that cannot be secure goes out per site after all, and site effects
+    are read from it.)"""
     return not secure_later or sites <= PER_SITE_SITES
 
 

@@ -477,7 +477,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
             rounds.append(second)
     groups = _groups(opts, [r.site for r in first.results])
     site_tables = []
-    if per_site and len(set(groups.values())) > 1:
+    if opts.site_variable != "pooled" and not first.secure and len(set(groups.values())) > 1:  # per site after all
         site_tables = aggregate(first.plan, first.results, dictionary, groups)
 
     def clique_cells(sets: list[tuple[str, ...]]) -> int:
