@@ -74,3 +74,10 @@ def test_central_baselines_without_the_bench_extra_stop_before_any_work(monkeypa
     monkeypatch.setitem(sys.modules, "mbi", None)  # as if the bench extra were not installed
     with pytest.raises(SystemExit, match=r"central-mst need\(s\) the bench extra"):
         main(["bench", "fidelity", "--methods", "ppsehr,central-mst"])
+
+
+def test_bench_speed_model_part_runs_a_release_and_times_the_fit(tmp_path):
+    assert main(["bench", "speed", "--parts", "model", "--model-attributes", "5", "--model-rows", "1e4", "--repeat", "1",
+                 "--json", str(tmp_path / "s.json"), "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "s.json").read_text())["model"]
+    assert row["attributes"] == 5 and row["fit_s"] > 0

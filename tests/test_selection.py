@@ -384,16 +384,51 @@ def test_with_many_sites_round_one_is_a_secure_sum_unless_sums_are_plain(in_proc
         _, request, rounds, structure = in_process(epsilon=4.0, secure_aggregation=secure,
                                                    events=lambda m, **k: seen.append(m))
         assert [r.secure for r in rounds] == [secure is None] * 3
-        assert (secure is None) == any(m.startswith("round 1 is one secure sum") for m in seen)
+        assert (secure is None) == any(m.startswith("round 1 tried as one secure sum") for m in seen)
         assert secure is False or not any("site" in s for s in structure)
         assert sum(m.rho for m in rounds[0].marginals) == pytest.approx(request.rho * planner.ONEWAY_SHARE, rel=1e-9)
         assert sum(sum(m.rho for m in r.marginals) for r in rounds) == pytest.approx(request.rho, rel=1e-12)
+    _, _, rounds, _ = in_process(epsilon=1.0, site_groups={"cleveland": "a", "hungarian": "a", "va": "b"})
+    assert not rounds[0].secure and all(r.secure for r in rounds[1:])  # groups asked to be modelled: per site
     seen, site_tables = [], []  # sites that do not allow secure sums: round 1 goes out per site (enrolling cost nothing)
     select = planner.select
     monkeypatch.setattr(planner, "select", lambda *a, **k: site_tables.append(a[3]) or select(*a, **k))
     _, request, rounds, _ = in_process(epsilon=4.0, secure=False, events=lambda m, **k: seen.append(m))
-    assert [r.secure for r in rounds] == [False] * 3 and any("secure aggregation is not possible" in m for m in seen)
+    assert [r.secure for r in rounds] == [False] * 3 and any("this round goes out per site" in m for m in seen)
     assert site_tables and site_tables[-1]  # ... and site effects are read from its per-site tables after all
+
+
+def test_a_secure_round_one_tolerates_a_dropout_and_a_site_that_cannot_enroll(site_config, consortium_keys, dictionary,
+                                                                             monkeypatch, tmp_path):
+    """Four sites with the many-sites rule on: round 1 is a secure sum that declares one dropout (a
+    per-site round would only have lost that site). A site that cannot pay for the release refuses
+    to enroll, for free: round 1 goes out per site after all, and rounds 2 and 3 are still secure
+    sums of the sites that answered it, each of which spends exactly the release's rho."""
+    from ppsehr.client.guard import SiteGuard
+    from ppsehr.common import keys
+    from ppsehr.deploy.transports import InProcessTransport
+    from ppsehr.server.measure.rounds import MeasureOptions, Request, collect
+
+    monkeypatch.setattr(planner, "PER_SITE_SITES", 3)
+    sites = ("cleveland", "hungarian", "switzerland", "va")
+    site_keys = {s: keys.load_public_key(consortium_keys.site_keys[s][1]) for s in sites}
+    request = Request("coordinator", "test", accounting.rho_for_epsilon(4.0, 1e-6), 1e-6)
+
+    def run(budgets):
+        guards = {s: SiteGuard(site_config(s, epsilon=budgets.get(s, 10.0), secure=True, state=state / s)) for s in sites}
+        rounds, _ = collect(MeasureOptions(), request, dictionary, keys.load_signing_key(consortium_keys.coordinator_key),
+                            site_keys, InProcessTransport(guards), lambda *a, **k: None)
+        return guards, rounds
+
+    state = tmp_path / "dropout"
+    _, rounds = run({})
+    assert [r.secure for r in rounds] == [True] * 3 and rounds[0].plan.secure.dropouts == 1
+    state = tmp_path / "refusal"
+    guards, rounds = run({"va": 1.0})  # va's lifetime budget cannot pay for an epsilon-4 release
+    assert [r.secure for r in rounds] == [False, True, True]
+    assert all({r.site for r in rnd.results} == set(sites) - {"va"} for rnd in rounds)
+    assert guards["va"].ledger.spent() == 0
+    assert all(guards[s].ledger.spent() == pytest.approx(request.rho, rel=1e-9) for s in sites if s != "va")
     assert len(rounds[0].results) == len(SITES) and sum(m.rho for m in rounds[0].marginals) == pytest.approx(
         request.rho * planner.ONEWAY_SHARE, rel=1e-9)
 

@@ -186,7 +186,7 @@ def model_speed(attributes_list: list[int], rows_list: list[int], repeat: int = 
         with tempfile.TemporaryDirectory(prefix="ppsehr-speed-") as tmp:
             ds = simulated_dataset(Path(tmp) / "data", 4, 100_000, attributes, 0.5)
             fed = Federation(ds, Path(tmp) / "fed")
-            rounds, structure = fed.collect(ds, 1.0, "adaptive", "model")
+            rounds, structure = fed.collect(ds, 1.0)
             measurements, groups = round_measurements(ds.dictionary, rounds, structure, "model", {})
             fit = math.inf
             for _ in range(repeat):

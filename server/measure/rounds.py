@@ -3,7 +3,8 @@
 `collect` runs the release's measurement (three Flower rounds, `planner`: per-site 1-way tables,
 compressed candidate pairs, then the marginals selected from them) and returns the rounds and the
 model's structure. Rounds after the first are secure sums when every site allows it
-(`secure_aggregation` automatic, the default), plain sums otherwise. Every plan is checked
+(`secure_aggregation` automatic, the default), plain sums otherwise; with more than
+`planner.PER_SITE_SITES` sites round 1 is tried as a secure sum too. Every plan is checked
 against the model it implies before it is sent, so a plan the coordinator could not fit never
 costs a site anything.
 """
@@ -14,7 +15,7 @@ import hashlib
 import math
 
 import numpy as np
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 from ...common import accounting, secagg
@@ -364,6 +365,7 @@ class _Secure:
     mode: bool | None
     on: bool = True
     stop: bool = False  # a required secure round could not be formed: later ones would fail alike
+    sticky: bool = True  # a round that could not be secure makes the later ones plain (False: this round only)
 
     def wanted(self, parties: int, min_parties: int) -> bool:
         if self.mode is False or not self.on:
@@ -386,7 +388,8 @@ def _round(number: int, build: Callable[[bool], list[planner.PlannedMarginal]], 
             events(f"round {number}: the secure sum could not be read; later rounds are plain sums")
             return rnd
         events(f"round {number}: secure aggregation is not possible with these sites (enrolling cost them nothing): "
-               "this round and the next are plain sums", stage="plan")
+               + ("this round and the next are plain sums" if state.sticky else "this round goes out per site"),
+               stage="plan")
     return measure(number, build(False), *args, to_follow=to_follow)
 
 
@@ -400,8 +403,10 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     key that does not match stops the release here (SiteMismatch), before any plan that costs budget;
     the rounds go only to the verified sites (at least one), addressed to them.
 
-    Round 1: the 1-way tables (planner.ONEWAY_SHARE of rho), per site (one secure sum with more than
-    planner.PER_SITE_SITES sites, or sites pooled: `planner.per_site_round_one`). Round 2: the candidate pairs,
+    Round 1: the 1-way tables (planner.ONEWAY_SHARE of rho), per site; one secure sum with sites
+    pooled, and tried as one (declaring a dropout where the roster can carry it) with more than
+    planner.PER_SITE_SITES sites when secure sums are possible (`planner.per_site_round_one`); a site
+    that does not enroll sends it per site after all, and the later rounds still try secure sums. Round 2: the candidate pairs,
     compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
     (the rest). The three plans spend exactly rho per site. Round 1 must be answered by someone;
     if a later round is answered by no one, what was paid for is used (the manifest lists the
@@ -431,16 +436,17 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
            f"secure aggregation {mode}", stage="plan")
     args = (opts, request, dictionary, coordinator_key, verified, transport, events)
     state = _Secure(opts.secure_aggregation)
-    per_site = opts.site_variable == "release" or (opts.site_variable == "model" and planner.per_site_round_one(
-        len(sites), state.wanted(len(sites), opts.min_parties)))
-    if opts.site_variable == "model" and not per_site:
-        events(f"round 1 is one secure sum: with {len(sites)} sites (over {planner.PER_SITE_SITES}) per-site tables would "
-               "put every site's noise in the pooled 1-way tables; no site effects are modelled", stage="plan")
     joint = len(planner.joint_names(dictionary)) > 1  # else there is nothing to select: one round of 1-way tables
     shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
     r1 = planner.oneway_plan(dictionary, rho * shares[0])
-    if not per_site:  # nothing is modelled per site: round 1 may be a secure sum too
+    if opts.site_variable == "pooled":  # nothing is modelled per site: round 1 may be a secure sum too
         first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events, rho * (1 - shares[0])))
+    elif opts.site_variable == "model" and not opts.site_groups and not planner.per_site_round_one(
+            len(sites), state.wanted(len(sites), opts.min_parties)):  # site groups asked for: per site
+        events(f"round 1 tried as one secure sum: with {len(sites)} sites (over {planner.PER_SITE_SITES}) per-site tables "
+               "would put every site's noise in the pooled 1-way tables; no site effects are modelled", stage="plan")
+        first = _answered(_round(1, lambda secure: r1, _Secure(None, sticky=False), (_round_one_options(opts, len(sites)),
+                                 *args[1:]), set(sites), events, rho * (1 - shares[0])))
     else:
         first = _answered(measure(1, r1, *args, to_follow=rho * (1 - shares[0])))
     rounds = [first]
@@ -532,10 +538,22 @@ def _groups(opts: MeasureOptions, sites: Iterable[str]) -> dict[str, str]:
     return {s: opts.site_groups.get(s, s) for s in sites}
 
 
+def _round_one_options(opts: MeasureOptions, parties: int) -> MeasureOptions:
+    """A secure round 1 declares at least one dropout where the roster can carry it (unless
+    `dropouts` is set): per-site tables would lose only a site that does not answer, and a sum
+    that cannot be read would end the release with round 1 paid for. One dropout costs
+    parties / (parties - 1) times the noise variance, per-site tables `parties` times."""
+    if opts.dropouts is not None:
+        return opts
+    return replace(opts, dropouts=max(opts.tolerated(parties),
+                                      min(1, max_dropouts(parties, opts.min_parties, opts.colluding))))
+
+
 def _answered(rnd: Round) -> Round:
     if not rnd.results:
-        raise PpsehrError(f"no site answered the round-{rnd.number} plan: "
-                          + "; ".join(f"{f.site}: {f.code} {f.message}" for f in rnd.failures))
+        what = (f"the round-{rnd.number} secure sum could not be read" if rnd.wasted
+                else f"no site answered the round-{rnd.number} plan")
+        raise PpsehrError(what + ": " + "; ".join(f"{f.site}: {f.code} {f.message}" for f in rnd.failures))
     return rnd
 
 
