@@ -453,8 +453,15 @@ def summarize(rows: list[dict]) -> list[dict]:
         sel = [r for r in rows if (r["dataset"], r["method"], r["epsilon"]) == (ds, method, eps)]
         out.append({"dataset": ds, "method": method, "epsilon": eps, "seeds": len(sel),
                     **{k: float(np.nanmean([r[k] for r in sel])) for k in ("tvd1", "tvd2", "tvd3", "tstr_auc", "trtr_auc", "fit_seconds")},
-                    "tvd2_se": float(np.std([r["tvd2"] for r in sel], ddof=1) / math.sqrt(len(sel))) if len(sel) > 1 else 0.0})
+                    "tvd2_se": _standard_error([r["tvd2"] for r in sel])})
     return out
+
+
+def _standard_error(values: list[float]) -> float:
+    """Standard error of the mean over the finite values (0 with fewer than two)."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
 def markdown(summary: list[dict], command: str) -> str:
