@@ -405,9 +405,9 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
 
     Round 1: the 1-way tables (planner.ONEWAY_SHARE of rho), per site; one secure sum with sites
     pooled, and tried as one (declaring a dropout where the roster can carry it) with more than
-    planner.PER_SITE_SITES sites when secure sums are possible (`planner.per_site_round_one`); a site
-    that does not enroll sends it per site after all, and the later rounds still try secure sums. Round 2: the candidate pairs,
-    compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
+    planner.PER_SITE_SITES sites when secure sums are possible (`planner.per_site_round_one`); a
+    site that does not enroll sends it per site after all, and the later rounds still try secure
+    sums. Round 2: the candidate pairs, compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
     (the rest). The three plans spend exactly rho per site. Round 1 must be answered by someone;
     if a later round is answered by no one, what was paid for is used (the manifest lists the
     refusals): without candidates, round 3 measures the prior dependencies and the outcome's pairs.
