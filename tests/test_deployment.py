@@ -39,7 +39,9 @@ def test_releases_over_flower_match_the_ledgers(consortium, tmp_path):
     events = []
     final = consortium.release(tmp_path / "r1", epsilon=1.0, seed=11, on_event=events.append)
     m1 = verify_release(final["out"])
-    assert ["secure" in p for p in m1["plans"]] == [False, True, True]  # every site allows secure sums: used
+    # every site allows secure sums: used; after the sites' record counts (plain), the 1-way tables too, since at
+    # epsilon 1 the demo's sites are too small for per-site tables to show their differences
+    assert ["secure" in p for p in m1["plans"]] == [False, True, True, True]
     assert set(m1["sites"]) == set(SITES) and m1["sites_not_included"] == []
     assert any(e["stage"] == "aggregate" for e in events)
     totals = ledger_totals(consortium)
@@ -49,7 +51,7 @@ def test_releases_over_flower_match_the_ledgers(consortium, tmp_path):
     # spends more, and the manifest says so
     m2 = verify_release(consortium.release(tmp_path / "r2", epsilon=1.0, seed=12, secure_aggregation=True)["out"])
     totals2 = ledger_totals(consortium)
-    assert [p["secure"]["roster"] and len(p["secure"]["roster"]) for p in m2["plans"] if "secure" in p] == [len(SITES)] * 2
+    assert [p["secure"]["roster"] and len(p["secure"]["roster"]) for p in m2["plans"] if "secure" in p] == [len(SITES)] * 3
     for site in SITES:
         assert totals2[site] > totals[site]
         assert m2["sites"][site]["rho_total"] == pytest.approx(totals2[site], rel=1e-12)
@@ -79,10 +81,10 @@ def test_coordinator_cli_runs_an_adaptive_release_over_the_secure_superlink(cons
     assert "round 3" in res.stderr  # progress goes to stderr, results to stdout
     assert "release written to" in res.stdout
     m = verify_release(out, coordinator_key=k.coordinator_pub, site_keys={s: k.site_keys[s][1] for s in SITES})
-    assert len(m["plans"]) == 3
+    assert len(m["plans"]) >= 3  # record counts, 1-way tables, (candidates,) selected tables
     after = ledger_totals(consortium)
     for site in SITES:
-        assert m["sites"][site]["plans"] == 3
+        assert m["sites"][site]["plans"] == len(m["plans"])
         assert m["sites"][site]["rho"] == pytest.approx(after[site] - before[site], rel=1e-9)
 
 

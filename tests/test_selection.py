@@ -4,6 +4,7 @@ three rounds end to end against real guards (budget, secure sums, no flags neede
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -354,12 +355,15 @@ def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, diction
     debited for trying) where none does; either way every site spends exactly the requested rho."""
     seen = []
     guards, request, rounds, structure = in_process(epsilon=4.0, secure=secure, events=lambda m, **k: seen.append(m))
-    assert [r.number for r in rounds] == [1, 2, 3]
-    assert [r.secure for r in rounds] == [False, secure, secure]  # round 1 stays per site: site effects
+    assert [r.number for r in rounds] == [1, 2, 3, 4]
+    # the sites' record counts, then the 1-way tables per site (site effects; at epsilon 4 their cells hold enough)
+    assert [r.secure for r in rounds] == [False, False, secure, secure]
     assert all(len(r.results) == len(SITES) for r in rounds)
     assert sum(sum(m.rho for m in r.marginals) for r in rounds) == pytest.approx(request.rho, rel=1e-12)
     for site, g in guards.items():
         assert g.ledger.spent() == pytest.approx(request.rho, rel=1e-9)
+    assert [m.cells(dictionary) for m in rounds[0].marginals] == [1]
+    rounds = rounds[1:]
     assert [len(m.variables) for m in rounds[0].marginals] == [1] * len(dictionary.names)
     assert len(rounds[1].marginals) == len(list(itertools.combinations(dictionary.names, 2)))
     pairs = [m.variables for m in rounds[2].marginals if len(m.variables) == 2]
@@ -377,7 +381,7 @@ def test_with_many_sites_round_one_is_a_secure_sum_unless_sums_are_plain(in_proc
     assert planner.per_site_round_one(100, secure_later=False)
     seen = []
     _, request, rounds, _ = in_process(epsilon=4.0, events=lambda m, **k: seen.append(m))
-    assert [r.secure for r in rounds] == [False, True, True]  # three sites: per site
+    assert [r.secure for r in rounds] == [False, False, True, True]  # three sites: counts, then per site
     monkeypatch.setattr(planner, "PER_SITE_SITES", 2)  # the test's three sites count as "many"
     for secure in (None, False):
         seen = []
@@ -396,6 +400,41 @@ def test_with_many_sites_round_one_is_a_secure_sum_unless_sums_are_plain(in_proc
     _, request, rounds, _ = in_process(epsilon=4.0, secure=False, events=lambda m, **k: seen.append(m))
     assert [r.secure for r in rounds] == [False] * 3 and any("this round goes out per site" in m for m in seen)
     assert site_tables and site_tables[-1]  # ... and site effects are read from its per-site tables after all
+
+
+def test_with_few_sites_their_record_counts_decide_whether_the_one_way_tables_go_per_site(in_process, dictionary,
+                                                                                       monkeypatch):
+    """Up to PER_SITE_SITES sites, a first round buys the sites' record counts (COUNT_SHARE of rho, one
+    cell each). If a typical site's 1-way cell would hold SITE_MIN_SNR noise sigmas, the 1-way tables
+    go per site and site effects may be modelled; else they are one secure sum and none are.
+    Either way the release spends exactly its rho."""
+    d = dictionary
+    plan = planner.oneway_plan(d, 0.01)
+    assert planner.site_snr(d, plan, 200.0) == pytest.approx(2 * planner.site_snr(d, plan, 100.0))
+    assert planner.per_site_round_one(3, snr=planner.SITE_MIN_SNR) and not planner.per_site_round_one(3, snr=0.5)
+    assert planner.per_site_round_one(3, secure_later=False, snr=0.0)  # plain sums ordered: per site costs nothing more
+    select = planner.select
+    for floor, per_site in ((0.0, True), (math.inf, False)):
+        monkeypatch.setattr(planner, "SITE_MIN_SNR", floor)
+        seen, site_tables = [], []
+        monkeypatch.setattr(planner, "select", lambda *a, **k: site_tables.append(a[3]) or select(*a, **k))
+        guards, request, rounds, structure = in_process(epsilon=4.0, events=lambda m, **k: seen.append(m))
+        counts = rounds[0]
+        assert not counts.secure and [m.cells(d) for m in counts.marginals] == [1]
+        assert sum(m.rho for m in counts.marginals) == pytest.approx(request.rho * planner.COUNT_SHARE, rel=1e-12)
+        assert [r.secure for r in rounds] == [False, not per_site, True, True]
+        assert sum(m.rho for m in rounds[1].marginals) == pytest.approx(
+            request.rho * (planner.ONEWAY_SHARE - planner.COUNT_SHARE), rel=1e-9)
+        assert bool(site_tables[-1]) == per_site  # per-site tables are what site effects are read from
+        assert per_site or not any(SITE in s for s in structure)
+        assert any(m.startswith("round 2: the 1-way tables per site" if per_site else "round 2 tried as one secure sum")
+                   for m in seen)
+        for site in guards:  # every site paid exactly the release's rho (its ledger also holds the other run)
+            assert sum(x.receipt.rho_debited for r in rounds for x in r.results if x.site == site) == pytest.approx(
+                request.rho, rel=1e-9)
+    monkeypatch.setattr(planner, "SITE_MIN_SNR", math.inf)  # no secure sums possible: per site after all
+    _, _, rounds, _ = in_process(epsilon=4.0, secure=False)
+    assert [r.secure for r in rounds] == [False] * 4
 
 
 def test_a_secure_round_one_tolerates_a_dropout_and_a_site_that_cannot_enroll(site_config, consortium_keys, dictionary,
@@ -441,8 +480,8 @@ def test_candidates_too_noisy_to_tell_anything_are_not_bought(in_process, dictio
     seen = []
     guards, request, rounds, structure = in_process(epsilon=0.3, outcome="heart_disease",
                                                     events=lambda m, **k: seen.append(m))
-    assert [r.number for r in rounds] == [1, 2] and any(m.startswith("no candidate round") for m in seen)
-    pairs = {frozenset(m.variables) for m in rounds[1].marginals if len(m.variables) == 2}
+    assert [r.number for r in rounds] == [1, 2, 3] and any(m.startswith("no candidate round") for m in seen)
+    pairs = {frozenset(m.variables) for m in rounds[-1].marginals if len(m.variables) == 2}
     priors = {frozenset(p) for p in dictionary.dependencies}
     star = {frozenset(("heart_disease", v)) for v in planner.joint_names(dictionary) if v != "heart_disease"}
     assert pairs == {frozenset(s) for s in structure if len(s) == 2} and priors | star <= pairs
@@ -451,8 +490,8 @@ def test_candidates_too_noisy_to_tell_anything_are_not_bought(in_process, dictio
         assert g.ledger.spent() == pytest.approx(request.rho, rel=1e-9)
     assert sum(sum(m.rho for m in r.marginals) for r in rounds) == pytest.approx(request.rho, rel=1e-12)
     _, _, rounds, _ = in_process(epsilon=0.3)  # no outcome: the 1-way tables and the prior dependencies
-    assert [r.number for r in rounds] == [1, 2]
-    pairs = {frozenset(m.variables) for m in rounds[1].marginals if len(m.variables) == 2}
+    assert [r.number for r in rounds] == [1, 2, 3]
+    pairs = {frozenset(m.variables) for m in rounds[-1].marginals if len(m.variables) == 2}
     assert priors <= pairs and all(dictionary[v].missing for p in pairs - priors for v in p)
 
 

@@ -43,7 +43,7 @@ from ..consortia import NAMES as CONSORTIA
 
 # ppsehr's configurations (MeasureOptions): the default release, and the expert overrides worth comparing
 PPSEHR_METHODS = {
-    "ppsehr": {},  # the default: selected in three rounds, secure sums when every site allows them
+    "ppsehr": {},  # the default: selected in three rounds (four with few sites), secure sums when every site allows them
     "ppsehr-plain": {"secure_aggregation": False},  # no site allows secure sums
     "ppsehr-pooled": {"site_variable": "pooled"},  # no site effects: every round a secure sum
 }

@@ -2,7 +2,7 @@
 
 - demo: `ppsehr demo`'s release on the loopback consortium (guards, SuperLink, SuperNodes, warm
   SuperExec), cold start to verified release, by phase: start-up (to the ServerApp's first event),
-  identity + round 1, rounds 2-3, fit + sampling, release write (export, report, signing), verify.
+  identity + first round, later rounds, fit + sampling, release write (export, report, signing), verify.
 - guard: one site guard answering a signed plan of K 2-way marginals over N rows (the guard's own
   `answer`: checks, OpenDP measurements, ledger debit, one-pass counting, noise, signing), with the
   counting and the noise also timed alone, and the peak memory the answer allocates.
@@ -53,8 +53,8 @@ def demo_phases(workdir: Path, secure_aggregation: bool = False, epsilon: float 
         at.setdefault(e.get("stage"), t)
     fit = next((e for _, e in events if e.get("stage") == "synthesize"), {})
     phases = {"start-up": at["start"] - t0,
-              "identity + round 1": aggregates[0] - at["start"],
-              "rounds 2-3": (aggregates[-1] - aggregates[0]) if len(aggregates) > 1 else 0.0,
+              "identity + first round": aggregates[0] - at["start"],
+              "later rounds": (aggregates[-1] - aggregates[0]) if len(aggregates) > 1 else 0.0,
               "fit + sampling": at["synthesize"] - aggregates[-1],
               "release write": at["done"] - at["synthesize"],
               "stop + verify": end - at["done"]}
@@ -222,13 +222,13 @@ def simulation_speed(sites_list: list[int], rows: int, attributes: int, say: Cal
 def markdown(result: dict) -> str:
     lines = [f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", ""]
     if result.get("demo"):
-        lines += ["| demo | start-up | identity + round 1 | rounds 2-3 | fit + sampling | release write | stop + verify | total | target |",
+        lines += ["| demo | start-up | identity + first round | later rounds | fit + sampling | release write | stop + verify | total | target |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for d in result["demo"]:
             p = d["phases_s"]
             target = TARGETS["demo_secure_s" if d["secure_aggregation"] else "demo_s"]
-            lines.append(f"| {'secure' if d['secure_aggregation'] else 'plain'} | {p['start-up']:.1f} | {p['identity + round 1']:.1f} | "
-                         f"{p['rounds 2-3']:.1f} | {p['fit + sampling']:.1f} | {p['release write']:.1f} | {p['stop + verify']:.1f} | "
+            lines.append(f"| {'secure' if d['secure_aggregation'] else 'plain'} | {p['start-up']:.1f} | {p['identity + first round']:.1f} | "
+                         f"{p['later rounds']:.1f} | {p['fit + sampling']:.1f} | {p['release write']:.1f} | {p['stop + verify']:.1f} | "
                          f"**{d['total_s']:.1f}** | {'<=' if d['total_s'] <= target else '>'} {target:g} s |")
         lines.append("")
     if result.get("guard"):

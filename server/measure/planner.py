@@ -1,9 +1,12 @@
 """Query plans: which marginals every site measures, in which round, with how much of the release's rho.
 
-One strategy, chosen from the data in three rounds (AIM-style selection, federated), spending
-exactly the per-site rho of the release (ONEWAY_SHARE + CANDIDATE_SHARE + the rest):
+One strategy, chosen from the data in three rounds (AIM-style selection, federated; four with a
+round of record counts first), spending exactly the per-site rho of the release (ONEWAY_SHARE,
+which includes the counts, + CANDIDATE_SHARE + the rest):
 
-1. **1-way tables, per site** (`oneway_plan`; one secure sum beyond PER_SITE_SITES sites,
+1. **1-way tables, per site** (`oneway_plan`; one secure sum beyond PER_SITE_SITES sites, or
+   when the sites' record counts, bought first with COUNT_SHARE (`count_plan`), show that a
+   typical site's cell would hold fewer than SITE_MIN_SNR noise sigmas: `site_snr`,
    `per_site_round_one`). They carry every clique's margins, the record total, the per-site
    heterogeneity (site effects) and the domain compression of later rounds.
 2. **Candidates** (`candidate_plan`): every pair of variables (up to MAX_CANDIDATES tables, the
@@ -77,6 +80,8 @@ from ..model.graphical import SITE, Measurement, estimate, estimate_total, max_s
 ONE_WAY_WEIGHT = 3.0
 ONEWAY_SHARE = 0.3  # round 1: the 1-way tables
 PER_SITE_SITES = 4  # round 1 is per site for up to this many sites; beyond, one secure sum (`per_site_round_one`)
+SITE_MIN_SNR = 3.0  # ... and only if a typical site's round-1 cell would hold this many noise sigmas (`site_snr`)
+COUNT_SHARE = 0.01  # the sites' record counts, taken from round 1's share, that `site_snr` is computed from
 CANDIDATE_SHARE = 0.15  # round 2: every pair, compressed (round 3 gets the rest)
 MAX_CANDIDATES = 500  # the default site policy's max_marginals: more pairs than this are sampled
 MAX_TABLE_CELLS = 100_000  # the default site policy's max_cells: a joint table is compressed to fit
@@ -141,18 +146,30 @@ def oneway_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
     return allocate(dictionary, [(n,) for n in dictionary.names], rho)
 
 
-def per_site_round_one(sites: int, secure_later: bool = True) -> bool:
+def count_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
+    """The sites' record counts: one variable's 1-way table with every cell in one group."""
+    v = (joint_names(dictionary) or dictionary.names)[0]
+    return [PlannedMarginal((v,), rho, ((0,) * dictionary[v].size,))]
+
+
+def site_snr(dictionary: Dictionary, plan: Sequence[PlannedMarginal], records: float) -> float:
+    """The median over a per-site 1-way plan's tables of a site's records per cell (`records`: a
+    typical site's) over the table's noise sigma."""
+    return float(np.median([max(records, 0.0) / p.cells(dictionary) / accounting.scale_for_rho(p.rho) for p in plan]))
+
+
+def per_site_round_one(sites: int, secure_later: bool = True, snr: float = math.inf) -> bool:
     """Whether round 1 measures the 1-way tables per site (site effects are read from them) or as one
-    secure sum. Per-site tables are plain sums: pooled, they carry every site's noise (`sites`
-    times one site's variance) where a secure sum carries one site's worth, and each site's table
-    shows less of its differences as sites get smaller. Beyond PER_SITE_SITES sites they cost more
-    than the site effects they show (measured on consortia split into 6-20 sites, docs/benchmarks.md),
-    so round 1 is a secure sum and no site effects are modelled. With plain sums ordered
-    (`secure_later` False) per-site tables cost nothing more and are kept. (Automatic secure
-    aggregation counts as secure: whether every site's policy allows it shows at enrollment, which
-    costs nothing; a round 1 that cannot be secure goes out per site after all, and site effects
-    are read from it.)"""
-    return not secure_later or sites <= PER_SITE_SITES
+    secure sum. Per-site tables are plain sums: pooled, they carry every site's noise (`sites` times
+    one site's variance) where a secure sum carries one site's worth. They are worth it only where
+    they can show site effects: up to PER_SITE_SITES sites, and only if a typical site's cell holds
+    SITE_MIN_SNR noise sigmas (`snr`, `site_snr`). Beyond that they cost more than the site effects
+    they show (measured on consortia of 3-20 sites at epsilon 1 and 4, docs/benchmarks.md), and
+    round 1 is a secure sum with no site effects modelled. With plain sums ordered (`secure_later`
+    False) per-site tables cost nothing more and are kept. (Automatic secure aggregation counts as
+    secure: whether every site's policy allows it shows at enrollment, which costs nothing; a round
+    1 that cannot be secure goes out per site after all, and site effects are read from it.)"""
+    return not secure_later or (sites <= PER_SITE_SITES and snr >= SITE_MIN_SNR)
 
 
 def joint_names(dictionary: Dictionary) -> list[str]:

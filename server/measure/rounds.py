@@ -1,10 +1,12 @@
 """Measurement: signed plans to every site, in rounds, and the verified summaries that come back.
 
 `collect` runs the release's measurement (three Flower rounds, `planner`: per-site 1-way tables,
-compressed candidate pairs, then the marginals selected from them) and returns the rounds and the
-model's structure. Rounds after the first are secure sums when every site allows it
-(`secure_aggregation` automatic, the default), plain sums otherwise; with more than
-`planner.PER_SITE_SITES` sites round 1 is tried as a secure sum too. Every plan is checked
+compressed candidate pairs, then the marginals selected from them; with up to
+`planner.PER_SITE_SITES` sites, a round of record counts first) and returns the rounds and the
+model's structure. Rounds after the 1-way tables are secure sums when every site allows it
+(`secure_aggregation` automatic, the default), plain sums otherwise; the 1-way tables are tried as
+a secure sum too with more than `planner.PER_SITE_SITES` sites, or when the record counts show
+that per-site tables could not show site effects. Every plan is checked
 against the model it implies before it is sent, so a plan the coordinator could not fit never
 costs a site anything.
 """
@@ -23,7 +25,7 @@ from ...common.dictionary import Dictionary
 from ...common.errors import PpsehrError
 from ...common.refusals import MAX_PLAN_BYTES
 from ...protos import guard_pb2 as pb
-from ..model.graphical import SITE, JunctionTree, Measurement
+from ..model.graphical import SITE, JunctionTree, Measurement, estimate_total
 from . import planner
 from .aggregate import SiteResult, SummaryRejected, aggregate, planned_shape, verify_reveal, verify_summary
 from .identify import Verified, identify
@@ -385,7 +387,8 @@ def _round(number: int, build: Callable[[bool], list[planner.PlannedMarginal]], 
             return rnd
         state.on = False
         if not rnd.unenrolled:  # enrolled, answered, but the sum could not be read: that budget is spent
-            events(f"round {number}: the secure sum could not be read; later rounds are plain sums")
+            events(f"round {number}: the secure sum could not be read; "
+                   + ("later rounds are plain sums" if state.sticky else "the later rounds still try secure sums"))
             return rnd
         events(f"round {number}: secure aggregation is not possible with these sites (enrolling cost them nothing): "
                + ("this round and the next are plain sums" if state.sticky else "this round goes out per site"),
@@ -396,8 +399,8 @@ def _round(number: int, build: Callable[[bool], list[planner.PlannedMarginal]], 
 def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coordinator_key, site_keys,
             transport: Transport, events: Progress, prior: Sequence[tuple[str, ...]] = ()
             ) -> tuple[list[Round], list[tuple[str, ...]]]:
-    """Measure in three rounds; return the rounds and the model's structure (variable sets, `site` included
-    where site effects are modelled).
+    """Measure in three or four rounds; return the rounds and the model's structure (variable sets, `site`
+    included where site effects are modelled).
 
     First, for free, the sites' identities are checked against `site_keys` (`identify`): a site name or
     key that does not match stops the release here (SiteMismatch), before any plan that costs budget;
@@ -405,10 +408,15 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
 
     Round 1: the 1-way tables (planner.ONEWAY_SHARE of rho), per site; one secure sum with sites
     pooled, and tried as one (declaring a dropout where the roster can carry it) with more than
-    planner.PER_SITE_SITES sites when secure sums are possible (`planner.per_site_round_one`); a
-    site that does not enroll sends it per site after all, and the later rounds still try secure
-    sums. Round 2: the candidate pairs, compressed (planner.CANDIDATE_SHARE). Round 3: the 1-way tables again and the selected pairs
-    (the rest). The three plans spend exactly rho per site. Round 1 must be answered by someone;
+    planner.PER_SITE_SITES sites when secure sums are possible (`planner.per_site_round_one`).
+    With up to planner.PER_SITE_SITES sites and secure sums possible, a round of record counts
+    comes first (planner.COUNT_SHARE of the 1-way share, `planner.count_plan`): if a typical
+    site's cell would hold fewer than planner.SITE_MIN_SNR noise sigmas, the 1-way tables are
+    tried as one secure sum of the sites that answered (no site effects). A site that does not
+    enroll sends them per site after all, and the later rounds still try secure sums.
+    Then the candidate pairs, compressed (planner.CANDIDATE_SHARE), and the 1-way tables again
+    with the selected pairs (the rest). The plans spend exactly rho per site. The 1-way round
+    must be answered by someone;
     if a later round is answered by no one, what was paid for is used (the manifest lists the
     refusals): without candidates, round 3 measures the prior dependencies and the outcome's pairs.
     If round 1 shows that a candidate table would hold fewer records per cell than
@@ -432,24 +440,52 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     sites = sorted(verified.keys)
     mode = {None: "automatic", True: "required", False: "off"}[opts.secure_aggregation]
     events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, request.delta):.3g} at delta "
-           f"{request.delta:g}); three rounds: 1-way tables, candidate pairs, selected marginals; "
+           f"{request.delta:g}); rounds: (up to {planner.PER_SITE_SITES} sites) the sites' record counts, 1-way tables, "
+           "candidate pairs, selected marginals; "
            f"secure aggregation {mode}", stage="plan")
     args = (opts, request, dictionary, coordinator_key, verified, transport, events)
     state = _Secure(opts.secure_aggregation)
     joint = len(planner.joint_names(dictionary)) > 1  # else there is nothing to select: one round of 1-way tables
     shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
     r1 = planner.oneway_plan(dictionary, rho * shares[0])
+    before: list[Round] = []  # the sites' record counts, when they decide how round 1 is sent
+    secure_first = state.wanted(len(sites), opts.min_parties)
     if opts.site_variable == "pooled":  # nothing is modelled per site: round 1 may be a secure sum too
         first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events, rho * (1 - shares[0])))
-    elif opts.site_variable == "model" and not opts.site_groups and not planner.per_site_round_one(
-            len(sites), state.wanted(len(sites), opts.min_parties)):  # site groups asked for: per site
+    elif opts.site_variable != "model" or opts.site_groups or not secure_first:  # site groups asked for: per site
+        first = _answered(measure(1, r1, *args, to_follow=rho * (1 - shares[0])))
+    elif not planner.per_site_round_one(len(sites)):
         events(f"round 1 tried as one secure sum: with {len(sites)} sites (over {planner.PER_SITE_SITES}) per-site tables "
                "would put every site's noise in the pooled 1-way tables; no site effects are modelled", stage="plan")
         first = _answered(_round(1, lambda secure: r1, _Secure(None, sticky=False), (_round_one_options(opts, len(sites)),
                                  *args[1:]), set(sites), events, rho * (1 - shares[0])))
-    else:
+    elif not joint:  # nothing to select, no site effects: the 1-way tables per site, as ever
         first = _answered(measure(1, r1, *args, to_follow=rho * (1 - shares[0])))
-    rounds = [first]
+    else:  # up to PER_SITE_SITES sites: their record counts say whether per-site tables could show site effects
+        counted = _answered(measure(1, planner.count_plan(dictionary, rho * planner.COUNT_SHARE), *args,
+                                    to_follow=rho * (1 - planner.COUNT_SHARE)))
+        before.append(counted)
+        answered = {r.site for r in counted.results}
+        records = estimate_total(aggregate(counted.plan, counted.results, dictionary)) / len(answered)
+        r1 = planner.oneway_plan(dictionary, rho * (shares[0] - planner.COUNT_SHARE))
+        snr = planner.site_snr(dictionary, r1, records)
+        if planner.per_site_round_one(len(answered), snr=snr):
+            events(f"round 2: the 1-way tables per site (a typical site's cell holds {snr:.2g} noise sigmas)", stage="plan")
+            first = _answered(measure(2, r1, *args, to_follow=rho * (1 - shares[0])))
+        else:
+            events(f"round 2 tried as one secure sum: a typical site's cell would hold {snr:.2g} noise sigmas (under "
+                   f"{planner.SITE_MIN_SNR:g}), too few to show site effects, and per-site tables would put every "
+                   "site's noise in the pooled 1-way tables; no site effects are modelled", stage="plan")
+            first = _round(2, lambda secure: r1, _Secure(None, sticky=False), (
+                _round_one_options(opts, len(answered)), *args[1:]), answered, events, rho * (1 - shares[0]))
+            if first.wasted and not first.results:  # paid for and unreadable: per site, from the later rounds' share
+                before.append(first)
+                shares = (shares[0] + sum(m.rho for m in r1) / rho, shares[1])
+                events(f"round 3: the 1-way tables per site, paid from the later rounds' share (rho "
+                       f"{rho * (1 - shares[0]):.4g} per site is left for them)", stage="plan")
+                first = measure(3, r1, *args, to_follow=rho * (1 - shares[0]))
+            first = _answered(first)
+    rounds = before + [first]
     if not joint:
         return rounds, [(n,) for n in names] + ([(SITE,)] if opts.site_variable == "release" else [])
     cover = {r.site for r in first.results}
@@ -479,7 +515,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
                    "goes to the selected marginals", stage="plan")
             shares = (shares[0], 0.0)
         else:
-            second = _round(2, candidates_for, state, args, cover, events, rho * (1 - shares[0] - shares[1]))
+            second = _round(len(rounds) + 1, candidates_for, state, args, cover, events, rho * (1 - shares[0] - shares[1]))
             rounds.append(second)
     groups = _groups(opts, [r.site for r in first.results])
     site_tables = []
@@ -539,7 +575,7 @@ def _groups(opts: MeasureOptions, sites: Iterable[str]) -> dict[str, str]:
 
 
 def _round_one_options(opts: MeasureOptions, parties: int) -> MeasureOptions:
-    """A secure round 1 declares at least one dropout where the roster can carry it (unless
+    """A secure 1-way round declares at least one dropout where the roster can carry it (unless
     `dropouts` is set): per-site tables would lose only a site that does not answer, and a sum
     that cannot be read would end the release with round 1 paid for. One dropout costs
     parties / (parties - 1) times the noise variance, per-site tables `parties` times."""
