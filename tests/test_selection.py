@@ -437,6 +437,45 @@ def test_with_few_sites_their_record_counts_decide_whether_the_one_way_tables_go
     assert [r.secure for r in rounds] == [False] * 4
 
 
+def test_a_site_that_misses_only_the_record_counts_still_counts_in_the_model(site_config, consortium_keys, dictionary,
+                                                                             monkeypatch, tmp_path):
+    """The record counts only decide how the 1-way tables are sent; they are not fitted. A site whose count
+    was lost still answers the later rounds and is in the model with every selected pair; with fewer sites
+    left than a secure sum needs, the 1-way tables go per site and the release says why."""
+    from ppsehr.client.guard import SiteGuard
+    from ppsehr.common import keys
+    from ppsehr.deploy.transports import InProcessTransport
+    from ppsehr.protos import guard_pb2 as pb
+    from ppsehr.server.measure.rounds import MeasureOptions, Request, collect, round_measurements
+    from ppsehr.server.measure.transport import SiteFailure
+
+    class LosesCount(InProcessTransport):
+        def query(self, plan, timeout, progress, kind="summary", to=None):
+            replies, failures = super().query(plan, timeout, progress, kind, to)
+            if kind == "summary" and pb.QueryPlan.FromString(plan.plan).purpose.endswith("(round 1)"):
+                replies = [r for r in replies if r.where != "va"]
+                failures = failures + [SiteFailure("va", "TIMEOUT", "no reply")]
+            return replies, failures
+
+    monkeypatch.setattr(planner, "SITE_SIGMAS", math.inf)  # no site effects: every table is pooled
+    site_keys = {s: keys.load_public_key(consortium_keys.site_keys[s][1]) for s in SITES}
+    for eps in (4.0, 1.0):
+        guards = {s: SiteGuard(site_config(s, secure=True, state=tmp_path / str(eps) / s)) for s in SITES}
+        request = Request("coordinator", "test", accounting.rho_for_epsilon(eps, 1e-6), 1e-6)
+        seen = []
+        rounds, structure = collect(MeasureOptions(), request, dictionary,
+                                    keys.load_signing_key(consortium_keys.coordinator_key), site_keys,
+                                    LosesCount(guards), lambda m, **k: seen.append(m))
+        assert {r.site for r in rounds[0].results} == {"cleveland", "hungarian"}
+        assert not rounds[1].secure and {r.site for r in rounds[1].results} == set(SITES)
+        # at epsilon 1 the cells are too small for per-site tables, but two sites are too few for a secure sum
+        assert (eps == 1.0) == any("2 site(s) are too few for a secure sum" in m for m in seen)
+        assert all(r.secure and {x.site for x in r.results} == set(SITES) for r in rounds[2:])
+        measurements, _ = round_measurements(dictionary, rounds, structure, "model", {})
+        pairs = [m for m in measurements if len(m.variables) == 2]
+        assert len(pairs) >= len([s for s in structure if len(s) == 2]) > 0
+
+
 def test_a_secure_round_one_tolerates_a_dropout_and_a_site_that_cannot_enroll(site_config, consortium_keys, dictionary,
                                                                              monkeypatch, tmp_path):
     """Four sites with the many-sites rule on: round 1 is a secure sum that declares one dropout (a

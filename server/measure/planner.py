@@ -99,6 +99,8 @@ MISSING_APART = 0.25  # the missing cell keeps its own group if it holds this sh
 COMISSING_MIN_SHARE = 0.05  # without candidates, variables missing for at least this share ...
 COMISSING_RATIO = 0.7  # ... and about as often as each other (the smaller share this much of the larger) are linked
 OUTCOME_WEIGHT = 2.0  # a declared outcome's pairs weigh this many times more in rounds 2 and 3 (weighted workload)
+# an unreadable secure sum of the 1-way tables is paid again per site from the later rounds' share (rounds.collect)
+assert 2 * ONEWAY_SHARE - COUNT_SHARE + CANDIDATE_SHARE < 1, "the shares leave nothing for the selected marginals"
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,7 @@ class Round:
     unenrolled: bool = False  # a secure plan that was never sent to be answered (no roster): nothing was debited
     recovery: Recovery | None = None  # secure plans with dropouts: who answered, and the reveals
     correction: np.ndarray | None = None  # secure plans with dropouts: masks to subtract from the survivors' sum
+    fitted: bool = True  # False: the sites' record counts, which only decide how the 1-way tables are sent
 
     @property
     def secure(self) -> bool:
@@ -419,7 +420,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     must be answered by someone;
     if a later round is answered by no one, what was paid for is used (the manifest lists the
     refusals): without candidates, round 3 measures the prior dependencies and the outcome's pairs.
-    If round 1 shows that a candidate table would hold fewer records per cell than
+    If the 1-way tables show that a candidate table would hold fewer records per cell than
     planner.MIN_CANDIDATE_SNR noise sigmas (a small consortium at a small budget), there is
     no candidate round: the selected marginals (prior dependencies, outcome's pairs) are round 2
     and get its budget too.
@@ -448,50 +449,61 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     joint = len(planner.joint_names(dictionary)) > 1  # else there is nothing to select: one round of 1-way tables
     shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
     r1 = planner.oneway_plan(dictionary, rho * shares[0])
-    before: list[Round] = []  # the sites' record counts, when they decide how round 1 is sent
+    before: list[Round] = []  # rounds before the 1-way tables that were answered: the sites' record counts, or an
+    # unreadable secure sum of the 1-way tables
+
+    def secure_one_way(number: int, cover: set[str], why: str) -> Round:
+        """The 1-way tables tried as one secure sum of `cover` (no site effects); if a site cannot enroll, per site
+        after all; if the sum was paid for and cannot be read, per site again from the later rounds' share."""
+        nonlocal shares
+        events(why, stage="plan")
+        rnd = _round(number, lambda secure: r1, _Secure(None, sticky=False), (_round_one_options(opts, len(cover)),
+                     *args[1:]), cover, events, rho * (1 - shares[0]))
+        if rnd.wasted and not rnd.results and joint:
+            before.append(rnd)
+            shares = (shares[0] + sum(m.rho for m in r1) / rho, shares[1])
+            events(f"round {number + 1}: the 1-way tables per site, paid from the later rounds' share (rho "
+                   f"{rho * (1 - shares[0]):.4g} per site is left for them)", stage="plan")
+            rnd = measure(number + 1, r1, *args, to_follow=rho * (1 - shares[0]))
+        return _answered(rnd)
+
     secure_first = state.wanted(len(sites), opts.min_parties)
     if opts.site_variable == "pooled":  # nothing is modelled per site: round 1 may be a secure sum too
         first = _answered(_round(1, lambda secure: r1, state, args, set(sites), events, rho * (1 - shares[0])))
     elif opts.site_variable != "model" or opts.site_groups or not secure_first:  # site groups asked for: per site
         first = _answered(measure(1, r1, *args, to_follow=rho * (1 - shares[0])))
     elif not planner.per_site_round_one(len(sites)):
-        events(f"round 1 tried as one secure sum: with {len(sites)} sites (over {planner.PER_SITE_SITES}) per-site tables "
-               "would put every site's noise in the pooled 1-way tables; no site effects are modelled", stage="plan")
-        first = _answered(_round(1, lambda secure: r1, _Secure(None, sticky=False), (_round_one_options(opts, len(sites)),
-                                 *args[1:]), set(sites), events, rho * (1 - shares[0])))
+        first = secure_one_way(1, set(sites), f"round 1 tried as one secure sum: with {len(sites)} sites (over "
+                               f"{planner.PER_SITE_SITES}) per-site tables would put every site's noise in the pooled "
+                               "1-way tables; no site effects are modelled")
     elif not joint:  # nothing to select, no site effects: the 1-way tables per site, as ever
         first = _answered(measure(1, r1, *args, to_follow=rho * (1 - shares[0])))
     else:  # up to PER_SITE_SITES sites: their record counts say whether per-site tables could show site effects
         counted = _answered(measure(1, planner.count_plan(dictionary, rho * planner.COUNT_SHARE), *args,
                                     to_follow=rho * (1 - planner.COUNT_SHARE)))
+        counted.fitted = False  # it decides how the 1-way tables are sent; they carry the totals
         before.append(counted)
         answered = {r.site for r in counted.results}
         records = estimate_total(aggregate(counted.plan, counted.results, dictionary)) / len(answered)
         r1 = planner.oneway_plan(dictionary, rho * (shares[0] - planner.COUNT_SHARE))
         snr = planner.site_snr(dictionary, r1, records)
-        if planner.per_site_round_one(len(answered), snr=snr):
-            events(f"round 2: the 1-way tables per site (a typical site's cell holds {snr:.2g} noise sigmas)", stage="plan")
+        if planner.per_site_round_one(len(answered), state.wanted(len(answered), opts.min_parties), snr):
+            events(f"round 2: the 1-way tables per site (a typical site's cell holds {snr:.2g} noise sigmas"
+                   + (")" if snr >= planner.SITE_MIN_SNR else f"; {len(answered)} site(s) are too few for a secure sum)"),
+                   stage="plan")
             first = _answered(measure(2, r1, *args, to_follow=rho * (1 - shares[0])))
         else:
-            events(f"round 2 tried as one secure sum: a typical site's cell would hold {snr:.2g} noise sigmas (under "
-                   f"{planner.SITE_MIN_SNR:g}), too few to show site effects, and per-site tables would put every "
-                   "site's noise in the pooled 1-way tables; no site effects are modelled", stage="plan")
-            first = _round(2, lambda secure: r1, _Secure(None, sticky=False), (
-                _round_one_options(opts, len(answered)), *args[1:]), answered, events, rho * (1 - shares[0]))
-            if first.wasted and not first.results:  # paid for and unreadable: per site, from the later rounds' share
-                before.append(first)
-                shares = (shares[0] + sum(m.rho for m in r1) / rho, shares[1])
-                events(f"round 3: the 1-way tables per site, paid from the later rounds' share (rho "
-                       f"{rho * (1 - shares[0]):.4g} per site is left for them)", stage="plan")
-                first = measure(3, r1, *args, to_follow=rho * (1 - shares[0]))
-            first = _answered(first)
+            first = secure_one_way(2, answered, f"round 2 tried as one secure sum: a typical site's cell would hold "
+                                   f"{snr:.2g} noise sigmas (under {planner.SITE_MIN_SNR:g}), too few to show site effects, "
+                                   "and per-site tables would put every site's noise in the pooled 1-way tables; no site "
+                                   "effects are modelled")
     rounds = before + [first]
     if not joint:
         return rounds, [(n,) for n in names] + ([(SITE,)] if opts.site_variable == "release" else [])
     cover = {r.site for r in first.results}
     if state.mode is None and len(cover) < opts.min_parties:
         events(f"secure aggregation needs at least {opts.min_parties} sites (min_parties) and {len(cover)} answered "
-               "round 1: plain sums", stage="plan")
+               "the 1-way tables: plain sums", stage="plan")
     oneway = aggregate(first.plan, first.results, dictionary, correction=first.correction)
     n = len(first.results)
 
@@ -561,7 +573,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
                    state, args, cover, events)
     rounds.append(third)
     if third.results:
-        events("domains compressed by the round-1 1-way counts: " + ", ".join(
+        events("domains compressed by the 1-way counts: " + ", ".join(
             f"{'-'.join(m.variables)} {m.cells(dictionary)} cells" for m in third.marginals if len(m.variables) > 1),
             stage="plan")
     else:
@@ -629,7 +641,7 @@ def round_measurements(dictionary: Dictionary, rounds: list[Round], structure: l
     last secure sum that was read: per-site tables are kept for those sites only, and an earlier
     secure sum over other sites is left out (it still served the selection).
     """
-    answered = [rnd for rnd in rounds if rnd.results]
+    answered = [rnd for rnd in rounds if rnd.results and rnd.fitted]
     secure_sets = [{r.site for r in rnd.results} for rnd in answered if rnd.secure]
     keep = secure_sets[-1] if secure_sets else {r.site for rnd in answered for r in rnd.results}
     used = [(rnd, [r for r in rnd.results if r.site in keep]) for rnd in answered
