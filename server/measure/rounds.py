@@ -589,8 +589,8 @@ def _groups(opts: MeasureOptions, sites: Iterable[str]) -> dict[str, str]:
 def _round_one_options(opts: MeasureOptions, parties: int) -> MeasureOptions:
     """A secure 1-way round declares at least one dropout where the roster can carry it (unless
     `dropouts` is set): per-site tables would lose only a site that does not answer, and a sum
-    that cannot be read would end the release with round 1 paid for. One dropout costs
-    parties / (parties - 1) times the noise variance, per-site tables `parties` times."""
+    that cannot be read must be paid for again per site. One dropout costs parties / (parties - 1)
+    times the noise variance, per-site tables `parties` times."""
     if opts.dropouts is not None:
         return opts
     return replace(opts, dropouts=max(opts.tolerated(parties),
