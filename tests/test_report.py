@@ -113,7 +113,7 @@ def test_budget_history_counts_each_receipt_once(releases):
     assert set(hist) == {"cleveland", "hungarian", "va"}
     for site, points in hist.items():
         receipts = [r for m in (first, second) for r in m["receipts"] if r["site"] == site]
-        # two releases, a receipt per round (record counts, 1-ways, candidates, selected tables)
+        # two releases, a receipt per round (small per-site tables, 1-ways, candidates, selected tables)
         assert len(points) == len(receipts) == sum(len(m["plans"]) for m in (first, second)) >= 6
         spent = 0.0
         for (t, total, _, debit), earlier in zip(points, [points[0]] + points[:-1]):

@@ -258,7 +258,7 @@ def test_a_release_with_secure_aggregation_verifies_and_states_its_trust_assumpt
     path, manifest, _ = secure_release
     assert verify_release(path)["release_id"] == manifest["release_id"]
     counts, first, second, third = manifest["plans"]
-    # the sites' record counts, then (at epsilon 4 their cells hold enough) per-site 1-way tables: site effects
+    # small per-site tables, then (at epsilon 4 the sites differ enough) per-site 1-way tables: site effects
     assert "secure" not in counts and "secure" not in first
     # round 3 measures the 1-way tables again, as secure sums, next to the selected pairs
     assert len([m for m in third["marginals"] if len(m["variables"]) == 1]) == len(first["marginals"])

@@ -350,19 +350,20 @@ def in_process(site_config, consortium_keys, dictionary):
 
 
 @pytest.mark.parametrize("secure", [True, False])
-def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, dictionary, secure):
+def test_budget_over_the_three_rounds_is_exactly_the_request(in_process, dictionary, secure, monkeypatch):
     """Automatic secure aggregation: secure sums where every site allows them, plain sums (and nothing
     debited for trying) where none does; either way every site spends exactly the requested rho."""
+    monkeypatch.setattr(planner, "SITE_WORTH", -math.inf)  # the sites differ enough for per-site 1-way tables
     seen = []
     guards, request, rounds, structure = in_process(epsilon=4.0, secure=secure, events=lambda m, **k: seen.append(m))
     assert [r.number for r in rounds] == [1, 2, 3, 4]
-    # the sites' record counts, then the 1-way tables per site (site effects; at epsilon 4 their cells hold enough)
+    # small per-site tables, then the 1-way tables per site (site effects)
     assert [r.secure for r in rounds] == [False, False, secure, secure]
     assert all(len(r.results) == len(SITES) for r in rounds)
     assert sum(sum(m.rho for m in r.marginals) for r in rounds) == pytest.approx(request.rho, rel=1e-12)
     for site, g in guards.items():
         assert g.ledger.spent() == pytest.approx(request.rho, rel=1e-9)
-    assert [m.cells(dictionary) for m in rounds[0].marginals] == [1]
+    assert [m.variables for m in rounds[0].marginals] == [(v,) for v in dictionary.names]
     rounds = rounds[1:]
     assert [len(m.variables) for m in rounds[0].marginals] == [1] * len(dictionary.names)
     assert len(rounds[1].marginals) == len(list(itertools.combinations(dictionary.names, 2)))
@@ -379,9 +380,10 @@ def test_with_many_sites_round_one_is_a_secure_sum_unless_sums_are_plain(in_proc
     the release spends exactly its rho."""
     assert planner.per_site_round_one(planner.PER_SITE_SITES) and not planner.per_site_round_one(planner.PER_SITE_SITES + 1)
     assert planner.per_site_round_one(100, secure_later=False)
+    monkeypatch.setattr(planner, "SITE_WORTH", -math.inf)  # the sites differ enough for per-site 1-way tables
     seen = []
     _, request, rounds, _ = in_process(epsilon=4.0, events=lambda m, **k: seen.append(m))
-    assert [r.secure for r in rounds] == [False, False, True, True]  # three sites: counts, then per site
+    assert [r.secure for r in rounds] == [False, False, True, True]  # three sites: small tables, then per site
     monkeypatch.setattr(planner, "PER_SITE_SITES", 2)  # the test's three sites count as "many"
     for secure in (None, False):
         seen = []
@@ -402,29 +404,59 @@ def test_with_many_sites_round_one_is_a_secure_sum_unless_sums_are_plain(in_proc
     assert site_tables and site_tables[-1]  # ... and site effects are read from its per-site tables after all
 
 
-def test_with_few_sites_their_record_counts_decide_whether_the_one_way_tables_go_per_site(in_process, dictionary,
-                                                                                       monkeypatch):
-    """Up to PER_SITE_SITES sites, a first round buys the sites' record counts (COUNT_SHARE of rho, one
-    cell each). If a typical site's 1-way cell would hold SITE_MIN_SNR noise sigmas, the 1-way tables
-    go per site and site effects may be modelled; else they are one secure sum and none are.
-    Either way the release spends exactly its rho."""
+def test_site_worth_is_about_zero_for_alike_sites_and_measures_how_far_apart_they_are():
+    """`site_worth` estimates the squared differences between the sites' 1-way tables and "every site
+    alike" without the noise's own share, over the noise per-site tables would add: about 0 on
+    average for sites drawn alike, the noiseless figure for sites that differ, and it grows with the
+    budget (the noise it is compared with shrinks)."""
+    d = make_dictionary({"a": (4, True), "b": (3, False), "c": (2, False)})
+    rng = np.random.default_rng(3)
+    sizes = np.array([400.0, 250.0, 150.0])
+    alike = {v: np.outer(sizes, np.full(d[v].size, 1.0 / d[v].size)) for v in d.names}
+    apart = {v: t.copy() for v, t in alike.items()}
+    apart["a"] = np.outer(sizes, [0.4, 0.3, 0.2, 0.1]) * [[1, 1, 1, 1]]
+    apart["a"][2] = sizes[2] * np.array([0.05, 0.15, 0.3, 0.5])  # the smallest site differs on a
+    plan = planner.oneway_plan(d, 0.1)
+    detect = planner.oneway_plan(d, 0.002)
+    sigma = {p.variables[0]: accounting.scale_for_rho(p.rho) for p in detect}
+
+    def draws(truth, n=1000):
+        return np.array([planner.site_worth(d, [Measurement((SITE, v), truth[v] + rng.normal(0, sigma[v], truth[v].shape),
+                                                            sigma[v] ** 2) for v in d.names], plan, 1.0)
+                         for _ in range(n)])
+
+    same, differ = draws(alike), draws(apart)
+    assert abs(same.mean()) < 3 * same.std() / math.sqrt(len(same))
+    cost = 2 * sum(accounting.scale_for_rho(p.rho) ** 2 * p.cells(d) for p in plan)  # 3 sites against 1 copy
+    share = sizes / sizes.sum()
+    truth = sum(float(((t - np.outer(share, t.sum(axis=0))) ** 2).sum()) for t in apart.values()) / cost
+    assert differ.mean() == pytest.approx(truth, rel=0.1) and truth > 3 * planner.SITE_WORTH
+    one = [Measurement((SITE, v), apart[v] + rng.normal(0, sigma[v], apart[v].shape), sigma[v] ** 2) for v in d.names]
+    assert planner.site_worth(d, one, planner.oneway_plan(d, 0.4), 1.0) == pytest.approx(
+        4 * planner.site_worth(d, one, plan, 1.0), rel=1e-6)  # four times the budget: a quarter of the noise added
+    assert planner.per_site_round_one(3, worth=planner.SITE_WORTH) and not planner.per_site_round_one(3, worth=0.5)
+    assert planner.per_site_round_one(3, secure_later=False, worth=0.0)  # plain sums ordered: per site costs nothing more
+
+
+def test_with_few_sites_how_far_apart_they_are_decides_whether_the_one_way_tables_go_per_site(in_process, dictionary,
+                                                                                          monkeypatch):
+    """Up to PER_SITE_SITES sites, a first round buys small per-site 1-way tables (DIFFERENCE_SHARE of
+    rho). If the sites differ by SITE_WORTH times the noise per-site tables would add, the 1-way tables
+    go per site and site effects may be modelled; else they are one secure sum and none are. Either
+    way the release spends exactly its rho."""
     d = dictionary
-    plan = planner.oneway_plan(d, 0.01)
-    assert planner.site_snr(d, plan, 200.0) == pytest.approx(2 * planner.site_snr(d, plan, 100.0))
-    assert planner.per_site_round_one(3, snr=planner.SITE_MIN_SNR) and not planner.per_site_round_one(3, snr=0.5)
-    assert planner.per_site_round_one(3, secure_later=False, snr=0.0)  # plain sums ordered: per site costs nothing more
     select = planner.select
-    for floor, per_site in ((0.0, True), (math.inf, False)):
-        monkeypatch.setattr(planner, "SITE_MIN_SNR", floor)
+    for floor, per_site in ((-math.inf, True), (math.inf, False)):
+        monkeypatch.setattr(planner, "SITE_WORTH", floor)
         seen, site_tables = [], []
         monkeypatch.setattr(planner, "select", lambda *a, **k: site_tables.append(a[3]) or select(*a, **k))
         guards, request, rounds, structure = in_process(epsilon=4.0, events=lambda m, **k: seen.append(m))
-        counts = rounds[0]
-        assert not counts.secure and [m.cells(d) for m in counts.marginals] == [1]
-        assert sum(m.rho for m in counts.marginals) == pytest.approx(request.rho * planner.COUNT_SHARE, rel=1e-12)
+        tested = rounds[0]
+        assert not tested.secure and [m.variables for m in tested.marginals] == [(v,) for v in d.names]
+        assert sum(m.rho for m in tested.marginals) == pytest.approx(request.rho * planner.DIFFERENCE_SHARE, rel=1e-12)
         assert [r.secure for r in rounds] == [False, not per_site, True, True]
         assert sum(m.rho for m in rounds[1].marginals) == pytest.approx(
-            request.rho * (planner.ONEWAY_SHARE - planner.COUNT_SHARE), rel=1e-9)
+            request.rho * (planner.ONEWAY_SHARE - planner.DIFFERENCE_SHARE), rel=1e-9)
         assert bool(site_tables[-1]) == per_site  # per-site tables are what site effects are read from
         assert per_site or not any(SITE in s for s in structure)
         assert any(m.startswith("round 2: the 1-way tables per site" if per_site else "round 2 tried as one secure sum")
@@ -432,16 +464,16 @@ def test_with_few_sites_their_record_counts_decide_whether_the_one_way_tables_go
         for site in guards:  # every site paid exactly the release's rho (its ledger also holds the other run)
             assert sum(x.receipt.rho_debited for r in rounds for x in r.results if x.site == site) == pytest.approx(
                 request.rho, rel=1e-9)
-    monkeypatch.setattr(planner, "SITE_MIN_SNR", math.inf)  # no secure sums possible: per site after all
+    monkeypatch.setattr(planner, "SITE_WORTH", math.inf)  # no secure sums possible: per site after all
     _, _, rounds, _ = in_process(epsilon=4.0, secure=False)
     assert [r.secure for r in rounds] == [False] * 4
 
 
-def test_a_site_that_misses_only_the_record_counts_still_counts_in_the_model(site_config, consortium_keys, dictionary,
-                                                                             monkeypatch, tmp_path):
-    """The record counts only decide how the 1-way tables are sent; they are not fitted. A site whose count
-    was lost still answers the later rounds and is in the model with every selected pair; with fewer sites
-    left than a secure sum needs, the 1-way tables go per site and the release says why."""
+def test_a_site_that_misses_only_the_first_small_tables_still_counts_in_the_model(site_config, consortium_keys,
+                                                                                  dictionary, monkeypatch, tmp_path):
+    """The first small per-site tables only decide how the 1-way tables are sent; they are not fitted. A
+    site whose reply was lost still answers the later rounds and is in the model with every selected pair;
+    with fewer sites left than a secure sum needs, the 1-way tables go per site and the release says why."""
     from ppsehr.client.guard import SiteGuard
     from ppsehr.common import keys
     from ppsehr.deploy.transports import InProcessTransport
@@ -459,7 +491,8 @@ def test_a_site_that_misses_only_the_record_counts_still_counts_in_the_model(sit
 
     monkeypatch.setattr(planner, "SITE_SIGMAS", math.inf)  # no site effects: every table is pooled
     site_keys = {s: keys.load_public_key(consortium_keys.site_keys[s][1]) for s in SITES}
-    for eps in (4.0, 1.0):
+    for eps, worth in ((4.0, -math.inf), (1.0, math.inf)):
+        monkeypatch.setattr(planner, "SITE_WORTH", worth)  # per-site tables worth it (4), or not (1)
         guards = {s: SiteGuard(site_config(s, secure=True, state=tmp_path / str(eps) / s)) for s in SITES}
         request = Request("coordinator", "test", accounting.rho_for_epsilon(eps, 1e-6), 1e-6)
         seen = []
@@ -468,7 +501,7 @@ def test_a_site_that_misses_only_the_record_counts_still_counts_in_the_model(sit
                                     LosesCount(guards), lambda m, **k: seen.append(m))
         assert {r.site for r in rounds[0].results} == {"cleveland", "hungarian"}
         assert not rounds[1].secure and {r.site for r in rounds[1].results} == set(SITES)
-        # at epsilon 1 the cells are too small for per-site tables, but two sites are too few for a secure sum
+        # at epsilon 1 per-site tables are not worth it, but two sites are too few for a secure sum
         assert (eps == 1.0) == any("2 site(s) are too few for a secure sum" in m for m in seen)
         assert all(r.secure and {x.site for x in r.results} == set(SITES) for r in rounds[2:])
         measurements, _ = round_measurements(dictionary, rounds, structure, "model", {})

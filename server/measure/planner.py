@@ -1,14 +1,14 @@
 """Query plans: which marginals every site measures, in which round, with how much of the release's rho.
 
 One strategy, chosen from the data in three rounds (AIM-style selection, federated; four with a
-round of record counts first), spending exactly the per-site rho of the release (ONEWAY_SHARE,
-which includes the counts, + CANDIDATE_SHARE + the rest):
+round that tests how the sites differ first), spending exactly the per-site rho of the release
+(ONEWAY_SHARE, which includes that test, + CANDIDATE_SHARE + the rest):
 
 1. **1-way tables, per site** (`oneway_plan`; one secure sum beyond PER_SITE_SITES sites, or
-   when the sites' record counts, bought first with COUNT_SHARE (`count_plan`), show that a
-   typical site's cell would hold fewer than SITE_MIN_SNR noise sigmas: `site_snr`,
-   `per_site_round_one`). They carry every clique's margins, the record total, the per-site
-   heterogeneity (site effects) and the domain compression of later rounds.
+   when small per-site 1-way tables, bought first with DIFFERENCE_SHARE, show that the sites
+   differ by less than SITE_WORTH times the noise per-site tables would add to the pooled ones:
+   `site_worth`, `per_site_round_one`). They carry every clique's margins, the record total, the
+   per-site heterogeneity (site effects) and the domain compression of later rounds.
 2. **Candidates** (`candidate_plan`): every pair of variables (up to MAX_CANDIDATES tables, the
    default site policy's limit), each over domains compressed by round 1's noisy counts so that a
    typical cell holds CANDIDATE_NOISE times its noise: cheap tables that show which pairs matter.
@@ -80,8 +80,8 @@ from ..model.graphical import SITE, Measurement, estimate, estimate_total, max_s
 ONE_WAY_WEIGHT = 3.0
 ONEWAY_SHARE = 0.3  # round 1: the 1-way tables
 PER_SITE_SITES = 4  # round 1 is per site for up to this many sites; beyond, one secure sum (`per_site_round_one`)
-SITE_MIN_SNR = 3.0  # ... and only if a typical site's round-1 cell would hold this many noise sigmas (`site_snr`)
-COUNT_SHARE = 0.01  # the sites' record counts, taken from round 1's share, that `site_snr` is computed from
+SITE_WORTH = 6.0  # ... and only if the sites differ by this many times the noise per-site tables add (`site_worth`)
+DIFFERENCE_SHARE = 0.05  # the small per-site 1-way tables `site_worth` is computed from, taken from round 1's share
 CANDIDATE_SHARE = 0.15  # round 2: every pair, compressed (round 3 gets the rest)
 MAX_CANDIDATES = 500  # the default site policy's max_marginals: more pairs than this are sampled
 MAX_TABLE_CELLS = 100_000  # the default site policy's max_cells: a joint table is compressed to fit
@@ -100,7 +100,7 @@ COMISSING_MIN_SHARE = 0.05  # without candidates, variables missing for at least
 COMISSING_RATIO = 0.7  # ... and about as often as each other (the smaller share this much of the larger) are linked
 OUTCOME_WEIGHT = 2.0  # a declared outcome's pairs weigh this many times more in rounds 2 and 3 (weighted workload)
 # an unreadable secure sum of the 1-way tables is paid again per site from the later rounds' share (rounds.collect)
-assert 2 * ONEWAY_SHARE - COUNT_SHARE + CANDIDATE_SHARE < 1, "the shares leave nothing for the selected marginals"
+assert 2 * ONEWAY_SHARE - DIFFERENCE_SHARE + CANDIDATE_SHARE < 1, "the shares leave nothing for the selected marginals"
 
 
 @dataclass(frozen=True)
@@ -148,30 +148,53 @@ def oneway_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
     return allocate(dictionary, [(n,) for n in dictionary.names], rho)
 
 
-def count_plan(dictionary: Dictionary, rho: float) -> list[PlannedMarginal]:
-    """The sites' record counts: one variable's 1-way table with every cell in one group."""
-    v = (joint_names(dictionary) or dictionary.names)[0]
-    return [PlannedMarginal((v,), rho, ((0,) * dictionary[v].size,))]
+def site_worth(dictionary: Dictionary, tables: Sequence[Measurement], plan: Sequence[PlannedMarginal],
+               copies: float) -> float:
+    """How much the sites differ, over what per-site 1-way tables would cost: an estimate of the
+    squared differences between the sites' tables and "every site alike" (from `tables`, 1-way
+    tables with a leading `site` axis, one site's noise per slice), over the noise variance that
+    measuring `plan` per site adds to the pooled tables (every site's noise instead of `copies`
+    sites' worth in a secure sum). Both are in squared counts, so the ratio grows with the sites'
+    size and the budget (as a signal-to-noise ratio squared) and with their heterogeneity.
+
+    "Alike" for a table y (K sites, c cells) is w C', its pooled counts C shared out by the sites'
+    shares of the records w, read from the other tables' site totals (so w's noise is independent
+    of y's). To first order the residual's noise has expected squared norm (K - 2 + K |w|^2)
+    (sigma^2 c + |C|^2 v / n^2), v the variance of a site total read from the other tables and n
+    their record total; that is subtracted. Post-processing of DP outputs only."""
+    if len(tables) < 2:
+        return 0.0
+    rows = [t.values.reshape(t.values.shape[0], -1) for t in tables]
+    noise = [float(np.max(t.variance)) for t in tables]
+    info = np.array([1.0 / (v * y.shape[1]) for v, y in zip(noise, rows)])  # 1 / variance of a site total
+    totals = np.array([y.sum(axis=1) for y in rows])
+    differ = 0.0
+    for i, y in enumerate(rows):
+        others = np.arange(len(rows)) != i
+        per_site = np.clip(info[others] @ totals[others] / info[others].sum(), 0.0, None)
+        n = max(float(per_site.sum()), 1.0)
+        w = per_site / n
+        sites, c = y.shape
+        cols = y.sum(axis=0)
+        residual = y - np.outer(w, cols)
+        expected = (sites - 2 + sites * float(w @ w)) * (noise[i] * c + float(cols @ cols) / info[others].sum() / n ** 2)
+        differ += float(np.sum(residual ** 2)) - expected
+    cost = (rows[0].shape[0] - copies) * sum(accounting.scale_for_rho(p.rho) ** 2 * p.cells(dictionary) for p in plan)
+    return differ / cost if cost > 0 else 0.0
 
 
-def site_snr(dictionary: Dictionary, plan: Sequence[PlannedMarginal], records: float) -> float:
-    """The median over a per-site 1-way plan's tables of a site's records per cell (`records`: a
-    typical site's) over the table's noise sigma."""
-    return float(np.median([max(records, 0.0) / p.cells(dictionary) / accounting.scale_for_rho(p.rho) for p in plan]))
-
-
-def per_site_round_one(sites: int, secure_later: bool = True, snr: float = math.inf) -> bool:
+def per_site_round_one(sites: int, secure_later: bool = True, worth: float = math.inf) -> bool:
     """Whether round 1 measures the 1-way tables per site (site effects are read from them) or as one
     secure sum. Per-site tables are plain sums: pooled, they carry every site's noise (`sites` times
     one site's variance) where a secure sum carries one site's worth. They are worth it only where
-    they can show site effects: up to PER_SITE_SITES sites, and only if a typical site's cell holds
-    SITE_MIN_SNR noise sigmas (`snr`, `site_snr`). Beyond that they cost more than the site effects
-    they show (measured on consortia of 3-20 sites at epsilon 1 and 4, docs/benchmarks.md), and
+    they can show site effects: up to PER_SITE_SITES sites, and only if the sites differ by
+    SITE_WORTH times the noise they would add (`worth`, `site_worth`). Otherwise they cost more than
+    the site effects they show (measured on consortia of 3-20 sites at epsilon 1 and 4, docs/benchmarks.md), and
     round 1 is a secure sum with no site effects modelled. With plain sums ordered (`secure_later`
     False) per-site tables cost nothing more and are kept. (Automatic secure aggregation counts as
     secure: whether every site's policy allows it shows at enrollment, which costs nothing; a round
     1 that cannot be secure goes out per site after all, and site effects are read from it.)"""
-    return not secure_later or (sites <= PER_SITE_SITES and snr >= SITE_MIN_SNR)
+    return not secure_later or (sites <= PER_SITE_SITES and worth >= SITE_WORTH)
 
 
 def joint_names(dictionary: Dictionary) -> list[str]:

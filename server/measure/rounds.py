@@ -2,11 +2,11 @@
 
 `collect` runs the release's measurement (three Flower rounds, `planner`: per-site 1-way tables,
 compressed candidate pairs, then the marginals selected from them; with up to
-`planner.PER_SITE_SITES` sites, a round of record counts first) and returns the rounds and the
+`planner.PER_SITE_SITES` sites, small per-site 1-way tables first) and returns the rounds and the
 model's structure. Rounds after the 1-way tables are secure sums when every site allows it
 (`secure_aggregation` automatic, the default), plain sums otherwise; the 1-way tables are tried as
-a secure sum too with more than `planner.PER_SITE_SITES` sites, or when the record counts show
-that per-site tables could not show site effects. Every plan is checked
+a secure sum too with more than `planner.PER_SITE_SITES` sites, or when those small tables show
+that the sites differ too little for per-site ones to be worth their noise. Every plan is checked
 against the model it implies before it is sent, so a plan the coordinator could not fit never
 costs a site anything.
 """
@@ -25,7 +25,7 @@ from ...common.dictionary import Dictionary
 from ...common.errors import PpsehrError
 from ...common.refusals import MAX_PLAN_BYTES
 from ...protos import guard_pb2 as pb
-from ..model.graphical import SITE, JunctionTree, Measurement, estimate_total
+from ..model.graphical import SITE, JunctionTree, Measurement
 from . import planner
 from .aggregate import SiteResult, SummaryRejected, aggregate, planned_shape, verify_reveal, verify_summary
 from .identify import Verified, identify
@@ -149,7 +149,8 @@ class Round:
     unenrolled: bool = False  # a secure plan that was never sent to be answered (no roster): nothing was debited
     recovery: Recovery | None = None  # secure plans with dropouts: who answered, and the reveals
     correction: np.ndarray | None = None  # secure plans with dropouts: masks to subtract from the survivors' sum
-    fitted: bool = True  # False: the sites' record counts, which only decide how the 1-way tables are sent
+    fitted: bool = True  # False: the small per-site tables that decide how the 1-way tables are sent, where
+    # other sites answered the 1-way tables (the model's pooled sums must cover the same sites)
 
     @property
     def secure(self) -> bool:
@@ -410,10 +411,10 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     Round 1: the 1-way tables (planner.ONEWAY_SHARE of rho), per site; one secure sum with sites
     pooled, and tried as one (declaring a dropout where the roster can carry it) with more than
     planner.PER_SITE_SITES sites when secure sums are possible (`planner.per_site_round_one`).
-    With up to planner.PER_SITE_SITES sites and secure sums possible, a round of record counts
-    comes first (planner.COUNT_SHARE of the 1-way share, `planner.count_plan`): if a typical
-    site's cell would hold fewer than planner.SITE_MIN_SNR noise sigmas, the 1-way tables are
-    tried as one secure sum of the sites that answered (no site effects). A site that does not
+    With up to planner.PER_SITE_SITES sites and secure sums possible, small per-site 1-way tables
+    come first (planner.DIFFERENCE_SHARE of the 1-way share): if the sites differ by less than
+    planner.SITE_WORTH times the noise per-site tables would add (`planner.site_worth`), the 1-way
+    tables are tried as one secure sum of the sites that answered (no site effects). A site that does not
     enroll sends them per site after all, and the later rounds still try secure sums.
     Then the candidate pairs, compressed (planner.CANDIDATE_SHARE), and the 1-way tables again
     with the selected pairs (the rest). The plans spend exactly rho per site. The 1-way round
@@ -441,7 +442,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     sites = sorted(verified.keys)
     mode = {None: "automatic", True: "required", False: "off"}[opts.secure_aggregation]
     events(f"budget: rho {rho:.4g} per site (epsilon {accounting.epsilon(rho, request.delta):.3g} at delta "
-           f"{request.delta:g}); rounds: (up to {planner.PER_SITE_SITES} sites) the sites' record counts, 1-way tables, "
+           f"{request.delta:g}); rounds: (up to {planner.PER_SITE_SITES} sites) how the sites differ, 1-way tables, "
            "candidate pairs, selected marginals; "
            f"secure aggregation {mode}", stage="plan")
     args = (opts, request, dictionary, coordinator_key, verified, transport, events)
@@ -449,7 +450,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     joint = len(planner.joint_names(dictionary)) > 1  # else there is nothing to select: one round of 1-way tables
     shares = (planner.ONEWAY_SHARE, planner.CANDIDATE_SHARE) if joint else (1.0, 0.0)
     r1 = planner.oneway_plan(dictionary, rho * shares[0])
-    before: list[Round] = []  # rounds before the 1-way tables that were answered: the sites' record counts, or an
+    before: list[Round] = []  # rounds before the 1-way tables that were answered: how the sites differ, or an
     # unreadable secure sum of the 1-way tables
 
     def secure_one_way(number: int, cover: set[str], why: str) -> Round:
@@ -478,25 +479,27 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
                                "1-way tables; no site effects are modelled")
     elif not joint:  # nothing to select, no site effects: the 1-way tables per site, as ever
         first = _answered(measure(1, r1, *args, to_follow=rho * (1 - shares[0])))
-    else:  # up to PER_SITE_SITES sites: their record counts say whether per-site tables could show site effects
-        counted = _answered(measure(1, planner.count_plan(dictionary, rho * planner.COUNT_SHARE), *args,
-                                    to_follow=rho * (1 - planner.COUNT_SHARE)))
-        counted.fitted = False  # it decides how the 1-way tables are sent; they carry the totals
-        before.append(counted)
-        answered = {r.site for r in counted.results}
-        records = estimate_total(aggregate(counted.plan, counted.results, dictionary)) / len(answered)
-        r1 = planner.oneway_plan(dictionary, rho * (shares[0] - planner.COUNT_SHARE))
-        snr = planner.site_snr(dictionary, r1, records)
-        if planner.per_site_round_one(len(answered), state.wanted(len(answered), opts.min_parties), snr):
-            events(f"round 2: the 1-way tables per site (a typical site's cell holds {snr:.2g} noise sigmas"
-                   + (")" if snr >= planner.SITE_MIN_SNR else f"; {len(answered)} site(s) are too few for a secure sum)"),
-                   stage="plan")
+    else:  # up to PER_SITE_SITES sites: small per-site tables say whether the sites differ enough for per-site ones
+        tested = _answered(measure(1, planner.oneway_plan(dictionary, rho * planner.DIFFERENCE_SHARE), *args,
+                                   to_follow=rho * (1 - planner.DIFFERENCE_SHARE)))
+        before.append(tested)
+        answered = {r.site for r in tested.results}
+        r1 = planner.oneway_plan(dictionary, rho * (shares[0] - planner.DIFFERENCE_SHARE))
+        one = _round_one_options(opts, len(answered))
+        copies = len(answered) / max(1, len(answered) - one.tolerated(len(answered)) - one.colluding)
+        worth = planner.site_worth(dictionary, aggregate(tested.plan, tested.results, dictionary, {s: s for s in answered}),
+                                   r1, copies)
+        if planner.per_site_round_one(len(answered), state.wanted(len(answered), opts.min_parties), worth):
+            events(f"round 2: the 1-way tables per site (the sites differ by {worth:.2g} times the noise per-site "
+                   "tables add" + (")" if worth >= planner.SITE_WORTH else
+                                   f"; {len(answered)} site(s) are too few for a secure sum)"), stage="plan")
             first = _answered(measure(2, r1, *args, to_follow=rho * (1 - shares[0])))
         else:
-            first = secure_one_way(2, answered, f"round 2 tried as one secure sum: a typical site's cell would hold "
-                                   f"{snr:.2g} noise sigmas (under {planner.SITE_MIN_SNR:g}), too few to show site effects, "
-                                   "and per-site tables would put every site's noise in the pooled 1-way tables; no site "
-                                   "effects are modelled")
+            first = secure_one_way(2, answered, f"round 2 tried as one secure sum: the sites differ by {worth:.2g} times "
+                                   f"the noise per-site tables would add to the pooled 1-way tables (under "
+                                   f"{planner.SITE_WORTH:g}), too little to model site effects; none are modelled")
+        # fitted too, unless a site answered only one of the two: pooled sums must cover the same sites
+        tested.fitted = {r.site for r in tested.results} == {r.site for r in first.results}
     rounds = before + [first]
     if not joint:
         return rounds, [(n,) for n in names] + ([(SITE,)] if opts.site_variable == "release" else [])
