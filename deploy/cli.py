@@ -475,7 +475,7 @@ def add_release_options(p: argparse.ArgumentParser) -> None:
                         "dictionary's [model] outcome, if any)")
     p.add_argument("--site-variable", choices=["model", "release", "pooled"], default="model",
                    help="model: site effects modelled where the data show them (read from per-site 1-way tables: up to "
-                        "four sites that differ by more than the noise per-site tables add, or with --site-group, or plain "
+                        "four sites that differ by 6x the noise per-site tables add, or with --site-group, or plain "
                         "sums), "
                         "records pooled; release: records keep a site column; pooled: tables summed across sites")
     secure = p.add_mutually_exclusive_group()

@@ -434,6 +434,7 @@ def test_site_worth_is_about_zero_for_alike_sites_and_measures_how_far_apart_the
     one = [Measurement((SITE, v), apart[v] + rng.normal(0, sigma[v], apart[v].shape), sigma[v] ** 2) for v in d.names]
     assert planner.site_worth(d, one, planner.oneway_plan(d, 0.4), 1.0) == pytest.approx(
         4 * planner.site_worth(d, one, plan, 1.0), rel=1e-6)  # four times the budget: a quarter of the noise added
+    assert planner.site_worth(d, one, plan, 3.0) == math.inf  # a secure sum as noisy as per-site tables: per site
     assert planner.per_site_round_one(3, worth=planner.SITE_WORTH) and not planner.per_site_round_one(3, worth=0.5)
     assert planner.per_site_round_one(3, secure_later=False, worth=0.0)  # plain sums ordered: per site costs nothing more
 
@@ -453,6 +454,7 @@ def test_with_few_sites_how_far_apart_they_are_decides_whether_the_one_way_table
         guards, request, rounds, structure = in_process(epsilon=4.0, events=lambda m, **k: seen.append(m))
         tested = rounds[0]
         assert not tested.secure and [m.variables for m in tested.marginals] == [(v,) for v in d.names]
+        assert tested.fitted  # the same sites answered the 1-way tables: the small tables are fitted too
         assert sum(m.rho for m in tested.marginals) == pytest.approx(request.rho * planner.DIFFERENCE_SHARE, rel=1e-12)
         assert [r.secure for r in rounds] == [False, not per_site, True, True]
         assert sum(m.rho for m in rounds[1].marginals) == pytest.approx(
@@ -471,9 +473,10 @@ def test_with_few_sites_how_far_apart_they_are_decides_whether_the_one_way_table
 
 def test_a_site_that_misses_only_the_first_small_tables_still_counts_in_the_model(site_config, consortium_keys,
                                                                                   dictionary, monkeypatch, tmp_path):
-    """The first small per-site tables only decide how the 1-way tables are sent; they are not fitted. A
-    site whose reply was lost still answers the later rounds and is in the model with every selected pair;
-    with fewer sites left than a secure sum needs, the 1-way tables go per site and the release says why."""
+    """The first small per-site tables decide how the 1-way tables are sent; they are fitted only where the
+    same sites answered both. A site whose reply to them was lost still answers the later rounds and is in
+    the model with every selected pair; with fewer sites left than a secure sum needs, the 1-way tables go
+    per site and the release says why."""
     from ppsehr.client.guard import SiteGuard
     from ppsehr.common import keys
     from ppsehr.deploy.transports import InProcessTransport
@@ -499,7 +502,7 @@ def test_a_site_that_misses_only_the_first_small_tables_still_counts_in_the_mode
         rounds, structure = collect(MeasureOptions(), request, dictionary,
                                     keys.load_signing_key(consortium_keys.coordinator_key), site_keys,
                                     LosesCount(guards), lambda m, **k: seen.append(m))
-        assert {r.site for r in rounds[0].results} == {"cleveland", "hungarian"}
+        assert {r.site for r in rounds[0].results} == {"cleveland", "hungarian"} and not rounds[0].fitted
         assert not rounds[1].secure and {r.site for r in rounds[1].results} == set(SITES)
         # at epsilon 1 per-site tables are not worth it, but two sites are too few for a secure sum
         assert (eps == 1.0) == any("2 site(s) are too few for a secure sum" in m for m in seen)

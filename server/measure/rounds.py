@@ -412,7 +412,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     pooled, and tried as one (declaring a dropout where the roster can carry it) with more than
     planner.PER_SITE_SITES sites when secure sums are possible (`planner.per_site_round_one`).
     With up to planner.PER_SITE_SITES sites and secure sums possible, small per-site 1-way tables
-    come first (planner.DIFFERENCE_SHARE of the 1-way share): if the sites differ by less than
+    come first (planner.DIFFERENCE_SHARE of rho, from the 1-way share): if the sites differ by less than
     planner.SITE_WORTH times the noise per-site tables would add (`planner.site_worth`), the 1-way
     tables are tried as one secure sum of the sites that answered (no site effects). A site that does not
     enroll sends them per site after all, and the later rounds still try secure sums.
