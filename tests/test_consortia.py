@@ -206,7 +206,7 @@ def test_broken_consortium_errors_name_the_file(tmp_path, capsys):
 
 
 def test_a_partly_refused_release_is_not_reported_as_a_figure(tmp_path, capsys, monkeypatch):
-    # sites whose policy allows 5 tables a plan: the counts and the four 1-way tables pass, the six pairs are refused
+    # sites whose policy allows 5 tables a plan: the small and the full 1-way tables pass, the six pairs are refused
     from ppsehr.deploy.bench.fidelity import Federation
     monkeypatch.setattr(Federation, "POLICY", {**Federation.POLICY, "max_marginals": 5})
     root = _tiny(tmp_path / "small-tables")

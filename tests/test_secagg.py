@@ -257,9 +257,9 @@ def secure_release(tmp_path_factory, demo, consortium_keys):
 def test_a_release_with_secure_aggregation_verifies_and_states_its_trust_assumption(secure_release):
     path, manifest, _ = secure_release
     assert verify_release(path)["release_id"] == manifest["release_id"]
-    counts, first, second, third = manifest["plans"]
+    small, first, second, third = manifest["plans"]
     # small per-site tables, then (at epsilon 4 the sites differ enough) per-site 1-way tables: site effects
-    assert "secure" not in counts and "secure" not in first
+    assert "secure" not in small and "secure" not in first
     # round 3 measures the 1-way tables again, as secure sums, next to the selected pairs
     assert len([m for m in third["marginals"] if len(m["variables"]) == 1]) == len(first["marginals"])
     for rnd in (second, third):
@@ -381,7 +381,7 @@ def test_a_site_that_does_not_join_secure_sums_costs_the_others_nothing(tmp_path
         "va": "SECURE_AGGREGATION", "cleveland": "NOT_IN_ROSTER", "hungarian": "NOT_IN_ROSTER"}
     assert {f["round"] for f in manifest["sites_not_included"]} <= {2, 3}
     assert all(f["charged"].startswith("no") for f in manifest["sites_not_included"])
-    for site, guard in guards.items():  # the counts and the 1-way tables only: nobody paid for the secure round
+    for site, guard in guards.items():  # the small and the full 1-way tables only: nobody paid for the secure round
         assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
         assert manifest["sites"][site]["plans"] == 2
 

@@ -311,8 +311,8 @@ def dropped_release(tmp_path_factory, demo, consortium_keys):
 
 def test_a_release_with_a_dropped_site_is_readable_states_what_happened_and_verifies(dropped_release):
     path, manifest, guards, messages = dropped_release
-    counts, second, *later = manifest["plans"]
-    assert "secure" not in counts and second["round"] == 2
+    small, second, *later = manifest["plans"]
+    assert "secure" not in small and second["round"] == 2
     sec = second["secure"]
     assert (sec["dropouts"], sec["threshold"]) == (1, 3)
     rec = sec["recovery"]
@@ -332,7 +332,7 @@ def test_a_release_with_a_dropped_site_is_readable_states_what_happened_and_veri
     assert manifest["privacy"]["rho_charged_for_nothing_max"] == 0
     assert [(t["round"], t["dropped"]) for t in manifest["privacy"]["secure_dropouts"]] == [(2, ["va"])]
     assert "va enrolled but did not answer, and its sum was read over the other 3 sites." in manifest["privacy"]["statement"]
-    for site, guard in guards.items():  # every ledger is what the release says (va paid for its count only)
+    for site, guard in guards.items():  # every ledger is what the release says (va paid for the small per-site tables only)
         assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
         assert manifest["sites"][site]["rho"] <= 1.0 * 1.0001 or site == "va"
     assert manifest["sites"]["va"]["plans"] == 1
@@ -342,7 +342,7 @@ def test_a_release_with_a_dropped_site_is_readable_states_what_happened_and_veri
 
 def test_the_model_covers_the_sites_of_the_survivors_sum(dropped_release):
     """A secure sum cannot be cut down: the release models the three sites whose sums were read, with
-    every selected pair, and va's plain tables (its record count) are left out rather than read against sums
+    every selected pair, and va's plain tables (the small per-site ones) are left out rather than read against sums
     without va."""
     import json
 
@@ -428,7 +428,7 @@ def test_a_tolerance_the_roster_cannot_carry_is_refused_before_anybody_pays(tmp_
     assert any("tolerating 2 dropout(s) leaves 2, and 4 are needed" in m and "nothing was debited" in m for m in messages)
     assert {(f["site"], f["code"]) for f in manifest["sites_not_included"]} == {(s, "NOT_SENT") for s in SITES}
     assert all(f["charged"].startswith("no") for f in manifest["sites_not_included"])
-    for site, guard in guards.items():  # the counts and the 1-way tables (per site after all) only
+    for site, guard in guards.items():  # the small and the full 1-way tables (per site after all) only
         assert manifest["sites"][site]["plans"] == 2
         assert guard.ledger.spent() == pytest.approx(manifest["sites"][site]["rho"], rel=1e-12)
     assert verify_release(tmp_path / "rel")["release_id"] == manifest["release_id"]

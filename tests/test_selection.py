@@ -414,7 +414,7 @@ def test_site_worth_is_about_zero_for_alike_sites_and_measures_how_far_apart_the
     sizes = np.array([400.0, 250.0, 150.0])
     alike = {v: np.outer(sizes, np.full(d[v].size, 1.0 / d[v].size)) for v in d.names}
     apart = {v: t.copy() for v, t in alike.items()}
-    apart["a"] = np.outer(sizes, [0.4, 0.3, 0.2, 0.1]) * [[1, 1, 1, 1]]
+    apart["a"] = np.outer(sizes, [0.4, 0.3, 0.2, 0.1])
     apart["a"][2] = sizes[2] * np.array([0.05, 0.15, 0.3, 0.5])  # the smallest site differs on a
     plan = planner.oneway_plan(d, 0.1)
     detect = planner.oneway_plan(d, 0.002)

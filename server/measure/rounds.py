@@ -149,8 +149,8 @@ class Round:
     unenrolled: bool = False  # a secure plan that was never sent to be answered (no roster): nothing was debited
     recovery: Recovery | None = None  # secure plans with dropouts: who answered, and the reveals
     correction: np.ndarray | None = None  # secure plans with dropouts: masks to subtract from the survivors' sum
-    fitted: bool = True  # False: the small per-site tables that decide how the 1-way tables are sent, where
-    # other sites answered the 1-way tables (the model's pooled sums must cover the same sites)
+    fitted: bool = True  # False: left out of the fit (the small per-site tables, when other sites answered the
+    # 1-way tables: the model's pooled sums must cover the same sites)
 
     @property
     def secure(self) -> bool:
@@ -485,10 +485,8 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
         before.append(tested)
         answered = {r.site for r in tested.results}
         r1 = planner.oneway_plan(dictionary, rho * (shares[0] - planner.DIFFERENCE_SHARE))
-        one = _round_one_options(opts, len(answered))
-        copies = len(answered) / max(1, len(answered) - one.tolerated(len(answered)) - one.colluding)
         worth = planner.site_worth(dictionary, aggregate(tested.plan, tested.results, dictionary, {s: s for s in answered}),
-                                   r1, copies)
+                                   r1, _copies(_round_one_options(opts, len(answered)), len(answered)))
         if planner.per_site_round_one(len(answered), state.wanted(len(answered), opts.min_parties), worth):
             events(f"round 2: the 1-way tables per site (the sites differ by {worth:.2g} times the noise per-site "
                    "tables add" + (")" if worth >= planner.SITE_WORTH else
@@ -511,7 +509,7 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
     n = len(first.results)
 
     def copies(secure: bool) -> float:  # the sum's noise variance in units of one site's planned variance
-        return n / max(1, n - opts.tolerated(n) - opts.colluding) if secure else float(n)
+        return _copies(opts, n) if secure else float(n)
 
     second = None
     plans: dict[bool, list[planner.PlannedMarginal]] = {}
@@ -587,6 +585,12 @@ def collect(opts: MeasureOptions, request: Request, dictionary: Dictionary, coor
 
 def _groups(opts: MeasureOptions, sites: Iterable[str]) -> dict[str, str]:
     return {s: opts.site_groups.get(s, s) for s in sites}
+
+
+def _copies(opts: MeasureOptions, parties: int) -> float:
+    """The noise variance of a secure sum of `parties` sites in units of one site's planned variance:
+    each site's share is sized for the sites left after the declared dropouts and colluders."""
+    return parties / max(1, parties - opts.tolerated(parties) - opts.colluding)
 
 
 def _round_one_options(opts: MeasureOptions, parties: int) -> MeasureOptions:
